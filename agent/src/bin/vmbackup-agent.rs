@@ -1,0 +1,73 @@
+//! `vmbackup-agent`: the backup agent daemon of a KVM host.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use vmbackup_agent::config::AgentConfig;
+
+/// vmbackup agent: backs up and restores this host's VMs for the control plane (gRPC).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// gRPC listen address (overrides the config file).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory: catalog, session file, embedded store (overrides the config file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (see systemd/vmbackup-agent.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Do not run the embedded Image Storage.
+    #[arg(long)]
+    no_embedded_store: bool,
+    /// Listen address of the embedded Image Storage (overrides the config file).
+    #[arg(long)]
+    embedded_store_listen: Option<std::net::SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            AgentConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))?
+        }
+        None => AgentConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if args.no_embedded_store {
+        config.embedded_store.enabled = false;
+    }
+    if let Some(l) = args.embedded_store_listen {
+        config.embedded_store.listen = l;
+    }
+
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    vmbackup_agent::daemon::run(config, shutdown).await
+}

@@ -1,0 +1,270 @@
+//! `vmbackupctl`: the operator's command-line client of vmbackup-agent.
+//!
+//! Tables for people, `--json` for scripts (proto3 JSON: ZStack's camelCase field names).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use tonic::transport::Channel;
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::agent::v1::backup_storage_service_client::BackupStorageServiceClient;
+
+/// Operate a vmbackup agent.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Agent endpoint.
+    #[arg(long, global = true, env = "VMBACKUP_AGENT", default_value = "http://127.0.0.1:7870")]
+    agent: String,
+    /// Session uuid (default: read from --session-file).
+    #[arg(long, global = true, env = "VMBACKUP_SESSION", hide_env_values = true)]
+    session: Option<String>,
+    /// File holding the session uuid.
+    #[arg(long, global = true, env = "VMBACKUP_SESSION_FILE", default_value = "/var/lib/vmbackup/session")]
+    session_file: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Backup storages (Image Storage servers).
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageCommand {
+    /// Register an Image Storage (a vmbackup-store server).
+    Add {
+        /// Name of the backup storage.
+        #[arg(long)]
+        name: String,
+        /// Host of the store (or give --url).
+        #[arg(long, default_value = "")]
+        hostname: String,
+        /// gRPC port of the store (default: the agent's default_store_port).
+        #[arg(long, default_value_t = 0)]
+        port: u32,
+        /// Endpoint URL of the store, e.g. http://10.0.0.5:7871.
+        #[arg(long, default_value = "")]
+        url: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Uuid for the new record (makes a retried add return the same record).
+        #[arg(long, default_value = "")]
+        resource_uuid: String,
+        /// Zone the storage is attached to (repeatable).
+        #[arg(long = "zone")]
+        zones: Vec<String>,
+    },
+    /// List every backup storage.
+    List,
+    /// Query backup storages with ZStack conditions, e.g. `status=Connected name~=%nfs%`.
+    Query {
+        /// Conditions, AND-ed.
+        conditions: Vec<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<i32>,
+        /// Skip this many.
+        #[arg(long)]
+        start: Option<i32>,
+        /// Sort by this field.
+        #[arg(long, default_value = "")]
+        sort_by: String,
+        /// asc or desc.
+        #[arg(long, default_value = "")]
+        sort_direction: String,
+        /// Print only the number of matches.
+        #[arg(long)]
+        count: bool,
+    },
+    /// Probe a backup storage again and refresh its status and capacity.
+    Reconnect {
+        /// Backup storage uuid.
+        uuid: String,
+    },
+    /// Remove a backup storage record (its data stays on the store).
+    Delete {
+        /// Backup storage uuid.
+        uuid: String,
+        /// Permissive (refuse while backups use it) or Enforcing.
+        #[arg(long, default_value = "Permissive")]
+        mode: String,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Attaches the session to every call.
+#[derive(Clone)]
+struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Client = BackupStorageServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let session = match &cli.session {
+        Some(s) => s.clone(),
+        None => std::fs::read_to_string(&cli.session_file)
+            .with_context(|| format!("reading session file {} (or pass --session)", cli.session_file.display()))?
+            .trim()
+            .to_string(),
+    };
+    let header = format!("OAuth {session}").parse().context("session is not valid ASCII")?;
+    let channel = Channel::from_shared(cli.agent.clone())
+        .with_context(|| format!("{:?} is not an endpoint URL", cli.agent))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the agent at {}", cli.agent))?;
+    Ok(BackupStorageServiceClient::with_interceptor(channel, Auth(header)))
+}
+
+/// Formats an agent error with its ZStack code.
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    match vmbackup_agent::api::error_code_of(&s) {
+        Some(ec) => anyhow::anyhow!("{} ({}): {}", ec.code, ec.description, ec.details),
+        None => anyhow::anyhow!("{:?}: {}", s.code(), s.message()),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut client = connect(&cli).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Storage(cmd) => match cmd {
+            StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
+                let r = client
+                    .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+                        name,
+                        description,
+                        hostname,
+                        port,
+                        url,
+                        resource_uuid,
+                        attached_zone_uuids: zones,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                print_storages(json, &r, r.inventory.iter().cloned().collect())
+            }
+            StorageCommand::List => {
+                let r = client
+                    .query_backup_storage(pb::QueryBackupStorageRequest::default())
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                print_storages(json, &r, r.inventories.clone())
+            }
+            StorageCommand::Query { conditions, limit, start, sort_by, sort_direction, count } => {
+                let r = client
+                    .query_backup_storage(pb::QueryBackupStorageRequest {
+                        conditions,
+                        limit,
+                        start,
+                        count,
+                        sort_by,
+                        sort_direction,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                if count && !json {
+                    println!("{}", r.total.unwrap_or(0));
+                    return Ok(());
+                }
+                print_storages(json, &r, r.inventories.clone())
+            }
+            StorageCommand::Reconnect { uuid } => {
+                let r = client
+                    .reconnect_backup_storage(pb::ReconnectBackupStorageRequest { uuid, ..Default::default() })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                print_storages(json, &r, r.inventory.iter().cloned().collect())
+            }
+            StorageCommand::Delete { uuid, mode } => {
+                if !matches!(mode.as_str(), "Permissive" | "Enforcing") {
+                    bail!("--mode must be Permissive or Enforcing, not {mode:?}");
+                }
+                let r = client
+                    .delete_backup_storage(pb::DeleteBackupStorageRequest {
+                        uuid: uuid.clone(),
+                        delete_mode: mode,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("deleted backup storage {uuid} (its data stays on the store)");
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+fn print_storages<T: serde::Serialize>(
+    json: bool,
+    reply: &T,
+    rows: Vec<pb::BackupStorageInventory>,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(reply)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(["UUID", "NAME", "TYPE", "STATUS", "URL", "TOTAL", "AVAILABLE"]);
+    for r in rows {
+        table.add_row([
+            r.uuid,
+            r.name,
+            r.r#type,
+            r.status,
+            r.url,
+            bytes(r.total_capacity),
+            bytes(r.available_capacity),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// Bytes in binary units, e.g. `1.5 GiB`.
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}

@@ -1,0 +1,315 @@
+//! Backup storage records: one row per registered Image Storage (or Ceph pool), its
+//! attached zones in a side table.
+
+use rusqlite::{OptionalExtension, params, params_from_iter};
+
+use super::query::{Field, FieldType, QueryParams, Schema};
+use super::{Catalog, CatalogError};
+
+/// A registered backup storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupStorageRecord {
+    /// Uuid (32 lowercase hex).
+    pub uuid: String,
+    /// Name given by the operator.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// `ImageStoreBackupStorage` or `Ceph`.
+    pub kind: String,
+    /// Endpoint URL of the store, e.g. `http://10.0.0.5:7871`.
+    pub url: String,
+    /// Host of the store.
+    pub hostname: String,
+    /// gRPC port of the store.
+    pub port: u16,
+    /// `Enabled` or `Disabled`.
+    pub state: String,
+    /// `Connected` or `Disconnected`.
+    pub status: String,
+    /// Bytes, from the store's last Status.
+    pub total_capacity: i64,
+    /// Bytes, from the store's last Status.
+    pub available_capacity: i64,
+    /// The store's own uuid.
+    pub store_uuid: String,
+    /// Unix milliseconds.
+    pub create_date: i64,
+    /// Unix milliseconds.
+    pub last_op_date: i64,
+    /// Zones the storage is attached to.
+    pub attached_zone_uuids: Vec<String>,
+}
+
+/// Queryable fields of BackupStorageInventory.
+pub const SCHEMA: Schema = Schema {
+    table: "backup_storage",
+    key: "uuid",
+    default_sort: "createDate",
+    fields: &[
+        Field { name: "uuid", column: "uuid", ty: FieldType::Text },
+        Field { name: "name", column: "name", ty: FieldType::Text },
+        Field { name: "description", column: "description", ty: FieldType::Text },
+        Field { name: "type", column: "type", ty: FieldType::Text },
+        Field { name: "url", column: "url", ty: FieldType::Text },
+        Field { name: "hostname", column: "hostname", ty: FieldType::Text },
+        Field { name: "port", column: "port", ty: FieldType::Int },
+        Field { name: "state", column: "state", ty: FieldType::Text },
+        Field { name: "status", column: "status", ty: FieldType::Text },
+        Field { name: "totalCapacity", column: "total_capacity", ty: FieldType::Int },
+        Field { name: "availableCapacity", column: "available_capacity", ty: FieldType::Int },
+        Field { name: "storeUuid", column: "store_uuid", ty: FieldType::Text },
+        Field { name: "createDate", column: "create_date", ty: FieldType::Time },
+        Field { name: "lastOpDate", column: "last_op_date", ty: FieldType::Time },
+        Field {
+            name: "attachedZoneUuids",
+            column: "zone_uuid",
+            ty: FieldType::TextList { table: "backup_storage_zone", fk: "backup_storage_uuid" },
+        },
+    ],
+};
+
+const COLUMNS: &str = "uuid, name, description, type, url, hostname, port, state, status, total_capacity, \
+                       available_capacity, store_uuid, create_date, last_op_date";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
+    Ok(BackupStorageRecord {
+        uuid: row.get(0)?,
+        name: row.get(1)?,
+        description: row.get(2)?,
+        kind: row.get(3)?,
+        url: row.get(4)?,
+        hostname: row.get(5)?,
+        port: row.get(6)?,
+        state: row.get(7)?,
+        status: row.get(8)?,
+        total_capacity: row.get(9)?,
+        available_capacity: row.get(10)?,
+        store_uuid: row.get(11)?,
+        create_date: row.get(12)?,
+        last_op_date: row.get(13)?,
+        attached_zone_uuids: Vec::new(),
+    })
+}
+
+/// Result of a query: the page of records and, when asked, the total.
+#[derive(Debug, Default)]
+pub struct QueryResult<T> {
+    /// Records of the page.
+    pub rows: Vec<T>,
+    /// Total matching records, when asked for.
+    pub total: Option<i64>,
+}
+
+impl Catalog {
+    /// Inserts a new backup storage.
+    pub fn insert_backup_storage(&self, r: &BackupStorageRecord) -> Result<(), CatalogError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+            params![
+                r.uuid,
+                r.name,
+                r.description,
+                r.kind,
+                r.url,
+                r.hostname,
+                r.port,
+                r.state,
+                r.status,
+                r.total_capacity,
+                r.available_capacity,
+                r.store_uuid,
+                r.create_date,
+                r.last_op_date
+            ],
+        )?;
+        for z in &r.attached_zone_uuids {
+            tx.execute(
+                "INSERT OR IGNORE INTO backup_storage_zone (backup_storage_uuid, zone_uuid) VALUES (?1, ?2)",
+                params![r.uuid, z],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The backup storage with this uuid, if any.
+    pub fn get_backup_storage(&self, uuid: &str) -> Result<Option<BackupStorageRecord>, CatalogError> {
+        let conn = self.conn();
+        let rec = conn
+            .query_row(&format!("SELECT {COLUMNS} FROM backup_storage WHERE uuid = ?1"), [uuid], from_row)
+            .optional()?;
+        match rec {
+            None => Ok(None),
+            Some(mut r) => {
+                r.attached_zone_uuids = zones(&conn, &r.uuid)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// The backup storage backed by the store with this store uuid, if any.
+    pub fn find_backup_storage_by_store(&self, store_uuid: &str) -> Result<Option<BackupStorageRecord>, CatalogError> {
+        let uuid: Option<String> = self
+            .conn()
+            .query_row("SELECT uuid FROM backup_storage WHERE store_uuid = ?1", [store_uuid], |r| r.get(0))
+            .optional()?;
+        match uuid {
+            Some(u) => self.get_backup_storage(&u),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs a ZStack query over backup storages.
+    pub fn query_backup_storages(&self, q: &QueryParams) -> Result<QueryResult<BackupStorageRecord>, CatalogError> {
+        let plan = SCHEMA.plan(q)?;
+        let conn = self.conn();
+        let total = if plan.want_total {
+            let sql = format!("SELECT COUNT(*) FROM backup_storage t {}", plan.where_sql);
+            Some(conn.query_row(&sql, params_from_iter(plan.params.iter()), |r| r.get(0))?)
+        } else {
+            None
+        };
+        let mut rows = Vec::new();
+        if plan.want_rows {
+            let sql = format!(
+                "SELECT {} FROM backup_storage t {} {} LIMIT {} OFFSET {}",
+                COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
+                plan.where_sql,
+                plan.order_sql,
+                plan.limit,
+                plan.offset
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let found = stmt.query_map(params_from_iter(plan.params.iter()), from_row)?;
+            for r in found {
+                let mut r = r?;
+                r.attached_zone_uuids = zones(&conn, &r.uuid)?;
+                rows.push(r);
+            }
+        }
+        Ok(QueryResult { rows, total })
+    }
+
+    /// Records the outcome of a probe: status, capacities, and the time of the operation.
+    pub fn update_backup_storage_status(
+        &self,
+        uuid: &str,
+        status: &str,
+        capacity: Option<(i64, i64)>,
+        now: i64,
+    ) -> Result<bool, CatalogError> {
+        let conn = self.conn();
+        let n = match capacity {
+            Some((total, available)) => conn.execute(
+                "UPDATE backup_storage SET status = ?2, total_capacity = ?3, available_capacity = ?4, last_op_date = ?5 WHERE uuid = ?1",
+                params![uuid, status, total, available, now],
+            )?,
+            None => conn.execute("UPDATE backup_storage SET status = ?2, last_op_date = ?3 WHERE uuid = ?1", params![uuid, status, now])?,
+        };
+        Ok(n == 1)
+    }
+
+    /// Points a record at a new endpoint (the embedded store's address changed).
+    pub fn update_backup_storage_endpoint(
+        &self,
+        uuid: &str,
+        url: &str,
+        hostname: &str,
+        port: u16,
+        now: i64,
+    ) -> Result<(), CatalogError> {
+        self.conn().execute(
+            "UPDATE backup_storage SET url = ?2, hostname = ?3, port = ?4, last_op_date = ?5 WHERE uuid = ?1",
+            params![uuid, url, hostname, port, now],
+        )?;
+        Ok(())
+    }
+
+    /// Volume backups stored on this backup storage (what a Permissive delete must respect).
+    pub fn backup_storage_references(&self, uuid: &str) -> Result<i64, CatalogError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM volume_backup_ref WHERE backup_storage_uuid = ?1",
+            [uuid],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Removes a backup storage record (and its zone rows). Returns whether it existed.
+    pub fn delete_backup_storage(&self, uuid: &str) -> Result<bool, CatalogError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM volume_backup_ref WHERE backup_storage_uuid = ?1", [uuid])?;
+        let n = tx.execute("DELETE FROM backup_storage WHERE uuid = ?1", [uuid])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+}
+
+fn zones(conn: &rusqlite::Connection, uuid: &str) -> Result<Vec<String>, CatalogError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT zone_uuid FROM backup_storage_zone WHERE backup_storage_uuid = ?1 ORDER BY zone_uuid",
+    )?;
+    let zones = stmt.query_map([uuid], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    Ok(zones)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uuid: &str, name: &str, total: i64) -> BackupStorageRecord {
+        BackupStorageRecord {
+            uuid: uuid.into(),
+            name: name.into(),
+            description: None,
+            kind: "ImageStoreBackupStorage".into(),
+            url: "http://127.0.0.1:1".into(),
+            hostname: "127.0.0.1".into(),
+            port: 1,
+            state: "Enabled".into(),
+            status: "Connected".into(),
+            total_capacity: total,
+            available_capacity: total / 2,
+            store_uuid: format!("s{uuid}"),
+            create_date: total,
+            last_op_date: total,
+            attached_zone_uuids: vec!["z1".into()],
+        }
+    }
+
+    fn query(c: &Catalog, conds: &[&str]) -> Vec<String> {
+        let q = QueryParams { conditions: conds.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        c.query_backup_storages(&q).expect("query").rows.into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn insert_get_query_delete_round_trip() {
+        let c = Catalog::open_in_memory().expect("catalog");
+        c.insert_backup_storage(&record("a", "alpha", 100)).expect("insert a");
+        c.insert_backup_storage(&record("b", "beta", 200)).expect("insert b");
+        assert_eq!(c.get_backup_storage("a").expect("get").expect("exists"), record("a", "alpha", 100));
+        assert_eq!(query(&c, &["totalCapacity>150"]), vec!["beta"]);
+        assert_eq!(query(&c, &["attachedZoneUuids=z1"]), vec!["alpha", "beta"]);
+        assert_eq!(query(&c, &["description is null", "name~=%lph%"]), vec!["alpha"]);
+        assert!(c.delete_backup_storage("a").expect("delete"));
+        assert!(!c.delete_backup_storage("a").expect("delete again"));
+        assert_eq!(query(&c, &[]), vec!["beta"]);
+    }
+
+    #[test]
+    fn references_count_volume_backups_on_the_storage() {
+        let c = Catalog::open_in_memory().expect("catalog");
+        c.insert_backup_storage(&record("a", "alpha", 100)).expect("insert");
+        assert_eq!(c.backup_storage_references("a").expect("refs"), 0);
+        c.conn()
+            .execute_batch(
+                "INSERT INTO volume_backup VALUES ('vb', 'g', 'v', 'n', NULL, 'Root', 'Enabled', 'Ready', 1, '{}', 0, 0);
+                 INSERT INTO volume_backup_ref VALUES ('vb', 'a', 'p', 'Ready', 0, 0);",
+            )
+            .expect("seed a backup");
+        assert_eq!(c.backup_storage_references("a").expect("refs"), 1);
+    }
+}

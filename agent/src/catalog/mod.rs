@@ -1,0 +1,163 @@
+//! The agent's local state in SQLite (`<data-dir>/catalog.sqlite`): backup storages, and
+//! (as later features land) VMs, volumes, volume backups and jobs.
+//!
+//! The catalog is a cache of facts whose source of truth is elsewhere (the stores' group
+//! manifests, the control plane's registrations): SyncVmBackup can rebuild backup records
+//! from the stores alone. It is opened in WAL mode with `synchronous=FULL`, so a committed
+//! change survives a crash of the agent or the host.
+//!
+//! Access is serialised by one mutex around the connection; every call is short (no I/O to
+//! other processes while it is held) and runs on a blocking thread, never on the async
+//! runtime.
+
+pub mod backup_storage;
+pub mod query;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+/// Errors of the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// SQLite failed.
+    #[error("catalog database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A query was malformed.
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
+    /// The database file is from a newer agent.
+    #[error("catalog schema version {found} is newer than this agent understands ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: backup storages and volume backups.
+    "CREATE TABLE backup_storage (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT,
+        type TEXT NOT NULL,
+        url TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT NOT NULL,
+        total_capacity INTEGER NOT NULL,
+        available_capacity INTEGER NOT NULL,
+        store_uuid TEXT NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE TABLE backup_storage_zone (
+        backup_storage_uuid TEXT NOT NULL REFERENCES backup_storage(uuid) ON DELETE CASCADE,
+        zone_uuid TEXT NOT NULL,
+        PRIMARY KEY (backup_storage_uuid, zone_uuid)
+     );
+     CREATE TABLE volume_backup (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        group_uuid TEXT NOT NULL,
+        volume_uuid TEXT NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT,
+        type TEXT NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        metadata TEXT NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE INDEX volume_backup_group ON volume_backup(group_uuid);
+     CREATE TABLE volume_backup_ref (
+        volume_backup_uuid TEXT NOT NULL REFERENCES volume_backup(uuid) ON DELETE CASCADE,
+        backup_storage_uuid TEXT NOT NULL,
+        install_path TEXT NOT NULL,
+        status TEXT NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL,
+        PRIMARY KEY (volume_backup_uuid, backup_storage_uuid)
+     );
+     CREATE INDEX volume_backup_ref_storage ON volume_backup_ref(backup_storage_uuid);",
+];
+
+/// The agent's catalog.
+#[derive(Debug)]
+pub struct Catalog {
+    conn: Mutex<Connection>,
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        Self::init(Connection::open(path)?)
+    }
+
+    /// An in-memory catalog (tests).
+    pub fn open_in_memory() -> Result<Self, CatalogError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, CatalogError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if version > known {
+            return Err(CatalogError::TooNew { found: version, known });
+        }
+        let tx = conn.transaction()?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))?;
+        }
+        tx.commit()?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// The connection, for one short operation.
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_schema_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.sqlite");
+        drop(Catalog::open(&p).expect("create"));
+        let c = Catalog::open(&p).expect("reopen");
+        let v: i64 = c.conn().pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+        assert_eq!(v, i64::try_from(MIGRATIONS.len()).expect("fits"));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.sqlite");
+        Connection::open(&p).expect("open").pragma_update(None, "user_version", 999).expect("set");
+        assert!(matches!(Catalog::open(&p), Err(CatalogError::TooNew { found: 999, .. })));
+    }
+}

@@ -1,0 +1,86 @@
+//! Configuration of vmbackup-agent: a TOML file, overridden by command-line flags.
+//! `systemd/vmbackup-agent.toml` is an example with every key commented.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Settings of the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// gRPC listen address of the agent API.
+    pub listen: SocketAddr,
+    /// Local state: catalog, session file, embedded store.
+    pub data_dir: PathBuf,
+    /// Accepted session uuids (`authorization: OAuth <uuid>`). Empty: the agent creates one
+    /// in `<data_dir>/session`.
+    pub sessions: Vec<String>,
+    /// Port assumed for an Image Storage added with a hostname and no port.
+    pub default_store_port: u16,
+    /// The Image Storage embedded in the agent.
+    pub embedded_store: EmbeddedStoreConfig,
+}
+
+/// The embedded Image Storage: a local directory served on loopback and registered as a
+/// backup storage, so a fresh agent can back up with no other set-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedStoreConfig {
+    /// Whether to run it.
+    pub enabled: bool,
+    /// Its gRPC address (keep it on loopback unless other hosts should use it).
+    pub listen: SocketAddr,
+    /// Its data directory; default `<data_dir>/store`.
+    pub data_dir: Option<PathBuf>,
+    /// Name of its backup storage record.
+    pub name: String,
+    /// Chunk size of a new store, bytes.
+    pub chunk_size: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7870)),
+            data_dir: PathBuf::from("/var/lib/vmbackup"),
+            sessions: Vec::new(),
+            default_store_port: 7871,
+            embedded_store: EmbeddedStoreConfig::default(),
+        }
+    }
+}
+
+impl Default for EmbeddedStoreConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7871)),
+            data_dir: None,
+            name: "local".to_string(),
+            chunk_size: vmbackup_store::identity::DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Parses a TOML config; unknown keys are an error naming the key.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_unknown_keys_fail() {
+        let example = include_str!("../../systemd/vmbackup-agent.toml");
+        let c = AgentConfig::from_toml(example).expect("example config parses");
+        assert!(c.embedded_store.enabled);
+        let e = AgentConfig::from_toml("listn = \"127.0.0.1:1\"").expect_err("typo");
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+}

@@ -1,0 +1,166 @@
+//! The agent's error type: a small stable kind, the ZStack error code it maps to, the
+//! request field to blame (for bad arguments), a message that says exactly what was wrong,
+//! and the cause as `source()`.
+//!
+//! [`crate::api::status`] turns it into a gRPC status carrying ZStack's ErrorCode.
+
+use std::fmt;
+
+/// What kind of failure; decides the gRPC code and the default ZStack code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A request field is malformed or out of range (SYS.1007).
+    InvalidArgument,
+    /// The named resource does not exist (SYS.1003).
+    NotFound,
+    /// A resource with that identity exists and differs (SYS.1002).
+    AlreadyExists,
+    /// The operation is refused in the current state, e.g. a Permissive delete of a storage
+    /// still in use (SYS.1006).
+    FailedPrecondition,
+    /// A peer (store, QEMU) cannot be reached; retrying later may help (SYS.1006).
+    Unavailable,
+    /// Missing or unknown session (ID.1001).
+    Unauthenticated,
+    /// Not built yet (SYS.1014).
+    Unimplemented,
+    /// Timed out (SYS.1001).
+    Timeout,
+    /// Cancelled by the caller.
+    Cancelled,
+    /// Out of space or another resource (SYS.1006).
+    ResourceExhausted,
+    /// A defect or an unexpected local failure (SYS.1000).
+    Internal,
+}
+
+impl ErrorKind {
+    /// ZStack's code and description for this kind.
+    pub fn zstack_code(self) -> (&'static str, &'static str) {
+        match self {
+            ErrorKind::InvalidArgument => ("SYS.1007", "One or more API argument is invalid"),
+            ErrorKind::NotFound => ("SYS.1003", "Resource not found"),
+            ErrorKind::AlreadyExists => ("SYS.1002", "Failed to create the resource"),
+            ErrorKind::FailedPrecondition => ("SYS.1006", "The operation is not allowed in the current state"),
+            ErrorKind::Unavailable => ("SYS.1006", "A peer of the operation is unreachable"),
+            ErrorKind::Unauthenticated => ("ID.1001", "Invalid session"),
+            ErrorKind::Unimplemented => ("SYS.1014", "The operation is not implemented"),
+            ErrorKind::Timeout => ("SYS.1001", "A message or a operation timeout"),
+            ErrorKind::Cancelled => ("SYS.1006", "The operation was cancelled"),
+            ErrorKind::ResourceExhausted => ("SYS.1006", "Out of resources"),
+            ErrorKind::Internal => ("SYS.1000", "An internal error happened"),
+        }
+    }
+}
+
+/// An agent error.
+#[derive(Debug)]
+pub struct AgentError {
+    kind: ErrorKind,
+    code: Option<(&'static str, &'static str)>,
+    field: Option<&'static str>,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+/// Result with [`AgentError`].
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl AgentError {
+    /// A new error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, code: None, field: None, message: message.into(), source: None }
+    }
+
+    /// A bad request field; the message should say what was wrong with it.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message).with_field(field)
+    }
+
+    /// `what` with `uuid` does not exist.
+    pub fn not_found(what: &str, uuid: &str) -> Self {
+        Self::new(ErrorKind::NotFound, format!("{what} {uuid} not found"))
+    }
+
+    /// Sets the request field to blame.
+    pub fn with_field(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
+    }
+
+    /// Overrides the ZStack code (e.g. `BS.1003`) and its description.
+    pub fn with_code(mut self, code: &'static str, description: &'static str) -> Self {
+        self.code = Some((code, description));
+        self
+    }
+
+    /// Attaches the cause.
+    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The request field at fault, if any.
+    pub fn field(&self) -> Option<&'static str> {
+        self.field
+    }
+
+    /// The message alone (without the cause).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// ZStack code and description.
+    pub fn zstack_code(&self) -> (&'static str, &'static str) {
+        self.code.unwrap_or_else(|| self.kind.zstack_code())
+    }
+
+    /// Whether retrying the same call later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::ResourceExhausted)
+    }
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.field {
+            Some(field) => write!(f, "{field}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<crate::catalog::CatalogError> for AgentError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        match e {
+            crate::catalog::CatalogError::Query(q) => AgentError::invalid(q.field, q.message),
+            other => AgentError::new(ErrorKind::Internal, "catalog operation failed").with_source(other),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for AgentError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        AgentError::new(ErrorKind::Internal, "a blocking task failed").with_source(e)
+    }
+}
+
+/// Runs short blocking work (SQLite, file metadata) off the async runtime.
+pub async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await?
+}

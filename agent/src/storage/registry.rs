@@ -1,0 +1,241 @@
+//! Managing backup storages: add, reconnect, delete. The API edge parses requests into the
+//! values here; these functions talk to the store and keep the catalog.
+//!
+//! Rules:
+//! - Add connects first and records nothing if the store cannot be reached.
+//! - One store (by its persistent uuid) is registered at most once: two records for one
+//!   store would make deletes and GC of one silently affect the other.
+//! - `resourceUuid` is an idempotency key: repeating an add with the same uuid and the same
+//!   parameters returns the existing record; the same uuid with other parameters is refused.
+//! - Delete never touches the data on the store.
+
+use std::sync::Arc;
+
+use crate::catalog::backup_storage::BackupStorageRecord;
+use crate::catalog::{Catalog, now_millis};
+use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::storage::ImageStoreClient;
+use crate::validate::{DeleteMode, endpoint_url};
+
+/// Type name of an Image Storage record.
+pub const IMAGE_STORE_TYPE: &str = "ImageStoreBackupStorage";
+/// Status of a storage that answered its last probe.
+pub const CONNECTED: &str = "Connected";
+/// Status of a storage that did not.
+pub const DISCONNECTED: &str = "Disconnected";
+
+/// A validated AddImageStoreBackupStorage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewImageStore {
+    /// Requested uuid (resourceUuid), or a new one.
+    pub uuid: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Store host.
+    pub hostname: String,
+    /// Store port.
+    pub port: u16,
+    /// Attached zones, sorted and deduplicated.
+    pub zones: Vec<String>,
+}
+
+/// Backup storage management over the catalog.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    catalog: Arc<Catalog>,
+}
+
+impl Registry {
+    /// A registry over `catalog`.
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self { catalog }
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    async fn get(&self, uuid: &str) -> Result<Option<BackupStorageRecord>> {
+        let (catalog, uuid) = (self.catalog.clone(), uuid.to_string());
+        blocking(move || Ok(catalog.get_backup_storage(&uuid)?)).await
+    }
+
+    /// A backup storage that must exist.
+    pub async fn require(&self, uuid: &str) -> Result<BackupStorageRecord> {
+        self.get(uuid).await?.ok_or_else(|| AgentError::not_found("backup storage", uuid).with_field("uuid"))
+    }
+
+    /// AddImageStoreBackupStorage.
+    pub async fn add_image_store(&self, req: NewImageStore) -> Result<BackupStorageRecord> {
+        let url = endpoint_url(&req.hostname, req.port);
+        if let Some(uuid) = &req.uuid
+            && let Some(existing) = self.get(uuid).await?
+        {
+            let same = existing.name == req.name
+                && existing.description == req.description
+                && existing.hostname == req.hostname
+                && existing.port == req.port
+                && existing.attached_zone_uuids == req.zones;
+            if same {
+                return Ok(existing);
+            }
+            return Err(AgentError::new(
+                ErrorKind::AlreadyExists,
+                format!("resourceUuid {uuid} is already backup storage {:?} with other parameters", existing.name),
+            )
+            .with_field("resourceUuid"));
+        }
+
+        let mut client = ImageStoreClient::connect(&url).await?;
+        let status = client.status().await?;
+
+        let catalog = self.catalog.clone();
+        let store_uuid = status.store_uuid.clone();
+        if let Some(existing) = blocking(move || Ok(catalog.find_backup_storage_by_store(&store_uuid)?)).await? {
+            return Err(AgentError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the Image Storage at {url} (store {}) is already registered as backup storage {} ({:?})",
+                    status.store_uuid, existing.uuid, existing.name
+                ),
+            ));
+        }
+
+        let now = now_millis();
+        let record = BackupStorageRecord {
+            uuid: req.uuid.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+            name: req.name,
+            description: req.description,
+            kind: IMAGE_STORE_TYPE.to_string(),
+            url,
+            hostname: req.hostname,
+            port: req.port,
+            state: "Enabled".to_string(),
+            status: CONNECTED.to_string(),
+            total_capacity: status.total_capacity,
+            available_capacity: status.available_capacity,
+            store_uuid: status.store_uuid,
+            create_date: now,
+            last_op_date: now,
+            attached_zone_uuids: req.zones,
+        };
+        let (catalog, r) = (self.catalog.clone(), record.clone());
+        blocking(move || {
+            catalog.insert_backup_storage(&r).map_err(|e| match e {
+                crate::catalog::CatalogError::Sql(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    AgentError::new(
+                        ErrorKind::AlreadyExists,
+                        format!("backup storage {} was added concurrently", r.uuid),
+                    )
+                    .with_field("resourceUuid")
+                }
+                other => other.into(),
+            })
+        })
+        .await?;
+        tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, store_uuid = %record.store_uuid, "backup storage added");
+        Ok(record)
+    }
+
+    /// ReconnectBackupStorage: probes the store, records Connected or Disconnected and the
+    /// capacities, and fails when the store cannot be reached (the record then says
+    /// Disconnected).
+    pub async fn reconnect(&self, uuid: &str) -> Result<BackupStorageRecord> {
+        let record = self.require(uuid).await?;
+        let probe = async {
+            let mut client = ImageStoreClient::connect(&record.url).await?;
+            client.status().await
+        }
+        .await;
+        let outcome = match probe {
+            Ok(status) if status.store_uuid != record.store_uuid => Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "a different Image Storage answers at {}: store {} instead of {}",
+                    record.url, status.store_uuid, record.store_uuid
+                ),
+            )),
+            Ok(status) => Ok(status),
+            Err(e) => Err(e),
+        };
+        let now = now_millis();
+        let (catalog, u) = (self.catalog.clone(), record.uuid.clone());
+        match outcome {
+            Ok(status) => {
+                let cap = (status.total_capacity, status.available_capacity);
+                blocking(move || Ok(catalog.update_backup_storage_status(&u, CONNECTED, Some(cap), now)?)).await?;
+                self.require(uuid).await
+            }
+            Err(e) => {
+                blocking(move || Ok(catalog.update_backup_storage_status(&u, DISCONNECTED, None, now)?)).await?;
+                tracing::warn!(uuid = %record.uuid, url = %record.url, error = %e, "backup storage disconnected");
+                Err(e)
+            }
+        }
+    }
+
+    /// DeleteBackupStorage: removes the record; the data on the store stays.
+    pub async fn delete(&self, uuid: &str, mode: DeleteMode) -> Result<()> {
+        let record = self.require(uuid).await?;
+        let catalog = self.catalog.clone();
+        let u = record.uuid.clone();
+        blocking(move || {
+            if mode == DeleteMode::Permissive {
+                let refs = catalog.backup_storage_references(&u)?;
+                if refs > 0 {
+                    return Err(AgentError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("backup storage {u} holds {refs} volume backups; delete them first or use deleteMode Enforcing"),
+                    )
+                    .with_code("SYS.1004", "Failed to delete the resource"));
+                }
+            }
+            catalog.delete_backup_storage(&u)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(uuid = %record.uuid, name = %record.name, ?mode, "backup storage record deleted (data on the store kept)");
+        Ok(())
+    }
+
+    /// Makes sure the agent's embedded store is registered (as `name`) at `url`: adds it on
+    /// first start, follows a changed listen address afterwards.
+    pub async fn ensure_embedded(&self, name: &str, hostname: &str, port: u16) -> Result<BackupStorageRecord> {
+        let url = endpoint_url(hostname, port);
+        let mut client = ImageStoreClient::connect(&url).await?;
+        let status = client.status().await?;
+        let catalog = self.catalog.clone();
+        let store_uuid = status.store_uuid.clone();
+        match blocking(move || Ok(catalog.find_backup_storage_by_store(&store_uuid)?)).await? {
+            Some(existing) => {
+                let (catalog, u, url2, host) =
+                    (self.catalog.clone(), existing.uuid.clone(), url.clone(), hostname.to_string());
+                let cap = (status.total_capacity, status.available_capacity);
+                blocking(move || {
+                    let now = now_millis();
+                    catalog.update_backup_storage_endpoint(&u, &url2, &host, port, now)?;
+                    catalog.update_backup_storage_status(&u, CONNECTED, Some(cap), now)?;
+                    Ok(())
+                })
+                .await?;
+                self.require(&existing.uuid).await
+            }
+            None => {
+                self.add_image_store(NewImageStore {
+                    uuid: None,
+                    name: name.to_string(),
+                    description: Some("Image Storage embedded in this agent (local directory)".to_string()),
+                    hostname: hostname.to_string(),
+                    port,
+                    zones: Vec::new(),
+                })
+                .await
+            }
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Compiles the .proto contracts with a vendored protoc (so `cargo build` works on a machine
+//! without protobuf tooling), writes a descriptor set for gRPC reflection, and derives
+//! proto3-canonical JSON (camelCase names, RFC 3339 timestamps) with pbjson: the JSON form
+//! of every message then uses ZStack's documented field names.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "vmbackup/agent/v1/common.proto",
+    "vmbackup/agent/v1/backup_storage.proto",
+    "vmbackup/agent/v1/vm.proto",
+    "vmbackup/agent/v1/vm_backup.proto",
+    "vmbackup/agent/v1/snapshot_group.proto",
+    "vmbackup/store/v1/store.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("vmbackup_descriptor.bin");
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    config.compile_well_known_types();
+    config.extern_path(".google.protobuf", "::pbjson_types");
+    tonic_prost_build::configure().file_descriptor_set_path(&descriptor_path).compile_with_config(
+        config,
+        PROTOS,
+        &["."],
+    )?;
+
+    let descriptors = std::fs::read(&descriptor_path)?;
+    pbjson_build::Builder::new().register_descriptors(&descriptors)?.build(&[".vmbackup"])?;
+    Ok(())
+}

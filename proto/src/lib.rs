@@ -1,0 +1,36 @@
+//! # vmbackup-proto: every contract between vmbackup's processes
+//!
+//! Pure: no I/O, no async runtime. What lives here:
+//!
+//! - [`agent::v1`]: the control plane -> agent gRPC API (ZStack's backup API). Field names are
+//!   ZStack's in snake_case, so the JSON form (`serde`, via pbjson) uses ZStack's camelCase.
+//! - [`store::v1`]: the agent -> Image Storage gRPC API.
+//! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
+//!
+//! The byte formats (digest, chunk blob, volume index, group manifest) are versioned modules
+//! beside these; each documents its layout byte by byte.
+
+#![allow(missing_docs)] // generated code below carries the .proto comments instead
+
+/// Control plane -> agent API.
+pub mod agent {
+    /// Version 1 of the agent API.
+    pub mod v1 {
+        tonic::include_proto!("vmbackup.agent.v1");
+        include!(concat!(env!("OUT_DIR"), "/vmbackup.agent.v1.serde.rs"));
+    }
+}
+
+/// Agent -> Image Storage API.
+pub mod store {
+    /// Version 1 of the store API.
+    pub mod v1 {
+        tonic::include_proto!("vmbackup.store.v1");
+        include!(concat!(env!("OUT_DIR"), "/vmbackup.store.v1.serde.rs"));
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every vmbackup .proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmbackup_descriptor.bin"));
+
+pub use pbjson_types::Timestamp;

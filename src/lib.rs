@@ -1,0 +1,1 @@
+//! End-to-end tests and benchmarks of vmbackup live in tests/ and benches/.

@@ -1,0 +1,86 @@
+//! `vmbackup-store`: the Image Storage daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use vmbackup_store::config::StoreConfig;
+use vmbackup_store::server::{self, StoreService};
+
+/// vmbackup Image Storage: a content-addressed chunk store served over gRPC.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// gRPC listen address (overrides the config file).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory (overrides the config file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Chunk size in bytes of a new store (overrides the config file).
+    #[arg(long)]
+    chunk_size: Option<u32>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            StoreConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))?
+        }
+        None => StoreConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(c) = args.chunk_size {
+        config.chunk_size = c;
+    }
+
+    let dir = config.data_dir.clone();
+    let service = tokio::task::spawn_blocking(move || StoreService::open(dir, config.chunk_size))
+        .await?
+        .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        store_uuid = %service.identity().store_uuid,
+        "vmbackup-store ready"
+    );
+    let shutdown = CancellationToken::new();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal_token.cancel();
+    });
+    server::serve(Arc::new(service), listener, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the store with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
