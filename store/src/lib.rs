@@ -21,4 +21,5 @@
 pub mod config;
 pub mod durable;
 pub mod identity;
+pub mod logging;
 pub mod server;

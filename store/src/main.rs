@@ -29,9 +29,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    vmbackup_store::logging::init();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => {

@@ -1,0 +1,102 @@
+//! The agent as an operator meets it: embedded Image Storage registered as `local`,
+//! discovery through gRPC reflection, open health checks, vmbackupctl tables and JSON, and
+//! methods of later features answering UNIMPLEMENTED with a ZStack code.
+
+mod common;
+
+use common::{AgentOptions, start_agent, storage_client, zstack_code};
+use tokio_stream::StreamExt;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use vmbackup_proto::agent::v1 as pb;
+
+fn ctl(agent: &common::Daemon, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin("vmbackupctl"))
+        .arg("--agent")
+        .arg(agent.url())
+        .arg("--session-file")
+        .arg(agent.data_dir.join("session"))
+        .args(args)
+        .output()
+        .expect("run vmbackupctl")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_is_registered_once_as_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = start_agent(dir.path(), AgentOptions { embedded_store: true, config: None });
+    let mut c = storage_client(&agent, Some(common::session(&agent))).await;
+    let list = |r: pb::QueryBackupStorageReply| r.inventories;
+    let first = list(c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("q").into_inner());
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].name.as_str(), first[0].status.as_str()), ("local", "Connected"));
+    assert!(agent.data_dir.join("store/store.json").exists());
+
+    // A restart (new ephemeral port) keeps one record with the same uuid, following the port.
+    agent.restart();
+    let mut c = storage_client(&agent, Some(common::session(&agent))).await;
+    let second = list(c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("q").into_inner());
+    assert_eq!(second.len(), 1);
+    assert_eq!((second[0].uuid.as_str(), second[0].store_uuid.as_str()), (first[0].uuid.as_str(), first[0].store_uuid.as_str()));
+    assert_eq!(second[0].status, "Connected");
+
+    // vmbackupctl: a table for people, JSON with ZStack's field names for scripts.
+    let out = ctl(&agent, &["storage", "list"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).expect("utf8");
+    for needle in ["UUID", "NAME", "STATUS", "local", "Connected", &second[0].uuid] {
+        assert!(table.contains(needle), "{needle:?} missing from\n{table}");
+    }
+    let out = ctl(&agent, &["--json", "storage", "query", "name=local"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let inv = &v["inventories"][0];
+    assert_eq!(inv["name"], "local");
+    assert_eq!(inv["type"], "ImageStoreBackupStorage");
+    assert!(inv["totalCapacity"].is_string() || inv["totalCapacity"].is_number(), "{inv}");
+    let created: vmbackup_proto::Timestamp = serde_json::from_value(inv["createDate"].clone()).expect("RFC 3339 createDate");
+    assert_eq!(Some(created), second[0].create_date);
+    let out = ctl(&agent, &["storage", "query", "colour=red"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SYS.1007") && err.contains("colour"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+
+    // Reflection needs no session: list the services like grpcurl does.
+    let mut refl = ServerReflectionClient::new(common::channel(&agent.url()).await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
+    let resp = stream.next().await.expect("one response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("unexpected {resp:?}") };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "vmbackup.agent.v1.BackupStorageService",
+        "vmbackup.agent.v1.VmBackupService",
+        "vmbackup.agent.v1.VolumeSnapshotGroupService",
+        "vmbackup.agent.v1.VmService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+
+    // Health needs no session either.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(common::channel(&agent.url()).await);
+    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health").into_inner();
+    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // A method of a later feature: UNIMPLEMENTED with SYS.1014, never a fake success.
+    let token = format!("OAuth {}", common::session(&agent));
+    let mut vb = pb::vm_backup_service_client::VmBackupServiceClient::with_interceptor(
+        common::channel(&agent.url()).await,
+        common::Auth(Some(token)),
+    );
+    let e = vb.create_vm_backup(pb::CreateVmBackupRequest::default()).await.expect_err("not built yet");
+    assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));
+}

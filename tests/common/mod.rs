@@ -1,0 +1,223 @@
+//! Test harness: starts vmbackup's daemons as real processes on loopback, each with its own
+//! data directory and log file, and gives typed gRPC clients to them.
+//!
+//! Binaries are taken from the cargo target directory this test was built in
+//! (`cargo build --workspace --bins` first: the README's test command does). A missing
+//! binary fails the test loudly; nothing is skipped.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use vmbackup_proto::agent::v1::backup_storage_service_client::BackupStorageServiceClient;
+
+/// Path of a workspace binary next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A daemon process; killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Address its gRPC server listens on.
+    pub addr: SocketAddr,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `program` with `args` (which must include `--data-dir`), logging to `log`, and
+    /// waits for its log line `<ready>` carrying `listen=<addr>`.
+    fn start(program: PathBuf, args: Vec<String>, data_dir: PathBuf, log: PathBuf, ready: &str) -> Daemon {
+        let child = spawn(&program, &args, &log);
+        let addr = wait_ready(&log, ready);
+        Daemon { child: Some(child), addr, log, data_dir, program, args }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it with SIGKILL (no clean-up runs: a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("daemon did not exit within 20 s of SIGTERM; log:\n{}", read(&self.log));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts it again on the same address and data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        let addr = self.addr.to_string();
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = addr;
+        }
+        let ready = if self.program.ends_with("vmbackup-agent") { "vmbackup-agent ready" } else { "vmbackup-store ready" };
+        let child = spawn(&self.program, &args, &self.log);
+        self.addr = wait_ready(&self.log, ready);
+        self.child = Some(child);
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn spawn(program: &Path, args: &[String], log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup log"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()))
+}
+
+/// Waits for the last `ready` line of the log (a restart appends) and returns its address.
+fn wait_ready(log: &Path, ready: &str) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let seen_before = read(log).matches(ready).count();
+    loop {
+        let text = read(log);
+        if text.matches(ready).count() > seen_before {
+            let line = text.lines().filter(|l| l.contains(ready)).last().expect("ready line");
+            let addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("listen="))
+                .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+            return addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?}: {e}"));
+        }
+        if Instant::now() > deadline {
+            panic!("daemon not ready after 60 s; log:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a vmbackup-store on an ephemeral loopback port with its data under `dir`.
+pub fn start_store(dir: &Path, name: &str) -> Daemon {
+    let data = dir.join(name);
+    let args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--chunk-size".to_string(),
+        "65536".to_string(),
+    ];
+    Daemon::start(bin("vmbackup-store"), args, data, dir.join(format!("{name}.log")), "vmbackup-store ready")
+}
+
+/// Options of a test agent.
+#[derive(Default)]
+pub struct AgentOptions {
+    /// Run the embedded store (on an ephemeral port).
+    pub embedded_store: bool,
+    /// A config file to pass.
+    pub config: Option<PathBuf>,
+}
+
+/// Starts a vmbackup-agent on an ephemeral loopback port with its data under `dir/agent`.
+pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
+    let data = dir.join("agent");
+    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".to_string(), "--data-dir".to_string(), data.display().to_string()];
+    if opts.embedded_store {
+        args.extend(["--embedded-store-listen".to_string(), "127.0.0.1:0".to_string()]);
+    } else {
+        args.push("--no-embedded-store".to_string());
+    }
+    if let Some(c) = opts.config {
+        args.extend(["--config".to_string(), c.display().to_string()]);
+    }
+    Daemon::start(bin("vmbackup-agent"), args, data, dir.join("agent.log"), "vmbackup-agent ready")
+}
+
+/// The session the agent created in its data directory.
+pub fn session(agent: &Daemon) -> String {
+    std::fs::read_to_string(agent.data_dir.join("session")).expect("session file").trim().to_string()
+}
+
+/// Adds `authorization: OAuth <token>` to every call.
+#[derive(Clone)]
+pub struct Auth(pub Option<String>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            r.metadata_mut().insert("authorization", t.parse().expect("ascii header"));
+        }
+        Ok(r)
+    }
+}
+
+/// A channel to `url`.
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).expect("url").connect().await.expect("connect")
+}
+
+/// Authenticated BackupStorageService client.
+pub type StorageClient = BackupStorageServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+/// A BackupStorageService client sending `token` (None: no authorization metadata).
+pub async fn storage_client(agent: &Daemon, token: Option<String>) -> StorageClient {
+    BackupStorageServiceClient::with_interceptor(channel(&agent.url()).await, Auth(token.map(|t| format!("OAuth {t}"))))
+}
+
+/// The ZStack error code in an agent error status.
+pub fn zstack_code(s: &tonic::Status) -> String {
+    vmbackup_agent::api::error_code_of(s).map(|e| e.code).unwrap_or_else(|| panic!("no ErrorCode in status {s:?}"))
+}
