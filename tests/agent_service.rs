@@ -6,10 +6,10 @@ mod common;
 
 use common::{AgentOptions, start_agent, storage_client, zstack_code};
 use tokio_stream::StreamExt;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 use vmbackup_proto::agent::v1 as pb;
 
 fn ctl(agent: &common::Daemon, args: &[&str]) -> std::process::Output {
@@ -39,7 +39,10 @@ async fn embedded_store_is_registered_once_as_local() {
     let mut c = storage_client(&agent, Some(common::session(&agent))).await;
     let second = list(c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("q").into_inner());
     assert_eq!(second.len(), 1);
-    assert_eq!((second[0].uuid.as_str(), second[0].store_uuid.as_str()), (first[0].uuid.as_str(), first[0].store_uuid.as_str()));
+    assert_eq!(
+        (second[0].uuid.as_str(), second[0].store_uuid.as_str()),
+        (first[0].uuid.as_str(), first[0].store_uuid.as_str())
+    );
     assert_eq!(second[0].status, "Connected");
 
     // vmbackupctl: a table for people, JSON with ZStack's field names for scripts.
@@ -56,7 +59,8 @@ async fn embedded_store_is_registered_once_as_local() {
     assert_eq!(inv["name"], "local");
     assert_eq!(inv["type"], "ImageStoreBackupStorage");
     assert!(inv["totalCapacity"].is_string() || inv["totalCapacity"].is_number(), "{inv}");
-    let created: vmbackup_proto::Timestamp = serde_json::from_value(inv["createDate"].clone()).expect("RFC 3339 createDate");
+    let created: vmbackup_proto::Timestamp =
+        serde_json::from_value(inv["createDate"].clone()).expect("RFC 3339 createDate");
     assert_eq!(Some(created), second[0].create_date);
     let out = ctl(&agent, &["storage", "query", "colour=red"]);
     assert!(!out.status.success());
@@ -71,10 +75,15 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
 
     // Reflection needs no session: list the services like grpcurl does.
     let mut refl = ServerReflectionClient::new(common::channel(&agent.url()).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
     let resp = stream.next().await.expect("one response").expect("ok");
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("unexpected {resp:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}")
+    };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for s in [
         "vmbackup.agent.v1.BackupStorageService",
@@ -88,7 +97,11 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
 
     // Health needs no session either.
     let mut health = tonic_health::pb::health_client::HealthClient::new(common::channel(&agent.url()).await);
-    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health").into_inner();
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health")
+        .into_inner();
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     // A method of a later feature: UNIMPLEMENTED with SYS.1014, never a fake success.

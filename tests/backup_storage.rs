@@ -66,7 +66,9 @@ async fn add_query_reconnect_delete_and_survive_restart() {
     assert_eq!((alpha.state.as_str(), alpha.status.as_str()), ("Enabled", "Connected"));
     assert_eq!(alpha.url, store_a.url());
     assert_eq!(alpha.attached_zone_uuids, vec![ZONE_A.to_string()]);
-    assert!(alpha.total_capacity > 0 && alpha.available_capacity > 0 && alpha.available_capacity <= alpha.total_capacity);
+    assert!(
+        alpha.total_capacity > 0 && alpha.available_capacity > 0 && alpha.available_capacity <= alpha.total_capacity
+    );
     assert!(alpha.create_date.is_some() && alpha.last_op_date.is_some());
     assert_eq!(alpha.uuid.len(), 32);
     assert_ne!(alpha.store_uuid, beta.store_uuid);
@@ -145,8 +147,14 @@ async fn add_query_reconnect_delete_and_survive_restart() {
     assert_eq!(back.status, "Connected");
     assert_eq!(back.store_uuid, alpha.store_uuid);
     assert!(back.available_capacity > 0);
-    let millis = |t: &Option<vmbackup_proto::Timestamp>| t.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-    assert!(millis(&back.last_op_date) > millis(&alpha.last_op_date), "{:?} !> {:?}", back.last_op_date, alpha.last_op_date);
+    let millis =
+        |t: &Option<vmbackup_proto::Timestamp>| t.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+    assert!(
+        millis(&back.last_op_date) > millis(&alpha.last_op_date),
+        "{:?} !> {:?}",
+        back.last_op_date,
+        alpha.last_op_date
+    );
     assert_eq!(back.create_date, alpha.create_date);
 
     // Everything survives an agent restart.
@@ -175,7 +183,11 @@ async fn add_query_reconnect_delete_and_survive_restart() {
     assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::NotFound, "SYS.1003"));
 
     // A deleted storage can be added again (same store, new record).
-    let again = add(&mut c, pb::AddImageStoreBackupStorageRequest { name: "beta".into(), url: store_b.url(), ..Default::default() }).await;
+    let again = add(
+        &mut c,
+        pb::AddImageStoreBackupStorageRequest { name: "beta".into(), url: store_b.url(), ..Default::default() },
+    )
+    .await;
     assert_eq!(again.store_uuid, beta.store_uuid);
 }
 
@@ -224,8 +236,11 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     let add_err = |r: Result<tonic::Response<pb::BackupStorageReply>, tonic::Status>| r.expect_err("must be refused");
 
     let e = add_err(
-        c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest { url: store.url(), ..Default::default() })
-            .await,
+        c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+            url: store.url(),
+            ..Default::default()
+        })
+        .await,
     );
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("name"), "{e:?}");

@@ -92,7 +92,8 @@ impl Daemon {
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = addr;
         }
-        let ready = if self.program.ends_with("vmbackup-agent") { "vmbackup-agent ready" } else { "vmbackup-store ready" };
+        let ready =
+            if self.program.ends_with("vmbackup-agent") { "vmbackup-agent ready" } else { "vmbackup-store ready" };
         let child = spawn(&self.program, &args, &self.log);
         self.addr = wait_ready(&self.log, ready);
         self.child = Some(child);
@@ -134,7 +135,7 @@ fn wait_ready(log: &Path, ready: &str) -> SocketAddr {
     loop {
         let text = read(log);
         if text.matches(ready).count() > seen_before {
-            let line = text.lines().filter(|l| l.contains(ready)).last().expect("ready line");
+            let line = text.lines().rfind(|l| l.contains(ready)).expect("ready line");
             let addr = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("listen="))
@@ -174,7 +175,8 @@ pub struct AgentOptions {
 /// Starts a vmbackup-agent on an ephemeral loopback port with its data under `dir/agent`.
 pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
     let data = dir.join("agent");
-    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".to_string(), "--data-dir".to_string(), data.display().to_string()];
+    let mut args =
+        vec!["--listen".to_string(), "127.0.0.1:0".to_string(), "--data-dir".to_string(), data.display().to_string()];
     if opts.embedded_store {
         args.extend(["--embedded-store-listen".to_string(), "127.0.0.1:0".to_string()]);
     } else {
