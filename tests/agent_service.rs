@@ -113,3 +113,70 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
     let e = vb.create_vm_backup(pb::CreateVmBackupRequest::default()).await.expect_err("not built yet");
     assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_layouts_register_query_and_unregister() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let token = Some(format!("OAuth {}", common::session(&agent)));
+    let mut vms = pb::vm_service_client::VmServiceClient::with_interceptor(
+        common::channel(&agent.url()).await,
+        common::Auth(token.clone()),
+    );
+    let vol = |uuid: &str, kind: &str, device_id: i32, format: &str| pb::VolumeSpec {
+        uuid: uuid.into(),
+        name: format!("{kind}-{device_id}"),
+        install_path: format!("/images/{uuid}.{format}"),
+        format: format.into(),
+        r#type: kind.into(),
+        device_id,
+    };
+    let vm_a = "9ff17180fded31c2b9e4e5751ebcb2ba";
+    let vm_b = "98ac921100b43981b493071b6430bb2b";
+    let root_a = "edc07fe8d8a335ec8aa00f23b88fc1c6";
+    let data_a = "2ae6b881bb1239cd907d48993e86a2e8";
+    let reg = pb::RegisterVmRequest {
+        uuid: vm_a.into(),
+        name: "web-1".into(),
+        volumes: vec![vol(data_a, "Data", 1, "raw"), vol(root_a, "Root", 0, "qcow2")],
+        ..Default::default()
+    };
+    let inv = vms.register_vm(reg.clone()).await.expect("register").into_inner().inventory.expect("inventory");
+    assert_eq!(inv.volumes.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>(), [root_a, data_a], "root first");
+    assert_eq!(inv.volumes[0].vm_instance_uuid, vm_a);
+
+    // A volume cannot belong to two VMs; the refused registration records nothing.
+    let e = vms
+        .register_vm(pb::RegisterVmRequest {
+            uuid: vm_b.into(),
+            volumes: vec![vol(root_a, "Root", 0, "qcow2")],
+            ..Default::default()
+        })
+        .await
+        .expect_err("volume of another VM");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let e = vms.register_vm(pb::RegisterVmRequest { volumes: vec![], ..reg.clone() }).await.expect_err("no volumes");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    let q = |conds: &[&str]| pb::QueryVmRequest {
+        conditions: conds.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let found = vms.query_vm(q(&[&format!("volumeUuid={data_a}")])).await.expect("query").into_inner();
+    assert_eq!(found.inventories.len(), 1);
+    assert_eq!(found.inventories[0], inv);
+    assert!(vms.query_vm(q(&[&format!("uuid={vm_b}")])).await.expect("query").into_inner().inventories.is_empty());
+
+    // Survives a restart; unregister removes it.
+    agent.restart();
+    let mut vms = pb::vm_service_client::VmServiceClient::with_interceptor(
+        common::channel(&agent.url()).await,
+        common::Auth(token),
+    );
+    let after = vms.query_vm(q(&[])).await.expect("query").into_inner().inventories;
+    assert_eq!(after, vec![inv]);
+    vms.unregister_vm(pb::UnregisterVmRequest { uuid: vm_a.into(), ..Default::default() }).await.expect("unregister");
+    let e =
+        vms.unregister_vm(pb::UnregisterVmRequest { uuid: vm_a.into(), ..Default::default() }).await.expect_err("gone");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}

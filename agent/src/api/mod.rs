@@ -4,6 +4,7 @@
 
 pub mod backup_storage;
 pub mod pending;
+pub mod vm;
 
 use prost::Message;
 use tonic::Status;
@@ -148,7 +149,7 @@ pub fn router(state: &crate::daemon::State) -> tonic::transport::server::Router 
             auth.clone(),
         ))
         .add_service(InterceptedService::new(VmBackupServiceServer::new(pending::VmBackupApi), auth.clone()))
-        .add_service(InterceptedService::new(VmServiceServer::new(pending::VmApi), auth.clone()))
+        .add_service(InterceptedService::new(VmServiceServer::new(vm::VmApi::new(state)), auth.clone()))
         .add_service(InterceptedService::new(VolumeSnapshotGroupServiceServer::new(pending::SnapshotGroupApi), auth))
 }
 

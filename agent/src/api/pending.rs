@@ -16,9 +16,6 @@ fn unimplemented(method: &str) -> Status {
 /// VmBackupService, pending.
 #[derive(Debug, Clone, Copy)]
 pub struct VmBackupApi;
-/// VmService, pending.
-#[derive(Debug, Clone, Copy)]
-pub struct VmApi;
 /// VolumeSnapshotGroupService, pending.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotGroupApi;
@@ -51,12 +48,6 @@ pending!(pb::vm_backup_service_server::VmBackupService, VmBackupApi, {
         Err(unimplemented("WatchJob"))
     }
 );
-
-pending!(pb::vm_service_server::VmService, VmApi, {
-    register_vm(pb::RegisterVmRequest) -> pb::VmReply, "RegisterVm";
-    unregister_vm(pb::UnregisterVmRequest) -> pb::UnregisterVmReply, "UnregisterVm";
-    query_vm(pb::QueryVmRequest) -> pb::QueryVmReply, "QueryVm";
-});
 
 pending!(pb::volume_snapshot_group_service_server::VolumeSnapshotGroupService, SnapshotGroupApi, {
     create_volume_snapshot_group(pb::CreateVolumeSnapshotGroupRequest) -> pb::VolumeSnapshotGroupReply, "CreateVolumeSnapshotGroup";

@@ -1,9 +1,9 @@
 //! Backup storage records: one row per registered Image Storage (or Ceph pool), its
 //! attached zones in a side table.
 
-use rusqlite::{OptionalExtension, params, params_from_iter};
+use rusqlite::{OptionalExtension, params};
 
-use super::query::{Field, FieldType, QueryParams, Schema};
+use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query};
 use super::{Catalog, CatalogError};
 
 /// A registered backup storage.
@@ -92,15 +92,6 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
     })
 }
 
-/// Result of a query: the page of records and, when asked, the total.
-#[derive(Debug, Default)]
-pub struct QueryResult<T> {
-    /// Records of the page.
-    pub rows: Vec<T>,
-    /// Total matching records, when asked for.
-    pub total: Option<i64>,
-}
-
 impl Catalog {
     /// Inserts a new backup storage.
     pub fn insert_backup_storage(&self, r: &BackupStorageRecord) -> Result<(), CatalogError> {
@@ -164,33 +155,12 @@ impl Catalog {
 
     /// Runs a ZStack query over backup storages.
     pub fn query_backup_storages(&self, q: &QueryParams) -> Result<QueryResult<BackupStorageRecord>, CatalogError> {
-        let plan = SCHEMA.plan(q)?;
         let conn = self.conn();
-        let total = if plan.want_total {
-            let sql = format!("SELECT COUNT(*) FROM backup_storage t {}", plan.where_sql);
-            Some(conn.query_row(&sql, params_from_iter(plan.params.iter()), |r| r.get(0))?)
-        } else {
-            None
-        };
-        let mut rows = Vec::new();
-        if plan.want_rows {
-            let sql = format!(
-                "SELECT {} FROM backup_storage t {} {} LIMIT {} OFFSET {}",
-                COLUMNS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", "),
-                plan.where_sql,
-                plan.order_sql,
-                plan.limit,
-                plan.offset
-            );
-            let mut stmt = conn.prepare(&sql)?;
-            let found = stmt.query_map(params_from_iter(plan.params.iter()), from_row)?;
-            for r in found {
-                let mut r = r?;
-                r.attached_zone_uuids = zones(&conn, &r.uuid)?;
-                rows.push(r);
-            }
+        let mut result = run_query(&conn, &SCHEMA, COLUMNS, q, from_row)?;
+        for r in &mut result.rows {
+            r.attached_zone_uuids = zones(&conn, &r.uuid)?;
         }
-        Ok(QueryResult { rows, total })
+        Ok(result)
     }
 
     /// Records the outcome of a probe: status, capacities, and the time of the operation.

@@ -12,6 +12,7 @@
 
 pub mod backup_storage;
 pub mod query;
+pub mod vm;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -87,6 +88,25 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (volume_backup_uuid, backup_storage_uuid)
      );
      CREATE INDEX volume_backup_ref_storage ON volume_backup_ref(backup_storage_uuid);",
+    // 2: VMs and their volumes.
+    "CREATE TABLE vm (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        qmp_socket TEXT,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE TABLE volume (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        vm_uuid TEXT NOT NULL REFERENCES vm(uuid) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        install_path TEXT NOT NULL,
+        format TEXT NOT NULL,
+        type TEXT NOT NULL,
+        device_id INTEGER NOT NULL,
+        UNIQUE (vm_uuid, device_id)
+     );
+     CREATE INDEX volume_vm ON volume(vm_uuid);",
 ];
 
 /// The agent's catalog.

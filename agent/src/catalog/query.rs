@@ -357,6 +357,49 @@ impl Schema {
     }
 }
 
+/// Result of a query: the page of records and, when asked, the total.
+#[derive(Debug, Default)]
+pub struct QueryResult<T> {
+    /// Records of the page.
+    pub rows: Vec<T>,
+    /// Total matching records, when asked for.
+    pub total: Option<i64>,
+}
+
+/// Runs `params` against `schema`'s table: `columns` (comma-separated, unqualified) are
+/// selected and each row is mapped by `from_row`.
+pub fn run_query<T>(
+    conn: &rusqlite::Connection,
+    schema: &Schema,
+    columns: &str,
+    params: &QueryParams,
+    from_row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<QueryResult<T>, super::CatalogError> {
+    let plan = schema.plan(params)?;
+    let table = schema.table;
+    let total = if plan.want_total {
+        let sql = format!("SELECT COUNT(*) FROM {table} t {}", plan.where_sql);
+        Some(conn.query_row(&sql, rusqlite::params_from_iter(plan.params.iter()), |r| r.get(0))?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    if plan.want_rows {
+        let qualified: Vec<String> = columns.split(',').map(|c| format!("t.{}", c.trim())).collect();
+        let sql = format!(
+            "SELECT {} FROM {table} t {} {} LIMIT {} OFFSET {}",
+            qualified.join(", "),
+            plan.where_sql,
+            plan.order_sql,
+            plan.limit,
+            plan.offset
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        rows = stmt.query_map(rusqlite::params_from_iter(plan.params.iter()), from_row)?.collect::<Result<_, _>>()?;
+    }
+    Ok(QueryResult { rows, total })
+}
+
 fn typed_value(ty: FieldType, raw: &str) -> Result<Value, String> {
     match ty {
         FieldType::Text | FieldType::TextList { .. } => Ok(Value::Text(raw.to_string())),
