@@ -25,4 +25,6 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod storage;
+pub mod tags;
+pub mod throttle;
 pub mod validate;
