@@ -24,6 +24,7 @@ pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod jobs;
 pub mod storage;
 pub mod tags;
 pub mod throttle;

@@ -11,6 +11,7 @@
 //! runtime.
 
 pub mod backup_storage;
+pub mod job;
 pub mod query;
 pub mod vm;
 
@@ -107,6 +108,18 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (vm_uuid, device_id)
      );
      CREATE INDEX volume_vm ON volume(vm_uuid);",
+    // 3: jobs (long-running operations), kept after they end so their outcome can be asked.
+    "CREATE TABLE job (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        kind TEXT NOT NULL,
+        resource_uuid TEXT,
+        target_uuid TEXT,
+        state TEXT NOT NULL,
+        progress TEXT NOT NULL,
+        started INTEGER NOT NULL,
+        finished INTEGER
+     );
+     CREATE INDEX job_state ON job(state);",
 ];
 
 /// The agent's catalog.

@@ -1,0 +1,331 @@
+//! Running jobs: progress counters, cancellation, and the progress stream of WatchJob.
+//!
+//! A job is recorded in the catalog when it starts (`Running`) and when it ends, so
+//! WatchJob of a finished job, or of a job a crashed agent left behind, still answers.
+//! While it runs, workers bump the atomic [`Counters`]; a ticker publishes a
+//! [`pb::JobProgress`] snapshot (with rate and ETA) twice a second to every watcher.
+//! Cancellation is a [`CancellationToken`] per job; workers take child tokens.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use vmbackup_proto::agent::v1 as pb;
+
+use crate::api::timestamp;
+use crate::catalog::job::JobRecord;
+use crate::catalog::{Catalog, now_millis};
+use crate::error::{AgentError, ErrorKind, Result, blocking};
+
+/// How often watchers get a snapshot.
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// Byte counters of one job, bumped by its workers.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Logical bytes the job will cover.
+    pub planned: AtomicI64,
+    /// Bytes read from volumes.
+    pub read: AtomicI64,
+    /// Bytes skipped as zero or unallocated.
+    pub zero: AtomicI64,
+    /// Bytes whose chunks the storage already had.
+    pub deduplicated: AtomicI64,
+    /// Bytes sent to storage.
+    pub sent: AtomicI64,
+    /// Bytes received from storage.
+    pub received: AtomicI64,
+    /// Bytes written to volumes.
+    pub written: AtomicI64,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicI64, n: u64) {
+        counter.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Logical bytes done: read or skipped (backup) / written or skipped (restore).
+    fn done(&self) -> i64 {
+        self.read.load(Ordering::Relaxed).max(self.written.load(Ordering::Relaxed)) + self.zero.load(Ordering::Relaxed)
+    }
+}
+
+/// A running job.
+#[derive(Debug)]
+pub struct Job {
+    /// Job uuid.
+    pub uuid: String,
+    /// Kind, e.g. `CreateVmBackup`.
+    pub kind: String,
+    /// Cancelled by CancelJob or shutdown.
+    pub cancel: CancellationToken,
+    /// Progress counters.
+    pub counters: Arc<Counters>,
+    record: Mutex<JobRecord>,
+    message: Mutex<String>,
+    tx: watch::Sender<pb::JobProgress>,
+}
+
+impl Job {
+    /// Sets the human-readable status line (e.g. "backing up volume 2 of 3").
+    pub fn set_message(&self, m: impl Into<String>) {
+        *self.message.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = m.into();
+    }
+
+    fn snapshot(&self, state: &str, rate: f64, error: Option<pb::ErrorCode>, finished: Option<i64>) -> pb::JobProgress {
+        let c = &self.counters;
+        let planned = c.planned.load(Ordering::Relaxed);
+        let done = c.done();
+        let eta = (rate > 0.0 && planned > done).then(|| (planned - done) as f64 / rate);
+        let started = self.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner).started;
+        pb::JobProgress {
+            job_uuid: self.uuid.clone(),
+            kind: self.kind.clone(),
+            state: state.to_string(),
+            bytes_planned: planned,
+            bytes_read: c.read.load(Ordering::Relaxed),
+            bytes_zero: c.zero.load(Ordering::Relaxed),
+            bytes_deduplicated: c.deduplicated.load(Ordering::Relaxed),
+            bytes_sent: c.sent.load(Ordering::Relaxed),
+            bytes_received: c.received.load(Ordering::Relaxed),
+            bytes_written: c.written.load(Ordering::Relaxed),
+            rate,
+            eta_seconds: eta,
+            message: self.message.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+            error,
+            started: timestamp(started),
+            finished: finished.and_then(timestamp),
+        }
+    }
+}
+
+/// The registry of jobs.
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    catalog: Arc<Catalog>,
+    running: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+}
+
+/// Final state of a job from its outcome.
+fn final_state(outcome: &Result<()>) -> &'static str {
+    match outcome {
+        Ok(()) => "Succeeded",
+        Err(e) if e.kind() == ErrorKind::Cancelled => "Cancelled",
+        Err(_) => "Failed",
+    }
+}
+
+impl Jobs {
+    /// A registry over `catalog`; jobs a previous process left running are marked Failed.
+    pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
+        let c = catalog.clone();
+        let n =
+            blocking(move || Ok(c.fail_interrupted_jobs("the agent stopped while the job ran", now_millis())?)).await?;
+        if n > 0 {
+            tracing::warn!(jobs = n, "jobs interrupted by an agent restart marked Failed");
+        }
+        Ok(Self { catalog, running: Arc::default() })
+    }
+
+    /// Registers and records a new running job.
+    pub async fn start(
+        &self,
+        kind: &str,
+        resource_uuid: Option<String>,
+        target_uuid: Option<String>,
+    ) -> Result<Arc<Job>> {
+        let uuid = uuid::Uuid::new_v4().simple().to_string();
+        let started = now_millis();
+        let record = JobRecord {
+            uuid: uuid.clone(),
+            kind: kind.to_string(),
+            resource_uuid,
+            target_uuid,
+            state: "Running".to_string(),
+            progress: "{}".to_string(),
+            started,
+            finished: None,
+        };
+        let (tx, _rx) = watch::channel(pb::JobProgress::default());
+        let job = Arc::new(Job {
+            uuid: uuid.clone(),
+            kind: kind.to_string(),
+            cancel: CancellationToken::new(),
+            counters: Arc::default(),
+            record: Mutex::new(record.clone()),
+            message: Mutex::new(String::new()),
+            tx,
+        });
+        let first = job.snapshot("Running", 0.0, None, None);
+        let record = JobRecord { progress: progress_json(&first), ..record };
+        let catalog = self.catalog.clone();
+        blocking(move || Ok(catalog.put_job(&record)?)).await?;
+        job.tx.send_replace(first);
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uuid, job.clone());
+        tokio::spawn(ticker(job.clone()));
+        Ok(job)
+    }
+
+    /// Ends a job with `outcome`: records the final progress, tells watchers, forgets it.
+    pub async fn finish(&self, job: &Arc<Job>, outcome: &Result<()>) {
+        let state = final_state(outcome);
+        let error = outcome.as_ref().err().map(crate::api::error_code);
+        let now = now_millis();
+        let last = job.snapshot(state, 0.0, error, Some(now));
+        let record = {
+            let mut r = job.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.state = state.to_string();
+            r.progress = progress_json(&last);
+            r.finished = Some(now);
+            r.clone()
+        };
+        let catalog = self.catalog.clone();
+        if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
+            tracing::error!(job = %job.uuid, error = %e, "recording the end of a job failed");
+        }
+        job.tx.send_replace(last);
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.uuid);
+        job.cancel.cancel(); // stops the ticker
+    }
+
+    /// The running job with this uuid.
+    pub fn running(&self, uuid: &str) -> Option<Arc<Job>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(uuid).cloned()
+    }
+
+    /// Every running job (for shutdown and status lines).
+    pub fn all_running(&self) -> Vec<Arc<Job>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// CancelJob: asks a running job to stop.
+    pub async fn cancel(&self, uuid: &str) -> Result<()> {
+        if let Some(job) = self.running(uuid) {
+            job.cancel.cancel();
+            return Ok(());
+        }
+        let catalog = self.catalog.clone();
+        let u = uuid.to_string();
+        match blocking(move || Ok(catalog.get_job(&u)?)).await? {
+            Some(j) => {
+                Err(AgentError::new(ErrorKind::FailedPrecondition, format!("job {uuid} already ended ({})", j.state))
+                    .with_field("jobUuid"))
+            }
+            None => Err(AgentError::not_found("job", uuid).with_field("jobUuid")),
+        }
+    }
+
+    /// WatchJob: progress snapshots until the job ends (the last one is terminal). A job that
+    /// already ended yields its final snapshot once.
+    pub async fn watch(&self, uuid: &str) -> Result<impl Stream<Item = pb::JobProgress> + Send + 'static> {
+        enum Source {
+            Live(watch::Receiver<pb::JobProgress>),
+            Done(Option<Box<pb::JobProgress>>),
+        }
+        let source = match self.running(uuid) {
+            Some(job) => Source::Live(job.tx.subscribe()),
+            None => {
+                let catalog = self.catalog.clone();
+                let u = uuid.to_string();
+                let record = blocking(move || Ok(catalog.get_job(&u)?))
+                    .await?
+                    .ok_or_else(|| AgentError::not_found("job", uuid).with_field("jobUuid"))?;
+                let progress = serde_json::from_str::<pb::JobProgress>(&record.progress).map_err(|e| {
+                    AgentError::new(ErrorKind::Internal, format!("stored progress of job {uuid} is unreadable"))
+                        .with_source(e)
+                })?;
+                Source::Done(Some(Box::new(progress)))
+            }
+        };
+        Ok(futures::stream::unfold((source, false), |(source, ended)| async move {
+            if ended {
+                return None;
+            }
+            match source {
+                Source::Done(mut p) => p.take().map(|p| (*p, (Source::Done(None), true))),
+                Source::Live(mut rx) => {
+                    let p = rx.borrow_and_update().clone();
+                    if p.state != "Running" {
+                        return Some((p, (Source::Live(rx), true)));
+                    }
+                    // Wait for the next snapshot; a closed channel means the job is gone.
+                    let next_ok = rx.changed().await.is_ok();
+                    let p = rx.borrow_and_update().clone();
+                    let terminal = p.state != "Running" || !next_ok;
+                    Some((p, (Source::Live(rx), terminal)))
+                }
+            }
+        }))
+    }
+}
+
+fn progress_json(p: &pb::JobProgress) -> String {
+    serde_json::to_string(p).unwrap_or_else(|_| "{}".to_string())
+}
+
+/// Publishes a snapshot every [`TICK`] with the rate over the last few ticks.
+async fn ticker(job: Arc<Job>) {
+    let mut history: std::collections::VecDeque<(Instant, i64)> = std::collections::VecDeque::new();
+    let mut interval = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = job.cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let now = Instant::now();
+        history.push_back((now, job.counters.done()));
+        while history.len() > 10 {
+            history.pop_front();
+        }
+        let rate = match (history.front(), history.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 / (*t1 - *t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        job.tx.send_replace(job.snapshot("Running", rate, None, None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn watch_follows_a_job_to_its_end_and_replays_it_afterwards() {
+        let jobs = Jobs::open(Arc::new(Catalog::open_in_memory().expect("catalog"))).await.expect("jobs");
+        let job = jobs.start("CreateVmBackup", None, Some("bs".into())).await.expect("start");
+        Counters::add(&job.counters.planned, 100);
+        let stream = jobs.watch(&job.uuid).await.expect("watch");
+        let watcher = tokio::spawn(stream.collect::<Vec<_>>());
+        Counters::add(&job.counters.read, 60);
+        tokio::time::sleep(TICK * 2).await;
+        jobs.finish(&job, &Ok(())).await;
+        let seen = watcher.await.expect("watcher");
+        let last = seen.last().expect("at least one snapshot");
+        assert_eq!((last.state.as_str(), last.bytes_read, last.bytes_planned), ("Succeeded", 60, 100));
+        assert!(seen[..seen.len() - 1].iter().all(|p| p.state == "Running"));
+
+        let replay: Vec<_> = jobs.watch(&job.uuid).await.expect("watch ended").collect().await;
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].state, "Succeeded");
+        assert_eq!(jobs.cancel(&job.uuid).await.expect_err("ended").kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(jobs.cancel("nope").await.expect_err("unknown").kind(), ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn cancel_and_failure_are_recorded() {
+        let jobs = Jobs::open(Arc::new(Catalog::open_in_memory().expect("catalog"))).await.expect("jobs");
+        let job = jobs.start("CreateVmBackup", None, None).await.expect("start");
+        jobs.cancel(&job.uuid).await.expect("cancel");
+        assert!(job.cancel.is_cancelled());
+        jobs.finish(&job, &Err(AgentError::new(ErrorKind::Cancelled, "cancelled by CancelJob"))).await;
+        let p: Vec<_> = jobs.watch(&job.uuid).await.expect("watch").collect().await;
+        assert_eq!(p[0].state, "Cancelled");
+        assert_eq!(p[0].error.as_ref().map(|e| e.details.as_str()), Some("cancelled by CancelJob"));
+    }
+}
