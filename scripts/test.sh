@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # Tools the tests drive (qemu-img/qemu-io make real images). Installed when missing.
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} (install them, or run this script as root to install them)" >&2

@@ -22,6 +22,8 @@ pub struct State {
     pub sessions: Sessions,
     /// Backup storages.
     pub registry: Registry,
+    /// Running and past jobs.
+    pub jobs: crate::jobs::Jobs,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -66,11 +68,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, dir = %dir.display(), "embedded Image Storage ready");
     }
 
-    let state = State { config: Arc::new(config.clone()), sessions, registry };
+    let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
+    let state = State { config: Arc::new(config.clone()), sessions, registry, jobs };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state);
+    vmbackup_store::systemd::ready(&format!("serving on {}", config.listen));
+    let jobs = state.jobs.clone();
+    vmbackup_store::systemd::spawn_watchdog(shutdown.clone(), move || {
+        Some(format!("{} jobs running", jobs.all_running().len()))
+    });
     let token = shutdown.clone();
     tasks.spawn(async move {
         router

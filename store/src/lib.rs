@@ -23,3 +23,4 @@ pub mod durable;
 pub mod identity;
 pub mod logging;
 pub mod server;
+pub mod systemd;

@@ -8,6 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vmbackup_store::config::StoreConfig;
 use vmbackup_store::server::{self, StoreService};
+use vmbackup_store::systemd;
 
 /// vmbackup Image Storage: a content-addressed chunk store served over gRPC.
 #[derive(Debug, Parser)]
@@ -65,8 +66,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        systemd::stopping();
         signal_token.cancel();
     });
+    let bound = listener.local_addr()?;
+    systemd::ready(&format!("serving store {} on {bound}", service.identity().store_uuid));
+    systemd::spawn_watchdog(shutdown.clone(), || None);
     server::serve(Arc::new(service), listener, shutdown).await?;
     Ok(())
 }

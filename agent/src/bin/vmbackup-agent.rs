@@ -65,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down");
+        vmbackup_store::systemd::stopping();
         token.cancel();
     });
     vmbackup_agent::daemon::run(config, shutdown).await
