@@ -21,6 +21,10 @@ pub struct AgentConfig {
     pub default_store_port: u16,
     /// The Image Storage embedded in the agent.
     pub embedded_store: EmbeddedStoreConfig,
+    /// TLS of the agent API.
+    pub tls: vmbackup_store::tls::ServerTls,
+    /// TLS towards Image Storage servers with `https://` endpoints.
+    pub store_tls: vmbackup_store::tls::ClientTls,
 }
 
 /// The embedded Image Storage: a local directory served on loopback and registered as a
@@ -48,6 +52,8 @@ impl Default for AgentConfig {
             sessions: Vec::new(),
             default_store_port: 7871,
             embedded_store: EmbeddedStoreConfig::default(),
+            tls: Default::default(),
+            store_tls: Default::default(),
         }
     }
 }

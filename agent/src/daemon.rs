@@ -28,6 +28,7 @@ pub struct State {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = config.tls.load(config.listen).context("TLS configuration of the agent API")?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
@@ -35,7 +36,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
         .await?
         .with_context(|| format!("opening catalog in {}", data_dir.display()))?;
-    let registry = Registry::new(Arc::new(catalog));
+    let registry = Registry::new(Arc::new(catalog), config.store_tls.clone());
 
     let sessions = Sessions::new(config.sessions.iter().cloned());
     if sessions.is_empty() {
@@ -59,7 +60,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let addr = listener.local_addr()?;
         let token = shutdown.clone();
         tasks.spawn(async move {
-            vmbackup_store::server::serve(Arc::new(service), listener, token).await.context("embedded store server")
+            vmbackup_store::server::serve(Arc::new(service), listener, None, token)
+                .await
+                .context("embedded store server")
         });
         let record = registry
             .ensure_embedded(&es.name, &addr.ip().to_string(), addr.port())
@@ -73,7 +76,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
-    let router = crate::api::router(&state);
+    let router = crate::api::router(&state, tls)?;
     vmbackup_store::systemd::ready(&format!("serving on {}", config.listen));
     let jobs = state.jobs.clone();
     vmbackup_store::systemd::spawn_watchdog(shutdown.clone(), move || {

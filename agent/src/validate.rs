@@ -99,16 +99,26 @@ pub fn shorten(value: &str) -> String {
     }
 }
 
-/// The store endpoint `http://host:port` for a host (bracketing IPv6 literals).
-pub fn endpoint_url(hostname: &str, port: u16) -> String {
-    if hostname.contains(':') { format!("http://[{hostname}]:{port}") } else { format!("http://{hostname}:{port}") }
+/// The store endpoint `http[s]://host:port` for a host (bracketing IPv6 literals).
+pub fn endpoint_url(hostname: &str, port: u16, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    if hostname.contains(':') {
+        format!("{scheme}://[{hostname}]:{port}")
+    } else {
+        format!("{scheme}://{hostname}:{port}")
+    }
 }
 
-/// Splits an endpoint URL (`http://host:port` or `https://…`) into host and port.
-pub fn parse_endpoint(field: &'static str, url: &str) -> Result<(String, u16)> {
+/// Splits an endpoint URL (`http://host:port` or `https://…`) into host, port and whether it
+/// uses TLS.
+pub fn parse_endpoint(field: &'static str, url: &str) -> Result<(String, u16, bool)> {
     let bad =
         || AgentError::invalid(field, format!("{} is not an endpoint URL like http://10.0.0.5:7871", shorten(url)));
-    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).ok_or_else(bad)?;
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(r), _) => (r, false),
+        (_, Some(r)) => (r, true),
+        _ => return Err(bad()),
+    };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains('/') || authority.contains('@') {
         return Err(bad());
@@ -123,7 +133,7 @@ pub fn parse_endpoint(field: &'static str, url: &str) -> Result<(String, u16)> {
     if port == 0 {
         return Err(bad());
     }
-    Ok((hostname(field, host)?, port))
+    Ok((hostname(field, host)?, port, tls))
 }
 
 #[cfg(test)]
@@ -161,9 +171,10 @@ mod tests {
 
     #[test]
     fn endpoints_round_trip() {
-        assert_eq!(parse_endpoint("url", "http://10.0.0.5:7871").expect("v4"), ("10.0.0.5".into(), 7871));
-        assert_eq!(parse_endpoint("url", "http://[::1]:7871/").expect("v6"), ("::1".into(), 7871));
-        assert_eq!(endpoint_url("::1", 1), "http://[::1]:1");
+        assert_eq!(parse_endpoint("url", "http://10.0.0.5:7871").expect("v4"), ("10.0.0.5".into(), 7871, false));
+        assert_eq!(parse_endpoint("url", "https://[::1]:7871/").expect("v6"), ("::1".into(), 7871, true));
+        assert_eq!(endpoint_url("::1", 1, false), "http://[::1]:1");
+        assert_eq!(endpoint_url("h", 1, true), "https://h:1");
         for bad in ["10.0.0.5:7871", "http://x", "http://x:0", "http://x:99999", "http://u@x:1", "ftp://x:1"] {
             assert!(parse_endpoint("url", bad).is_err(), "{bad}");
         }

@@ -4,6 +4,9 @@
 //! listen = "127.0.0.1:7871"        # gRPC address
 //! data_dir = "/var/lib/vmbackup-store"
 //! chunk_size = 4194304             # bytes; only used when the store is created
+//! [tls]                            # see crate::tls
+//! cert = "/etc/vmbackup/store.crt"
+//! key = "/etc/vmbackup/store.key"
 //! ```
 
 use std::net::SocketAddr;
@@ -21,6 +24,8 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// Chunk size of a new store, in bytes.
     pub chunk_size: u32,
+    /// TLS of the gRPC server.
+    pub tls: crate::tls::ServerTls,
 }
 
 impl Default for StoreConfig {
@@ -29,7 +34,20 @@ impl Default for StoreConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7871)),
             data_dir: PathBuf::from("/var/lib/vmbackup-store"),
             chunk_size: crate::identity::DEFAULT_CHUNK_SIZE,
+            tls: crate::tls::ServerTls::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let c = StoreConfig::from_toml(include_str!("../../systemd/vmbackup-store.toml")).expect("example parses");
+        assert!(c.tls.insecure_plaintext);
+        assert!(StoreConfig::from_toml("chunk = 1").is_err());
     }
 }
 

@@ -24,3 +24,4 @@ pub mod identity;
 pub mod logging;
 pub mod server;
 pub mod systemd;
+pub mod tls;

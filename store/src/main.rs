@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let service = tokio::task::spawn_blocking(move || StoreService::open(dir, config.chunk_size))
         .await?
         .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
+    let tls = config.tls.load(config.listen).context("TLS configuration")?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(
@@ -72,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     systemd::ready(&format!("serving store {} on {bound}", service.identity().store_uuid));
     systemd::spawn_watchdog(shutdown.clone(), || None);
-    server::serve(Arc::new(service), listener, shutdown).await?;
+    server::serve(Arc::new(service), listener, tls, shutdown).await?;
     Ok(())
 }
 

@@ -151,8 +151,13 @@ fn wait_ready(log: &Path, ready: &str) -> SocketAddr {
 
 /// Starts a vmbackup-store on an ephemeral loopback port with its data under `dir`.
 pub fn start_store(dir: &Path, name: &str) -> Daemon {
+    start_store_with_config(dir, name, None)
+}
+
+/// Like [`start_store`], with a config file.
+pub fn start_store_with_config(dir: &Path, name: &str, config: Option<&Path>) -> Daemon {
     let data = dir.join(name);
-    let args = vec![
+    let mut args = vec![
         "--listen".to_string(),
         "127.0.0.1:0".to_string(),
         "--data-dir".to_string(),
@@ -160,6 +165,9 @@ pub fn start_store(dir: &Path, name: &str) -> Daemon {
         "--chunk-size".to_string(),
         "65536".to_string(),
     ];
+    if let Some(c) = config {
+        args.extend(["--config".to_string(), c.display().to_string()]);
+    }
     Daemon::start(bin("vmbackup-store"), args, data, dir.join(format!("{name}.log")), "vmbackup-store ready")
 }
 

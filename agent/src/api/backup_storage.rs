@@ -27,8 +27,8 @@ impl BackupStorageApi {
         let name = validate::name("name", &r.name)?;
         let description = validate::description("description", &r.description)?;
         let uuid = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
-        let (hostname, port) = if !r.url.is_empty() {
-            let (h, p) = validate::parse_endpoint("url", &r.url)?;
+        let (hostname, port, tls) = if !r.url.is_empty() {
+            let (h, p, tls) = validate::parse_endpoint("url", &r.url)?;
             if !r.hostname.is_empty() && r.hostname != h {
                 return Err(AgentError::invalid(
                     "hostname",
@@ -38,7 +38,7 @@ impl BackupStorageApi {
             if r.port != 0 && r.port != u32::from(p) {
                 return Err(AgentError::invalid("port", format!("{} disagrees with url {:?}", r.port, r.url)));
             }
-            (h, p)
+            (h, p, tls)
         } else {
             let h = validate::hostname("hostname", &r.hostname)?;
             let p = match r.port {
@@ -46,13 +46,13 @@ impl BackupStorageApi {
                 p => u16::try_from(p)
                     .map_err(|_| AgentError::invalid("port", format!("{p} is not a TCP port (1-65535)")))?,
             };
-            (h, p)
+            (h, p, false)
         };
         let mut zones =
             r.attached_zone_uuids.iter().map(|z| validate::uuid("attachedZoneUuids", z)).collect::<Result<Vec<_>>>()?;
         zones.sort();
         zones.dedup();
-        Ok(NewImageStore { uuid, name, description, hostname, port, zones })
+        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones })
     }
 }
 

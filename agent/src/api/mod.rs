@@ -120,7 +120,10 @@ fn _query_params_type(r: &pb::QueryBackupStorageRequest) -> QueryParams {
 
 /// Builds the router of every agent service: health and reflection open, the rest behind
 /// the session check.
-pub fn router(state: &crate::daemon::State) -> tonic::transport::server::Router {
+pub fn router(
+    state: &crate::daemon::State,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::server::Router, tonic::transport::Error> {
     use tonic::service::interceptor::InterceptedService;
     use vmbackup_proto::agent::v1::backup_storage_service_server::BackupStorageServiceServer;
     use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupServiceServer;
@@ -141,7 +144,11 @@ pub fn router(state: &crate::daemon::State) -> tonic::transport::server::Router 
         .ok();
     let sessions = state.sessions.clone();
     let auth = move |r| sessions.check(r);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_service(InterceptedService::new(
@@ -150,7 +157,7 @@ pub fn router(state: &crate::daemon::State) -> tonic::transport::server::Router 
         ))
         .add_service(InterceptedService::new(VmBackupServiceServer::new(pending::VmBackupApi), auth.clone()))
         .add_service(InterceptedService::new(VmServiceServer::new(vm::VmApi::new(state)), auth.clone()))
-        .add_service(InterceptedService::new(VolumeSnapshotGroupServiceServer::new(pending::SnapshotGroupApi), auth))
+        .add_service(InterceptedService::new(VolumeSnapshotGroupServiceServer::new(pending::SnapshotGroupApi), auth)))
 }
 
 #[cfg(test)]

@@ -36,10 +36,21 @@ pub struct ImageStoreClient {
 }
 
 impl ImageStoreClient {
-    /// Connects to the store at `url` (`http://host:port`).
-    pub async fn connect(url: &str) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| AgentError::invalid("url", format!("{url:?} is not a valid endpoint URL")).with_source(e))?
+    /// Connects to the store at `url` (`http://host:port`, or `https://…` with `tls`).
+    pub async fn connect(url: &str, tls: &vmbackup_store::tls::ClientTls) -> Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| AgentError::invalid("url", format!("{url:?} is not a valid endpoint URL")).with_source(e))?;
+        if url.starts_with("https://") {
+            let host =
+                endpoint.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            let config = tls.load(&host).map_err(|e| {
+                AgentError::new(ErrorKind::Internal, "store TLS configuration is unusable").with_source(e)
+            })?;
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                AgentError::invalid("url", format!("TLS towards {url} cannot be set up")).with_source(e)
+            })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)

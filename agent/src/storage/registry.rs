@@ -37,6 +37,8 @@ pub struct NewImageStore {
     pub hostname: String,
     /// Store port.
     pub port: u16,
+    /// Whether the store serves TLS (`https://`).
+    pub tls: bool,
     /// Attached zones, sorted and deduplicated.
     pub zones: Vec<String>,
 }
@@ -45,12 +47,18 @@ pub struct NewImageStore {
 #[derive(Debug, Clone)]
 pub struct Registry {
     catalog: Arc<Catalog>,
+    tls: vmbackup_store::tls::ClientTls,
 }
 
 impl Registry {
     /// A registry over `catalog`.
-    pub fn new(catalog: Arc<Catalog>) -> Self {
-        Self { catalog }
+    pub fn new(catalog: Arc<Catalog>, tls: vmbackup_store::tls::ClientTls) -> Self {
+        Self { catalog, tls }
+    }
+
+    /// Connects to the store behind a backup storage record (or endpoint).
+    pub async fn connect(&self, url: &str) -> Result<ImageStoreClient> {
+        ImageStoreClient::connect(url, &self.tls).await
     }
 
     /// The catalog.
@@ -70,7 +78,7 @@ impl Registry {
 
     /// AddImageStoreBackupStorage.
     pub async fn add_image_store(&self, req: NewImageStore) -> Result<BackupStorageRecord> {
-        let url = endpoint_url(&req.hostname, req.port);
+        let url = endpoint_url(&req.hostname, req.port, req.tls);
         if let Some(uuid) = &req.uuid
             && let Some(existing) = self.get(uuid).await?
         {
@@ -78,6 +86,7 @@ impl Registry {
                 && existing.description == req.description
                 && existing.hostname == req.hostname
                 && existing.port == req.port
+                && existing.url == url
                 && existing.attached_zone_uuids == req.zones;
             if same {
                 return Ok(existing);
@@ -89,7 +98,7 @@ impl Registry {
             .with_field("resourceUuid"));
         }
 
-        let mut client = ImageStoreClient::connect(&url).await?;
+        let mut client = self.connect(&url).await?;
         let status = client.status().await?;
 
         let catalog = self.catalog.clone();
@@ -148,7 +157,7 @@ impl Registry {
     pub async fn reconnect(&self, uuid: &str) -> Result<BackupStorageRecord> {
         let record = self.require(uuid).await?;
         let probe = async {
-            let mut client = ImageStoreClient::connect(&record.url).await?;
+            let mut client = self.connect(&record.url).await?;
             client.status().await
         }
         .await;
@@ -206,8 +215,8 @@ impl Registry {
     /// Makes sure the agent's embedded store is registered (as `name`) at `url`: adds it on
     /// first start, follows a changed listen address afterwards.
     pub async fn ensure_embedded(&self, name: &str, hostname: &str, port: u16) -> Result<BackupStorageRecord> {
-        let url = endpoint_url(hostname, port);
-        let mut client = ImageStoreClient::connect(&url).await?;
+        let url = endpoint_url(hostname, port, false);
+        let mut client = self.connect(&url).await?;
         let status = client.status().await?;
         let catalog = self.catalog.clone();
         let store_uuid = status.store_uuid.clone();
@@ -232,6 +241,7 @@ impl Registry {
                     description: Some("Image Storage embedded in this agent (local directory)".to_string()),
                     hostname: hostname.to_string(),
                     port,
+                    tls: false,
                     zones: Vec::new(),
                 })
                 .await

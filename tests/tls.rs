@@ -1,0 +1,179 @@
+//! TLS on both gRPC hops: the agent API (server TLS, then mutual TLS) and agent -> store,
+//! with a CA and certificates the test makes itself.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{AgentOptions, Auth, start_agent, start_store_with_config};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::agent::v1::backup_storage_service_client::BackupStorageServiceClient;
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(names).expect("params").signed_by(&key, &ca).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["control-plane".into()]);
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write pem");
+        p
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert,
+        client_key,
+    }
+}
+
+async fn tls_channel(
+    url: &str,
+    ca: Option<&Path>,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new().domain_name("127.0.0.1");
+    if let Some(ca) = ca {
+        tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("ca")));
+    }
+    if let Some((c, k)) = identity {
+        tls = tls.identity(Identity::from_pem(c, k));
+    }
+    Channel::from_shared(url.to_string()).expect("url").tls_config(tls)?.connect().await
+}
+
+async fn list(channel: Channel, token: &str) -> Result<usize, tonic::Status> {
+    let mut c = BackupStorageServiceClient::with_interceptor(channel, Auth(Some(format!("OAuth {token}"))));
+    Ok(c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await?.into_inner().inventories.len())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_api_over_tls_and_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki(dir.path());
+
+    // Server TLS: a client that does not trust the CA fails; one that does succeeds.
+    let config = dir.path().join("agent-tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\n",
+            p.server_cert.display().to_string(),
+            p.server_key.display().to_string()
+        ),
+    )
+    .expect("config");
+    let agent = start_agent(dir.path(), AgentOptions { embedded_store: false, config: Some(config) });
+    let url = format!("https://{}", agent.addr);
+    let token = common::session(&agent);
+    let untrusted = match tls_channel(&url, None, None).await {
+        Err(_) => true,
+        Ok(ch) => list(ch, &token).await.is_err(),
+    };
+    assert!(untrusted, "a client without the CA must not get through");
+    let ch = tls_channel(&url, Some(&p.ca), None).await.expect("trusted connect");
+    assert_eq!(list(ch, &token).await.expect("query over TLS"), 0);
+    // Plaintext to a TLS port fails too.
+    let plain = Channel::from_shared(format!("http://{}", agent.addr)).expect("url").connect().await;
+    if let Ok(ch) = plain {
+        assert!(list(ch, &token).await.is_err(), "plaintext must not reach a TLS server");
+    }
+    drop(agent);
+
+    // Mutual TLS: no client certificate, refused; with one signed by the CA, accepted.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let config = dir2.path().join("agent-mtls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            p.server_cert.display().to_string(),
+            p.server_key.display().to_string(),
+            p.ca.display().to_string()
+        ),
+    )
+    .expect("config");
+    let agent = start_agent(dir2.path(), AgentOptions { embedded_store: false, config: Some(config) });
+    let url = format!("https://{}", agent.addr);
+    let token = common::session(&agent);
+    let anonymous = match tls_channel(&url, Some(&p.ca), None).await {
+        Err(_) => true,
+        Ok(ch) => list(ch, &token).await.is_err(),
+    };
+    assert!(anonymous, "mutual TLS must refuse a client without a certificate");
+    let ch = tls_channel(&url, Some(&p.ca), Some((&p.client_cert, &p.client_key))).await.expect("mtls connect");
+    assert_eq!(list(ch, &token).await.expect("query over mutual TLS"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_reaches_a_tls_store_only_with_the_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki(dir.path());
+    let store_config = dir.path().join("store.toml");
+    std::fs::write(
+        &store_config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\n",
+            p.server_cert.display().to_string(),
+            p.server_key.display().to_string()
+        ),
+    )
+    .expect("store config");
+    let store = start_store_with_config(dir.path(), "store", Some(&store_config));
+    let store_url = format!("https://{}", store.addr);
+
+    // An agent that trusts the CA adds the store over TLS.
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).expect("dir");
+    let agent_config = a_dir.join("agent.toml");
+    std::fs::write(&agent_config, format!("[store_tls]\nca = {:?}\n", p.ca.display().to_string()))
+        .expect("agent config");
+    let agent = start_agent(&a_dir, AgentOptions { embedded_store: false, config: Some(agent_config) });
+    let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
+    let inv = c
+        .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+            name: "tls-store".into(),
+            url: store_url.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("add over TLS")
+        .into_inner()
+        .inventory
+        .expect("inventory");
+    assert_eq!((inv.status.as_str(), inv.url.as_str()), ("Connected", store_url.as_str()));
+
+    // One that does not cannot reach it, and records nothing.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).expect("dir");
+    let other = start_agent(&b_dir, AgentOptions::default());
+    let mut c = common::storage_client(&other, Some(common::session(&other))).await;
+    let e = c
+        .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+            name: "tls-store".into(),
+            url: store_url,
+            ..Default::default()
+        })
+        .await
+        .expect_err("untrusted store");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let n = c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("query").into_inner();
+    assert!(n.inventories.is_empty());
+}
