@@ -173,6 +173,8 @@ impl Jobs {
 
     /// Ends a job with `outcome`: records the final progress, tells watchers, forgets it.
     pub async fn finish(&self, job: &Arc<Job>, outcome: &Result<()>) {
+        // Stop the ticker first so no Running snapshot can follow the terminal one.
+        job.cancel.cancel();
         let state = final_state(outcome);
         let error = outcome.as_ref().err().map(crate::api::error_code);
         let now = now_millis();
@@ -190,7 +192,6 @@ impl Jobs {
         }
         job.tx.send_replace(last);
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.uuid);
-        job.cancel.cancel(); // stops the ticker
     }
 
     /// The running job with this uuid.
@@ -286,7 +287,16 @@ async fn ticker(job: Arc<Job>) {
             (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 / (*t1 - *t0).as_secs_f64(),
             _ => 0.0,
         };
-        job.tx.send_replace(job.snapshot("Running", rate, None, None));
+        let snapshot = job.snapshot("Running", rate, None, None);
+        // A terminal snapshot is final: never replace it with a Running one.
+        job.tx.send_if_modified(|current| {
+            if current.state == "Running" {
+                *current = snapshot;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 

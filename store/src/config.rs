@@ -39,6 +39,13 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// Parses a TOML config; unknown keys are an error naming the key.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,12 +55,5 @@ mod tests {
         let c = StoreConfig::from_toml(include_str!("../../systemd/vmbackup-store.toml")).expect("example parses");
         assert!(c.tls.insecure_plaintext);
         assert!(StoreConfig::from_toml("chunk = 1").is_err());
-    }
-}
-
-impl StoreConfig {
-    /// Parses a TOML config; unknown keys are an error naming the key.
-    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
     }
 }
