@@ -10,9 +10,17 @@
 //! The byte formats (digest, chunk blob, volume index, group manifest) are versioned modules
 //! beside these; each documents its layout byte by byte.
 
-#![allow(missing_docs)] // generated code below carries the .proto comments instead
+pub mod blob;
+pub mod digest;
+pub mod format_error;
+pub mod index;
+pub mod manifest;
+
+pub use digest::Digest;
+pub use format_error::FormatError;
 
 /// Control plane -> agent API.
+#[allow(missing_docs)] // generated code carries the .proto comments instead
 pub mod agent {
     /// Version 1 of the agent API.
     pub mod v1 {
@@ -22,6 +30,7 @@ pub mod agent {
 }
 
 /// Agent -> Image Storage API.
+#[allow(missing_docs)]
 pub mod store {
     /// Version 1 of the store API.
     pub mod v1 {

@@ -1,0 +1,41 @@
+//! Micro-benchmarks of the chunk formats: BLAKE3 of a 4 MiB chunk, zero detection, and blob
+//! encode/decode at a few zstd levels on text-like data.
+
+#![allow(missing_docs)] // criterion's macros generate undocumented items
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use vmbackup_proto::blob;
+use vmbackup_proto::digest::{Digest, is_all_zero};
+
+const CHUNK: usize = 4 << 20;
+
+fn text_like() -> Vec<u8> {
+    let words = ["backup ", "volume ", "chunk ", "qemu ", "the ", "of ", "store ", "kvm\n"];
+    let mut x: u32 = 1;
+    let mut out = Vec::with_capacity(CHUNK);
+    while out.len() < CHUNK {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        out.extend_from_slice(words[usize::from(x.to_le_bytes()[2]) % words.len()].as_bytes());
+    }
+    out.truncate(CHUNK);
+    out
+}
+
+fn formats(c: &mut Criterion) {
+    let data = text_like();
+    let zeros = vec![0u8; CHUNK];
+    let mut g = c.benchmark_group("chunk-4MiB");
+    g.throughput(Throughput::Bytes(CHUNK as u64));
+    g.sample_size(20);
+    g.bench_function("blake3", |b| b.iter(|| Digest::of(&data)));
+    g.bench_function("is_all_zero", |b| b.iter(|| is_all_zero(&zeros)));
+    for level in [1, 3] {
+        g.bench_function(format!("encode-zstd-{level}"), |b| b.iter(|| blob::encode(&data, level)));
+        let encoded = blob::encode(&data, level).expect("encode");
+        g.bench_function(format!("decode-zstd-{level}"), |b| b.iter(|| blob::decode(&encoded, CHUNK)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, formats);
+criterion_main!(benches);
