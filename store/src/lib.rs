@@ -2,26 +2,41 @@
 //!
 //! A durable, content-addressed chunk store that backups land in, and its gRPC server.
 //!
-//! ## Data model (on disk, under `--data-dir`)
+//! ## Data model (a local directory; see [`backend::fs`])
 //!
 //! | path | what | written |
 //! |---|---|---|
-//! | `store.json` | store identity: uuid, layout version, chunk size | once, at first start |
+//! | `store.json` | identity: uuid, layout version, chunk size | once, at first start |
+//! | `chunks/<4 hex>/<64 hex>` | chunk blobs named by BLAKE3 of their plaintext | upload |
+//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
+//! | `groups/<uuid>.json` | group manifests: a group exists exactly when this does | CommitGroup |
+//! | `meta/verify-state.json` | groups verify found damaged | Verify |
+//! | `bad/` | chunks verify found damaged, moved aside | Verify |
+//! | `tmp/` | writes in progress, emptied at start | every write |
 //!
-//! Every file is written durably: temp file + fsync + rename + fsync of the directory
-//! ([`durable::write_atomic`]), so a crash leaves either the old or the new file, never a
-//! torn one.
+//! Invariants: every write is temp + fsync + rename + directory fsync (never torn); a
+//! stored chunk's plaintext hashes to its name (checked on upload); every chunk a committed
+//! index names is present (checked at commit, kept by GC, reported by verify).
 //!
 //! ## Who runs concurrently with whom
 //!
-//! | | Status |
-//! |---|---|
-//! | Status | yes |
+//! | | upload / MissingChunks | commit | GC | verify | delete group |
+//! |---|---|---|---|---|---|
+//! | upload / MissingChunks | yes (shard lock per chunk) | yes | yes: sweep and touch share the chunk's shard lock | yes | yes |
+//! | commit | | yes | yes: the session keeps its chunks after the cutoff | yes | yes |
+//! | GC | | | no: a second run is refused | yes | yes |
+//! | verify | | | | yes | yes |
 
+pub mod backend;
+pub mod chunk_store;
 pub mod config;
 pub mod durable;
+pub mod error;
+pub mod gc;
 pub mod identity;
 pub mod logging;
 pub mod server;
+pub mod sessions;
 pub mod systemd;
 pub mod tls;
+pub mod verify;

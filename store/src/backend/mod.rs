@@ -1,0 +1,75 @@
+//! Where chunks, indexes and manifests are kept: a small trait that a local directory
+//! ([`fs::FsBackend`]) implements and an object store can implement too.
+//!
+//! The contract is what an object store can give: no rename, no directories, and no
+//! trustworthy conditional create. Chunks are content-addressed, so writing one twice is
+//! harmless (HEAD-then-PUT is safe); indexes and manifests have unique names.
+
+pub mod fs;
+
+use std::time::SystemTime;
+
+use vmbackup_proto::Digest;
+
+use crate::error::Result;
+
+/// Named objects beside the chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// Volume indexes (`<volume-backup-uuid>.vidx`).
+    Index,
+    /// Group manifests (`<group-uuid>.json`).
+    Manifest,
+    /// Store bookkeeping (e.g. `verify-state.json`).
+    Meta,
+}
+
+/// A stored chunk as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Its name.
+    pub digest: Digest,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// Last time it was written or touched.
+    pub touched: SystemTime,
+}
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its name.
+    pub name: String,
+    /// Last write.
+    pub modified: SystemTime,
+}
+
+/// Storage of chunk blobs and named objects. Every method may be called from many threads.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Whether a chunk is stored.
+    fn has_chunk(&self, digest: &Digest) -> Result<bool>;
+    /// Stores a chunk durably unless present; returns whether it was written.
+    fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool>;
+    /// A stored chunk's blob (NotFound if absent).
+    fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>>;
+    /// Marks a chunk as used now; returns false if it is absent.
+    fn touch_chunk(&self, digest: &Digest) -> Result<bool>;
+    /// Last write or touch of a chunk (None if absent).
+    fn chunk_touched(&self, digest: &Digest) -> Result<Option<SystemTime>>;
+    /// Calls `f` for every stored chunk.
+    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkInfo) -> Result<()>) -> Result<()>;
+    /// Removes a chunk (absent is fine).
+    fn delete_chunk(&self, digest: &Digest) -> Result<()>;
+    /// Moves a damaged chunk aside, out of the store, for inspection.
+    fn quarantine_chunk(&self, digest: &Digest) -> Result<()>;
+    /// Writes a named object atomically and durably (replacing one of that name).
+    fn put_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Reads a named object (NotFound if absent).
+    fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>>;
+    /// Lists objects of a kind.
+    fn list_objects(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>>;
+    /// Removes a named object durably (absent is fine).
+    fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()>;
+    /// Total and available bytes.
+    fn capacity(&self) -> Result<(u64, u64)>;
+}

@@ -1,0 +1,180 @@
+//! Verification: re-read chunks, check CRC and digest, move bad ones aside (never delete
+//! them), and record which groups are damaged (a chunk they name is missing or bad) in
+//! `meta/verify-state.json`, which group listings report.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use vmbackup_proto::Digest;
+use vmbackup_proto::blob;
+use vmbackup_proto::index::VolumeIndex;
+
+use crate::backend::ObjectKind;
+use crate::chunk_store::{ChunkStore, MAX_INDEX_CHUNKS};
+use crate::error::{ErrorKind, Result, StoreError};
+
+const STATE: &str = "verify-state.json";
+
+/// What a verify found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VerifyReport {
+    /// Chunks read and checked.
+    pub chunks_checked: u64,
+    /// Chunks missing or failing CRC or digest (the bad ones are quarantined).
+    pub bad_chunks: Vec<Digest>,
+    /// Groups naming a bad or missing chunk.
+    pub damaged_groups: Vec<String>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct State {
+    damaged_groups: BTreeSet<String>,
+}
+
+fn load(store: &ChunkStore) -> Result<State> {
+    match store.backend.get_object(ObjectKind::Meta, STATE) {
+        Ok(b) => {
+            serde_json::from_slice(&b).map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("meta/{STATE}: {e}")))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Groups the last verify found damaged.
+pub fn damaged_groups(store: &ChunkStore) -> Result<HashSet<String>> {
+    Ok(load(store)?.damaged_groups.into_iter().collect())
+}
+
+/// Outcome of checking one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Good,
+    Missing,
+    Bad,
+}
+
+impl ChunkStore {
+    fn check_chunk(&self, d: &Digest) -> Result<Check> {
+        let blob_bytes = match self.backend.get_chunk(d) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Check::Missing),
+            Err(e) => return Err(e),
+        };
+        let max = usize::try_from(self.identity().chunk_size).unwrap_or(usize::MAX);
+        match blob::decode_and_verify(&blob_bytes, d, max) {
+            Ok(_) => Ok(Check::Good),
+            Err(e) => {
+                tracing::error!(chunk = %d, error = %e, "bad chunk moved aside");
+                self.backend.quarantine_chunk(d)?;
+                Ok(Check::Bad)
+            }
+        }
+    }
+
+    /// Verifies the chunks of `groups` (all chunks of the store when empty) and records
+    /// which groups are damaged.
+    pub fn verify(&self, groups: &[String]) -> Result<VerifyReport> {
+        let timer = Instant::now();
+        let all = self.list_groups()?;
+        let selected: Vec<_> = if groups.is_empty() {
+            all.iter().collect()
+        } else {
+            let want: HashSet<String> = groups.iter().map(|g| g.to_ascii_lowercase()).collect();
+            let sel: Vec<_> = all.iter().filter(|g| want.contains(&g.manifest.group_uuid)).collect();
+            if let Some(unknown) = want.iter().find(|w| !sel.iter().any(|g| &g.manifest.group_uuid == *w)) {
+                return Err(StoreError::new(ErrorKind::NotFound, format!("group {unknown} not found")));
+            }
+            sel
+        };
+
+        let mut report = VerifyReport::default();
+        let mut bad: HashSet<Digest> = HashSet::new();
+        let mut good: HashSet<Digest> = HashSet::new();
+        if groups.is_empty() {
+            // Every stored chunk, referenced or not.
+            let mut stored = Vec::new();
+            self.backend.for_each_chunk(&mut |c| {
+                stored.push(c.digest);
+                Ok(())
+            })?;
+            for d in stored {
+                report.chunks_checked += 1;
+                match self.check_chunk(&d)? {
+                    Check::Good => {
+                        good.insert(d);
+                    }
+                    Check::Bad => {
+                        bad.insert(d);
+                    }
+                    // Deleted since the listing (GC): only a group naming it makes it damage.
+                    Check::Missing => {}
+                }
+            }
+        }
+        let mut damaged = Vec::new();
+        for g in &selected {
+            let mut group_bad = false;
+            for v in &g.manifest.volumes {
+                let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
+                    Ok(b) => VolumeIndex::decode(&b, MAX_INDEX_CHUNKS).ok(),
+                    Err(e) if e.kind() == ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                let Some(ix) = ix else {
+                    group_bad = true;
+                    continue;
+                };
+                for d in ix.referenced() {
+                    if good.contains(d) {
+                        continue;
+                    }
+                    if bad.contains(d) {
+                        group_bad = true;
+                        continue;
+                    }
+                    // A full scan already read every stored chunk: one it did not see is missing.
+                    let check = if groups.is_empty() {
+                        Check::Missing
+                    } else {
+                        report.chunks_checked += 1;
+                        self.check_chunk(d)?
+                    };
+                    if check == Check::Good {
+                        good.insert(*d);
+                    } else {
+                        bad.insert(*d);
+                        group_bad = true;
+                    }
+                }
+            }
+            if group_bad {
+                damaged.push(g.manifest.group_uuid.clone());
+            }
+        }
+
+        let mut state = load(self)?;
+        for g in &selected {
+            state.damaged_groups.remove(&g.manifest.group_uuid);
+        }
+        state.damaged_groups.extend(damaged.iter().cloned());
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| StoreError::new(ErrorKind::Io, e.to_string()))?;
+        self.backend.put_object(ObjectKind::Meta, STATE, &json)?;
+
+        report.bad_chunks = bad.into_iter().collect();
+        report.bad_chunks.sort();
+        report.damaged_groups = damaged;
+        report.seconds = timer.elapsed().as_secs_f64();
+        tracing::info!(
+            checked = report.chunks_checked,
+            bad = report.bad_chunks.len(),
+            damaged = report.damaged_groups.len(),
+            "verify finished"
+        );
+        Ok(report)
+    }
+}
