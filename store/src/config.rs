@@ -26,6 +26,8 @@ pub struct StoreConfig {
     pub chunk_size: u32,
     /// TLS of the gRPC server.
     pub tls: crate::tls::ServerTls,
+    /// GC keeps chunks touched within this many seconds before its cutoff.
+    pub gc_safety_margin_seconds: u64,
 }
 
 impl Default for StoreConfig {
@@ -35,6 +37,7 @@ impl Default for StoreConfig {
             data_dir: PathBuf::from("/var/lib/vmbackup-store"),
             chunk_size: crate::identity::DEFAULT_CHUNK_SIZE,
             tls: crate::tls::ServerTls::default(),
+            gc_safety_margin_seconds: crate::gc::DEFAULT_MARGIN.as_secs(),
         }
     }
 }

@@ -50,9 +50,12 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let dir = config.data_dir.clone();
-    let service = tokio::task::spawn_blocking(move || StoreService::open(dir, config.chunk_size))
-        .await?
-        .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
+    let margin = std::time::Duration::from_secs(config.gc_safety_margin_seconds);
+    let service = tokio::task::spawn_blocking(move || {
+        StoreService::open(dir, config.chunk_size).map(|s| s.with_gc_margin(margin))
+    })
+    .await?
+    .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
     let tls = config.tls.load(config.listen).context("TLS configuration")?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -1,142 +1,306 @@
 //! The Image Storage gRPC server: `vmbackup.store.v1.ImageStore`, gRPC health and
-//! reflection, on one listener.
+//! reflection, on one listener. Every handler runs its file work on blocking threads.
 //!
 //! Message limits are raised well above a 4 MiB chunk (tonic's default is 4 MiB) and the
-//! HTTP/2 windows widened so one client can stream chunks at memory speed.
+//! HTTP/2 windows widened so one client can stream chunks at memory speed. Uploads are
+//! checked and written a few at a time per stream and downloads read a few chunks ahead,
+//! so memory stays bounded by a handful of chunks per stream.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use vmbackup_proto::Digest;
 use vmbackup_proto::store::v1 as pb;
 use vmbackup_proto::store::v1::image_store_server::{ImageStore, ImageStoreServer};
 
+use crate::chunk_store::ChunkStore;
+use crate::error::{ErrorKind, StoreError};
 use crate::identity::{FORMAT_VERSION, StoreIdentity};
 
 /// Largest gRPC message either side accepts: a 16 MiB chunk plus framing, with room.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// HTTP/2 stream and connection windows.
+/// HTTP/2 stream window.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// HTTP/2 connection window.
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
+/// Most digests one MissingChunks or DownloadChunks request may name.
+pub const MAX_DIGESTS_PER_REQUEST: usize = 16384;
+/// Uploaded chunks being checked and written at once, per stream.
+const UPLOADS_IN_FLIGHT: usize = 4;
+/// Chunks read ahead of a download stream.
+const DOWNLOADS_AHEAD: usize = 8;
+
 /// State shared by every request of one store server.
 #[derive(Debug)]
 pub struct StoreService {
-    identity: StoreIdentity,
-    data_dir: PathBuf,
+    store: Arc<ChunkStore>,
+    gc_margin: Duration,
 }
 
 impl StoreService {
     /// Opens (or creates) the store under `data_dir`.
-    pub fn open(data_dir: PathBuf, chunk_size: u32) -> std::io::Result<Self> {
-        let identity = StoreIdentity::open_or_create(&data_dir, chunk_size)?;
-        Ok(Self { identity, data_dir })
+    pub fn open(data_dir: PathBuf, chunk_size: u32) -> Result<Self, StoreError> {
+        Ok(Self { store: Arc::new(ChunkStore::open(&data_dir, chunk_size)?), gc_margin: crate::gc::DEFAULT_MARGIN })
+    }
+
+    /// Sets the default GC safety margin.
+    pub fn with_gc_margin(mut self, margin: Duration) -> Self {
+        self.gc_margin = margin;
+        self
     }
 
     /// The store's identity.
     pub fn identity(&self) -> &StoreIdentity {
-        &self.identity
+        self.store.identity()
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ChunkStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(|e| status(&e))
     }
 }
 
-/// Total and available bytes of the filesystem holding `path`.
-fn capacity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
-    let frag = st.fragment_size();
-    Ok((st.blocks().saturating_mul(frag), st.blocks_available().saturating_mul(frag)))
+/// gRPC status of a store error.
+pub fn status(e: &StoreError) -> Status {
+    let code = match e.kind() {
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::Corrupt | ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorKind::NoSpace => tonic::Code::ResourceExhausted,
+        ErrorKind::Conflict => tonic::Code::FailedPrecondition,
+        ErrorKind::Io => tonic::Code::Internal,
+    };
+    Status::new(code, e.full_message())
 }
 
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("{method} is not implemented by this store version"))
+#[allow(clippy::result_large_err)] // tonic's Status is the error type of every handler
+fn digests(raw: &[Vec<u8>], field: &str) -> Result<Vec<Digest>, Status> {
+    if raw.len() > MAX_DIGESTS_PER_REQUEST {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {} digests; at most {MAX_DIGESTS_PER_REQUEST} per request",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, d)| Digest::from_slice(d).map_err(|e| Status::invalid_argument(format!("{field}[{i}]: {e}"))))
+        .collect()
+}
+
+fn group_info(g: crate::chunk_store::StoredGroup) -> pb::GroupInfo {
+    pb::GroupInfo { group_uuid: g.manifest.group_uuid, manifest: g.bytes, damaged: g.damaged }
+}
+
+type Settled = Result<Result<(bool, u64), StoreError>, tokio::task::JoinError>;
+
+#[allow(clippy::result_large_err)]
+fn settle(res: Settled, reply: &mut pb::UploadChunksReply) -> Result<(), Status> {
+    let (new, len) = res.map_err(|e| Status::internal(format!("upload task failed: {e}")))?.map_err(|e| status(&e))?;
+    if new {
+        reply.chunks_stored += 1;
+        reply.bytes_stored += len;
+    } else {
+        reply.chunks_already_present += 1;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
 impl ImageStore for StoreService {
     async fn status(&self, _r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        let dir = self.data_dir.clone();
-        let (total, available) = tokio::task::spawn_blocking(move || capacity(&dir))
-            .await
-            .map_err(|e| Status::internal(format!("capacity task: {e}")))?
-            .map_err(|e| Status::unavailable(format!("statvfs {}: {e}", self.data_dir.display())))?;
+        let (capacity, groups) = self.run(|s| Ok((s.capacity()?, s.list_groups()?.len()))).await?;
+        let c = self.store.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Ok(Response::new(pb::StatusReply {
-            store_uuid: self.identity.store_uuid.clone(),
-            total_capacity: total,
-            available_capacity: available,
-            chunk_size: self.identity.chunk_size,
+            store_uuid: self.identity().store_uuid.clone(),
+            total_capacity: capacity.0,
+            available_capacity: capacity.1,
+            chunk_size: self.identity().chunk_size,
             format_version: FORMAT_VERSION,
             server_version: env!("CARGO_PKG_VERSION").to_string(),
-            counters: Some(pb::StoreCounters::default()),
-            group_count: 0,
+            counters: Some(pb::StoreCounters {
+                chunks_uploaded: get(&c.chunks_uploaded),
+                bytes_uploaded: get(&c.bytes_uploaded),
+                chunks_already_present: get(&c.chunks_already_present),
+                chunks_reported_present: get(&c.chunks_reported_present),
+                chunks_downloaded: get(&c.chunks_downloaded),
+                bytes_downloaded: get(&c.bytes_downloaded),
+                chunks_rejected: get(&c.chunks_rejected),
+            }),
+            group_count: u64::try_from(groups).unwrap_or(u64::MAX),
         }))
     }
 
-    async fn open_session(
-        &self,
-        _r: Request<pb::OpenSessionRequest>,
-    ) -> Result<Response<pb::OpenSessionReply>, Status> {
-        Err(not_yet("OpenSession"))
+    async fn open_session(&self, r: Request<pb::OpenSessionRequest>) -> Result<Response<pb::OpenSessionReply>, Status> {
+        let r = r.into_inner();
+        let (id, ttl) = self.store.sessions().open(&r.client, Duration::from_secs(u64::from(r.ttl_seconds)));
+        tracing::info!(session = %id, client = %r.client, "session opened");
+        Ok(Response::new(pb::OpenSessionReply {
+            session_id: id,
+            ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+        }))
     }
-    async fn keep_alive(&self, _r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::KeepAliveReply>, Status> {
-        Err(not_yet("KeepAlive"))
+
+    async fn keep_alive(&self, r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::KeepAliveReply>, Status> {
+        self.store.sessions().touch(&r.get_ref().session_id).map_err(|e| status(&e))?;
+        Ok(Response::new(pb::KeepAliveReply {}))
     }
+
     async fn close_session(
         &self,
-        _r: Request<pb::CloseSessionRequest>,
+        r: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionReply>, Status> {
-        Err(not_yet("CloseSession"))
+        self.store.sessions().close(&r.get_ref().session_id);
+        Ok(Response::new(pb::CloseSessionReply {}))
     }
+
     async fn missing_chunks(
         &self,
-        _r: Request<pb::MissingChunksRequest>,
+        r: Request<pb::MissingChunksRequest>,
     ) -> Result<Response<pb::MissingChunksReply>, Status> {
-        Err(not_yet("MissingChunks"))
+        let r = r.into_inner();
+        let ds = digests(&r.digests, "digests")?;
+        let missing = self.run(move |s| s.missing(&r.session_id, &ds)).await?;
+        Ok(Response::new(pb::MissingChunksReply { missing: missing.into_iter().map(|d| d.0.to_vec()).collect() }))
     }
+
     async fn upload_chunks(
         &self,
-        _r: Request<tonic::Streaming<pb::UploadChunk>>,
+        r: Request<tonic::Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadChunksReply>, Status> {
-        Err(not_yet("UploadChunks"))
+        let mut stream = r.into_inner();
+        let mut reply = pb::UploadChunksReply::default();
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut index = 0usize;
+        while let Some(msg) = stream.message().await? {
+            let digest = Digest::from_slice(&msg.digest)
+                .map_err(|e| Status::invalid_argument(format!("chunk {index} of the stream: {e}")))?;
+            let store = self.store.clone();
+            in_flight.spawn_blocking(move || {
+                let len = u64::try_from(msg.blob.len()).unwrap_or(u64::MAX);
+                store.insert_chunk(&msg.session_id, &digest, &msg.blob).map(|new| (new, len))
+            });
+            while in_flight.len() >= UPLOADS_IN_FLIGHT {
+                if let Some(res) = in_flight.join_next().await {
+                    settle(res, &mut reply)?;
+                }
+            }
+            index += 1;
+        }
+        while let Some(res) = in_flight.join_next().await {
+            settle(res, &mut reply)?;
+        }
+        Ok(Response::new(reply))
     }
-    type DownloadChunksStream = tokio_stream::Empty<Result<pb::Chunk, Status>>;
+
+    type DownloadChunksStream = ReceiverStream<Result<pb::Chunk, Status>>;
+
     async fn download_chunks(
         &self,
-        _r: Request<pb::DownloadChunksRequest>,
+        r: Request<pb::DownloadChunksRequest>,
     ) -> Result<Response<Self::DownloadChunksStream>, Status> {
-        Err(not_yet("DownloadChunks"))
+        let ds = digests(&r.get_ref().digests, "digests")?;
+        let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOADS_AHEAD);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            for d in ds {
+                let s = store.clone();
+                let read = tokio::task::spawn_blocking(move || s.get_chunk(&d)).await;
+                let item = match read {
+                    Ok(Ok(blob)) => Ok(pb::Chunk { digest: d.0.to_vec(), blob }),
+                    Ok(Err(e)) => Err(status(&e)),
+                    Err(e) => Err(Status::internal(format!("read task failed: {e}"))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
-    async fn put_index(&self, _r: Request<pb::PutIndexRequest>) -> Result<Response<pb::PutIndexReply>, Status> {
-        Err(not_yet("PutIndex"))
+
+    async fn put_index(&self, r: Request<pb::PutIndexRequest>) -> Result<Response<pb::PutIndexReply>, Status> {
+        let r = r.into_inner();
+        let d = self.run(move |s| s.put_index(&r.session_id, &r.name, &r.data)).await?;
+        Ok(Response::new(pb::PutIndexReply { digest: d.to_hex() }))
     }
-    async fn get_index(&self, _r: Request<pb::GetIndexRequest>) -> Result<Response<pb::GetIndexReply>, Status> {
-        Err(not_yet("GetIndex"))
+
+    async fn get_index(&self, r: Request<pb::GetIndexRequest>) -> Result<Response<pb::GetIndexReply>, Status> {
+        let name = r.into_inner().name;
+        let data = self.run(move |s| s.get_index(&name)).await?;
+        Ok(Response::new(pb::GetIndexReply { data }))
     }
-    async fn commit_group(&self, _r: Request<pb::CommitGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
-        Err(not_yet("CommitGroup"))
+
+    async fn commit_group(&self, r: Request<pb::CommitGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let r = r.into_inner();
+        let g = self
+            .run(move |s| {
+                let m = s.commit_group(&r.session_id, &r.manifest)?;
+                s.get_group(&m.group_uuid)
+            })
+            .await?;
+        Ok(Response::new(group_info(g)))
     }
+
     async fn list_groups(&self, _r: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsReply>, Status> {
-        Err(not_yet("ListGroups"))
+        let groups = self.run(|s| s.list_groups()).await?;
+        Ok(Response::new(pb::ListGroupsReply { groups: groups.into_iter().map(group_info).collect() }))
     }
-    async fn get_group(&self, _r: Request<pb::GetGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
-        Err(not_yet("GetGroup"))
+
+    async fn get_group(&self, r: Request<pb::GetGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let uuid = r.into_inner().group_uuid;
+        Ok(Response::new(group_info(self.run(move |s| s.get_group(&uuid)).await?)))
     }
-    async fn delete_group(
-        &self,
-        _r: Request<pb::DeleteGroupRequest>,
-    ) -> Result<Response<pb::DeleteGroupReply>, Status> {
-        Err(not_yet("DeleteGroup"))
+
+    async fn delete_group(&self, r: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::DeleteGroupReply>, Status> {
+        let uuid = r.into_inner().group_uuid;
+        self.run(move |s| s.delete_group(&uuid)).await?;
+        Ok(Response::new(pb::DeleteGroupReply {}))
     }
+
     async fn garbage_collect(
         &self,
-        _r: Request<pb::GarbageCollectRequest>,
+        r: Request<pb::GarbageCollectRequest>,
     ) -> Result<Response<pb::GarbageCollectReply>, Status> {
-        Err(not_yet("GarbageCollect"))
+        let margin = r.into_inner().safety_margin_seconds.map_or(self.gc_margin, Duration::from_secs);
+        let g = self.run(move |s| s.garbage_collect(margin)).await?;
+        Ok(Response::new(pb::GarbageCollectReply {
+            chunks_removed: g.chunks_removed,
+            bytes_removed: g.bytes_removed,
+            chunks_kept: g.chunks_kept,
+            bytes_kept: g.bytes_kept,
+            indexes_removed: g.indexes_removed,
+            seconds: g.seconds,
+        }))
     }
-    async fn verify(&self, _r: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
-        Err(not_yet("Verify"))
+
+    async fn verify(&self, r: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
+        let groups = r.into_inner().group_uuids;
+        let v = self.run(move |s| s.verify(&groups)).await?;
+        Ok(Response::new(pb::VerifyReply {
+            chunks_checked: v.chunks_checked,
+            bad_chunks: v.bad_chunks.into_iter().map(|d| d.0.to_vec()).collect(),
+            damaged_groups: v.damaged_groups,
+            seconds: v.seconds,
+        }))
     }
 }
 

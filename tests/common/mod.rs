@@ -231,3 +231,27 @@ pub async fn storage_client(agent: &Daemon, token: Option<String>) -> StorageCli
 pub fn zstack_code(s: &tonic::Status) -> String {
     vmbackup_agent::api::error_code_of(s).map(|e| e.code).unwrap_or_else(|| panic!("no ErrorCode in status {s:?}"))
 }
+
+/// A plain client of a vmbackup-store.
+pub type StoreClient = vmbackup_proto::store::v1::image_store_client::ImageStoreClient<Channel>;
+
+/// Connects to a store, with message limits raised for chunks.
+pub async fn store_client(store: &Daemon) -> StoreClient {
+    vmbackup_proto::store::v1::image_store_client::ImageStoreClient::new(channel(&store.url()).await)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different for each seed.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
