@@ -156,6 +156,11 @@ pub fn start_store(dir: &Path, name: &str) -> Daemon {
 
 /// Like [`start_store`], with a config file.
 pub fn start_store_with_config(dir: &Path, name: &str, config: Option<&Path>) -> Daemon {
+    start_store_with(dir, name, config, 64 << 10)
+}
+
+/// A store with a config file and a chunk size.
+pub fn start_store_with(dir: &Path, name: &str, config: Option<&Path>, chunk_size: u32) -> Daemon {
     let data = dir.join(name);
     let mut args = vec![
         "--listen".to_string(),
@@ -163,7 +168,7 @@ pub fn start_store_with_config(dir: &Path, name: &str, config: Option<&Path>) ->
         "--data-dir".to_string(),
         data.display().to_string(),
         "--chunk-size".to_string(),
-        "65536".to_string(),
+        chunk_size.to_string(),
     ];
     if let Some(c) = config {
         args.extend(["--config".to_string(), c.display().to_string()]);
