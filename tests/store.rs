@@ -29,6 +29,39 @@ async fn session(c: &mut StoreClient) -> String {
         .session_id
 }
 
+/// A group manifest naming one raw volume backup whose index is `index_name`.
+fn one_volume_manifest(
+    volume_backup_uuid: String,
+    index_name: String,
+    index_digest: String,
+    virtual_size: u64,
+) -> GroupManifest {
+    GroupManifest {
+        format_version: FORMAT_VERSION,
+        group_uuid: uuid(),
+        vm_uuid: uuid(),
+        name: "backup".into(),
+        description: String::new(),
+        system_tags: vec![],
+        user_tags: vec![],
+        created: 1,
+        chunk_size: CS_U32,
+        volumes: vec![VolumeEntry {
+            volume_backup_uuid,
+            volume_uuid: uuid(),
+            name: "root".into(),
+            kind: "Root".into(),
+            device_id: 0,
+            virtual_size,
+            format: "raw".into(),
+            index_name,
+            index_digest,
+            stored_bytes: 0,
+            deduplicated_bytes: 0,
+        }],
+    }
+}
+
 /// Uploads `chunks` (missing ones only), puts their index and returns a manifest naming it.
 async fn upload(c: &mut StoreClient, session: &str, chunks: &[Vec<u8>]) -> GroupManifest {
     let digests: Vec<Digest> = chunks.iter().map(|c| Digest::of(c)).collect();
@@ -62,30 +95,7 @@ async fn upload(c: &mut StoreClient, session: &str, chunks: &[Vec<u8>]) -> Group
         .expect("put index")
         .into_inner()
         .digest;
-    GroupManifest {
-        format_version: FORMAT_VERSION,
-        group_uuid: uuid(),
-        vm_uuid: uuid(),
-        name: "backup".into(),
-        description: String::new(),
-        system_tags: vec![],
-        user_tags: vec![],
-        created: 1,
-        chunk_size: CS_U32,
-        volumes: vec![VolumeEntry {
-            volume_backup_uuid: vb,
-            volume_uuid: uuid(),
-            name: "root".into(),
-            kind: "Root".into(),
-            device_id: 0,
-            virtual_size: ix.virtual_size,
-            format: "raw".into(),
-            index_name: name,
-            index_digest: digest,
-            stored_bytes: 0,
-            deduplicated_bytes: 0,
-        }],
-    }
+    one_volume_manifest(vb, name, digest, ix.virtual_size)
 }
 
 async fn commit(c: &mut StoreClient, session: &str, m: &GroupManifest) -> Result<pb::GroupInfo, tonic::Status> {
@@ -294,30 +304,7 @@ async fn writer(
                 .await?
                 .into_inner()
                 .digest;
-            let m = GroupManifest {
-                format_version: FORMAT_VERSION,
-                group_uuid: uuid(),
-                vm_uuid: uuid(),
-                name: "crash".into(),
-                description: String::new(),
-                system_tags: vec![],
-                user_tags: vec![],
-                created: 1,
-                chunk_size: CS_U32,
-                volumes: vec![VolumeEntry {
-                    volume_backup_uuid: vb,
-                    volume_uuid: uuid(),
-                    name: "root".into(),
-                    kind: "Root".into(),
-                    device_id: 0,
-                    virtual_size: ix.virtual_size,
-                    format: "raw".into(),
-                    index_name: name,
-                    index_digest: digest,
-                    stored_bytes: 0,
-                    deduplicated_bytes: 0,
-                }],
-            };
+            let m = one_volume_manifest(vb, name, digest, ix.virtual_size);
             sent.lock().expect("lock").push(m.group_uuid.clone());
             c.commit_group(pb::CommitGroupRequest { session_id: s.clone(), manifest: m.encode().expect("encode") })
                 .await?;
