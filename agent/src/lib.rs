@@ -29,3 +29,4 @@ pub mod storage;
 pub mod tags;
 pub mod throttle;
 pub mod validate;
+pub mod volume;
