@@ -19,6 +19,10 @@ pub struct AgentConfig {
     pub sessions: Vec<String>,
     /// Port assumed for an Image Storage added with a hostname and no port.
     pub default_store_port: u16,
+    /// Reader workers of a backup without a volumeLiveBackup::parallelismDegree tag.
+    pub default_parallelism: u32,
+    /// Concurrent backups on one backup storage.
+    pub max_backups_per_storage: u32,
     /// The Image Storage embedded in the agent.
     pub embedded_store: EmbeddedStoreConfig,
     /// TLS of the agent API.
@@ -51,6 +55,8 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/vmbackup"),
             sessions: Vec::new(),
             default_store_port: 7871,
+            default_parallelism: 4,
+            max_backups_per_storage: 10,
             embedded_store: EmbeddedStoreConfig::default(),
             tls: Default::default(),
             store_tls: Default::default(),

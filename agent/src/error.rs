@@ -164,3 +164,16 @@ where
 {
     tokio::task::spawn_blocking(f).await?
 }
+
+impl From<crate::volume::Error> for AgentError {
+    fn from(e: crate::volume::Error) -> Self {
+        let kind = match e.kind {
+            crate::volume::ErrorKind::Io => ErrorKind::Unavailable,
+            crate::volume::ErrorKind::InUse
+            | crate::volume::ErrorKind::Corrupt
+            | crate::volume::ErrorKind::Unsupported => ErrorKind::FailedPrecondition,
+            crate::volume::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+        };
+        AgentError::new(kind, e.to_string()).with_source(e)
+    }
+}

@@ -4,7 +4,9 @@
 //! WatchJob of a finished job, or of a job a crashed agent left behind, still answers.
 //! While it runs, workers bump the atomic [`Counters`]; a ticker publishes a
 //! [`pb::JobProgress`] snapshot (with rate and ETA) twice a second to every watcher.
-//! Cancellation is a [`CancellationToken`] per job; workers take child tokens.
+//! Cancellation is a [`CancellationToken`] per job; workers take child tokens. A job started
+//! for a request with a resourceUuid has that uuid, so WatchJob finds it by the id the
+//! caller already knows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -139,7 +141,7 @@ impl Jobs {
         resource_uuid: Option<String>,
         target_uuid: Option<String>,
     ) -> Result<Arc<Job>> {
-        let uuid = uuid::Uuid::new_v4().simple().to_string();
+        let uuid = resource_uuid.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let started = now_millis();
         let record = JobRecord {
             uuid: uuid.clone(),

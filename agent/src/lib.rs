@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod catalog;
 pub mod config;
 pub mod daemon;

@@ -5,6 +5,7 @@
 pub mod backup_storage;
 pub mod pending;
 pub mod vm;
+pub mod vm_backup;
 
 use prost::Message;
 use tonic::Status;
@@ -155,7 +156,10 @@ pub fn router(
             BackupStorageServiceServer::new(backup_storage::BackupStorageApi::new(state)),
             auth.clone(),
         ))
-        .add_service(InterceptedService::new(VmBackupServiceServer::new(pending::VmBackupApi), auth.clone()))
+        .add_service(InterceptedService::new(
+            VmBackupServiceServer::new(vm_backup::VmBackupApi::new(state)),
+            auth.clone(),
+        ))
         .add_service(InterceptedService::new(VmServiceServer::new(vm::VmApi::new(state)), auth.clone()))
         .add_service(InterceptedService::new(VolumeSnapshotGroupServiceServer::new(pending::SnapshotGroupApi), auth)))
 }

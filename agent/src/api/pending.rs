@@ -13,9 +13,6 @@ fn unimplemented(method: &str) -> Status {
     ))
 }
 
-/// VmBackupService, pending.
-#[derive(Debug, Clone, Copy)]
-pub struct VmBackupApi;
 /// VolumeSnapshotGroupService, pending.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotGroupApi;
@@ -33,21 +30,6 @@ macro_rules! pending {
         }
     };
 }
-
-pending!(pb::vm_backup_service_server::VmBackupService, VmBackupApi, {
-    create_vm_backup(pb::CreateVmBackupRequest) -> pb::VolumeBackupsReply, "CreateVmBackup";
-    delete_vm_backup(pb::DeleteVmBackupRequest) -> pb::DeleteVmBackupReply, "DeleteVmBackup";
-    sync_vm_backup(pb::SyncVmBackupRequest) -> pb::SyncVmBackupReply, "SyncVmBackup";
-    recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest) -> pb::VolumeBackupsReply, "RecoverVmBackupFromImageStoreBackupStorage";
-    restore_vm_backup(pb::RestoreVmBackupRequest) -> pb::RestoreVmBackupReply, "RestoreVmBackup";
-    query_volume_backup(pb::QueryVolumeBackupRequest) -> pb::QueryVolumeBackupReply, "QueryVolumeBackup";
-    cancel_job(pb::CancelJobRequest) -> pb::CancelJobReply, "CancelJob";
-}
-    type WatchJobStream = tokio_stream::Empty<Result<pb::JobProgress, Status>>;
-    async fn watch_job(&self, _r: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(unimplemented("WatchJob"))
-    }
-);
 
 pending!(pb::volume_snapshot_group_service_server::VolumeSnapshotGroupService, SnapshotGroupApi, {
     create_volume_snapshot_group(pb::CreateVolumeSnapshotGroupRequest) -> pb::VolumeSnapshotGroupReply, "CreateVolumeSnapshotGroup";

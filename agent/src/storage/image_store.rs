@@ -162,14 +162,28 @@ impl ImageStoreClient {
         Ok(missing)
     }
 
+    /// Asks about one digest: Some(digest) when the store lacks it.
+    pub async fn missing_one(&mut self, session_id: &str, digest: Digest) -> Result<Option<Digest>> {
+        let reply = self
+            .inner
+            .missing_chunks(pb::MissingChunksRequest {
+                session_id: session_id.to_string(),
+                digests: vec![digest.0.to_vec()],
+            })
+            .await
+            .map_err(|s| self.call_error("MissingChunks", s))?
+            .into_inner();
+        Ok(if reply.missing.is_empty() { None } else { Some(digest) })
+    }
+
     /// Streams chunks (digest, encoded blob) to the store until `chunks` ends.
     pub async fn upload(
         &mut self,
-        session: &StoreSession,
+        session_id: &str,
         chunks: impl futures::Stream<Item = (Digest, Vec<u8>)> + Send + 'static,
     ) -> Result<pb::UploadChunksReply> {
         use futures::StreamExt;
-        let id = session.id.clone();
+        let id = session_id.to_string();
         let stream =
             chunks.map(move |(d, blob)| pb::UploadChunk { session_id: id.clone(), digest: d.0.to_vec(), blob });
         let mut c = self.inner.clone();

@@ -195,6 +195,14 @@ impl Registry {
         let u = record.uuid.clone();
         blocking(move || {
             if mode == DeleteMode::Permissive {
+                let running = catalog.running_jobs_on(&u)?;
+                if running > 0 {
+                    return Err(AgentError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("backup storage {u} is used by {running} running jobs; wait for them or use deleteMode Enforcing"),
+                    )
+                    .with_code("SYS.1004", "Failed to delete the resource"));
+                }
                 let refs = catalog.backup_storage_references(&u)?;
                 if refs > 0 {
                     return Err(AgentError::new(

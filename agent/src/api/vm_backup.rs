@@ -1,0 +1,266 @@
+//! VmBackupService: CreateVmBackup, QueryVolumeBackup, WatchJob and CancelJob. (Delete,
+//! Sync, Recover and Restore answer UNIMPLEMENTED until they land.)
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupService;
+
+use super::{query_params, status, timestamp};
+use crate::backup::{self, BackupRequest};
+use crate::catalog::volume_backup::VolumeBackupRecord;
+use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::jobs::Jobs;
+use crate::storage::registry::{CONNECTED, Registry};
+use crate::throttle::{Throttle, bandwidth};
+use crate::{tags, validate};
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct VmBackupApi {
+    registry: Registry,
+    jobs: Jobs,
+    default_parallelism: u32,
+    max_per_storage: u32,
+    busy_volumes: Arc<Mutex<HashSet<String>>>,
+}
+
+impl VmBackupApi {
+    /// The service over the daemon's state.
+    pub fn new(state: &crate::daemon::State) -> Self {
+        Self {
+            registry: state.registry.clone(),
+            jobs: state.jobs.clone(),
+            default_parallelism: state.config.default_parallelism.max(1),
+            max_per_storage: state.config.max_backups_per_storage.max(1),
+            busy_volumes: Arc::default(),
+        }
+    }
+
+    async fn create(&self, r: pb::CreateVmBackupRequest) -> Result<Vec<VolumeBackupRecord>> {
+        let root = validate::uuid("rootVolumeUuid", &r.root_volume_uuid)?;
+        let bs = validate::uuid("backupStorageUuid", &r.backup_storage_uuid)?;
+        let name = validate::name("name", &r.name)?;
+        let description = validate::description("description", &r.description)?;
+        let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
+        let read_limit = Throttle::unlimited().with(bandwidth("volumeReadBandwidth", r.volume_read_bandwidth)?);
+        let network_limit = Throttle::unlimited().with(bandwidth("networkWriteBandwidth", r.network_write_bandwidth)?);
+        bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?;
+        bandwidth("networkReadBandwidth", r.network_read_bandwidth)?;
+        let system_tags = tags::parse(&r.system_tags)?;
+        let parallelism = usize::try_from(system_tags.parallelism.unwrap_or(self.default_parallelism)).unwrap_or(1);
+        if system_tags.backup_network.is_some() || system_tags.fs_info.is_some() {
+            return Err(AgentError::new(
+                ErrorKind::Unimplemented,
+                "the backup::network::cidr and fsInfo system tags are not implemented by this agent version",
+            )
+            .with_field("systemTags"));
+        }
+
+        let catalog = self.registry.catalog().clone();
+        if let Some(spec) = &r.vm {
+            let vm = super::vm::parse_vm(spec)?;
+            if !vm.volumes.iter().any(|v| v.uuid == root && v.kind == "Root") {
+                return Err(AgentError::invalid("vm", format!("the inline VM's Root volume is not {root}")));
+            }
+            super::vm::register(&catalog, vm).await?;
+        }
+
+        // A retried create returns the group it made.
+        let group_uuid = resource.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let (c, g) = (catalog.clone(), group_uuid.clone());
+        let existing = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+        if let Some(job) = self.jobs.running(&group_uuid) {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("the backup {} is still running; watch job {}", group_uuid, job.uuid),
+            ));
+        }
+
+        let (c, v) = (catalog.clone(), root.clone());
+        let vm = blocking(move || Ok(c.vm_of_volume(&v)?))
+            .await?
+            .ok_or_else(|| AgentError::not_found("volume", &root).with_field("rootVolumeUuid"))?;
+        if !vm.volumes.iter().any(|v| v.uuid == root && v.kind == "Root") {
+            return Err(AgentError::invalid(
+                "rootVolumeUuid",
+                format!("volume {root} is not the Root volume of VM {}", vm.uuid),
+            ));
+        }
+        let storage = self.registry.require(&bs).await.map_err(|e| e.with_field("backupStorageUuid"))?;
+        if storage.status != CONNECTED {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("backup storage {bs} is {}; reconnect it first", storage.status),
+            )
+            .with_field("backupStorageUuid"));
+        }
+        let (c, b) = (catalog.clone(), bs.clone());
+        if blocking(move || Ok(c.running_jobs_on(&b)?)).await? >= i64::from(self.max_per_storage) {
+            return Err(AgentError::new(
+                ErrorKind::ResourceExhausted,
+                format!("{} backups already run on backup storage {bs}", self.max_per_storage),
+            ));
+        }
+
+        // One backup of a volume at a time.
+        let volumes: Vec<String> = vm.volumes.iter().map(|v| v.uuid.clone()).collect();
+        {
+            let mut busy = self.busy_volumes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(v) = volumes.iter().find(|v| busy.contains(*v)) {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("a backup of volume {v} is already running"),
+                ));
+            }
+            busy.extend(volumes.iter().cloned());
+        }
+        let release = VolumesGuard { set: self.busy_volumes.clone(), volumes };
+
+        let job = self.jobs.start("CreateVmBackup", Some(group_uuid.clone()), Some(bs.clone())).await?;
+        let req = BackupRequest {
+            group_uuid,
+            vm,
+            storage,
+            name,
+            description,
+            parallelism,
+            read_limit,
+            network_limit,
+            system_tags: r.system_tags.clone(),
+            user_tags: r.user_tags.clone(),
+        };
+        // The job runs to its end even if the caller goes away; the caller waits for it.
+        let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
+        let handle = tokio::spawn(async move {
+            let _release = release;
+            let result = backup::run(&registry, &j, req).await;
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+            jobs.finish(&j, &outcome).await;
+            result
+        });
+        handle.await?
+    }
+}
+
+struct VolumesGuard {
+    set: Arc<Mutex<HashSet<String>>>,
+    volumes: Vec<String>,
+}
+
+impl Drop for VolumesGuard {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for v in &self.volumes {
+            set.remove(v);
+        }
+    }
+}
+
+/// The seeds' VolumeBackupInventory of a record.
+pub fn inventory(r: VolumeBackupRecord) -> pb::VolumeBackupInventory {
+    let uuid = r.uuid.clone();
+    pb::VolumeBackupInventory {
+        uuid: r.uuid,
+        volume_uuid: r.volume_uuid,
+        name: r.name,
+        description: r.description.unwrap_or_default(),
+        r#type: r.kind,
+        state: r.state,
+        status: r.status,
+        size: r.size,
+        metadata: r.metadata,
+        group_uuid: r.group_uuid,
+        create_date: timestamp(r.create_date),
+        last_op_date: timestamp(r.last_op_date),
+        backup_storage_refs: r
+            .refs
+            .into_iter()
+            .map(|s| pb::VolumeBackupBackupStorageRef {
+                volume_backup_uuid: uuid.clone(),
+                backup_storage_uuid: s.backup_storage_uuid,
+                install_path: s.install_path,
+                status: s.status,
+                create_date: timestamp(s.create_date),
+                last_op_date: timestamp(s.last_op_date),
+            })
+            .collect(),
+    }
+}
+
+fn unimplemented(method: &str) -> Status {
+    status(&AgentError::new(ErrorKind::Unimplemented, format!("{method} is not implemented by this agent version")))
+}
+
+#[tonic::async_trait]
+impl VmBackupService for VmBackupApi {
+    async fn create_vm_backup(
+        &self,
+        r: Request<pb::CreateVmBackupRequest>,
+    ) -> Result<Response<pb::VolumeBackupsReply>, Status> {
+        let records = self.create(r.into_inner()).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::VolumeBackupsReply { inventories: records.into_iter().map(inventory).collect() }))
+    }
+
+    async fn delete_vm_backup(
+        &self,
+        _r: Request<pb::DeleteVmBackupRequest>,
+    ) -> Result<Response<pb::DeleteVmBackupReply>, Status> {
+        Err(unimplemented("DeleteVmBackup"))
+    }
+
+    async fn sync_vm_backup(
+        &self,
+        _r: Request<pb::SyncVmBackupRequest>,
+    ) -> Result<Response<pb::SyncVmBackupReply>, Status> {
+        Err(unimplemented("SyncVmBackup"))
+    }
+
+    async fn recover_vm_backup_from_image_store_backup_storage(
+        &self,
+        _r: Request<pb::RecoverVmBackupFromImageStoreBackupStorageRequest>,
+    ) -> Result<Response<pb::VolumeBackupsReply>, Status> {
+        Err(unimplemented("RecoverVmBackupFromImageStoreBackupStorage"))
+    }
+
+    async fn restore_vm_backup(
+        &self,
+        _r: Request<pb::RestoreVmBackupRequest>,
+    ) -> Result<Response<pb::RestoreVmBackupReply>, Status> {
+        Err(unimplemented("RestoreVmBackup"))
+    }
+
+    async fn query_volume_backup(
+        &self,
+        r: Request<pb::QueryVolumeBackupRequest>,
+    ) -> Result<Response<pb::QueryVolumeBackupReply>, Status> {
+        let q = query_params!(r.get_ref());
+        let catalog = self.registry.catalog().clone();
+        let res = blocking(move || Ok(catalog.query_volume_backups(&q)?)).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::QueryVolumeBackupReply {
+            inventories: res.rows.into_iter().map(inventory).collect(),
+            total: res.total,
+        }))
+    }
+
+    type WatchJobStream = Pin<Box<dyn Stream<Item = Result<pb::JobProgress, Status>> + Send>>;
+
+    async fn watch_job(&self, r: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let uuid = validate::uuid("jobUuid", &r.get_ref().job_uuid).map_err(|e| status(&e))?;
+        let s = self.jobs.watch(&uuid).await.map_err(|e| status(&e))?;
+        Ok(Response::new(Box::pin(s.map(Ok))))
+    }
+
+    async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobReply>, Status> {
+        let uuid = validate::uuid("jobUuid", &r.get_ref().job_uuid).map_err(|e| status(&e))?;
+        self.jobs.cancel(&uuid).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::CancelJobReply {}))
+    }
+}

@@ -1,0 +1,240 @@
+//! Backing up a VM: every volume into one group on one Image Storage.
+//!
+//! Per volume an allocation map says which fixed-size chunks hold data; only those are
+//! read. `parallelism` workers take chunks in turn: read (volume-read limit) -> all zero?
+//! -> BLAKE3 -> known from the previous backup of the volume or this job, or asked with
+//! MissingChunks -> zstd -> upload (network-write limit). Hashing and compression run on
+//! blocking threads; memory is bounded by the workers plus an upload queue of the same
+//! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
+//! visible with one atomic commit, so a failed or cancelled backup leaves none.
+
+mod pipeline;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use vmbackup_proto::Digest;
+use vmbackup_proto::index::{VolumeFormat as IndexFormat, VolumeIndex};
+use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
+
+use crate::catalog::backup_storage::BackupStorageRecord;
+use crate::catalog::vm::VmRecord;
+use crate::catalog::volume_backup::{StorageRef, VolumeBackupRecord};
+use crate::catalog::{Catalog, now_millis};
+use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::jobs::Job;
+use crate::storage::registry::Registry;
+use crate::throttle::Throttle;
+use crate::volume::{self, VolumeFormat, VolumeSource};
+
+/// A validated CreateVmBackup.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// Uuid of the group to create (the resourceUuid when given).
+    pub group_uuid: String,
+    /// The VM and its volumes.
+    pub vm: VmRecord,
+    /// Where to.
+    pub storage: BackupStorageRecord,
+    /// Backup name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Reader workers.
+    pub parallelism: usize,
+    /// volumeReadBandwidth (+ host cap).
+    pub read_limit: Throttle,
+    /// networkWriteBandwidth (+ host cap).
+    pub network_limit: Throttle,
+    /// System tags, recorded in the manifest.
+    pub system_tags: Vec<String>,
+    /// User tags, recorded in the manifest.
+    pub user_tags: Vec<String>,
+}
+
+/// One volume being backed up.
+#[derive(Debug)]
+pub(crate) struct VolumeJob {
+    pub(crate) source: Arc<dyn VolumeSource>,
+    pub(crate) index: std::sync::Mutex<VolumeIndex>,
+    pub(crate) stored_bytes: std::sync::atomic::AtomicU64,
+    pub(crate) dedup_bytes: std::sync::atomic::AtomicU64,
+}
+
+fn index_format(f: VolumeFormat) -> IndexFormat {
+    match f {
+        VolumeFormat::Raw => IndexFormat::Raw,
+        VolumeFormat::Qcow2 => IndexFormat::Qcow2,
+    }
+}
+
+/// Runs a backup to completion (or failure, or cancellation) and records it.
+pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
+    let catalog = registry.catalog().clone();
+    let mut client = registry.connect(&req.storage.url).await?;
+    let status = client.status().await?;
+    if status.store_uuid != req.storage.store_uuid {
+        return Err(AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "a different Image Storage answers at {}: store {} instead of {}",
+                req.storage.url, status.store_uuid, req.storage.store_uuid
+            ),
+        ));
+    }
+    let chunk_size = status.chunk_size;
+
+    // Open every volume first: a missing or unreadable one fails the job before anything is sent.
+    let vm = req.vm.clone();
+    let volumes: Vec<Arc<VolumeJob>> = blocking(move || {
+        vm.volumes
+            .iter()
+            .map(|v| {
+                let format = VolumeFormat::parse(&v.format);
+                let source: Arc<dyn VolumeSource> = Arc::from(
+                    volume::open(std::path::Path::new(&v.install_path), format, &volume::Limits::default())
+                        .map_err(|e| AgentError::from(e).with_field("volumes"))?,
+                );
+                let index = VolumeIndex::new(
+                    uuid_bytes(&v.uuid),
+                    source.virtual_size(),
+                    chunk_size,
+                    index_format(source.format()),
+                )
+                .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("volume {}: {e}", v.uuid)))?;
+                Ok(Arc::new(VolumeJob {
+                    source,
+                    index: std::sync::Mutex::new(index),
+                    stored_bytes: Default::default(),
+                    dedup_bytes: Default::default(),
+                }))
+            })
+            .collect()
+    })
+    .await?;
+
+    let known = known_digests(&catalog, &mut client, &req).await;
+    let session = client.open_session(&format!("vmbackup-agent group {}", req.group_uuid)).await?;
+    let outcome = pipeline::run(pipeline::Inputs {
+        client: client.clone(),
+        session_id: session.id.clone(),
+        volumes: volumes.clone(),
+        known,
+        parallelism: req.parallelism,
+        read_limit: req.read_limit.clone(),
+        network_limit: req.network_limit.clone(),
+        job: job.clone(),
+        chunk_size,
+    })
+    .await;
+    if let Err(e) = outcome {
+        let _ = client.close_session(session).await;
+        return Err(e);
+    }
+
+    // Indexes, then the manifest: the group appears atomically.
+    let now = now_millis();
+    let mut entries = Vec::new();
+    let mut records = Vec::new();
+    for (v, vj) in req.vm.volumes.iter().zip(&volumes) {
+        let vb_uuid = uuid::Uuid::new_v4().simple().to_string();
+        let index_name = format!("{vb_uuid}.vidx");
+        let encoded = vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).encode();
+        let digest = client.put_index(&session, &index_name, encoded).await?;
+        let stored = vj.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let dedup = vj.dedup_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let size = vj.source.virtual_size();
+        let name = format!("{}-{}", req.name, v.name);
+        entries.push(VolumeEntry {
+            volume_backup_uuid: vb_uuid.clone(),
+            volume_uuid: v.uuid.clone(),
+            name: name.clone(),
+            kind: v.kind.clone(),
+            device_id: v.device_id,
+            virtual_size: size,
+            format: vj.source.format().as_str().to_string(),
+            index_name: index_name.clone(),
+            index_digest: digest.to_hex(),
+            stored_bytes: stored,
+            deduplicated_bytes: dedup,
+        });
+        let metadata = serde_json::json!({
+            "format": vj.source.format().as_str(),
+            "virtualSize": size,
+            "chunkSize": chunk_size,
+            "storedBytes": stored,
+            "deduplicatedBytes": dedup,
+        });
+        records.push(VolumeBackupRecord {
+            uuid: vb_uuid,
+            group_uuid: req.group_uuid.clone(),
+            volume_uuid: v.uuid.clone(),
+            name,
+            description: req.description.clone(),
+            kind: v.kind.clone(),
+            state: "Enabled".into(),
+            status: "Ready".into(),
+            size: i64::try_from(size).unwrap_or(i64::MAX),
+            metadata: metadata.to_string(),
+            create_date: now,
+            last_op_date: now,
+            refs: vec![StorageRef {
+                backup_storage_uuid: req.storage.uuid.clone(),
+                install_path: index_name,
+                status: "Ready".into(),
+                create_date: now,
+                last_op_date: now,
+            }],
+        });
+    }
+    let manifest = GroupManifest {
+        format_version: FORMAT_VERSION,
+        group_uuid: req.group_uuid.clone(),
+        vm_uuid: req.vm.uuid.clone(),
+        name: req.name.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        system_tags: req.system_tags.clone(),
+        user_tags: req.user_tags.clone(),
+        created: now,
+        chunk_size,
+        volumes: entries,
+    };
+    let bytes = manifest.encode().map_err(|e| AgentError::new(ErrorKind::Internal, format!("manifest: {e}")))?;
+    if job.cancel.is_cancelled() {
+        let _ = client.close_session(session).await;
+        return Err(AgentError::new(ErrorKind::Cancelled, "cancelled before commit; no group was created"));
+    }
+    client.commit(&session, bytes).await?;
+    let _ = client.close_session(session).await;
+    let (c, r) = (catalog.clone(), records.clone());
+    blocking(move || Ok(c.insert_volume_backups(&r)?)).await?;
+    tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
+    Ok(records)
+}
+
+/// Digests of the previous backup of each volume on this storage: known present without
+/// asking.
+async fn known_digests(
+    catalog: &Arc<Catalog>,
+    client: &mut crate::storage::ImageStoreClient,
+    req: &BackupRequest,
+) -> Arc<HashSet<Digest>> {
+    let mut known = HashSet::new();
+    for v in &req.vm.volumes {
+        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
+        let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
+        let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
+        match client.get_index(&r.install_path).await.and_then(|b| {
+            VolumeIndex::decode(&b, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
+        }) {
+            Ok(ix) => known.extend(ix.referenced().copied()),
+            Err(e) => tracing::warn!(volume = %v.uuid, error = %e, "previous index unusable; asking the store instead"),
+        }
+    }
+    Arc::new(known)
+}
+
+fn uuid_bytes(u: &str) -> [u8; 16] {
+    uuid::Uuid::try_parse(u).map(|u| *u.as_bytes()).unwrap_or([0; 16])
+}

@@ -1,0 +1,195 @@
+//! Volume backup records: one per volume of a backup group, with one ref per backup storage
+//! that holds it. The stores' manifests are the source of truth; these rows make queries
+//! fast and are rebuilt by SyncVmBackup.
+
+use rusqlite::params;
+
+use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query};
+use super::{Catalog, CatalogError};
+
+/// Where a volume backup is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageRef {
+    /// Backup storage uuid.
+    pub backup_storage_uuid: String,
+    /// Index name on that storage.
+    pub install_path: String,
+    /// `Ready`, `Damaged`, …
+    pub status: String,
+    /// Unix milliseconds.
+    pub create_date: i64,
+    /// Unix milliseconds.
+    pub last_op_date: i64,
+}
+
+/// A volume backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeBackupRecord {
+    /// Volume backup uuid.
+    pub uuid: String,
+    /// Group (VM backup) uuid.
+    pub group_uuid: String,
+    /// Volume uuid.
+    pub volume_uuid: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// `Root` or `Data`.
+    pub kind: String,
+    /// `Enabled`.
+    pub state: String,
+    /// `Ready`, `Damaged`.
+    pub status: String,
+    /// Virtual size, bytes.
+    pub size: i64,
+    /// JSON: format, virtual size, chunk size, stored and deduplicated bytes.
+    pub metadata: String,
+    /// Unix milliseconds.
+    pub create_date: i64,
+    /// Unix milliseconds.
+    pub last_op_date: i64,
+    /// Storages holding it.
+    pub refs: Vec<StorageRef>,
+}
+
+/// Queryable fields of VolumeBackupInventory.
+pub const SCHEMA: Schema = Schema {
+    table: "volume_backup",
+    key: "uuid",
+    default_sort: "createDate",
+    fields: &[
+        Field { name: "uuid", column: "uuid", ty: FieldType::Text },
+        Field { name: "groupUuid", column: "group_uuid", ty: FieldType::Text },
+        Field { name: "volumeUuid", column: "volume_uuid", ty: FieldType::Text },
+        Field { name: "name", column: "name", ty: FieldType::Text },
+        Field { name: "description", column: "description", ty: FieldType::Text },
+        Field { name: "type", column: "type", ty: FieldType::Text },
+        Field { name: "state", column: "state", ty: FieldType::Text },
+        Field { name: "status", column: "status", ty: FieldType::Text },
+        Field { name: "size", column: "size", ty: FieldType::Int },
+        Field { name: "createDate", column: "create_date", ty: FieldType::Time },
+        Field { name: "lastOpDate", column: "last_op_date", ty: FieldType::Time },
+        Field {
+            name: "backupStorageUuid",
+            column: "backup_storage_uuid",
+            ty: FieldType::TextList { table: "volume_backup_ref", fk: "volume_backup_uuid" },
+        },
+    ],
+};
+
+const COLUMNS: &str =
+    "uuid, group_uuid, volume_uuid, name, description, type, state, status, size, metadata, create_date, last_op_date";
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeBackupRecord> {
+    Ok(VolumeBackupRecord {
+        uuid: r.get(0)?,
+        group_uuid: r.get(1)?,
+        volume_uuid: r.get(2)?,
+        name: r.get(3)?,
+        description: r.get(4)?,
+        kind: r.get(5)?,
+        state: r.get(6)?,
+        status: r.get(7)?,
+        size: r.get(8)?,
+        metadata: r.get(9)?,
+        create_date: r.get(10)?,
+        last_op_date: r.get(11)?,
+        refs: Vec::new(),
+    })
+}
+
+fn refs(conn: &rusqlite::Connection, uuid: &str) -> Result<Vec<StorageRef>, CatalogError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT backup_storage_uuid, install_path, status, create_date, last_op_date FROM volume_backup_ref
+         WHERE volume_backup_uuid = ?1 ORDER BY create_date, backup_storage_uuid",
+    )?;
+    let rows = stmt.query_map([uuid], |r| {
+        Ok(StorageRef {
+            backup_storage_uuid: r.get(0)?,
+            install_path: r.get(1)?,
+            status: r.get(2)?,
+            create_date: r.get(3)?,
+            last_op_date: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl Catalog {
+    /// Records the volume backups of a committed group (one transaction).
+    pub fn insert_volume_backups(&self, backups: &[VolumeBackupRecord]) -> Result<(), CatalogError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for b in backups {
+            tx.execute(
+                &format!("INSERT OR REPLACE INTO volume_backup ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![
+                    b.uuid,
+                    b.group_uuid,
+                    b.volume_uuid,
+                    b.name,
+                    b.description,
+                    b.kind,
+                    b.state,
+                    b.status,
+                    b.size,
+                    b.metadata,
+                    b.create_date,
+                    b.last_op_date
+                ],
+            )?;
+            for r in &b.refs {
+                tx.execute(
+                    "INSERT OR REPLACE INTO volume_backup_ref (volume_backup_uuid, backup_storage_uuid, install_path, status, create_date, last_op_date)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![b.uuid, r.backup_storage_uuid, r.install_path, r.status, r.create_date, r.last_op_date],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The volume backups of a group, root first.
+    pub fn group_volume_backups(&self, group_uuid: &str) -> Result<Vec<VolumeBackupRecord>, CatalogError> {
+        let q = QueryParams {
+            conditions: vec![format!("groupUuid={group_uuid}")],
+            limit: Some(1000),
+            ..Default::default()
+        };
+        let mut rows = self.query_volume_backups(&q)?.rows;
+        rows.sort_by_key(|r| (r.kind != "Root", r.name.clone()));
+        Ok(rows)
+    }
+
+    /// The newest volume backup of `volume_uuid` stored on `backup_storage_uuid`.
+    pub fn latest_volume_backup(
+        &self,
+        volume_uuid: &str,
+        backup_storage_uuid: &str,
+    ) -> Result<Option<VolumeBackupRecord>, CatalogError> {
+        let q = QueryParams {
+            conditions: vec![
+                format!("volumeUuid={volume_uuid}"),
+                format!("backupStorageUuid={backup_storage_uuid}"),
+                "status=Ready".into(),
+            ],
+            sort_by: "createDate".into(),
+            sort_direction: "desc".into(),
+            limit: Some(1),
+            ..Default::default()
+        };
+        Ok(self.query_volume_backups(&q)?.rows.into_iter().next())
+    }
+
+    /// Runs a ZStack query over volume backups.
+    pub fn query_volume_backups(&self, q: &QueryParams) -> Result<QueryResult<VolumeBackupRecord>, CatalogError> {
+        let conn = self.conn();
+        let mut result = run_query(&conn, &SCHEMA, COLUMNS, q, from_row)?;
+        for r in &mut result.rows {
+            r.refs = refs(&conn, &r.uuid)?;
+        }
+        Ok(result)
+    }
+}

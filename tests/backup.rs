@@ -1,0 +1,245 @@
+//! CreateVmBackup end to end: a VM with a qcow2 root volume and a raw data volume made by
+//! qemu-img, backed up by a real agent into a real store.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+
+use common::{AgentOptions, Auth, start_agent, start_store, storage_client, store_client};
+use vmbackup_proto::Digest;
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::digest::is_all_zero;
+use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::store::v1 as spb;
+
+const CS: usize = 64 << 10;
+const VM: &str = "9ff17180fded31c2b9e4e5751ebcb2ba";
+const ROOT: &str = "edc07fe8d8a335ec8aa00f23b88fc1c6";
+const DATA: &str = "2ae6b881bb1239cd907d48993e86a2e8";
+
+fn run(tool: &str, args: &[&str]) {
+    let out =
+        Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} not found ({e}): install qemu-utils"));
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
+    let mut args = vec!["-f".to_string(), fmt.to_string()];
+    for c in cmds {
+        args.extend(["-c".to_string(), c.clone()]);
+    }
+    args.push(img.display().to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("qemu-io", &a);
+}
+
+/// Digests of the non-zero 64 KiB chunks of a volume, via qemu-img convert.
+fn expected_digests(img: &Path, dir: &Path) -> Vec<Digest> {
+    let raw = dir.join(format!("{}.raw", img.file_name().expect("name").to_string_lossy()));
+    run("qemu-img", &["convert", "-O", "raw", &img.display().to_string(), &raw.display().to_string()]);
+    let data = std::fs::read(&raw).expect("raw");
+    data.chunks(CS).filter(|c| !is_all_zero(c)).map(Digest::of).collect()
+}
+
+fn stored_chunks(store_dir: &Path) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for shard in std::fs::read_dir(store_dir.join("chunks")).expect("chunks").flatten() {
+        for c in std::fs::read_dir(shard.path()).expect("shard").flatten() {
+            out.insert(c.file_name().to_string_lossy().to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_dedups_and_sends_only_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).expect("mkdir");
+    let root = images.join("root.qcow2");
+    let data = images.join("data.raw");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &root.display().to_string(), "8M"]);
+    qemu_io(&root, "qcow2", &["write -P 0x11 0 1M".into(), "write -P 0x12 3M 200k".into(), "write -z 5M 128k".into()]);
+    run("qemu-img", &["create", "-q", "-f", "raw", &data.display().to_string(), "6M"]);
+    // Two identical 64 KiB regions (dedup within the job) and a written-but-zero region.
+    qemu_io(
+        &data,
+        "raw",
+        &[
+            "write -P 0x21 0 64k".into(),
+            "write -P 0x21 1M 64k".into(),
+            "write -P 0x00 2M 256k".into(),
+            "write -P 0x22 4M 100k".into(),
+        ],
+    );
+
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let token = Some(format!("OAuth {}", common::session(&agent)));
+    let bs = storage_client(&agent, Some(common::session(&agent)))
+        .await
+        .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+            name: "store".into(),
+            url: store.url(),
+            ..Default::default()
+        })
+        .await
+        .expect("add storage")
+        .into_inner()
+        .inventory
+        .expect("inventory");
+    let mut vb = pb::vm_backup_service_client::VmBackupServiceClient::with_interceptor(
+        common::channel(&agent.url()).await,
+        Auth(token),
+    );
+    let vm = pb::RegisterVmRequest {
+        uuid: VM.into(),
+        name: "web-1".into(),
+        volumes: vec![
+            pb::VolumeSpec {
+                uuid: ROOT.into(),
+                name: "ROOT".into(),
+                install_path: root.display().to_string(),
+                format: "qcow2".into(),
+                r#type: "Root".into(),
+                device_id: 0,
+            },
+            pb::VolumeSpec {
+                uuid: DATA.into(),
+                name: "DATA".into(),
+                install_path: data.display().to_string(),
+                format: "raw".into(),
+                r#type: "Data".into(),
+                device_id: 1,
+            },
+        ],
+        ..Default::default()
+    };
+    let create = |resource: &str, name: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs.uuid.clone(),
+        name: name.into(),
+        description: "nightly".into(),
+        resource_uuid: resource.into(),
+        vm: Some(vm.clone()),
+        system_tags: vec!["volumeLiveBackup::parallelismDegree::3".into()],
+        ..Default::default()
+    };
+    let g1 = "11111111111111111111111111111111";
+    let inv = vb.create_vm_backup(create(g1, "backup-1")).await.expect("backup").into_inner().inventories;
+
+    // Inventories carry every seed field, root first.
+    assert_eq!(inv.len(), 2);
+    assert_eq!((inv[0].volume_uuid.as_str(), inv[0].r#type.as_str()), (ROOT, "Root"));
+    assert_eq!((inv[1].volume_uuid.as_str(), inv[1].r#type.as_str()), (DATA, "Data"));
+    for i in &inv {
+        assert_eq!(
+            (i.group_uuid.as_str(), i.state.as_str(), i.status.as_str(), i.description.as_str()),
+            (g1, "Enabled", "Ready", "nightly")
+        );
+        assert_eq!(i.uuid.len(), 32);
+        assert!(i.create_date.is_some() && i.last_op_date.is_some());
+        let meta: serde_json::Value = serde_json::from_str(&i.metadata).expect("metadata is JSON");
+        assert_eq!(meta["chunkSize"], 65536);
+        assert_eq!(i.backup_storage_refs.len(), 1);
+        assert_eq!(i.backup_storage_refs[0].backup_storage_uuid, bs.uuid);
+        assert!(i.backup_storage_refs[0].install_path.ends_with(".vidx"));
+    }
+    assert_eq!((inv[0].size, inv[1].size), (8 << 20, 6 << 20));
+
+    // The store holds exactly the digests of the non-zero chunks, and the indexes name them.
+    let mut want: HashSet<String> = expected_digests(&root, dir.path()).into_iter().map(|d| d.to_hex()).collect();
+    want.extend(expected_digests(&data, dir.path()).into_iter().map(|d| d.to_hex()));
+    assert_eq!(stored_chunks(&store.data_dir), want);
+    let mut sc = store_client(&store).await;
+    for (i, img) in inv.iter().zip([&root, &data]) {
+        let ix = sc
+            .get_index(spb::GetIndexRequest { name: i.backup_storage_refs[0].install_path.clone() })
+            .await
+            .expect("index")
+            .into_inner()
+            .data;
+        let ix = VolumeIndex::decode(&ix, 1 << 20).expect("decode");
+        let raw = std::fs::read(dir.path().join(format!("{}.raw", img.file_name().expect("n").to_string_lossy())))
+            .expect("raw");
+        for (chunk, d) in raw.chunks(CS).zip(&ix.digests) {
+            let expect = if is_all_zero(chunk) { Digest::ZERO_CHUNK } else { Digest::of(chunk) };
+            assert_eq!(*d, expect);
+        }
+    }
+    let uploaded = |st: spb::StatusReply| st.counters.expect("counters").chunks_uploaded;
+    let after_first = uploaded(sc.status(spb::StatusRequest {}).await.expect("status").into_inner());
+    assert_eq!(after_first, u64::try_from(want.len()).expect("fits"));
+
+    // The retry with the same resourceUuid returns the same group.
+    let again = vb.create_vm_backup(create(g1, "backup-1")).await.expect("retry").into_inner().inventories;
+    assert_eq!(again, inv);
+
+    // An unchanged VM uploads nothing.
+    vb.create_vm_backup(create("", "backup-2")).await.expect("second backup");
+    assert_eq!(uploaded(sc.status(spb::StatusRequest {}).await.expect("status").into_inner()), after_first);
+
+    // Change 3 chunks: only those are sent.
+    qemu_io(&root, "qcow2", &["write -P 0x99 0 4k".into(), "write -P 0x98 3M 4k".into()]);
+    qemu_io(&data, "raw", &["write -P 0x97 4M 4k".into()]);
+    let inv3 = vb.create_vm_backup(create("", "backup-3")).await.expect("third backup").into_inner().inventories;
+    assert_eq!(uploaded(sc.status(spb::StatusRequest {}).await.expect("status").into_inner()), after_first + 3);
+    let meta: serde_json::Value = serde_json::from_str(&inv3[0].metadata).expect("json");
+    assert!(meta["deduplicatedBytes"].as_u64().expect("dedup") > 0, "{meta}");
+
+    // Queries and the finished job's progress.
+    let q = vb
+        .query_volume_backup(pb::QueryVolumeBackupRequest {
+            conditions: vec![format!("groupUuid={g1}")],
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(q.inventories.len(), 2);
+    let all = vb
+        .query_volume_backup(pb::QueryVolumeBackupRequest {
+            conditions: vec![format!("volumeUuid={ROOT}")],
+            count: true,
+            ..Default::default()
+        })
+        .await
+        .expect("count")
+        .into_inner();
+    assert_eq!(all.total, Some(3));
+    let mut w = vb.watch_job(pb::WatchJobRequest { job_uuid: g1.into() }).await.expect("watch").into_inner();
+    let p = w.message().await.expect("progress").expect("one message");
+    assert_eq!(p.state, "Succeeded");
+    assert_eq!(p.bytes_planned, 14 << 20);
+    assert_eq!(p.bytes_read + p.bytes_zero, p.bytes_planned, "{p:?}");
+    assert!(p.bytes_deduplicated >= 64 << 10, "{p:?}");
+
+    // Bad requests: unknown storage, unknown volume, bad tags, too low a bandwidth.
+    let mut bad = create("", "x");
+    bad.backup_storage_uuid = "33333333333333333333333333333333".into();
+    assert_eq!(vb.create_vm_backup(bad).await.expect_err("storage").code(), tonic::Code::NotFound);
+    let mut bad = create("", "x");
+    bad.vm = None;
+    bad.root_volume_uuid = "44444444444444444444444444444444".into();
+    assert_eq!(vb.create_vm_backup(bad).await.expect_err("volume").code(), tonic::Code::NotFound);
+    let mut bad = create("", "x");
+    bad.system_tags = vec!["volumeLiveBackup::parallelismDegree::0".into()];
+    assert_eq!(vb.create_vm_backup(bad).await.expect_err("tag").code(), tonic::Code::InvalidArgument);
+    let mut bad = create("", "x");
+    bad.network_write_bandwidth = Some(10);
+    let e = vb.create_vm_backup(bad).await.expect_err("bandwidth");
+    assert!(e.message().contains("networkWriteBandwidth"), "{e:?}");
+    let mut bad = create("", "x");
+    if let Some(v) = bad.vm.as_mut() {
+        v.volumes[1].install_path = "/nonexistent/data.raw".into();
+    }
+    let e = vb.create_vm_backup(bad).await.expect_err("missing file");
+    assert!(e.message().contains("/nonexistent/data.raw"), "{e:?}");
+    assert_eq!(
+        uploaded(sc.status(spb::StatusRequest {}).await.expect("status").into_inner()),
+        after_first + 3,
+        "nothing sent"
+    );
+}
