@@ -99,6 +99,11 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("daemon is running")
+    }
+
     /// The whole log so far.
     pub fn log_text(&self) -> String {
         read(&self.log)
@@ -259,4 +264,54 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Runs a tool, failing loudly if it is missing or fails.
+pub fn run_tool(tool: &str, args: &[&str]) -> String {
+    let out =
+        Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} not found ({e}): install qemu-utils"));
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Authenticated VmBackupService client.
+pub type BackupClient = vmbackup_proto::agent::v1::vm_backup_service_client::VmBackupServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, Auth>,
+>;
+
+/// A VmBackupService client of `agent` with its session.
+pub async fn backup_client(agent: &Daemon) -> BackupClient {
+    vmbackup_proto::agent::v1::vm_backup_service_client::VmBackupServiceClient::with_interceptor(
+        channel(&agent.url()).await,
+        Auth(Some(format!("OAuth {}", session(agent)))),
+    )
+}
+
+/// Registers `store` as a backup storage of `agent`; returns its uuid.
+pub async fn add_storage(agent: &Daemon, store: &Daemon, name: &str) -> String {
+    storage_client(agent, Some(session(agent)))
+        .await
+        .add_image_store_backup_storage(vmbackup_proto::agent::v1::AddImageStoreBackupStorageRequest {
+            name: name.into(),
+            url: store.url(),
+            ..Default::default()
+        })
+        .await
+        .expect("add storage")
+        .into_inner()
+        .inventory
+        .expect("inventory")
+        .uuid
+}
+
+/// Chunks uploaded to a store so far.
+pub async fn chunks_uploaded(store: &Daemon) -> u64 {
+    let mut c = store_client(store).await;
+    c.status(vmbackup_proto::store::v1::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .counters
+        .expect("counters")
+        .chunks_uploaded
 }

@@ -1,0 +1,193 @@
+//! Backups that are interrupted (CancelJob, SIGKILL of the agent), VMs sharing a base
+//! image, and the agent's memory ceiling on a large sparse volume.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    AgentOptions, Daemon, add_storage, backup_client, chunks_uploaded, pseudo_random, run_tool, start_agent,
+    start_store, start_store_with,
+};
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::store::v1 as spb;
+
+fn vm(uuid: &str, root_uuid: &str, path: &Path, format: &str) -> pb::RegisterVmRequest {
+    pb::RegisterVmRequest {
+        uuid: uuid.into(),
+        volumes: vec![pb::VolumeSpec {
+            uuid: root_uuid.into(),
+            name: "ROOT".into(),
+            install_path: path.display().to_string(),
+            format: format.into(),
+            r#type: "Root".into(),
+            device_id: 0,
+        }],
+        ..Default::default()
+    }
+}
+
+fn create(vm: &pb::RegisterVmRequest, bs: &str, resource: &str, read_bw: Option<i64>) -> pb::CreateVmBackupRequest {
+    pb::CreateVmBackupRequest {
+        root_volume_uuid: vm.volumes[0].uuid.clone(),
+        backup_storage_uuid: bs.into(),
+        name: "b".into(),
+        resource_uuid: resource.into(),
+        volume_read_bandwidth: read_bw,
+        vm: Some(vm.clone()),
+        ..Default::default()
+    }
+}
+
+/// A raw volume with `mib` MiB of incompressible data at its start.
+fn random_raw(path: &Path, size: u64, mib: usize, seed: u64) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.set_len(size).expect("size");
+    for i in 0..mib {
+        f.seek(SeekFrom::Start(u64::try_from(i).expect("fits") << 20)).expect("seek");
+        f.write_all(&pseudo_random(seed * 100_000 + u64::try_from(i).expect("fits"), 1 << 20)).expect("write");
+    }
+    f.sync_all().expect("sync");
+}
+
+async fn groups(store: &Daemon) -> Vec<String> {
+    let mut c = common::store_client(store).await;
+    c.list_groups(spb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .groups
+        .into_iter()
+        .map(|g| g.group_uuid)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_leaves_no_group_and_the_retry_sends_only_what_was_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 16 << 20, 12, 1);
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "22222222222222222222222222222222";
+
+    // 12 MiB at 4 MiB/s: cancel after about a second.
+    let mut c = backup_client(&agent).await;
+    let req = create(&v, &bs, resource, Some(4 << 20));
+    let running = tokio::spawn(async move { c.create_vm_backup(req).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut c = backup_client(&agent).await;
+    c.cancel_job(pb::CancelJobRequest { job_uuid: resource.into() }).await.expect("cancel");
+    let e = running.await.expect("task").expect_err("cancelled");
+    assert_eq!(e.code(), tonic::Code::Cancelled, "{e:?}");
+    assert!(groups(&store).await.is_empty(), "a cancelled backup leaves no group");
+    let before = chunks_uploaded(&store).await;
+    assert!(before > 0, "some chunks went up before the cancel");
+    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: resource.into() }).await.expect("watch").into_inner();
+    assert_eq!(w.message().await.expect("msg").expect("one").state, "Cancelled");
+
+    // The retry completes and sends only the chunks the cancelled run did not.
+    let inv = c.create_vm_backup(create(&v, &bs, resource, None)).await.expect("retry").into_inner().inventories;
+    assert_eq!(inv[0].group_uuid, resource);
+    assert_eq!(chunks_uploaded(&store).await, 12 * 16, "each 64 KiB chunk uploaded exactly once");
+    let mut sc = common::store_client(&store).await;
+    let st = sc.status(spb::StatusRequest {}).await.expect("status").into_inner().counters.expect("counters");
+    assert_eq!(st.chunks_already_present, 0, "nothing was sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_backup_is_reported_failed_and_the_retry_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 16 << 20, 12, 2);
+    let store = start_store(dir.path(), "store");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "55555555555555555555555555555555";
+    let mut c = backup_client(&agent).await;
+    let req = create(&v, &bs, resource, Some(4 << 20));
+    let running = tokio::spawn(async move { c.create_vm_backup(req).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.kill();
+    assert!(running.await.expect("task").is_err());
+    agent.restart();
+    let mut c = backup_client(&agent).await;
+    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: resource.into() }).await.expect("watch").into_inner();
+    let p = w.message().await.expect("msg").expect("one");
+    assert_eq!(p.state, "Failed", "{p:?}");
+    assert!(p.message.contains("agent stopped"), "{p:?}");
+    assert!(groups(&store).await.is_empty());
+    let inv = c.create_vm_backup(create(&v, &bs, resource, None)).await.expect("retry").into_inner().inventories;
+    assert_eq!(inv.len(), 1);
+    assert_eq!(groups(&store).await, vec![resource.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_vms_on_one_base_image_store_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    random_raw(&base, 8 << 20, 4, 3);
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    for (img, pattern) in [(&a, "0x41"), (&b, "0x42")] {
+        run_tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &img.display().to_string()],
+        );
+        run_tool("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {pattern} 6M 64k"), &img.display().to_string()]);
+    }
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let mut c = backup_client(&agent).await;
+    let va = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &a, "qcow2");
+    let vb = vm("98ac921100b43981b493071b6430bb2b", "2ae6b881bb1239cd907d48993e86a2e8", &b, "qcow2");
+    c.create_vm_backup(create(&va, &bs, "", None)).await.expect("backup a");
+    assert_eq!(chunks_uploaded(&store).await, 4 * 16 + 1, "base chunks plus A's own");
+    c.create_vm_backup(create(&vb, &bs, "", None)).await.expect("backup b");
+    assert_eq!(chunks_uploaded(&store).await, 4 * 16 + 2, "B adds only its own chunk");
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("big.raw");
+    let mut f = std::fs::File::create(&img).expect("create");
+    f.set_len(64 << 30).expect("64 GiB sparse");
+    // 2 GiB of distinct data in 64 MiB islands spread over the volume.
+    for island in 0..32u64 {
+        f.seek(SeekFrom::Start(island * (2 << 30))).expect("seek");
+        for mib in 0..64u64 {
+            f.write_all(&pseudo_random(island * 1000 + mib, 1 << 20)).expect("write");
+        }
+    }
+    f.sync_all().expect("sync");
+    drop(f);
+    let store = start_store_with(dir.path(), "store", None, 4 << 20);
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let mut c = backup_client(&agent).await;
+    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let mut req = create(&v, &bs, "", None);
+    req.system_tags = vec!["volumeLiveBackup::parallelismDegree::4".into()];
+    let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
+    assert_eq!(inv[0].size, 64 << 30);
+    assert_eq!(chunks_uploaded(&store).await, 512, "2 GiB in 4 MiB chunks");
+    let peak = peak_rss_kib(agent.pid());
+    assert!(peak < 256 << 10, "agent peak RSS {peak} KiB exceeds 256 MiB");
+    eprintln!("agent peak RSS backing up 2 GiB of a 64 GiB volume: {} MiB", peak >> 10);
+}
