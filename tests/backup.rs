@@ -243,3 +243,51 @@ async fn backup_dedups_and_sends_only_changes() {
         "nothing sent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vmbackupctl_registers_backs_up_lists_and_watches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &img.display().to_string(), "2M"]);
+    qemu_io(&img, "raw", &["write -P 0x5a 0 128k".into()]);
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let ctl = |args: &[&str]| {
+        let out = Command::new(common::bin("vmbackupctl"))
+            .arg("--agent")
+            .arg(agent.url())
+            .arg("--session-file")
+            .arg(agent.data_dir.join("session"))
+            .args(args)
+            .output()
+            .expect("run vmbackupctl");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let volume = format!("uuid={ROOT},path={},format=raw,type=Root,device=0", img.display());
+    let table = ctl(&["vm", "register", "--uuid", VM, "--name", "web", "--volume", &volume]);
+    assert!(table.contains(ROOT), "{table}");
+    let group = "77777777777777777777777777777777";
+    let json = ctl(&[
+        "--json",
+        "backup",
+        "create",
+        "--root-volume",
+        ROOT,
+        "--storage",
+        &bs,
+        "--name",
+        "cli",
+        "--resource-uuid",
+        group,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["inventories"][0]["groupUuid"], group, "{v}");
+    let table = ctl(&["backup", "list", &format!("groupUuid={group}")]);
+    assert!(table.contains(group) && table.contains("Ready"), "{table}");
+    let last = ctl(&["--json", "job", "watch", group]);
+    let p: serde_json::Value = serde_json::from_str(last.trim()).expect("json");
+    assert_eq!(p["state"], "Succeeded", "{p}");
+    assert_eq!(p["bytesRead"], "131072", "{p}");
+}

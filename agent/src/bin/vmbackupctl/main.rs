@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+mod backup;
+mod store;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
@@ -32,10 +35,19 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Backup storages (Image Storage servers).
     #[command(subcommand)]
     Storage(StorageCommand),
+    /// VM layouts the agent backs up.
+    #[command(subcommand)]
+    Vm(backup::VmCommand),
+    /// VM backups.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Long-running jobs.
+    #[command(subcommand)]
+    Job(backup::JobCommand),
     /// Talk to an Image Storage server directly.
     Store {
         /// Store endpoint.
@@ -139,7 +151,7 @@ async fn main() {
 
 /// Attaches the session to every call.
 #[derive(Clone)]
-struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub(crate) struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -151,6 +163,12 @@ impl tonic::service::Interceptor for Auth {
 type Client = BackupStorageServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let (channel, auth) = channel_and_auth(cli).await?;
+    Ok(BackupStorageServiceClient::with_interceptor(channel, auth))
+}
+
+/// A channel to the agent and the session to send on it.
+async fn channel_and_auth(cli: &Cli) -> anyhow::Result<(Channel, Auth)> {
     let session = match &cli.session {
         Some(s) => s.clone(),
         None => std::fs::read_to_string(&cli.session_file)
@@ -164,11 +182,11 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("connecting to the agent at {}", cli.agent))?;
-    Ok(BackupStorageServiceClient::with_interceptor(channel, Auth(header)))
+    Ok((channel, Auth(header)))
 }
 
 /// Formats an agent error with its ZStack code.
-fn rpc_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc_error(s: tonic::Status) -> anyhow::Error {
     match vmbackup_agent::api::error_code_of(&s) {
         Some(ec) => anyhow::anyhow!("{} ({}): {}", ec.code, ec.description, ec.details),
         None => anyhow::anyhow!("{:?}: {}", s.code(), s.message()),
@@ -177,12 +195,16 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Store { store, command } = &cli.command {
-        return run_store(store, command, cli.json).await;
+        return store::run_store(store, command, cli.json).await;
+    }
+    if matches!(cli.command, Command::Vm(_) | Command::Backup(_) | Command::Job(_)) {
+        let (channel, auth) = channel_and_auth(&cli).await?;
+        return backup::run(cli.command, channel, auth, cli.json).await;
     }
     let mut client = connect(&cli).await?;
     let json = cli.json;
     match cli.command {
-        Command::Store { .. } => Ok(()),
+        Command::Store { .. } | Command::Vm(_) | Command::Backup(_) | Command::Job(_) => Ok(()),
         Command::Storage(cmd) => match cmd {
             StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
                 let r = client
@@ -289,7 +311,7 @@ fn print_storages<T: serde::Serialize>(
 }
 
 /// Bytes in binary units, e.g. `1.5 GiB`.
-fn bytes(n: i64) -> String {
+pub(crate) fn bytes(n: i64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut unit = 0;
@@ -298,108 +320,4 @@ fn bytes(n: i64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
-}
-
-async fn run_store(url: &str, command: &StoreCommand, json: bool) -> anyhow::Result<()> {
-    use vmbackup_proto::store::v1 as spb;
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("{url:?} is not an endpoint URL"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the store at {url}"))?;
-    let mut c = spb::image_store_client::ImageStoreClient::new(channel).max_decoding_message_size(64 << 20);
-    let e = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
-    match command {
-        StoreCommand::Status => {
-            let r = c.status(spb::StatusRequest {}).await.map_err(e)?.into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-                return Ok(());
-            }
-            let counters = r.counters.unwrap_or_default();
-            let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(["STORE UUID", "GROUPS", "CHUNK SIZE", "TOTAL", "AVAILABLE", "CHUNKS UPLOADED", "VERSION"]);
-            t.add_row([
-                r.store_uuid,
-                r.group_count.to_string(),
-                bytes(i64::from(r.chunk_size)),
-                bytes(i64::try_from(r.total_capacity).unwrap_or(i64::MAX)),
-                bytes(i64::try_from(r.available_capacity).unwrap_or(i64::MAX)),
-                counters.chunks_uploaded.to_string(),
-                r.server_version,
-            ]);
-            println!("{t}");
-        }
-        StoreCommand::Groups => {
-            let r = c.list_groups(spb::ListGroupsRequest {}).await.map_err(e)?.into_inner();
-            let manifests: Vec<serde_json::Value> = r
-                .groups
-                .iter()
-                .map(|g| {
-                    serde_json::from_slice::<serde_json::Value>(&g.manifest)
-                        .map(|m| serde_json::json!({"damaged": g.damaged, "manifest": m}))
-                })
-                .collect::<Result<_, _>>()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&manifests)?);
-                return Ok(());
-            }
-            let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(["GROUP UUID", "NAME", "VM", "VOLUMES", "DAMAGED"]);
-            for g in &manifests {
-                let m = &g["manifest"];
-                t.add_row([
-                    m["groupUuid"].as_str().unwrap_or_default().to_string(),
-                    m["name"].as_str().unwrap_or_default().to_string(),
-                    m["vmUuid"].as_str().unwrap_or_default().to_string(),
-                    m["volumes"].as_array().map_or(0, Vec::len).to_string(),
-                    g["damaged"].to_string(),
-                ]);
-            }
-            println!("{t}");
-        }
-        StoreCommand::Gc { safety_margin_seconds } => {
-            let r = c
-                .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: *safety_margin_seconds })
-                .await
-                .map_err(e)?
-                .into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "removed {} chunks ({}), kept {} ({}), removed {} orphan indexes in {:.1}s",
-                    r.chunks_removed,
-                    bytes(i64::try_from(r.bytes_removed).unwrap_or(i64::MAX)),
-                    r.chunks_kept,
-                    bytes(i64::try_from(r.bytes_kept).unwrap_or(i64::MAX)),
-                    r.indexes_removed,
-                    r.seconds
-                );
-            }
-        }
-        StoreCommand::Verify { groups } => {
-            let r = c.verify(spb::VerifyRequest { group_uuids: groups.clone() }).await.map_err(e)?.into_inner();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "checked {} chunks in {:.1}s: {} bad, {} damaged groups",
-                    r.chunks_checked,
-                    r.seconds,
-                    r.bad_chunks.len(),
-                    r.damaged_groups.len()
-                );
-                for g in &r.damaged_groups {
-                    println!("damaged group {g}");
-                }
-            }
-            if !r.bad_chunks.is_empty() || !r.damaged_groups.is_empty() {
-                std::process::exit(2);
-            }
-        }
-    }
-    Ok(())
 }

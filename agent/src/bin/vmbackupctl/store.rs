@@ -1,0 +1,111 @@
+//! `vmbackupctl store …`: talks to an Image Storage server directly.
+
+use anyhow::Context;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use tonic::transport::Channel;
+
+use crate::{StoreCommand, bytes};
+
+pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> anyhow::Result<()> {
+    use vmbackup_proto::store::v1 as spb;
+    let channel = Channel::from_shared(url.to_string())
+        .with_context(|| format!("{url:?} is not an endpoint URL"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the store at {url}"))?;
+    let mut c = spb::image_store_client::ImageStoreClient::new(channel).max_decoding_message_size(64 << 20);
+    let e = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    match command {
+        StoreCommand::Status => {
+            let r = c.status(spb::StatusRequest {}).await.map_err(e)?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let counters = r.counters.unwrap_or_default();
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(["STORE UUID", "GROUPS", "CHUNK SIZE", "TOTAL", "AVAILABLE", "CHUNKS UPLOADED", "VERSION"]);
+            t.add_row([
+                r.store_uuid,
+                r.group_count.to_string(),
+                bytes(i64::from(r.chunk_size)),
+                bytes(i64::try_from(r.total_capacity).unwrap_or(i64::MAX)),
+                bytes(i64::try_from(r.available_capacity).unwrap_or(i64::MAX)),
+                counters.chunks_uploaded.to_string(),
+                r.server_version,
+            ]);
+            println!("{t}");
+        }
+        StoreCommand::Groups => {
+            let r = c.list_groups(spb::ListGroupsRequest {}).await.map_err(e)?.into_inner();
+            let manifests: Vec<serde_json::Value> = r
+                .groups
+                .iter()
+                .map(|g| {
+                    serde_json::from_slice::<serde_json::Value>(&g.manifest)
+                        .map(|m| serde_json::json!({"damaged": g.damaged, "manifest": m}))
+                })
+                .collect::<Result<_, _>>()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&manifests)?);
+                return Ok(());
+            }
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(["GROUP UUID", "NAME", "VM", "VOLUMES", "DAMAGED"]);
+            for g in &manifests {
+                let m = &g["manifest"];
+                t.add_row([
+                    m["groupUuid"].as_str().unwrap_or_default().to_string(),
+                    m["name"].as_str().unwrap_or_default().to_string(),
+                    m["vmUuid"].as_str().unwrap_or_default().to_string(),
+                    m["volumes"].as_array().map_or(0, Vec::len).to_string(),
+                    g["damaged"].to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
+        StoreCommand::Gc { safety_margin_seconds } => {
+            let r = c
+                .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: *safety_margin_seconds })
+                .await
+                .map_err(e)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "removed {} chunks ({}), kept {} ({}), removed {} orphan indexes in {:.1}s",
+                    r.chunks_removed,
+                    bytes(i64::try_from(r.bytes_removed).unwrap_or(i64::MAX)),
+                    r.chunks_kept,
+                    bytes(i64::try_from(r.bytes_kept).unwrap_or(i64::MAX)),
+                    r.indexes_removed,
+                    r.seconds
+                );
+            }
+        }
+        StoreCommand::Verify { groups } => {
+            let r = c.verify(spb::VerifyRequest { group_uuids: groups.clone() }).await.map_err(e)?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "checked {} chunks in {:.1}s: {} bad, {} damaged groups",
+                    r.chunks_checked,
+                    r.seconds,
+                    r.bad_chunks.len(),
+                    r.damaged_groups.len()
+                );
+                for g in &r.damaged_groups {
+                    println!("damaged group {g}");
+                }
+            }
+            if !r.bad_chunks.is_empty() || !r.damaged_groups.is_empty() {
+                std::process::exit(2);
+            }
+        }
+    }
+    Ok(())
+}
