@@ -1,0 +1,141 @@
+//! End-to-end backup throughput: a real store and agent on loopback back up a generated
+//! corpus (full), then a copy with 5% of its regions rewritten (incremental, no dirty
+//! bitmap), at parallelism 1, 2 and 4. Prints MiB/s of logical size, MiB per CPU-second of
+//! agent and store together, and each process's peak RSS. Reported, never asserted.
+//!
+//! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
+//! (`VMBACKUP_BENCH_MIB`, default 1024: the volume size).
+
+#![allow(missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use vmbackup_proto::agent::v1 as pb;
+
+const REGION: usize = 4 << 20;
+
+/// Region kinds of the corpus, by index (seeded, so every run makes the same volume):
+/// 40% holes, 20% random, 25% text-like, 15% copies of an earlier region.
+fn region(i: u64, version: u64) -> Option<Vec<u8>> {
+    let kind = (i.wrapping_mul(2_654_435_761) >> 7) % 20;
+    let changed = version > 0 && i % 20 == 3;
+    let seed = i + if changed { 1 << 40 } else { 0 };
+    match kind {
+        0..=7 if !changed => None,
+        8..=11 => Some(common::pseudo_random(seed, REGION)),
+        12..=16 | 0..=7 => {
+            let words = b"the volume of a virtual machine holds files, logs and packages; ";
+            let mut v: Vec<u8> = words.iter().cycle().take(REGION).copied().collect();
+            v[..8].copy_from_slice(&seed.to_le_bytes());
+            Some(v)
+        }
+        _ => region(i / 2, version).or_else(|| Some(common::pseudo_random(seed, REGION))),
+    }
+}
+
+fn make_volume(path: &Path, mib: u64, version: u64) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.set_len(mib << 20).expect("size");
+    use std::io::Seek;
+    for i in 0..mib / 4 {
+        if let Some(data) = region(i, version) {
+            f.seek(std::io::SeekFrom::Start(i * REGION as u64)).expect("seek");
+            f.write_all(&data).expect("write");
+        }
+    }
+    f.sync_all().expect("sync");
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("comm").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        >> 10
+}
+
+#[tokio::main]
+async fn main() {
+    let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let corpus = tempfile::tempdir().expect("tempdir");
+    let v1 = corpus.path().join("v1.raw");
+    let v2 = corpus.path().join("v2.raw");
+    make_volume(&v1, mib, 0);
+    make_volume(&v2, mib, 1);
+    println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
+    println!(
+        "{:<12} {:>3} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "operation", "par", "MiB/s", "MiB/CPU-s", "agent MiB", "store MiB", "stored MiB"
+    );
+    for parallelism in [1u32, 2, 4] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
+        let agent = common::start_agent(dir.path(), common::AgentOptions::default());
+        let bs = common::add_storage(&agent, &store, "bench").await;
+        let mut c = common::backup_client(&agent).await;
+        for (op, img) in [("full", &v1), ("incremental", &v2)] {
+            let req = pb::CreateVmBackupRequest {
+                root_volume_uuid: "edc07fe8d8a335ec8aa00f23b88fc1c6".into(),
+                backup_storage_uuid: bs.clone(),
+                name: op.into(),
+                system_tags: vec![format!("volumeLiveBackup::parallelismDegree::{parallelism}")],
+                vm: Some(pb::RegisterVmRequest {
+                    uuid: "9ff17180fded31c2b9e4e5751ebcb2ba".into(),
+                    volumes: vec![pb::VolumeSpec {
+                        uuid: "edc07fe8d8a335ec8aa00f23b88fc1c6".into(),
+                        name: "ROOT".into(),
+                        install_path: img.display().to_string(),
+                        format: "raw".into(),
+                        r#type: "Root".into(),
+                        device_id: 0,
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid());
+            let start = Instant::now();
+            c.create_vm_backup(req).await.expect("backup");
+            let secs = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) - cpu0;
+            let stored = dir_size(&store.data_dir.join("chunks")) as f64 / 1048576.0;
+            println!(
+                "{op:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}",
+                mib as f64 / secs,
+                mib as f64 / cpu.max(0.01),
+                peak_rss_mib(agent.pid()),
+                peak_rss_mib(store.pid()),
+                stored
+            );
+        }
+    }
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
