@@ -191,3 +191,25 @@ async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
     assert!(peak < 256 << 10, "agent peak RSS {peak} KiB exceeds 256 MiB");
     eprintln!("agent peak RSS backing up 2 GiB of a 64 GiB volume: {} MiB", peak >> 10);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_while_the_first_attempt_runs_joins_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 8 << 20, 6, 4);
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "66666666666666666666666666666666";
+    let mut first = backup_client(&agent).await;
+    let req = create(&v, &bs, resource, Some(6 << 20));
+    let a = tokio::spawn(async move { first.create_vm_backup(req).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut second = backup_client(&agent).await;
+    let joined = second.create_vm_backup(create(&v, &bs, resource, None)).await.expect("join").into_inner().inventories;
+    let original = a.await.expect("task").expect("first attempt").into_inner().inventories;
+    assert_eq!(joined, original);
+    assert_eq!(groups(&store).await, vec![resource.to_string()]);
+    assert_eq!(chunks_uploaded(&store).await, 6 * 16, "the data went up once");
+}

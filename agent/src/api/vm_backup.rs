@@ -77,10 +77,22 @@ impl VmBackupApi {
         if !existing.is_empty() {
             return Ok(existing);
         }
-        if let Some(job) = self.jobs.running(&group_uuid) {
+        if self.jobs.running(&group_uuid).is_some() {
+            // A retry while the first attempt runs joins it.
+            let mut progress = Box::pin(self.jobs.watch(&group_uuid).await?);
+            let mut last = None;
+            while let Some(p) = progress.next().await {
+                last = Some(p);
+            }
+            let (c, g) = (catalog.clone(), group_uuid.clone());
+            let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            let why = last.and_then(|p| p.error.map(|e| e.details)).unwrap_or_else(|| "it did not commit".into());
             return Err(AgentError::new(
                 ErrorKind::FailedPrecondition,
-                format!("the backup {} is still running; watch job {}", group_uuid, job.uuid),
+                format!("the joined backup {group_uuid} failed: {why}"),
             ));
         }
 
