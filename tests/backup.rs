@@ -291,3 +291,109 @@ async fn vmbackupctl_registers_backs_up_lists_and_watches() {
     assert_eq!(p["state"], "Succeeded", "{p}");
     assert_eq!(p["bytesRead"], "131072", "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_then_gc_reclaims_only_its_chunks_and_sync_rebuilds_the_catalog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &img.display().to_string(), "4M"]);
+    // a = {0x31, 0x34}; b overwrites the first chunk: {0x32, 0x34}. Only 0x31 is a's alone.
+    qemu_io(&img, "raw", &["write -P 0x31 0 64k".into(), "write -P 0x34 64k 64k".into()]);
+    let store = start_store(dir.path(), "store");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let bs_uuid = "88888888888888888888888888888888";
+    let add = |agent: &common::Daemon| {
+        let (url, token) = (store.url(), common::session(agent));
+        let agent_url = agent.url();
+        async move {
+            let mut c = pb::backup_storage_service_client::BackupStorageServiceClient::with_interceptor(
+                common::channel(&agent_url).await,
+                Auth(Some(format!("OAuth {token}"))),
+            );
+            c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+                name: "store".into(),
+                url,
+                resource_uuid: bs_uuid.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("add storage");
+        }
+    };
+    add(&agent).await;
+    let vm = pb::RegisterVmRequest {
+        uuid: VM.into(),
+        volumes: vec![pb::VolumeSpec {
+            uuid: ROOT.into(),
+            name: "ROOT".into(),
+            install_path: img.display().to_string(),
+            format: "raw".into(),
+            r#type: "Root".into(),
+            device_id: 0,
+        }],
+        ..Default::default()
+    };
+    let create = |name: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs_uuid.into(),
+        name: name.into(),
+        vm: Some(vm.clone()),
+        ..Default::default()
+    };
+    let mut c = common::backup_client(&agent).await;
+    let a = c.create_vm_backup(create("a")).await.expect("a").into_inner().inventories;
+    qemu_io(&img, "raw", &["write -P 0x32 0 64k".into()]);
+    let b = c.create_vm_backup(create("b")).await.expect("b").into_inner().inventories;
+    let before = all_backups(&mut c).await;
+    assert_eq!(before.len(), 2);
+
+    // Sync: lose the catalog, restart, register the storage under its uuid again, sync.
+    agent.stop();
+    for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
+        let _ = std::fs::remove_file(agent.data_dir.join(f));
+    }
+    agent.restart();
+    add(&agent).await;
+    let mut c = common::backup_client(&agent).await;
+    assert!(all_backups(&mut c).await.is_empty());
+    c.sync_vm_backup(pb::SyncVmBackupRequest { image_store_uuid: bs_uuid.into(), ..Default::default() })
+        .await
+        .expect("sync");
+    assert_eq!(all_backups(&mut c).await, before, "every inventory comes back equal");
+    c.sync_vm_backup(pb::SyncVmBackupRequest { image_store_uuid: bs_uuid.into(), ..Default::default() })
+        .await
+        .expect("sync again");
+    assert_eq!(all_backups(&mut c).await, before, "a second sync changes nothing");
+
+    // Delete group a; GC removes exactly the chunk only a used.
+    c.delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: a[0].group_uuid.clone(), ..Default::default() })
+        .await
+        .expect("delete");
+    let e = c
+        .delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: a[0].group_uuid.clone(), ..Default::default() })
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(all_backups(&mut c).await.len(), 1);
+    let mut sc = store_client(&store).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let gc = sc
+        .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: Some(0) })
+        .await
+        .expect("gc")
+        .into_inner();
+    assert_eq!((gc.chunks_removed, gc.chunks_kept), (1, 2), "{gc:?}");
+    let v = sc
+        .verify(spb::VerifyRequest { group_uuids: vec![b[0].group_uuid.clone()] })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty(), "{v:?}");
+}
+
+async fn all_backups(c: &mut common::BackupClient) -> Vec<pb::VolumeBackupInventory> {
+    let mut v =
+        c.query_volume_backup(pb::QueryVolumeBackupRequest::default()).await.expect("query").into_inner().inventories;
+    v.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    v
+}

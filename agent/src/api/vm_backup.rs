@@ -1,5 +1,5 @@
-//! VmBackupService: CreateVmBackup, QueryVolumeBackup, WatchJob and CancelJob. (Delete,
-//! Sync, Recover and Restore answer UNIMPLEMENTED until they land.)
+//! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
+//! WatchJob and CancelJob. (Recover and Restore answer UNIMPLEMENTED until they land.)
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -223,16 +223,39 @@ impl VmBackupService for VmBackupApi {
 
     async fn delete_vm_backup(
         &self,
-        _r: Request<pb::DeleteVmBackupRequest>,
+        r: Request<pb::DeleteVmBackupRequest>,
     ) -> Result<Response<pb::DeleteVmBackupReply>, Status> {
-        Err(unimplemented("DeleteVmBackup"))
+        let r = r.into_inner();
+        let parsed = (|| -> Result<_> {
+            let group = validate::uuid("groupUuid", &r.group_uuid)?;
+            let storages = r
+                .backup_storage_uuids
+                .iter()
+                .map(|s| validate::uuid("backupStorageUuids", s))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((group, storages, validate::delete_mode("deleteMode", &r.delete_mode)?))
+        })();
+        let (group, storages, mode) = parsed.map_err(|e| status(&e))?;
+        if let Some(job) = self.jobs.running(&group) {
+            if mode == validate::DeleteMode::Permissive {
+                return Err(status(&AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("job {} is using backup group {group}; wait for it or use deleteMode Enforcing", job.uuid),
+                )));
+            }
+            job.cancel.cancel();
+        }
+        backup::lifecycle::delete_group(&self.registry, &group, &storages).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteVmBackupReply {}))
     }
 
     async fn sync_vm_backup(
         &self,
-        _r: Request<pb::SyncVmBackupRequest>,
+        r: Request<pb::SyncVmBackupRequest>,
     ) -> Result<Response<pb::SyncVmBackupReply>, Status> {
-        Err(unimplemented("SyncVmBackup"))
+        let uuid = validate::uuid("imageStoreUuid", &r.get_ref().image_store_uuid).map_err(|e| status(&e))?;
+        backup::lifecycle::sync_storage(&self.registry, &uuid).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SyncVmBackupReply {}))
     }
 
     async fn recover_vm_backup_from_image_store_backup_storage(

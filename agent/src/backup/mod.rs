@@ -8,6 +8,7 @@
 //! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
 //! visible with one atomic commit, so a failed or cancelled backup leaves none.
 
+pub mod lifecycle;
 mod pipeline;
 
 use std::collections::HashSet;

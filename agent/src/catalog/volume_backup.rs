@@ -183,6 +183,39 @@ impl Catalog {
         Ok(self.query_volume_backups(&q)?.rows.into_iter().next())
     }
 
+    /// Removes a group's refs to `storages` (all when empty); volume backups left with no
+    /// storage are removed too. Returns how many refs went.
+    pub fn remove_group_refs(&self, group_uuid: &str, storages: &[String]) -> Result<usize, CatalogError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut removed = 0;
+        let sql = "DELETE FROM volume_backup_ref WHERE volume_backup_uuid IN (SELECT uuid FROM volume_backup WHERE group_uuid = ?1)";
+        if storages.is_empty() {
+            removed += tx.execute(sql, [group_uuid])?;
+        } else {
+            for s in storages {
+                removed += tx.execute(&format!("{sql} AND backup_storage_uuid = ?2"), params![group_uuid, s])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM volume_backup WHERE group_uuid = ?1 AND uuid NOT IN (SELECT volume_backup_uuid FROM volume_backup_ref)",
+            [group_uuid],
+        )?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Groups with a volume backup on `storage`.
+    pub fn groups_on_storage(&self, storage: &str) -> Result<Vec<String>, CatalogError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT b.group_uuid FROM volume_backup b JOIN volume_backup_ref r ON r.volume_backup_uuid = b.uuid
+             WHERE r.backup_storage_uuid = ?1 ORDER BY b.group_uuid",
+        )?;
+        let rows = stmt.query_map([storage], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Runs a ZStack query over volume backups.
     pub fn query_volume_backups(&self, q: &QueryParams) -> Result<QueryResult<VolumeBackupRecord>, CatalogError> {
         let conn = self.conn();

@@ -1,0 +1,116 @@
+//! DeleteVmBackup and SyncVmBackup: removing groups from their storages, and rebuilding the
+//! catalog of one storage from its manifests alone.
+
+use std::collections::HashSet;
+
+use vmbackup_proto::manifest::GroupManifest;
+
+use crate::catalog::volume_backup::{StorageRef, VolumeBackupRecord};
+use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::storage::registry::Registry;
+
+/// Removes a group from `storages` (every storage holding it when empty). The stores
+/// reclaim its chunks with their GC.
+pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[String]) -> Result<()> {
+    let (c, g) = (registry.catalog().clone(), group_uuid.to_string());
+    let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+    if records.is_empty() {
+        return Err(AgentError::not_found("backup group", group_uuid).with_field("groupUuid"));
+    }
+    let holding: HashSet<String> =
+        records.iter().flat_map(|r| r.refs.iter().map(|s| s.backup_storage_uuid.clone())).collect();
+    let targets: Vec<String> = if storages.is_empty() { holding.iter().cloned().collect() } else { storages.to_vec() };
+    for s in &targets {
+        if !holding.contains(s) {
+            return Err(AgentError::invalid(
+                "backupStorageUuids",
+                format!("backup group {group_uuid} is not on backup storage {s}"),
+            ));
+        }
+    }
+    for s in &targets {
+        let storage = registry.require(s).await?;
+        let mut client = registry.connect(&storage.url).await?;
+        match client.delete_group(group_uuid).await {
+            Ok(()) => {}
+            // Already gone from the store (deleted there, or a retry): just forget it.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let (c, g, st) = (registry.catalog().clone(), group_uuid.to_string(), vec![s.clone()]);
+        blocking(move || Ok(c.remove_group_refs(&g, &st)?)).await?;
+        tracing::info!(group = %group_uuid, storage = %s, "backup group deleted");
+    }
+    Ok(())
+}
+
+/// Rebuilds the catalog of one Image Storage from its manifests: groups it holds that the
+/// catalog lacks are added (with their recorded names, sizes and dates), groups the catalog
+/// lists but the store no longer has are forgotten, and the others are left untouched.
+/// Returns (added, removed).
+pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(usize, usize)> {
+    let storage = registry.require(storage_uuid).await?;
+    let mut client = registry.connect(&storage.url).await?;
+    let groups = client.list_groups().await?;
+    let catalog = registry.catalog().clone();
+    let (c, s) = (catalog.clone(), storage_uuid.to_string());
+    let known: HashSet<String> = blocking(move || Ok(c.groups_on_storage(&s)?)).await?.into_iter().collect();
+    let mut on_store = HashSet::new();
+    let mut added = 0;
+    for g in groups {
+        let manifest = GroupManifest::decode(&g.manifest).map_err(|e| {
+            AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("manifest of group {} on {}: {e}", g.group_uuid, storage.url),
+            )
+        })?;
+        on_store.insert(manifest.group_uuid.clone());
+        if known.contains(&manifest.group_uuid) {
+            continue;
+        }
+        let status = if g.damaged { "Damaged" } else { "Ready" };
+        let records: Vec<VolumeBackupRecord> = manifest
+            .volumes
+            .iter()
+            .map(|v| VolumeBackupRecord {
+                uuid: v.volume_backup_uuid.clone(),
+                group_uuid: manifest.group_uuid.clone(),
+                volume_uuid: v.volume_uuid.clone(),
+                name: v.name.clone(),
+                description: if manifest.description.is_empty() { None } else { Some(manifest.description.clone()) },
+                kind: v.kind.clone(),
+                state: "Enabled".into(),
+                status: status.into(),
+                size: i64::try_from(v.virtual_size).unwrap_or(i64::MAX),
+                metadata: serde_json::json!({
+                    "format": v.format,
+                    "virtualSize": v.virtual_size,
+                    "chunkSize": manifest.chunk_size,
+                    "storedBytes": v.stored_bytes,
+                    "deduplicatedBytes": v.deduplicated_bytes,
+                })
+                .to_string(),
+                create_date: manifest.created,
+                last_op_date: manifest.created,
+                refs: vec![StorageRef {
+                    backup_storage_uuid: storage_uuid.to_string(),
+                    install_path: v.index_name.clone(),
+                    status: status.into(),
+                    create_date: manifest.created,
+                    last_op_date: manifest.created,
+                }],
+            })
+            .collect();
+        let c = catalog.clone();
+        blocking(move || Ok(c.insert_volume_backups(&records)?)).await?;
+        added += 1;
+    }
+    let mut removed = 0;
+    for g in known.difference(&on_store) {
+        let (c, g, s) = (catalog.clone(), g.clone(), vec![storage_uuid.to_string()]);
+        blocking(move || Ok(c.remove_group_refs(&g, &s)?)).await?;
+        removed += 1;
+    }
+    tracing::info!(storage = %storage_uuid, added, removed, "catalog synced from the store's manifests");
+    Ok((added, removed))
+}
