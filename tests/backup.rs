@@ -20,9 +20,7 @@ const ROOT: &str = "edc07fe8d8a335ec8aa00f23b88fc1c6";
 const DATA: &str = "2ae6b881bb1239cd907d48993e86a2e8";
 
 fn run(tool: &str, args: &[&str]) {
-    let out =
-        Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} not found ({e}): install qemu-utils"));
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    common::run_tool(tool, args);
 }
 
 fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
