@@ -110,7 +110,12 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
         common::channel(&agent.url()).await,
         common::Auth(Some(token)),
     );
-    let e = vb.restore_vm_backup(pb::RestoreVmBackupRequest::default()).await.expect_err("not built yet");
+    let e = vb
+        .recover_vm_backup_from_image_store_backup_storage(
+            pb::RecoverVmBackupFromImageStoreBackupStorageRequest::default(),
+        )
+        .await
+        .expect_err("not built yet");
     assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));
 }
 

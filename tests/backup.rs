@@ -395,3 +395,114 @@ async fn all_backups(c: &mut common::BackupClient) -> Vec<pb::VolumeBackupInvent
     v.sort_by(|a, b| a.uuid.cmp(&b.uuid));
     v
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_to_raw_is_identical_sparse_and_refuses_damaged_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &base.display().to_string(), "6M"]);
+    qemu_io(&base, "raw", &["write -P 0x41 0 2M".into()]);
+    let root = dir.path().join("root.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &root.display().to_string(), "8M"]);
+    qemu_io(&root, "qcow2", &["write -P 0x42 1M 100k".into(), "write -z 0 64k".into(), "write -P 0x43 7M 4097".into()]);
+    let data = dir.path().join("data.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &data.display().to_string(), "5M"]);
+    qemu_io(&data, "raw", &["write -P 0x44 64k 64k".into(), "write -P 0x45 4M 1M".into()]);
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let vm = pb::RegisterVmRequest {
+        uuid: VM.into(),
+        volumes: vec![
+            pb::VolumeSpec {
+                uuid: ROOT.into(),
+                name: "ROOT".into(),
+                install_path: root.display().to_string(),
+                format: "qcow2".into(),
+                r#type: "Root".into(),
+                device_id: 0,
+            },
+            pb::VolumeSpec {
+                uuid: DATA.into(),
+                name: "DATA".into(),
+                install_path: data.display().to_string(),
+                format: "raw".into(),
+                r#type: "Data".into(),
+                device_id: 1,
+            },
+        ],
+        ..Default::default()
+    };
+    let inv = c
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs.clone(),
+            name: "r".into(),
+            vm: Some(vm),
+            ..Default::default()
+        })
+        .await
+        .expect("backup")
+        .into_inner()
+        .inventories;
+    let group = inv[0].group_uuid.clone();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    let target = |volume: &str, name: &str| pb::RestoreTarget {
+        volume_uuid: volume.into(),
+        install_path: out.join(name).display().to_string(),
+        format: "raw".into(),
+    };
+    let reply = c
+        .restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: group.clone(),
+            backup_storage_uuid: bs.clone(),
+            targets: vec![target(ROOT, "root.raw"), target(DATA, "data.raw")],
+            ..Default::default()
+        })
+        .await
+        .expect("restore")
+        .into_inner();
+    assert_eq!(reply.inventories.len(), 2);
+    for (src, fmt, name) in [(&root, "qcow2", "root.raw"), (&data, "raw", "data.raw")] {
+        let restored = out.join(name);
+        let r = Command::new("qemu-img")
+            .args(["compare", "-f", fmt, "-F", "raw", &src.display().to_string(), &restored.display().to_string()])
+            .output()
+            .expect("qemu-img compare");
+        assert!(r.status.success(), "{name}: {}", String::from_utf8_lossy(&r.stdout));
+        let meta = std::fs::metadata(&restored).expect("stat");
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 < meta.len() / 2,
+            "{name}: zero chunks must stay holes ({} of {} bytes allocated)",
+            meta.blocks() * 512,
+            meta.len()
+        );
+    }
+    let mut w =
+        c.watch_job(pb::WatchJobRequest { job_uuid: reply.job_uuid.clone() }).await.expect("watch").into_inner();
+    let p = w.message().await.expect("msg").expect("one");
+    assert_eq!((p.state.as_str(), p.bytes_written + p.bytes_zero), ("Succeeded", 13 << 20), "{p:?}");
+
+    // A chunk damaged on the store: the restore fails naming it and the volume, leaving nothing.
+    let data_chunk = Digest::of(&[0x45u8; CS]).to_hex();
+    let path = store.data_dir.join("chunks").join(&data_chunk[..4]).join(&data_chunk);
+    let mut bytes = std::fs::read(&path).expect("chunk file");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).expect("corrupt");
+    let e = c
+        .restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: group,
+            backup_storage_uuid: bs,
+            targets: vec![target(DATA, "again.raw")],
+            ..Default::default()
+        })
+        .await
+        .expect_err("damaged chunk");
+    assert!(e.message().contains(&data_chunk) && e.message().contains(DATA), "{e:?}");
+    let left: Vec<_> = std::fs::read_dir(&out).expect("out").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "no partial or failed target left behind: {left:?}");
+}

@@ -1,5 +1,6 @@
 //! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
-//! WatchJob and CancelJob. (Recover and Restore answer UNIMPLEMENTED until they land.)
+//! RestoreVmBackup (to raw files), WatchJob and CancelJob. (Recover, and restores to qcow2
+//! or over the VM's own volumes, answer UNIMPLEMENTED until they land.)
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -162,6 +163,73 @@ impl VmBackupApi {
     }
 }
 
+impl VmBackupApi {
+    async fn restore(&self, r: pb::RestoreVmBackupRequest) -> Result<(String, Vec<VolumeBackupRecord>)> {
+        let group = validate::uuid("groupUuid", &r.group_uuid)?;
+        let bs = validate::uuid("backupStorageUuid", &r.backup_storage_uuid)?;
+        let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
+        let network_limit = Throttle::unlimited().with(bandwidth("networkReadBandwidth", r.network_read_bandwidth)?);
+        let write_limit = Throttle::unlimited().with(bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?);
+        if r.revert {
+            return Err(AgentError::new(
+                ErrorKind::Unimplemented,
+                "restoring over the VM's own volumes (revert) is not implemented yet",
+            )
+            .with_field("revert"));
+        }
+        if r.targets.is_empty() {
+            return Err(AgentError::invalid("targets", "name at least one volume to restore and where"));
+        }
+        let (c, g) = (self.registry.catalog().clone(), group.clone());
+        let backups = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        if backups.is_empty() {
+            return Err(AgentError::not_found("backup group", &group).with_field("groupUuid"));
+        }
+        let mut targets = Vec::new();
+        for (i, t) in r.targets.iter().enumerate() {
+            let volume = validate::uuid("targets", &t.volume_uuid)?;
+            let backup = backups.iter().find(|b| b.volume_uuid == volume).ok_or_else(|| {
+                AgentError::invalid("targets", format!("targets[{i}]: volume {volume} is not in backup group {group}"))
+            })?;
+            if !t.install_path.starts_with('/') || t.install_path.contains('\0') {
+                return Err(AgentError::invalid(
+                    "targets",
+                    format!("targets[{i}].installPath: {} is not an absolute path", validate::shorten(&t.install_path)),
+                ));
+            }
+            match t.format.as_str() {
+                "" | "raw" => {}
+                "qcow2" => {
+                    return Err(AgentError::new(
+                        ErrorKind::Unimplemented,
+                        format!("targets[{i}]: restoring to qcow2 is not implemented yet"),
+                    )
+                    .with_field("targets"));
+                }
+                other => {
+                    return Err(AgentError::invalid(
+                        "targets",
+                        format!("targets[{i}].format: {} is not raw or qcow2", validate::shorten(other)),
+                    ));
+                }
+            }
+            targets
+                .push(backup::restore::RestoreTarget { backup: backup.clone(), path: t.install_path.clone().into() });
+        }
+        let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
+        let job = self.jobs.start("RestoreVmBackup", resource, Some(bs.clone())).await?;
+        let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
+        let handle = tokio::spawn(async move {
+            let result = backup::restore::run(&registry, &j, &bs, targets, network_limit, write_limit).await;
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+            jobs.finish(&j, &outcome).await;
+            result
+        });
+        handle.await??;
+        Ok((job.uuid.clone(), records))
+    }
+}
+
 struct VolumesGuard {
     set: Arc<Mutex<HashSet<String>>>,
     volumes: Vec<String>,
@@ -267,9 +335,13 @@ impl VmBackupService for VmBackupApi {
 
     async fn restore_vm_backup(
         &self,
-        _r: Request<pb::RestoreVmBackupRequest>,
+        r: Request<pb::RestoreVmBackupRequest>,
     ) -> Result<Response<pb::RestoreVmBackupReply>, Status> {
-        Err(unimplemented("RestoreVmBackup"))
+        let (job_uuid, records) = self.restore(r.into_inner()).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RestoreVmBackupReply {
+            job_uuid,
+            inventories: records.into_iter().map(inventory).collect(),
+        }))
     }
 
     async fn query_volume_backup(

@@ -10,6 +10,7 @@
 
 pub mod lifecycle;
 mod pipeline;
+pub mod restore;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -12,6 +12,7 @@
 
 pub mod qcow2;
 pub mod raw;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
