@@ -106,14 +106,12 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
 
     // A method of a later feature: UNIMPLEMENTED with SYS.1014, never a fake success.
     let token = format!("OAuth {}", common::session(&agent));
-    let mut vb = pb::vm_backup_service_client::VmBackupServiceClient::with_interceptor(
+    let mut sg = pb::volume_snapshot_group_service_client::VolumeSnapshotGroupServiceClient::with_interceptor(
         common::channel(&agent.url()).await,
         common::Auth(Some(token)),
     );
-    let e = vb
-        .recover_vm_backup_from_image_store_backup_storage(
-            pb::RecoverVmBackupFromImageStoreBackupStorageRequest::default(),
-        )
+    let e = sg
+        .create_volume_snapshot_group(pb::CreateVolumeSnapshotGroupRequest::default())
         .await
         .expect_err("not built yet");
     assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));

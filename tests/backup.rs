@@ -506,3 +506,89 @@ async fn restore_to_raw_is_identical_sparse_and_refuses_damaged_chunks() {
     let left: Vec<_> = std::fs::read_dir(&out).expect("out").flatten().map(|e| e.file_name()).collect();
     assert_eq!(left.len(), 2, "no partial or failed target left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recover_sends_only_missing_chunks_and_the_copy_restores_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &img.display().to_string(), "1M"]);
+    let patterns = ["0x51", "0x52", "0x53", "0x54"];
+    let writes: Vec<String> =
+        patterns.iter().enumerate().map(|(i, p)| format!("write -P {p} {}k 64k", i * 64)).collect();
+    qemu_io(&img, "raw", &writes);
+    let other = dir.path().join("other.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &other.display().to_string(), "1M"]);
+    qemu_io(&other, "raw", &["write -P 0x51 0 64k".into()]); // B will already hold this chunk
+    let (store_a, store_b) = (start_store(dir.path(), "a"), start_store(dir.path(), "b"));
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let (a, b) = (common::add_storage(&agent, &store_a, "a").await, common::add_storage(&agent, &store_b, "b").await);
+    let vm = |uuid: &str, root: &str, path: &Path| pb::RegisterVmRequest {
+        uuid: uuid.into(),
+        volumes: vec![pb::VolumeSpec {
+            uuid: root.into(),
+            name: "ROOT".into(),
+            install_path: path.display().to_string(),
+            format: "raw".into(),
+            r#type: "Root".into(),
+            device_id: 0,
+        }],
+        ..Default::default()
+    };
+    let mut c = common::backup_client(&agent).await;
+    let backup = |vm: pb::RegisterVmRequest, bs: String| pb::CreateVmBackupRequest {
+        root_volume_uuid: vm.volumes[0].uuid.clone(),
+        backup_storage_uuid: bs,
+        name: "x".into(),
+        vm: Some(vm),
+        ..Default::default()
+    };
+    let inv =
+        c.create_vm_backup(backup(vm(VM, ROOT, &img), a.clone())).await.expect("backup to a").into_inner().inventories;
+    c.create_vm_backup(backup(vm("98ac921100b43981b493071b6430bb2b", DATA, &other), b.clone()))
+        .await
+        .expect("backup to b");
+    let group = inv[0].group_uuid.clone();
+    let before = common::chunks_uploaded(&store_b).await;
+
+    let rec = c
+        .recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
+            group_uuid: group.clone(),
+            src_backup_storage_uuid: a.clone(),
+            dst_backup_storage_uuid: b.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("recover")
+        .into_inner()
+        .inventories;
+    assert_eq!(common::chunks_uploaded(&store_b).await - before, 3, "only the chunks b lacked");
+    let storages: HashSet<String> = rec[0].backup_storage_refs.iter().map(|r| r.backup_storage_uuid.clone()).collect();
+    assert_eq!(storages, HashSet::from([a.clone(), b.clone()]));
+
+    // Without the source copy, the destination restores on its own.
+    c.delete_vm_backup(pb::DeleteVmBackupRequest {
+        group_uuid: group.clone(),
+        backup_storage_uuids: vec![a.clone()],
+        ..Default::default()
+    })
+    .await
+    .expect("delete from a");
+    let out = dir.path().join("restored.raw");
+    c.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: group,
+        backup_storage_uuid: b,
+        targets: vec![pb::RestoreTarget {
+            volume_uuid: ROOT.into(),
+            install_path: out.display().to_string(),
+            format: "raw".into(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("restore from b");
+    let r = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &img.display().to_string(), &out.display().to_string()])
+        .output()
+        .expect("compare");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
+}

@@ -1,6 +1,6 @@
 //! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
-//! RestoreVmBackup (to raw files), WatchJob and CancelJob. (Recover, and restores to qcow2
-//! or over the VM's own volumes, answer UNIMPLEMENTED until they land.)
+//! RestoreVmBackup (to raw files), RecoverVmBackupFromImageStoreBackupStorage, WatchJob and
+//! CancelJob. (Restores to qcow2 or over the VM's own volumes answer UNIMPLEMENTED.)
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -230,6 +230,45 @@ impl VmBackupApi {
     }
 }
 
+impl VmBackupApi {
+    async fn recover(
+        &self,
+        r: pb::RecoverVmBackupFromImageStoreBackupStorageRequest,
+    ) -> Result<Vec<VolumeBackupRecord>> {
+        let group = validate::uuid("groupUuid", &r.group_uuid)?;
+        let src = validate::uuid("srcBackupStorageUuid", &r.src_backup_storage_uuid)?;
+        let dst = validate::uuid("dstBackupStorageUuid", &r.dst_backup_storage_uuid)?;
+        if src == dst {
+            return Err(AgentError::invalid(
+                "dstBackupStorageUuid",
+                "source and destination are the same backup storage",
+            ));
+        }
+        let (c, g) = (self.registry.catalog().clone(), group.clone());
+        let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        if records.is_empty() {
+            return Err(AgentError::not_found("backup group", &group).with_field("groupUuid"));
+        }
+        if !records.iter().all(|r| r.refs.iter().any(|s| s.backup_storage_uuid == src)) {
+            return Err(AgentError::invalid(
+                "srcBackupStorageUuid",
+                format!("backup group {group} is not on backup storage {src}"),
+            ));
+        }
+        let job = self.jobs.start("RecoverVmBackup", None, Some(dst.clone())).await?;
+        let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
+        let handle = tokio::spawn(async move {
+            let result = backup::recover::run(&registry, &j, &group, &src, &dst, Throttle::unlimited()).await;
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+            jobs.finish(&j, &outcome).await;
+            result.map(|()| group)
+        });
+        let group = handle.await??;
+        let c = self.registry.catalog().clone();
+        blocking(move || Ok(c.group_volume_backups(&group)?)).await
+    }
+}
+
 struct VolumesGuard {
     set: Arc<Mutex<HashSet<String>>>,
     volumes: Vec<String>,
@@ -273,10 +312,6 @@ pub fn inventory(r: VolumeBackupRecord) -> pb::VolumeBackupInventory {
             })
             .collect(),
     }
-}
-
-fn unimplemented(method: &str) -> Status {
-    status(&AgentError::new(ErrorKind::Unimplemented, format!("{method} is not implemented by this agent version")))
 }
 
 #[tonic::async_trait]
@@ -328,9 +363,10 @@ impl VmBackupService for VmBackupApi {
 
     async fn recover_vm_backup_from_image_store_backup_storage(
         &self,
-        _r: Request<pb::RecoverVmBackupFromImageStoreBackupStorageRequest>,
+        r: Request<pb::RecoverVmBackupFromImageStoreBackupStorageRequest>,
     ) -> Result<Response<pb::VolumeBackupsReply>, Status> {
-        Err(unimplemented("RecoverVmBackupFromImageStoreBackupStorage"))
+        let records = self.recover(r.into_inner()).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::VolumeBackupsReply { inventories: records.into_iter().map(inventory).collect() }))
     }
 
     async fn restore_vm_backup(

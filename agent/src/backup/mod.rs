@@ -10,6 +10,7 @@
 
 pub mod lifecycle;
 mod pipeline;
+pub mod recover;
 pub mod restore;
 
 use std::collections::HashSet;
