@@ -1,6 +1,6 @@
 //! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
-//! RestoreVmBackup (to raw files), RecoverVmBackupFromImageStoreBackupStorage, WatchJob and
-//! CancelJob. (Restores to qcow2 or over the VM's own volumes answer UNIMPLEMENTED.)
+//! RestoreVmBackup (to new raw or qcow2 files, or over the VM's own volumes),
+//! RecoverVmBackupFromImageStoreBackupStorage, WatchJob and CancelJob.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -18,6 +18,8 @@ use crate::error::{AgentError, ErrorKind, Result, blocking};
 use crate::jobs::Jobs;
 use crate::storage::registry::{CONNECTED, Registry};
 use crate::throttle::{Throttle, bandwidth};
+use crate::volume::VolumeFormat;
+use crate::volume::writer::Mode;
 use crate::{tags, validate};
 
 /// The service.
@@ -170,57 +172,24 @@ impl VmBackupApi {
         let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
         let network_limit = Throttle::unlimited().with(bandwidth("networkReadBandwidth", r.network_read_bandwidth)?);
         let write_limit = Throttle::unlimited().with(bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?);
-        if r.revert {
-            return Err(AgentError::new(
-                ErrorKind::Unimplemented,
-                "restoring over the VM's own volumes (revert) is not implemented yet",
-            )
-            .with_field("revert"));
-        }
-        if r.targets.is_empty() {
-            return Err(AgentError::invalid("targets", "name at least one volume to restore and where"));
-        }
+        let system_tags = tags::parse(&r.system_tags)?;
+        let parallelism = usize::try_from(system_tags.parallelism.unwrap_or(self.default_parallelism)).unwrap_or(1);
         let (c, g) = (self.registry.catalog().clone(), group.clone());
         let backups = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
         if backups.is_empty() {
             return Err(AgentError::not_found("backup group", &group).with_field("groupUuid"));
         }
-        let mut targets = Vec::new();
-        for (i, t) in r.targets.iter().enumerate() {
-            let volume = validate::uuid("targets", &t.volume_uuid)?;
-            let backup = backups.iter().find(|b| b.volume_uuid == volume).ok_or_else(|| {
-                AgentError::invalid("targets", format!("targets[{i}]: volume {volume} is not in backup group {group}"))
-            })?;
-            if !t.install_path.starts_with('/') || t.install_path.contains('\0') {
-                return Err(AgentError::invalid(
-                    "targets",
-                    format!("targets[{i}].installPath: {} is not an absolute path", validate::shorten(&t.install_path)),
-                ));
-            }
-            match t.format.as_str() {
-                "" | "raw" => {}
-                "qcow2" => {
-                    return Err(AgentError::new(
-                        ErrorKind::Unimplemented,
-                        format!("targets[{i}]: restoring to qcow2 is not implemented yet"),
-                    )
-                    .with_field("targets"));
-                }
-                other => {
-                    return Err(AgentError::invalid(
-                        "targets",
-                        format!("targets[{i}].format: {} is not raw or qcow2", validate::shorten(other)),
-                    ));
-                }
-            }
-            targets
-                .push(backup::restore::RestoreTarget { backup: backup.clone(), path: t.install_path.clone().into() });
-        }
+        let targets = if r.revert {
+            self.revert_targets(&group, &backups, &r.targets).await?
+        } else {
+            restore_targets(&group, &backups, &r.targets)?
+        };
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
         let job = self.jobs.start("RestoreVmBackup", resource, Some(bs.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
         let handle = tokio::spawn(async move {
-            let result = backup::restore::run(&registry, &j, &bs, targets, network_limit, write_limit).await;
+            let opts = backup::restore::RestoreOptions { network_limit, write_limit, parallelism };
+            let result = backup::restore::run(&registry, &j, &bs, targets, opts).await;
             let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
             jobs.finish(&j, &outcome).await;
             result
@@ -228,6 +197,99 @@ impl VmBackupApi {
         handle.await??;
         Ok((job.uuid.clone(), records))
     }
+}
+
+impl VmBackupApi {
+    /// Revert: every named volume (or every volume of the group) goes back over its
+    /// registered install path, in its registered format, if no running VM holds it.
+    async fn revert_targets(
+        &self,
+        group: &str,
+        backups: &[VolumeBackupRecord],
+        asked: &[pb::RestoreTarget],
+    ) -> Result<Vec<backup::restore::RestoreTarget>> {
+        let mut chosen = Vec::new();
+        if asked.is_empty() {
+            chosen.extend(backups.iter().cloned());
+        }
+        for (i, t) in asked.iter().enumerate() {
+            let volume = validate::uuid("targets", &t.volume_uuid)?;
+            let backup = backups.iter().find(|b| b.volume_uuid == volume).ok_or_else(|| {
+                AgentError::invalid("targets", format!("targets[{i}]: volume {volume} is not in backup group {group}"))
+            })?;
+            chosen.push(backup.clone());
+        }
+        let mut out = Vec::new();
+        for backup in chosen {
+            let (c, v) = (self.registry.catalog().clone(), backup.volume_uuid.clone());
+            let vm = blocking(move || Ok(c.vm_of_volume(&v)?)).await?.ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("volume {} is not registered on this host: nothing to revert", backup.volume_uuid),
+                )
+                .with_field("revert")
+            })?;
+            if let Some(socket) = &vm.qmp_socket
+                && std::os::unix::net::UnixStream::connect(socket).is_ok()
+            {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("VM {} is running (its QMP socket answers): stop it before reverting", vm.uuid),
+                )
+                .with_field("revert"));
+            }
+            let Some(volume) = vm.volumes.iter().find(|v| v.uuid == backup.volume_uuid) else { continue };
+            let format = VolumeFormat::parse(&volume.format).unwrap_or(VolumeFormat::Raw);
+            out.push(backup::restore::RestoreTarget {
+                backup: backup.clone(),
+                path: volume.install_path.clone().into(),
+                format,
+                mode: Mode::Revert,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// New files: each target names a volume of the group, an absolute path and a format.
+fn restore_targets(
+    group: &str,
+    backups: &[VolumeBackupRecord],
+    asked: &[pb::RestoreTarget],
+) -> Result<Vec<backup::restore::RestoreTarget>> {
+    if asked.is_empty() {
+        return Err(AgentError::invalid("targets", "name at least one volume to restore and where"));
+    }
+    let mut targets = Vec::new();
+    for (i, t) in asked.iter().enumerate() {
+        let volume = validate::uuid("targets", &t.volume_uuid)?;
+        let backup = backups.iter().find(|b| b.volume_uuid == volume).ok_or_else(|| {
+            AgentError::invalid("targets", format!("targets[{i}]: volume {volume} is not in backup group {group}"))
+        })?;
+        if !t.install_path.starts_with('/') || t.install_path.contains('\0') {
+            return Err(AgentError::invalid(
+                "targets",
+                format!("targets[{i}].installPath: {} is not an absolute path", validate::shorten(&t.install_path)),
+            ));
+        }
+        let format = match t.format.as_str() {
+            "" | "raw" => VolumeFormat::Raw,
+            "qcow2" => VolumeFormat::Qcow2,
+            other => {
+                return Err(AgentError::invalid(
+                    "targets",
+                    format!("targets[{i}].format: {} is not raw or qcow2", validate::shorten(other)),
+                ));
+            }
+        };
+        targets.push(backup::restore::RestoreTarget {
+            backup: backup.clone(),
+            path: t.install_path.clone().into(),
+            format,
+            mode: Mode::Create,
+        });
+    }
+    Ok(targets)
 }
 
 impl VmBackupApi {

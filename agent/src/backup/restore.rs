@@ -1,10 +1,16 @@
-//! Restoring volume backups to raw files: chunks are downloaded (network-read limit),
-//! decoded and checked against their digest, and written at their offsets (volume-write
-//! limit); zero chunks are skipped so they stay holes. A chunk that fails its check stops
-//! the restore with an error naming the chunk and the volume, and nothing is left behind.
+//! Restoring volume backups to raw or qcow2 files, or over a VM's own volumes (revert).
+//!
+//! Per volume the non-zero chunks are split into batches, and up to `parallelism` batches
+//! are downloaded at once, each on its own stream (network-read limit), so chunks arrive
+//! out of order. Each chunk is decoded and checked against its digest on a blocking
+//! thread and written at its offset (volume-write limit); zero chunks are never
+//! downloaded and stay holes. A chunk that fails its check stops the restore with an error
+//! naming the chunk and the volume; the writer then removes what it created, so a failed
+//! restore never leaves a half-written volume that looks complete.
 
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
@@ -12,20 +18,37 @@ use vmbackup_proto::index::VolumeIndex;
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
+use crate::storage::image_store::ImageStoreClient;
 use crate::storage::registry::Registry;
 use crate::throttle::Throttle;
-use crate::volume::writer::RawWriter;
+use crate::volume::VolumeFormat;
+use crate::volume::writer::{self, Mode, VolumeWriter};
 
 /// Chunks asked for per download stream.
-const DOWNLOAD_BATCH: usize = 64;
+const DOWNLOAD_BATCH: usize = 16;
 
 /// One volume backup to restore, and where.
 #[derive(Debug, Clone)]
 pub struct RestoreTarget {
     /// The volume backup.
     pub backup: VolumeBackupRecord,
-    /// The raw file to create.
+    /// The file (or device) to write.
     pub path: std::path::PathBuf,
+    /// Format to write.
+    pub format: VolumeFormat,
+    /// New file, or over the existing volume.
+    pub mode: Mode,
+}
+
+/// Limits and concurrency of one restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// networkReadBandwidth.
+    pub network_limit: Throttle,
+    /// volumeWriteBandwidth.
+    pub write_limit: Throttle,
+    /// Download streams in flight per volume.
+    pub parallelism: usize,
 }
 
 /// Restores every target from `storage_uuid`.
@@ -34,8 +57,7 @@ pub async fn run(
     job: &Arc<Job>,
     storage_uuid: &str,
     targets: Vec<RestoreTarget>,
-    network_limit: Throttle,
-    write_limit: Throttle,
+    opts: RestoreOptions,
 ) -> Result<()> {
     let storage = registry.require(storage_uuid).await?;
     let mut client = registry.connect(&storage.url).await?;
@@ -55,54 +77,80 @@ pub async fn run(
             AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
         })?;
         Counters::add(&job.counters.planned, ix.virtual_size);
-        let (path, size) = (t.path.clone(), ix.virtual_size);
-        let writer = Arc::new(tokio::task::spawn_blocking(move || RawWriter::create(&path, size)).await??);
-        let wanted: Vec<(usize, Digest)> =
-            ix.digests.iter().copied().enumerate().filter(|(_, d)| !d.is_zero_chunk()).collect();
-        let zero = ix.virtual_size - wanted.iter().map(|(i, _)| ix.chunk_range(*i).1).sum::<u64>();
-        Counters::add(&job.counters.zero, zero);
-        for batch in wanted.chunks(DOWNLOAD_BATCH) {
-            let digests: Vec<Digest> = batch.iter().map(|(_, d)| *d).collect();
-            let mut stream = client.download(&digests).await?;
-            for &(i, d) in batch {
-                if job.cancel.is_cancelled() {
-                    return Err(AgentError::new(ErrorKind::Cancelled, "the restore was cancelled"));
-                }
-                let chunk =
-                    stream.message().await.map_err(|s| client.call_error("DownloadChunks", s))?.ok_or_else(|| {
-                        AgentError::new(
-                            ErrorKind::Unavailable,
-                            format!("the store ended the download before chunk {d}"),
-                        )
-                    })?;
-                network_limit.consume(chunk.blob.len()).await;
-                Counters::add(&job.counters.received, u64::try_from(chunk.blob.len()).unwrap_or(0));
+        let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
+        let writer: Arc<Box<dyn VolumeWriter>> =
+            Arc::new(tokio::task::spawn_blocking(move || writer::create(&path, format, size, mode)).await??);
+        let ix = Arc::new(ix);
+        let mut wanted = Vec::new();
+        for (i, d) in ix.digests.iter().copied().enumerate() {
+            if d.is_zero_chunk() {
                 let (offset, len) = ix.chunk_range(i);
-                let (w, limit, volume) = (writer.clone(), write_limit.clone(), t.backup.volume_uuid.clone());
-                limit.consume(usize::try_from(len).unwrap_or(usize::MAX)).await;
-                tokio::task::spawn_blocking(move || -> Result<()> {
-                    let plain = blob::decode_and_verify(&chunk.blob, &d, chunk_max).map_err(|e| {
-                        AgentError::new(
-                            ErrorKind::FailedPrecondition,
-                            format!("chunk {d} of volume {volume} is damaged on the store: {e}"),
-                        )
-                    })?;
-                    if u64::try_from(plain.len()).ok() != Some(len) {
-                        return Err(AgentError::new(
-                            ErrorKind::FailedPrecondition,
-                            format!("chunk {d} of volume {volume} has {} bytes, {len} expected", plain.len()),
-                        ));
-                    }
-                    Ok(w.write_at(offset, &plain)?)
-                })
-                .await??;
-                Counters::add(&job.counters.written, len);
+                writer.zero(offset, len)?;
+                Counters::add(&job.counters.zero, len);
+            } else {
+                wanted.push((i, d));
             }
         }
-        let writer =
-            Arc::try_unwrap(writer).map_err(|_| AgentError::new(ErrorKind::Internal, "restore writer still shared"))?;
+        let volume = Arc::new(t.backup.volume_uuid.clone());
+        futures::stream::iter(wanted.chunks(DOWNLOAD_BATCH).map(<[_]>::to_vec))
+            .map(|batch| {
+                let (client, job, ix, writer, volume, opts) =
+                    (client.clone(), job.clone(), ix.clone(), writer.clone(), volume.clone(), opts.clone());
+                async move { restore_batch(client, &job, &ix, writer, &volume, &opts, chunk_max, batch).await }
+            })
+            .buffer_unordered(opts.parallelism.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        let writer = Arc::into_inner(writer)
+            .ok_or_else(|| AgentError::new(ErrorKind::Internal, "restore writer still shared"))?;
         tokio::task::spawn_blocking(move || writer.finish()).await??;
         tracing::info!(volume_backup = %t.backup.uuid, path = %t.path.display(), "volume restored");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_batch(
+    mut client: ImageStoreClient,
+    job: &Job,
+    ix: &VolumeIndex,
+    writer: Arc<Box<dyn VolumeWriter>>,
+    volume: &Arc<String>,
+    opts: &RestoreOptions,
+    chunk_max: usize,
+    batch: Vec<(usize, Digest)>,
+) -> Result<()> {
+    let digests: Vec<Digest> = batch.iter().map(|(_, d)| *d).collect();
+    let mut stream = client.download(&digests).await?;
+    for (i, d) in batch {
+        if job.cancel.is_cancelled() {
+            return Err(AgentError::new(ErrorKind::Cancelled, "the restore was cancelled"));
+        }
+        let chunk = stream.message().await.map_err(|s| client.call_error("DownloadChunks", s))?.ok_or_else(|| {
+            AgentError::new(ErrorKind::Unavailable, format!("the store ended the download before chunk {d}"))
+        })?;
+        opts.network_limit.consume(chunk.blob.len()).await;
+        Counters::add(&job.counters.received, u64::try_from(chunk.blob.len()).unwrap_or(0));
+        let (offset, len) = ix.chunk_range(i);
+        opts.write_limit.consume(usize::try_from(len).unwrap_or(usize::MAX)).await;
+        let (w, volume) = (writer.clone(), volume.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let plain = blob::decode_and_verify(&chunk.blob, &d, chunk_max).map_err(|e| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("chunk {d} of volume {volume} is damaged on the store: {e}"),
+                )
+            })?;
+            if u64::try_from(plain.len()).ok() != Some(len) {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("chunk {d} of volume {volume} has {} bytes, {len} expected", plain.len()),
+                ));
+            }
+            Ok(w.write_at(offset, &plain)?)
+        })
+        .await??;
+        Counters::add(&job.counters.written, len);
     }
     Ok(())
 }

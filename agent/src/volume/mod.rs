@@ -10,6 +10,7 @@
 //! allocated, offsets are checked against the file, and errors name the path, the field and
 //! the byte offset.
 
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 pub mod writer;
@@ -155,8 +156,18 @@ impl std::error::Error for Error {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Opens a volume; `format` None probes the qcow2 magic.
+/// Opens a volume for an offline backup; `format` None probes the qcow2 magic. A volume a
+/// running VM holds open for writing is refused ([`ErrorKind::InUse`]): its bytes change
+/// under the reader, so only the live path (through QEMU) may read it.
 pub fn open(path: &Path, format: Option<VolumeFormat>, limits: &Limits) -> Result<Box<dyn VolumeSource>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, None, "opening", e))?;
+    lock::check_not_in_use(path, &f, lock::Access::Read)?;
+    open_unchecked(path, format, limits)
+}
+
+/// Opens a volume without asking whether a VM holds it: for the live-backup path, where
+/// QEMU itself provides a consistent view, and for tools reading images known idle.
+pub fn open_unchecked(path: &Path, format: Option<VolumeFormat>, limits: &Limits) -> Result<Box<dyn VolumeSource>> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,

@@ -1,16 +1,16 @@
 //! qcow2 reader: versions 2 and 3, cluster sizes 512 B ..= 2 MiB, zero clusters, compressed
-//! clusters (deflate and zstd), extended L2 entries (subclusters) and backing chains of
-//! qcow2 or raw images. Encrypted images, external data files and unknown incompatible
+//! clusters (deflate and zstd), extended L2 entries (subclusters), external data files,
+//! backing chains of qcow2 or raw images, internal snapshots (the active layer, or a named
+//! snapshot) and the persistent bitmap directory. Encrypted images and unknown incompatible
 //! feature bits are refused as unsupported, never read wrongly.
 //!
 //! The format layer answers "what is at this guest offset" with a [`Plan`]; reads are
 //! `pread`s of the planned host ranges, so worker threads share one open image without a
-//! lock (only the small L2-table cache has one, never held across I/O).
-//!
-//! Header fields (big-endian) used here, offsets from the start of the file:
-//! `0 magic "QFI\xfb"`, `4 version`, `8 backing_file_offset`, `16 backing_file_size`,
-//! `20 cluster_bits`, `24 size`, `32 crypt_method`, `36 l1_size`, `40 l1_table_offset`,
-//! v3: `72 incompatible_features`, `100 header_length`, `104 compression_type`.
+//! lock (only the small L2-table cache has one, never held across I/O). The header and the
+//! tables are parsed from bytes in [`header`] and [`tables`].
+
+pub mod header;
+pub mod tables;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -19,25 +19,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub use self::header::MAGIC;
+use self::header::{Header, be64};
+use self::tables::{BitmapInfo, MAX_BITMAPS, MAX_SNAPSHOTS, MAX_TABLE_BYTES, SnapshotInfo};
 use super::{Error, ErrorKind, Extent, ExtentKind, Limits, Result, VolumeFormat, VolumeSource, push_extent};
 
-/// qcow2 magic.
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTL2: u64 = 1 << 4;
-const INCOMPAT_KNOWN: u64 = 0b1_1111;
-const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Where the bytes at a guest offset come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
-    /// Stored uncompressed at this host offset.
+    /// Stored uncompressed at this host offset (of the external data file, if there is one).
     Data {
         /// Host offset of the guest offset asked for.
         host: u64,
@@ -55,14 +49,12 @@ pub enum Plan {
     Unallocated,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
+/// The file guest data clusters live in: the image itself or its external data file.
+#[derive(Debug)]
+struct DataFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
 }
 
 /// An open qcow2 image (and its backing chain).
@@ -71,26 +63,36 @@ pub struct Qcow2Volume {
     path: PathBuf,
     file: File,
     file_len: u64,
-    version: u32,
-    cluster_bits: u32,
+    header: Header,
     size: u64,
     l1: Vec<u64>,
-    l2_bits: u32,
-    extended_l2: bool,
-    zstd: bool,
+    data_file: Option<DataFile>,
     backing: Option<Box<dyn VolumeSource>>,
     l2_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     l2_cache_tables: usize,
 }
 
 impl Qcow2Volume {
-    /// Opens an image and its backing chain.
+    /// Opens an image's active layer and its backing chain.
     pub fn open(path: &Path, limits: &Limits) -> Result<Self> {
         let mut seen = HashSet::new();
-        Self::open_chain(path, limits, 0, &mut seen)
+        Self::open_chain(path, limits, 0, &mut seen, None)
     }
 
-    fn open_chain(path: &Path, limits: &Limits, depth: usize, seen: &mut HashSet<PathBuf>) -> Result<Self> {
+    /// Opens the internal snapshot named (or with the id) `snapshot`, read-only, as it was
+    /// when taken.
+    pub fn open_snapshot(path: &Path, snapshot: &str, limits: &Limits) -> Result<Self> {
+        let mut seen = HashSet::new();
+        Self::open_chain(path, limits, 0, &mut seen, Some(snapshot))
+    }
+
+    fn open_chain(
+        path: &Path,
+        limits: &Limits,
+        depth: usize,
+        seen: &mut HashSet<PathBuf>,
+        snapshot: Option<&str>,
+    ) -> Result<Self> {
         let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, None, "resolving", e))?;
         if !seen.insert(canonical) {
             return Err(Error::new(ErrorKind::Corrupt, path, Some(8), "backing chain loops back to this image"));
@@ -108,118 +110,36 @@ impl Qcow2Volume {
         let corrupt = |at: u64, msg: String| Error::new(ErrorKind::Corrupt, path, Some(at), msg);
         let unsupported = |at: u64, msg: String| Error::new(ErrorKind::Unsupported, path, Some(at), msg);
 
-        let mut h = vec![0u8; usize::try_from(file_len.min(4096)).unwrap_or(4096)];
+        let mut h = vec![0u8; usize::try_from(file_len).unwrap_or(usize::MAX).min(header::HEADER_READ)];
         file.read_exact_at(&mut h, 0).map_err(|e| Error::io(path, Some(0), "reading the header", e))?;
-        if h.len() < 72 {
-            return Err(corrupt(0, format!("truncated header: {} bytes, at least 72 needed", h.len())));
-        }
-        if h[..4] != MAGIC {
-            return Err(corrupt(0, "not a qcow2 image (bad magic)".into()));
-        }
-        let version = be32(&h, 4);
-        if version != 2 && version != 3 {
-            return Err(unsupported(4, format!("qcow2 version {version}")));
-        }
-        let cluster_bits = be32(&h, 20);
-        if !(9..=21).contains(&cluster_bits) {
-            return Err(corrupt(20, format!("cluster_bits {cluster_bits} outside 9..=21")));
-        }
-        let cluster_size = 1u64 << cluster_bits;
-        let size = be64(&h, 24);
-        if be32(&h, 32) != 0 {
-            return Err(unsupported(32, "encrypted images are not supported".into()));
-        }
-        let (mut incompatible, mut header_len, mut zstd) = (0u64, 72usize, false);
-        if version == 3 {
-            if h.len() < 104 {
-                return Err(corrupt(0, format!("truncated v3 header: {} bytes, at least 104 needed", h.len())));
-            }
-            incompatible = be64(&h, 72);
-            header_len = usize::try_from(be32(&h, 100)).unwrap_or(usize::MAX);
-            if header_len < 104 || header_len > h.len() {
-                return Err(corrupt(100, format!("header_length {header_len} is out of range")));
-            }
-            if incompatible & !INCOMPAT_KNOWN != 0 {
-                return Err(unsupported(
-                    72,
-                    format!("unknown incompatible feature bits {:#x}", incompatible & !INCOMPAT_KNOWN),
+        let header = Header::parse(path, &h, file_len, limits)?;
+        let cluster_size = header.cluster_size();
+
+        let (mut size, mut l1_size, mut l1_offset) = (header.size, header.l1_size, header.l1_offset);
+        if let Some(name) = snapshot {
+            let snaps = read_snapshots(path, &file, file_len, &header)?;
+            let s = snaps.iter().find(|s| s.name == name).or_else(|| snaps.iter().find(|s| s.id == name)).ok_or_else(
+                || Error::new(ErrorKind::InvalidArgument, path, None, format!("no internal snapshot named {name:?}")),
+            )?;
+            size = s.disk_size.unwrap_or(header.size);
+            (l1_size, l1_offset) = (s.l1_size, s.l1_offset);
+            let needed = size.div_ceil(cluster_size).div_ceil(1u64 << header.l2_bits());
+            if l1_size < needed || l1_size * 8 > limits.max_l1_bytes {
+                return Err(corrupt(
+                    header.snapshots.1,
+                    format!("snapshot {name:?} has l1_size {l1_size}, out of range for {size} bytes"),
                 ));
             }
-            if incompatible & INCOMPAT_CORRUPT != 0 {
-                return Err(corrupt(72, "the image is marked corrupt; run qemu-img check -r".into()));
+            if !l1_offset.is_multiple_of(cluster_size)
+                || l1_offset.checked_add(l1_size * 8).is_none_or(|end| end > file_len)
+            {
+                return Err(corrupt(
+                    header.snapshots.1,
+                    format!("snapshot {name:?} has its L1 table at {l1_offset}, misaligned or past the end"),
+                ));
             }
-            if incompatible & INCOMPAT_DATA_FILE != 0 {
-                return Err(unsupported(72, "images with an external data file are not supported yet".into()));
-            }
-            if incompatible & INCOMPAT_COMPRESSION != 0 {
-                match h.get(104) {
-                    Some(0) => {}
-                    Some(1) => zstd = true,
-                    Some(t) => return Err(unsupported(104, format!("compression type {t}"))),
-                    None => return Err(corrupt(104, "compression type bit set but header too short".into())),
-                }
-            }
-        }
-        let extended_l2 = incompatible & INCOMPAT_EXTL2 != 0;
-        if extended_l2 && cluster_bits < 14 {
-            return Err(corrupt(20, "extended L2 entries need clusters of at least 16 KiB".into()));
         }
 
-        // Header extensions: backing format; an external data file is refused above.
-        let mut backing_format = None;
-        let mut at = header_len;
-        loop {
-            if at + 8 > h.len() {
-                return Err(corrupt(
-                    u64::try_from(at).unwrap_or(0),
-                    "header extensions run past the first 4 KiB".into(),
-                ));
-            }
-            let (ty, len) = (be32(&h, at), usize::try_from(be32(&h, at + 4)).unwrap_or(usize::MAX));
-            if ty == 0 {
-                break;
-            }
-            let data = at + 8;
-            if len > h.len().saturating_sub(data) {
-                return Err(corrupt(
-                    u64::try_from(at).unwrap_or(0),
-                    format!("header extension {ty:#x} of {len} bytes runs past the header"),
-                ));
-            }
-            match ty {
-                EXT_BACKING_FORMAT => backing_format = Some(String::from_utf8_lossy(&h[data..data + len]).to_string()),
-                EXT_DATA_FILE => return Err(unsupported(u64::try_from(at).unwrap_or(0), "external data file".into())),
-                _ => {}
-            }
-            at = data + len.div_ceil(8) * 8;
-        }
-
-        // L1 table.
-        let entry_bytes: u32 = if extended_l2 { 16 } else { 8 };
-        let l2_bits = cluster_bits - entry_bytes.trailing_zeros();
-        let l1_size = u64::from(be32(&h, 36));
-        let l1_offset = be64(&h, 40);
-        let clusters = size.div_ceil(cluster_size);
-        let needed = clusters.div_ceil(1u64 << l2_bits);
-        if l1_size < needed {
-            return Err(corrupt(36, format!("l1_size {l1_size} is too small for {size} bytes (needs {needed})")));
-        }
-        if l1_size * 8 > limits.max_l1_bytes {
-            return Err(corrupt(
-                36,
-                format!("l1_size {l1_size} exceeds the limit of {} entries", limits.max_l1_bytes / 8),
-            ));
-        }
-        if !l1_offset.is_multiple_of(cluster_size)
-            || l1_offset.checked_add(l1_size * 8).is_none_or(|end| end > file_len)
-        {
-            return Err(corrupt(
-                40,
-                format!(
-                    "L1 table at {l1_offset} ({l1_size} entries) is misaligned or past the end of the file ({file_len})"
-                ),
-            ));
-        }
         let mut raw_l1 = vec![0u8; usize::try_from(l1_size * 8).unwrap_or(0)];
         file.read_exact_at(&mut raw_l1, l1_offset)
             .map_err(|e| Error::io(path, Some(l1_offset), "reading the L1 table", e))?;
@@ -234,58 +154,93 @@ impl Qcow2Volume {
             }
         }
 
-        // Backing file.
-        let backing_offset = be64(&h, 8);
-        let backing = if backing_offset != 0 {
-            let len = u64::from(be32(&h, 16));
-            if len == 0 || len > 1023 || backing_offset.saturating_add(len) > file_len {
-                return Err(corrupt(8, format!("backing file name at {backing_offset} ({len} bytes) is out of range")));
+        let sibling = |name: &str| {
+            let named = Path::new(name);
+            if named.is_absolute() { named.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(named) }
+        };
+        let data_file = match &header.data_file {
+            Some(name) => {
+                let dpath = sibling(name);
+                let file = File::open(&dpath).map_err(|e| Error::io(&dpath, None, "opening the data file", e))?;
+                let len = file.metadata().map_err(|e| Error::io(&dpath, None, "stat", e))?.len();
+                Some(DataFile { path: dpath, file, len })
             }
-            let mut name = vec![0u8; usize::try_from(len).unwrap_or(0)];
-            file.read_exact_at(&mut name, backing_offset)
-                .map_err(|e| Error::io(path, Some(backing_offset), "reading the backing file name", e))?;
-            let name = String::from_utf8(name)
-                .map_err(|_| corrupt(backing_offset, "backing file name is not UTF-8".into()))?;
-            let named = Path::new(&name);
-            let bpath = if named.is_absolute() {
-                named.to_path_buf()
-            } else {
-                path.parent().unwrap_or(Path::new(".")).join(named)
-            };
-            let format = match backing_format.as_deref() {
-                Some("qcow2") => VolumeFormat::Qcow2,
-                Some("raw") => VolumeFormat::Raw,
-                Some(other) => return Err(unsupported(8, format!("backing format {other:?}"))),
-                None => super::probe(&bpath)?,
-            };
-            let b: Box<dyn VolumeSource> = match format {
-                VolumeFormat::Qcow2 => Box::new(Self::open_chain(&bpath, limits, depth + 1, seen)?),
-                VolumeFormat::Raw => Box::new(super::raw::RawVolume::open(&bpath)?),
-            };
-            Some(b)
-        } else {
-            None
+            None => None,
+        };
+
+        let backing = match header.backing {
+            Some((offset, len)) => {
+                let mut name = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                file.read_exact_at(&mut name, offset)
+                    .map_err(|e| Error::io(path, Some(offset), "reading the backing file name", e))?;
+                let name =
+                    String::from_utf8(name).map_err(|_| corrupt(offset, "backing file name is not UTF-8".into()))?;
+                let bpath = sibling(&name);
+                let format = match header.backing_format.as_deref() {
+                    Some("qcow2") => VolumeFormat::Qcow2,
+                    Some("raw") => VolumeFormat::Raw,
+                    Some(other) => return Err(unsupported(8, format!("backing format {other:?}"))),
+                    None => super::probe(&bpath)?,
+                };
+                let b: Box<dyn VolumeSource> = match format {
+                    VolumeFormat::Qcow2 => Box::new(Self::open_chain(&bpath, limits, depth + 1, seen, None)?),
+                    VolumeFormat::Raw => Box::new(super::raw::RawVolume::open(&bpath)?),
+                };
+                Some(b)
+            }
+            None => None,
         };
 
         Ok(Self {
             path: path.to_path_buf(),
             file,
             file_len,
-            version,
-            cluster_bits,
+            header,
             size,
             l1,
-            l2_bits,
-            extended_l2,
-            zstd,
+            data_file,
             backing,
             l2_cache: Mutex::new(HashMap::new()),
             l2_cache_tables: limits.l2_cache_tables.max(1),
         })
     }
 
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The internal snapshots the image lists.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        read_snapshots(&self.path, &self.file, self.file_len, &self.header)
+    }
+
+    /// The persistent dirty bitmaps the image lists (none when the bitmaps extension is
+    /// absent or not marked consistent).
+    pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        let Some(ext) = self.header.bitmaps else { return Ok(Vec::new()) };
+        if ext.count > MAX_BITMAPS || ext.directory_size > MAX_TABLE_BYTES {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                &self.path,
+                None,
+                format!("bitmap directory of {} entries, {} bytes, is out of range", ext.count, ext.directory_size),
+            ));
+        }
+        let b = read_table(&self.path, &self.file, self.file_len, ext.directory_offset, ext.directory_size)?;
+        tables::parse_bitmaps(&self.path, &b, ext.directory_offset, ext.count)
+    }
+
+    /// Where data clusters live: (path, file, length).
+    fn data(&self) -> (&Path, &File, u64) {
+        match &self.data_file {
+            Some(d) => (&d.path, &d.file, d.len),
+            None => (&self.path, &self.file, self.file_len),
+        }
+    }
+
     fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
+        1 << self.header.cluster_bits
     }
 
     fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u64>>> {
@@ -309,25 +264,33 @@ impl Qcow2Volume {
     pub fn plan(&self, g: u64) -> Result<(Plan, u64)> {
         let cs = self.cluster_size();
         let in_cluster = g & (cs - 1);
-        let cluster = g >> self.cluster_bits;
-        let l1_index = usize::try_from(cluster >> self.l2_bits).unwrap_or(usize::MAX);
-        let l2_index = usize::try_from(cluster & ((1 << self.l2_bits) - 1)).unwrap_or(0);
+        let cluster = g >> self.header.cluster_bits;
+        let l1_index = usize::try_from(cluster >> self.header.l2_bits()).unwrap_or(usize::MAX);
+        let l2_index = usize::try_from(cluster & ((1 << self.header.l2_bits()) - 1)).unwrap_or(0);
         let l2_offset = self.l1.get(l1_index).copied().unwrap_or(0);
         if l2_offset == 0 {
             // The whole L2 range is unallocated in this layer.
-            let span = cs << self.l2_bits;
+            let span = cs << self.header.l2_bits();
             return Ok((Plan::Unallocated, span - (g & (span - 1))));
         }
         let table = self.l2_table(l2_offset)?;
-        let stride = if self.extended_l2 { 2 } else { 1 };
+        let stride = if self.header.extended_l2 { 2 } else { 1 };
         let entry = table[l2_index * stride];
         let entry_at = l2_offset + u64::try_from(l2_index * stride * 8).unwrap_or(0);
         let rest_of_cluster = cs - in_cluster;
         if entry & COMPRESSED != 0 {
-            let x = 62 - (self.cluster_bits - 8);
+            let x = 62 - (self.header.cluster_bits - 8);
             let host = entry & ((1u64 << x) - 1);
-            let sectors = (entry >> x) & ((1u64 << (self.cluster_bits - 8)) - 1);
+            let sectors = (entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1);
             let len = (sectors + 1) * 512 - (host & 511);
+            if self.data_file.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    &self.path,
+                    Some(entry_at),
+                    "compressed cluster in an image with an external data file",
+                ));
+            }
             if host >= self.file_len {
                 return Err(Error::new(
                     ErrorKind::Corrupt,
@@ -339,7 +302,13 @@ impl Qcow2Volume {
             return Ok((Plan::Compressed { host, len }, rest_of_cluster));
         }
         let host = entry & L2_OFFSET_MASK;
-        if host != 0 && (!host.is_multiple_of(cs) || host >= self.file_len) {
+        // An external data file reads like a raw file (zeros past its end); the image
+        // itself must hold every cluster it points at.
+        let past_end = self.data_file.is_none() && host >= self.file_len;
+        // With an external data file, offset 0 is a real place: bit 63 ("copied") then says
+        // the cluster is allocated there.
+        let allocated = host != 0 || (self.data_file.is_some() && entry & (1 << 63) != 0);
+        if host != 0 && (!host.is_multiple_of(cs) || past_end) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 &self.path,
@@ -347,13 +316,13 @@ impl Qcow2Volume {
                 format!("L2 entry points at {host}, misaligned or past the end of the file ({})", self.file_len),
             ));
         }
-        if self.extended_l2 {
+        if self.header.extended_l2 {
             let bitmap = table[l2_index * 2 + 1];
             let sc_size = cs / 32;
             let sc = in_cluster / sc_size;
             let rest = sc_size - (in_cluster % sc_size);
             let plan = if bitmap & (1 << sc) != 0 {
-                if host == 0 {
+                if !allocated {
                     return Err(Error::new(
                         ErrorKind::Corrupt,
                         &self.path,
@@ -369,9 +338,9 @@ impl Qcow2Volume {
             };
             return Ok((plan, rest));
         }
-        let plan = if self.version >= 3 && entry & 1 != 0 {
+        let plan = if self.header.version >= 3 && entry & 1 != 0 {
             Plan::Zero
-        } else if host == 0 {
+        } else if !allocated {
             Plan::Unallocated
         } else {
             Plan::Data { host: host + in_cluster }
@@ -386,13 +355,13 @@ impl Qcow2Volume {
             .read_exact_at(&mut compressed, host)
             .map_err(|e| Error::io(&self.path, Some(host), "reading a compressed cluster", e))?;
         let mut out = vec![0u8; usize::try_from(self.cluster_size()).unwrap_or(0)];
-        let result = if self.zstd {
+        let result = if self.header.zstd {
             zstd::stream::read::Decoder::with_buffer(&compressed[..]).and_then(|mut d| d.read_exact(&mut out))
         } else {
             flate2::read::DeflateDecoder::new(&compressed[..]).read_exact(&mut out)
         };
         result.map_err(|e| {
-            let algo = if self.zstd { "zstd" } else { "deflate" };
+            let algo = if self.header.zstd { "zstd" } else { "deflate" };
             Error::new(
                 ErrorKind::Corrupt,
                 &self.path,
@@ -462,17 +431,24 @@ impl VolumeSource for Qcow2Volume {
             let dst = &mut buf[done..done + n];
             match plan {
                 Plan::Data { host } => {
-                    if host.saturating_add(u64::try_from(n).unwrap_or(0)) > self.file_len {
+                    let (dpath, dfile, dlen) = self.data();
+                    let end = host.saturating_add(u64::try_from(n).unwrap_or(0));
+                    let have = if self.data_file.is_some() {
+                        usize::try_from(dlen.saturating_sub(host)).unwrap_or(usize::MAX).min(n)
+                    } else if end > dlen {
                         return Err(Error::new(
                             ErrorKind::Corrupt,
-                            &self.path,
+                            dpath,
                             Some(host),
-                            format!("data cluster runs past the end of the file ({})", self.file_len),
+                            format!("data cluster runs past the end of the file ({dlen})"),
                         ));
-                    }
-                    self.file
-                        .read_exact_at(dst, host)
-                        .map_err(|e| Error::io(&self.path, Some(host), "reading data", e))?;
+                    } else {
+                        n
+                    };
+                    dfile
+                        .read_exact_at(&mut dst[..have], host)
+                        .map_err(|e| Error::io(dpath, Some(host), "reading data", e))?;
+                    dst[have..].fill(0);
                 }
                 Plan::Compressed { host, len } => {
                     let cluster = self.decompress(host, len)?;
@@ -493,4 +469,36 @@ impl VolumeSource for Qcow2Volume {
         }
         Ok(())
     }
+}
+
+fn read_table(path: &Path, file: &File, file_len: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            path,
+            Some(offset),
+            format!("table of {len} bytes at {offset} runs past the end of the file ({file_len})"),
+        ));
+    }
+    let mut b = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    file.read_exact_at(&mut b, offset).map_err(|e| Error::io(path, Some(offset), "reading a table", e))?;
+    Ok(b)
+}
+
+fn read_snapshots(path: &Path, file: &File, file_len: u64, header: &Header) -> Result<Vec<SnapshotInfo>> {
+    let (count, offset) = header.snapshots;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if count > MAX_SNAPSHOTS {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            path,
+            Some(60),
+            format!("{count} snapshots, at most {MAX_SNAPSHOTS}"),
+        ));
+    }
+    let len = (file_len.saturating_sub(offset)).min(MAX_TABLE_BYTES);
+    let b = read_table(path, file, file_len, offset, len)?;
+    tables::parse_snapshots(path, &b, offset, count)
 }

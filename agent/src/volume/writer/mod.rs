@@ -1,0 +1,166 @@
+//! Restore targets: raw (sparse) and qcow2 v3. A new target is written to
+//! `<path>.vmbackup-partial`, fsynced, and renamed into place (then the directory fsynced)
+//! only when complete; a writer dropped without [`VolumeWriter::finish`] removes its partial
+//! file. A failed restore therefore never leaves a half-written volume that looks complete.
+//!
+//! A *revert* replaces an existing volume: a regular file is written beside it the same way
+//! and renamed over it (keeping its mode and owner), so until the very end the original is
+//! untouched; a block device is written in place, zero ranges included. Either way the
+//! target is refused while a running VM holds it ([`super::lock`]).
+
+pub mod qcow2;
+pub mod raw;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::lock::{Access, check_not_in_use};
+use super::{Error, ErrorKind, Result, VolumeFormat};
+
+/// A volume being restored. Writes may come from many threads at once, each covering a
+/// distinct range.
+pub trait VolumeWriter: Send + Sync + std::fmt::Debug {
+    /// Writes guest bytes at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes `[offset, offset + len)` read as zeros. New targets already do, so this only
+    /// writes when restoring in place over a block device.
+    fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    /// Flushes and moves the complete volume into place.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Whether the target may exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A new file; an existing path is refused.
+    Create,
+    /// Replace an existing volume that no running VM holds.
+    Revert,
+}
+
+/// Starts restoring a `size`-byte volume of `format` to `path`.
+pub fn create(path: &Path, format: VolumeFormat, size: u64, mode: Mode) -> Result<Box<dyn VolumeWriter>> {
+    let target = Target::open(path, mode, format)?;
+    Ok(match format {
+        VolumeFormat::Raw => Box::new(raw::RawWriter::new(target, size)?),
+        VolumeFormat::Qcow2 => Box::new(qcow2::Qcow2Writer::new(target, size)?),
+    })
+}
+
+/// The file a writer fills, and how it becomes the volume.
+#[derive(Debug)]
+pub struct Target {
+    /// Open for writing.
+    pub file: File,
+    /// The file being written (the partial file, or the device itself).
+    pub written: PathBuf,
+    /// Where the volume ends up.
+    pub path: PathBuf,
+    /// Written in place (a block device): nothing to rename, nothing to remove.
+    pub in_place: bool,
+    done: bool,
+}
+
+impl Target {
+    fn open(path: &Path, mode: Mode, format: VolumeFormat) -> Result<Self> {
+        let existing = std::fs::metadata(path).ok();
+        match (mode, &existing) {
+            (Mode::Create, Some(_)) => {
+                return Err(Error::new(ErrorKind::InvalidArgument, path, None, "the restore target already exists"));
+            }
+            (Mode::Revert, None) => {
+                return Err(Error::new(ErrorKind::InvalidArgument, path, None, "the volume to revert does not exist"));
+            }
+            _ => {}
+        }
+        if let Some(meta) = &existing {
+            let f = File::open(path).map_err(|e| Error::io(path, None, "opening the volume to revert", e))?;
+            check_not_in_use(path, &f, Access::Write)?;
+            if meta.file_type().is_block_device() {
+                if format != VolumeFormat::Raw {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        path,
+                        None,
+                        "a block device can only be restored as raw",
+                    ));
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Error::io(path, None, "opening the device", e))?;
+                return Ok(Self {
+                    file,
+                    written: path.to_path_buf(),
+                    path: path.to_path_buf(),
+                    in_place: true,
+                    done: false,
+                });
+            }
+            if !meta.is_file() {
+                return Err(Error::new(ErrorKind::InvalidArgument, path, None, "not a regular file or block device"));
+            }
+        }
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".vmbackup-partial");
+        let partial = PathBuf::from(partial);
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .map_err(|e| Error::io(&partial, None, "creating the restore target", e))?;
+        if let Some(meta) = &existing {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(|e| Error::io(&partial, None, "copying the volume's mode", e))?;
+            // Keeping the owner needs privilege; an unprivileged agent keeps its own.
+            let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+        }
+        Ok(Self { file, written: partial, path: path.to_path_buf(), in_place: false, done: false })
+    }
+
+    /// An error about the file being written.
+    pub fn io(&self, offset: Option<u64>, what: &str, e: std::io::Error) -> Error {
+        Error::io(&self.written, offset, what, e)
+    }
+
+    /// fsync, then rename into place and fsync the directory.
+    pub fn commit(mut self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io(&self.written, None, "fsync", e))?;
+        if !self.in_place {
+            std::fs::rename(&self.written, &self.path)
+                .map_err(|e| Error::io(&self.path, None, "renaming into place", e))?;
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(dir, None, "fsync of the directory", e))?;
+            }
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if !self.done && !self.in_place {
+            let _ = std::fs::remove_file(&self.written);
+        }
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within `size`.
+pub(crate) fn check_range(target: &Target, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            &target.written,
+            Some(offset),
+            format!("write of {len} bytes past the end ({size})"),
+        ));
+    }
+    Ok(())
+}
