@@ -1,7 +1,9 @@
 //! End-to-end backup throughput: a real store and agent on loopback back up a generated
 //! corpus (full), then a copy with 5% of its regions rewritten (incremental, no dirty
 //! bitmap), at parallelism 1, 2 and 4. Prints MiB/s of logical size, MiB per CPU-second of
-//! agent and store together, and each process's peak RSS. Reported, never asserted.
+//! agent and store together, and each process's peak RSS. Then the incremental version is
+//! restored to a raw and to a qcow2 file, and recovered to a second store (its stored size
+//! and peak RSS are the second store's). Reported, never asserted.
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
 //! (`VMBACKUP_BENCH_MIB`, default 1024: the volume size).
@@ -88,6 +90,7 @@ async fn main() {
         let agent = common::start_agent(dir.path(), common::AgentOptions::default());
         let bs = common::add_storage(&agent, &store, "bench").await;
         let mut c = common::backup_client(&agent).await;
+        let mut group = String::new();
         for (op, img) in [("full", &v1), ("incremental", &v2)] {
             let req = pb::CreateVmBackupRequest {
                 root_volume_uuid: "edc07fe8d8a335ec8aa00f23b88fc1c6".into(),
@@ -110,7 +113,7 @@ async fn main() {
             };
             let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid());
             let start = Instant::now();
-            c.create_vm_backup(req).await.expect("backup");
+            let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
             let secs = start.elapsed().as_secs_f64();
             let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) - cpu0;
             let stored = dir_size(&store.data_dir.join("chunks")) as f64 / 1048576.0;
@@ -122,7 +125,62 @@ async fn main() {
                 peak_rss_mib(store.pid()),
                 stored
             );
+            group = inv[0].group_uuid.clone();
         }
+        // Restores of the incremental version, to a new raw file and to a new qcow2 file.
+        for format in ["raw", "qcow2"] {
+            let out = dir.path().join(format!("restored.{format}"));
+            let req = pb::RestoreVmBackupRequest {
+                group_uuid: group.clone(),
+                backup_storage_uuid: bs.clone(),
+                targets: vec![pb::RestoreTarget {
+                    volume_uuid: "edc07fe8d8a335ec8aa00f23b88fc1c6".into(),
+                    install_path: out.display().to_string(),
+                    format: format.into(),
+                }],
+                system_tags: vec![format!("volumeLiveBackup::parallelismDegree::{parallelism}")],
+                ..Default::default()
+            };
+            let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid());
+            let start = Instant::now();
+            c.restore_vm_backup(req).await.expect("restore");
+            let secs = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) - cpu0;
+            println!(
+                "{:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12}",
+                format!("restore {format}"),
+                mib as f64 / secs,
+                mib as f64 / cpu.max(0.01),
+                peak_rss_mib(agent.pid()),
+                peak_rss_mib(store.pid()),
+                "-"
+            );
+            std::fs::remove_file(&out).expect("rm");
+        }
+        // Recover: copy both groups to a second, empty store.
+        let second = common::start_store_with(dir.path(), "second", None, 4 << 20);
+        let dst = common::add_storage(&agent, &second, "second").await;
+        let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) + cpu_seconds(second.pid());
+        let start = Instant::now();
+        c.recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
+            group_uuid: group.clone(),
+            src_backup_storage_uuid: bs.clone(),
+            dst_backup_storage_uuid: dst,
+            ..Default::default()
+        })
+        .await
+        .expect("recover");
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) + cpu_seconds(second.pid()) - cpu0;
+        println!(
+            "{:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}",
+            "recover",
+            mib as f64 / secs,
+            mib as f64 / cpu.max(0.01),
+            peak_rss_mib(agent.pid()),
+            peak_rss_mib(second.pid()),
+            dir_size(&second.data_dir.join("chunks")) as f64 / 1048576.0
+        );
     }
 }
 

@@ -288,6 +288,27 @@ async fn vmbackupctl_registers_backs_up_lists_and_watches() {
     let p: serde_json::Value = serde_json::from_str(last.trim()).expect("json");
     assert_eq!(p["state"], "Succeeded", "{p}");
     assert_eq!(p["bytesRead"], "131072", "{p}");
+
+    // restore to qcow2, recover to a second store, delete from the first, sync.
+    let out = dir.path().join("restored.qcow2");
+    let target = format!("volume={ROOT},path={},format=qcow2", out.display());
+    let json = ctl(&["--json", "backup", "restore", "--group", group, "--storage", &bs, "--target", &target]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["inventories"][0]["volumeUuid"], ROOT, "{v}");
+    run("qemu-img", &["compare", &img.display().to_string(), &out.display().to_string()]);
+    let second = start_store(dir.path(), "second");
+    let bs2 = common::add_storage(&agent, &second, "second").await;
+    let table = ctl(&["backup", "recover", "--group", group, "--from", &bs, "--to", &bs2]);
+    assert!(table.contains(group), "{table}");
+    let said = ctl(&["backup", "delete", "--group", group, "--storage", &bs]);
+    assert!(said.contains("deleted backup group"), "{said}");
+    let said = ctl(&["backup", "sync", "--storage", &bs2]);
+    assert!(said.contains("rebuilt"), "{said}");
+    let json = ctl(&["--json", "backup", "list", &format!("groupUuid={group}")]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let refs = v["inventories"][0]["backupStorageRefs"].as_array().expect("refs").clone();
+    assert_eq!(refs.len(), 1, "{v}");
+    assert_eq!(refs[0]["backupStorageUuid"], bs2.as_str(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

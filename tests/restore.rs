@@ -358,3 +358,89 @@ async fn an_agent_killed_mid_recover_publishes_nothing_and_the_retry_sends_only_
     .expect("restore from the copy");
     compare(&f.data, &out);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_image_flavour_restores_identically_to_raw_and_qcow2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| dir.path().join(n);
+    let writes = ["write -P 0x11 0 64k", "write -P 0x22 300k 100k", "write -P 0x33 1M 4097", "write -z 2M 128k"];
+    let mut flavours: Vec<(PathBuf, &str)> = Vec::new();
+    for (name, opts) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("c512.qcow2", "cluster_size=512"),
+        ("c2m.qcow2", "cluster_size=2M"),
+        ("extl2.qcow2", "extended_l2=on"),
+        ("prealloc.qcow2", "preallocation=metadata"),
+    ] {
+        let img = d(name);
+        run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, &p(&img), "3M"]);
+        qemu_io(&img, "qcow2", &writes);
+        flavours.push((img, "qcow2"));
+    }
+    let img = d("datafile.qcow2");
+    let opts = format!("data_file={}", p(&d("datafile.data")));
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, &p(&img), "3M"]);
+    qemu_io(&img, "qcow2", &writes);
+    flavours.push((img, "qcow2"));
+    let plain = d("plain.qcow2");
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(&plain), "3M"]);
+    qemu_io(&plain, "qcow2", &writes);
+    let zstd = d("zstd.qcow2");
+    run_tool("qemu-img", &["convert", "-q", "-c", "-O", "qcow2", "-o", "compression_type=zstd", &p(&plain), &p(&zstd)]);
+    flavours.push((zstd, "qcow2"));
+    let odd = d("odd.raw");
+    run_tool("qemu-img", &["create", "-q", "-f", "raw", &p(&odd), "1052673"]);
+    qemu_io(&odd, "raw", &["write -P 0x44 1044480 8193"]);
+    flavours.push((odd, "raw"));
+    let top = d("top.qcow2");
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &p(&plain), "-F", "qcow2", &p(&top), "4M"]);
+    qemu_io(&top, "qcow2", &["write -z 0 64k", "write -P 0x55 3M 4k"]);
+    flavours.push((top, "qcow2"));
+
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let uuid = |i: usize| format!("{i:02}a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4");
+    let volumes: Vec<pb::VolumeSpec> = flavours
+        .iter()
+        .enumerate()
+        .map(|(i, (img, fmt))| {
+            volume(&uuid(i), if i == 0 { "Root" } else { "Data" }, img, fmt, i32::try_from(i).expect("few"))
+        })
+        .collect();
+    let mut c = common::backup_client(&agent).await;
+    let inv = c
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: uuid(0),
+            backup_storage_uuid: bs.clone(),
+            name: "matrix".into(),
+            vm: Some(pb::RegisterVmRequest { uuid: VM.into(), volumes, ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .expect("backup")
+        .into_inner()
+        .inventories;
+    assert_eq!(inv.len(), flavours.len());
+    for format in ["raw", "qcow2"] {
+        let out = dir.path().join(format!("out-{format}"));
+        std::fs::create_dir(&out).expect("mkdir");
+        let targets =
+            (0..flavours.len()).map(|i| target(&uuid(i), &out.join(format!("{i}.{format}")), format)).collect();
+        c.restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: inv[0].group_uuid.clone(),
+            backup_storage_uuid: bs.clone(),
+            targets,
+            ..Default::default()
+        })
+        .await
+        .expect("restore");
+        for (i, (img, _)) in flavours.iter().enumerate() {
+            let restored = out.join(format!("{i}.{format}"));
+            compare(img, &restored);
+            if format == "qcow2" {
+                check_clean(&restored);
+            }
+        }
+    }
+}

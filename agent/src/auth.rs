@@ -35,7 +35,13 @@ impl Sessions {
         self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty()
     }
 
+    /// Replaces the accepted sessions (a reload).
     /// Adds a session.
+    pub fn replace(&self, tokens: impl IntoIterator<Item = String>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokens.into_iter().collect();
+    }
+
+    /// Accepts one more session.
     pub fn insert(&self, token: String) {
         self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token);
     }

@@ -23,12 +23,34 @@ pub struct AgentConfig {
     pub default_parallelism: u32,
     /// Concurrent backups on one backup storage.
     pub max_backups_per_storage: u32,
+    /// Host-wide bandwidth caps shared by every job.
+    pub limits: HostLimits,
+    /// On SIGTERM, how long running jobs may go on before they are cancelled, seconds.
+    pub shutdown_grace_seconds: u64,
+    /// Log filter (`info`, `debug`, `vmbackup_agent=debug,info`, ...); `RUST_LOG` wins at
+    /// start-up, a SIGHUP applies this.
+    pub log_level: String,
     /// The Image Storage embedded in the agent.
     pub embedded_store: EmbeddedStoreConfig,
     /// TLS of the agent API.
     pub tls: vmbackup_store::tls::ServerTls,
     /// TLS towards Image Storage servers with `https://` endpoints.
     pub store_tls: vmbackup_store::tls::ClientTls,
+}
+
+/// Host-wide caps, bytes per second; 0 is no cap. Each is shared by all jobs at once, on top
+/// of each job's own bandwidth parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostLimits {
+    /// Reading volumes (backups).
+    pub volume_read_bandwidth: u64,
+    /// Writing volumes (restores).
+    pub volume_write_bandwidth: u64,
+    /// Receiving from Image Storage (restores, recovers).
+    pub network_read_bandwidth: u64,
+    /// Sending to Image Storage (backups, recovers).
+    pub network_write_bandwidth: u64,
 }
 
 /// The embedded Image Storage: a local directory served on loopback and registered as a
@@ -57,6 +79,9 @@ impl Default for AgentConfig {
             default_store_port: 7871,
             default_parallelism: 4,
             max_backups_per_storage: 10,
+            limits: HostLimits::default(),
+            shutdown_grace_seconds: 60,
+            log_level: "info".to_string(),
             embedded_store: EmbeddedStoreConfig::default(),
             tls: Default::default(),
             store_tls: Default::default(),

@@ -1,5 +1,12 @@
 //! The agent daemon: opens the catalog, loads sessions, starts the embedded Image Storage,
 //! binds the API listener and serves until shutdown.
+//!
+//! Reload (SIGHUP, from the binary): a new configuration replaces the sessions, the log
+//! filter and the [`Live`] settings; nothing else changes and no connection drops.
+//! Shutdown (SIGTERM): new jobs are refused at once, running jobs get
+//! `shutdown_grace_seconds` to end and are then cancelled (a cancelled backup is never
+//! committed, so nothing half-written becomes visible), and only then do the API server and
+//! the embedded store stop.
 
 use std::sync::Arc;
 
@@ -11,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, Sessions};
 use crate::catalog::Catalog;
 use crate::config::AgentConfig;
+use crate::live::Live;
 use crate::storage::registry::Registry;
 
 /// What every request handler shares.
@@ -24,10 +32,24 @@ pub struct State {
     pub registry: Registry,
     /// Running and past jobs.
     pub jobs: crate::jobs::Jobs,
+    /// Settings a reload changes.
+    pub live: Arc<Live>,
 }
 
-/// Runs the agent until `shutdown` is cancelled.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// How the binary steers a running daemon.
+#[derive(Debug)]
+pub struct Control {
+    /// Cancelled on SIGTERM.
+    pub shutdown: CancellationToken,
+    /// New configurations to apply (SIGHUP).
+    pub reloads: tokio::sync::mpsc::UnboundedReceiver<AgentConfig>,
+    /// The log filter, when the binary installed a reloadable one.
+    pub log: Option<vmbackup_store::logging::LogLevel>,
+}
+
+/// Runs the agent until `control.shutdown` is cancelled.
+pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
+    let Control { shutdown, mut reloads, log } = control;
     let tls = config.tls.load(config.listen).context("TLS configuration of the agent API")?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -47,6 +69,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    // The embedded store outlives the API server: draining jobs still upload to it.
+    let store_stop = CancellationToken::new();
     if config.embedded_store.enabled {
         let es = &config.embedded_store;
         let dir = es.data_dir.clone().unwrap_or_else(|| config.data_dir.join("store"));
@@ -58,7 +82,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let listener =
             TcpListener::bind(es.listen).await.with_context(|| format!("binding embedded store on {}", es.listen))?;
         let addr = listener.local_addr()?;
-        let token = shutdown.clone();
+        let token = store_stop.clone();
         tasks.spawn(async move {
             vmbackup_store::server::serve(Arc::new(service), listener, None, token)
                 .await
@@ -72,7 +96,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
-    let state = State { config: Arc::new(config.clone()), sessions, registry, jobs };
+    let live = Arc::new(Live::new(&config));
+    let state = State { config: Arc::new(config.clone()), sessions, registry, jobs, live };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
@@ -82,12 +107,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     vmbackup_store::systemd::spawn_watchdog(shutdown.clone(), move || {
         Some(format!("{} jobs running", jobs.all_running().len()))
     });
-    let token = shutdown.clone();
+
+    let reload_state = state.clone();
+    let reload_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = reload_stop.cancelled() => return,
+                next = reloads.recv() => match next {
+                    Some(new) => apply_reload(&reload_state, &new, log.as_ref()),
+                    None => return,
+                },
+            }
+        }
+    });
+
+    let (token, jobs, stop) = (shutdown.clone(), state.jobs.clone(), store_stop.clone());
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
     tasks.spawn(async move {
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        let drained = async move {
+            token.cancelled().await;
+            jobs.drain(grace).await;
+        };
+        let r = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
             .await
-            .context("agent API server")
+            .context("agent API server");
+        stop.cancel();
+        r
     });
 
     // The first task to end (error or shutdown) stops the others.
@@ -101,6 +148,42 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             }
         }
         shutdown.cancel();
+        store_stop.cancel();
     }
     result
+}
+
+fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::logging::LogLevel>) {
+    let old = &state.config;
+    if !new.sessions.is_empty() {
+        state.sessions.replace(new.sessions.iter().cloned());
+    } else if !old.sessions.is_empty() {
+        tracing::warn!("the reloaded configuration lists no sessions; keeping the current ones");
+    }
+    state.live.apply(new);
+    if let Some(log) = log
+        && let Err(e) = log.set(&new.log_level)
+    {
+        tracing::error!(error = %e, "log_level not applied");
+    }
+    let restart_only = [
+        ("listen", old.listen != new.listen),
+        ("data_dir", old.data_dir != new.data_dir),
+        ("embedded_store", format!("{:?}", old.embedded_store) != format!("{:?}", new.embedded_store)),
+        ("tls", format!("{:?}", old.tls) != format!("{:?}", new.tls)),
+        ("store_tls", format!("{:?}", old.store_tls) != format!("{:?}", new.store_tls)),
+        ("shutdown_grace_seconds", old.shutdown_grace_seconds != new.shutdown_grace_seconds),
+    ];
+    for (key, changed) in restart_only {
+        if changed {
+            tracing::warn!(key, "changed in the configuration file; takes effect at the next restart");
+        }
+    }
+    tracing::info!(
+        default_parallelism = new.default_parallelism,
+        max_backups_per_storage = new.max_backups_per_storage,
+        log_level = %new.log_level,
+        limits = ?new.limits,
+        "configuration reloaded"
+    );
 }

@@ -111,6 +111,7 @@ impl Job {
 pub struct Jobs {
     catalog: Arc<Catalog>,
     running: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Final state of a job from its outcome.
@@ -131,7 +132,7 @@ impl Jobs {
         if n > 0 {
             tracing::warn!(jobs = n, "jobs interrupted by an agent restart marked Failed");
         }
-        Ok(Self { catalog, running: Arc::default() })
+        Ok(Self { catalog, running: Arc::default(), draining: Arc::default() })
     }
 
     /// Registers and records a new running job.
@@ -141,6 +142,12 @@ impl Jobs {
         resource_uuid: Option<String>,
         target_uuid: Option<String>,
     ) -> Result<Arc<Job>> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::new(
+                ErrorKind::Unavailable,
+                "the agent is shutting down; retry once it is back (the same resourceUuid resumes)",
+            ));
+        }
         let uuid = resource_uuid.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let started = now_millis();
         let record = JobRecord {
@@ -194,6 +201,32 @@ impl Jobs {
         }
         job.tx.send_replace(last);
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.uuid);
+    }
+
+    /// Shutdown: refuses new jobs, gives running ones `grace` to end, then cancels them and
+    /// waits (briefly) for them to record their end.
+    pub async fn drain(&self, grace: std::time::Duration) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let running = self.all_running().len();
+        if running > 0 {
+            tracing::info!(jobs = running, grace_seconds = grace.as_secs(), "waiting for running jobs before stopping");
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.all_running().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let left = self.all_running();
+        if left.is_empty() {
+            return;
+        }
+        tracing::warn!(jobs = left.len(), "grace time over: cancelling running jobs");
+        for j in &left {
+            j.cancel.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.all_running().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// The running job with this uuid.

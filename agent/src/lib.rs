@@ -26,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod jobs;
+pub mod live;
 pub mod storage;
 pub mod tags;
 pub mod throttle;

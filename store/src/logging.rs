@@ -1,13 +1,38 @@
 //! Log set-up shared by vmbackup's daemons: tracing to stderr, filtered by `RUST_LOG`
-//! (default `info`), with colours only on a terminal.
+//! (default: the configured level), with colours only on a terminal. The filter can be
+//! changed on a running daemon (SIGHUP) through the returned [`LogLevel`].
 
 use std::io::IsTerminal;
 
-/// Installs the global tracing subscriber.
-pub fn init() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::reload;
+
+/// Changes the log filter of a running daemon.
+#[derive(Clone)]
+pub struct LogLevel(reload::Handle<EnvFilter, tracing_subscriber::Registry>);
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogLevel")
+    }
+}
+
+impl LogLevel {
+    /// Applies `filter` (`info`, `debug`, `vmbackup_agent=debug,info`, ...).
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        let f = EnvFilter::try_new(filter).map_err(|e| format!("log filter {filter:?}: {e}"))?;
+        self.0.reload(f).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global tracing subscriber; `RUST_LOG`, when set, wins over `default`.
+pub fn init(default: &str) -> LogLevel {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    LogLevel(handle)
 }

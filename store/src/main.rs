@@ -30,7 +30,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    vmbackup_store::logging::init();
+    let _log = vmbackup_store::logging::init("info");
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => {

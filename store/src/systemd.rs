@@ -26,6 +26,16 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// RELOADING=1 while a reload (SIGHUP) is applied.
+pub fn reloading() {
+    send(&[NotifyState::Reloading]);
+}
+
+/// READY=1 again after a reload.
+pub fn reloaded() {
+    send(&[NotifyState::Ready]);
+}
+
 /// STOPPING=1.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

@@ -27,8 +27,7 @@ use crate::{tags, validate};
 pub struct VmBackupApi {
     registry: Registry,
     jobs: Jobs,
-    default_parallelism: u32,
-    max_per_storage: u32,
+    live: Arc<crate::live::Live>,
     busy_volumes: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -38,8 +37,7 @@ impl VmBackupApi {
         Self {
             registry: state.registry.clone(),
             jobs: state.jobs.clone(),
-            default_parallelism: state.config.default_parallelism.max(1),
-            max_per_storage: state.config.max_backups_per_storage.max(1),
+            live: state.live.clone(),
             busy_volumes: Arc::default(),
         }
     }
@@ -50,12 +48,18 @@ impl VmBackupApi {
         let name = validate::name("name", &r.name)?;
         let description = validate::description("description", &r.description)?;
         let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
-        let read_limit = Throttle::unlimited().with(bandwidth("volumeReadBandwidth", r.volume_read_bandwidth)?);
-        let network_limit = Throttle::unlimited().with(bandwidth("networkWriteBandwidth", r.network_write_bandwidth)?);
+        let caps = self.live.caps();
+        let read_limit = Throttle::unlimited()
+            .with(bandwidth("volumeReadBandwidth", r.volume_read_bandwidth)?)
+            .with(caps.volume_read);
+        let network_limit = Throttle::unlimited()
+            .with(bandwidth("networkWriteBandwidth", r.network_write_bandwidth)?)
+            .with(caps.network_write);
         bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?;
         bandwidth("networkReadBandwidth", r.network_read_bandwidth)?;
         let system_tags = tags::parse(&r.system_tags)?;
-        let parallelism = usize::try_from(system_tags.parallelism.unwrap_or(self.default_parallelism)).unwrap_or(1);
+        let parallelism =
+            usize::try_from(system_tags.parallelism.unwrap_or(self.live.default_parallelism())).unwrap_or(1);
         if system_tags.backup_network.is_some() || system_tags.fs_info.is_some() {
             return Err(AgentError::new(
                 ErrorKind::Unimplemented,
@@ -118,10 +122,11 @@ impl VmBackupApi {
             .with_field("backupStorageUuid"));
         }
         let (c, b) = (catalog.clone(), bs.clone());
-        if blocking(move || Ok(c.running_jobs_on(&b)?)).await? >= i64::from(self.max_per_storage) {
+        let max_per_storage = self.live.max_backups_per_storage();
+        if blocking(move || Ok(c.running_jobs_on(&b)?)).await? >= i64::from(max_per_storage) {
             return Err(AgentError::new(
                 ErrorKind::ResourceExhausted,
-                format!("{} backups already run on backup storage {bs}", self.max_per_storage),
+                format!("{max_per_storage} backups already run on backup storage {bs}"),
             ));
         }
 
@@ -170,10 +175,16 @@ impl VmBackupApi {
         let group = validate::uuid("groupUuid", &r.group_uuid)?;
         let bs = validate::uuid("backupStorageUuid", &r.backup_storage_uuid)?;
         let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
-        let network_limit = Throttle::unlimited().with(bandwidth("networkReadBandwidth", r.network_read_bandwidth)?);
-        let write_limit = Throttle::unlimited().with(bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?);
+        let caps = self.live.caps();
+        let network_limit = Throttle::unlimited()
+            .with(bandwidth("networkReadBandwidth", r.network_read_bandwidth)?)
+            .with(caps.network_read);
+        let write_limit = Throttle::unlimited()
+            .with(bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?)
+            .with(caps.volume_write);
         let system_tags = tags::parse(&r.system_tags)?;
-        let parallelism = usize::try_from(system_tags.parallelism.unwrap_or(self.default_parallelism)).unwrap_or(1);
+        let parallelism =
+            usize::try_from(system_tags.parallelism.unwrap_or(self.live.default_parallelism())).unwrap_or(1);
         let (c, g) = (self.registry.catalog().clone(), group.clone());
         let backups = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
         if backups.is_empty() {
@@ -317,10 +328,13 @@ impl VmBackupApi {
                 format!("backup group {group} is not on backup storage {src}"),
             ));
         }
+        // A recover reads from one store and writes to another: both host caps apply.
+        let caps = self.live.caps();
+        let network = Throttle::unlimited().with(caps.network_read).with(caps.network_write);
         let job = self.jobs.start("RecoverVmBackup", None, Some(dst.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
         let handle = tokio::spawn(async move {
-            let result = backup::recover::run(&registry, &j, &group, &src, &dst, Throttle::unlimited()).await;
+            let result = backup::recover::run(&registry, &j, &group, &src, &dst, network).await;
             let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
             jobs.finish(&j, &outcome).await;
             result.map(|()| group)

@@ -28,10 +28,7 @@ struct Args {
     embedded_store_listen: Option<std::net::SocketAddr>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    vmbackup_store::logging::init();
-    let args = Args::parse();
+fn load(args: &Args) -> anyhow::Result<AgentConfig> {
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
@@ -42,8 +39,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
     }
     if args.no_embedded_store {
         config.embedded_store.enabled = false;
@@ -51,22 +48,44 @@ async fn main() -> anyhow::Result<()> {
     if let Some(l) = args.embedded_store_listen {
         config.embedded_store.listen = l;
     }
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = load(&args)?;
+    let log = vmbackup_store::logging::init(&config.log_level);
 
     let shutdown = CancellationToken::new();
+    let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
     let token = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
             tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    vmbackup_store::systemd::reloading();
+                    match load(&args) {
+                        Ok(c) => { let _ = reload_tx.send(c); }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays"),
+                    }
+                    vmbackup_store::systemd::reloaded();
+                }
+            }
         }
         tracing::info!("shutting down");
         vmbackup_store::systemd::stopping();
         token.cancel();
     });
-    vmbackup_agent::daemon::run(config, shutdown).await
+    let control = vmbackup_agent::daemon::Control { shutdown, reloads, log: Some(log) };
+    vmbackup_agent::daemon::run(config, control).await
 }

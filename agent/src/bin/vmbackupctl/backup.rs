@@ -1,5 +1,6 @@
 //! `vmbackupctl vm …`, `backup …` and `job …`: register VMs, back them up with a progress
-//! bar fed by WatchJob, list backups, watch or cancel jobs.
+//! bar fed by WatchJob, list backups, watch or cancel jobs (the rest of a backup's life is
+//! in `lifecycle.rs`).
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -70,6 +71,14 @@ pub(crate) enum BackupCommand {
         /// Conditions, e.g. `groupUuid=…`.
         conditions: Vec<String>,
     },
+    /// Restore a group's volumes to new raw or qcow2 files, or over the stopped VM's own.
+    Restore(crate::lifecycle::RestoreArgs),
+    /// Copy a group from one backup storage to another (only the chunks it lacks).
+    Recover(crate::lifecycle::RecoverArgs),
+    /// Delete a group from some or all of its storages.
+    Delete(crate::lifecycle::DeleteArgs),
+    /// Rebuild the catalog of one backup storage from its groups.
+    Sync(crate::lifecycle::SyncArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +187,10 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
                 .map_err(rpc_error)?;
             print_backups(json, r.into_inner().inventories)?;
         }
+        Command::Backup(BackupCommand::Restore(a)) => crate::lifecycle::restore(a, channel, auth, json).await?,
+        Command::Backup(BackupCommand::Recover(a)) => crate::lifecycle::recover(a, channel, auth, json).await?,
+        Command::Backup(BackupCommand::Delete(a)) => crate::lifecycle::delete(a, channel, auth, json).await?,
+        Command::Backup(BackupCommand::Sync(a)) => crate::lifecycle::sync(a, channel, auth, json).await?,
         Command::Job(JobCommand::Watch { uuid }) => {
             let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
             let last = watch(&mut c, &uuid).await?;
@@ -199,7 +212,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
 }
 
 /// Follows a job with a progress bar; returns its last progress.
-async fn watch(c: &mut Backups, uuid: &str) -> anyhow::Result<pb::JobProgress> {
+pub(crate) async fn watch(c: &mut Backups, uuid: &str) -> anyhow::Result<pb::JobProgress> {
     let mut stream =
         c.watch_job(pb::WatchJobRequest { job_uuid: uuid.to_string() }).await.map_err(rpc_error)?.into_inner();
     let bar = ProgressBar::new(0);
@@ -224,7 +237,7 @@ async fn watch(c: &mut Backups, uuid: &str) -> anyhow::Result<pb::JobProgress> {
     Ok(last)
 }
 
-fn print_backups(json: bool, rows: Vec<pb::VolumeBackupInventory>) -> anyhow::Result<()> {
+pub(crate) fn print_backups(json: bool, rows: Vec<pb::VolumeBackupInventory>) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "inventories": rows }))?);
         return Ok(());

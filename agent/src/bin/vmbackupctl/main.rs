@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 mod backup;
+mod lifecycle;
 mod store;
 
 use anyhow::{Context, bail};

@@ -1,0 +1,88 @@
+//! Settings that change on a running agent (SIGHUP): job defaults and the host-wide
+//! bandwidth caps. Jobs read them when they start; a running job keeps the caps it started
+//! with, and a cap whose value did not change keeps its limiter, so jobs old and new still
+//! share it.
+
+use std::sync::{Arc, RwLock};
+
+use crate::config::{AgentConfig, HostLimits};
+use crate::throttle::ByteRate;
+
+/// Host-wide caps, each shared by every job it applies to.
+#[derive(Debug, Clone, Default)]
+pub struct HostCaps {
+    /// Reading volumes (backups).
+    pub volume_read: Option<Arc<ByteRate>>,
+    /// Writing volumes (restores).
+    pub volume_write: Option<Arc<ByteRate>>,
+    /// Receiving from stores (restores, recovers).
+    pub network_read: Option<Arc<ByteRate>>,
+    /// Sending to stores (backups, recovers).
+    pub network_write: Option<Arc<ByteRate>>,
+}
+
+#[derive(Debug, Clone)]
+struct Values {
+    default_parallelism: u32,
+    max_backups_per_storage: u32,
+    caps: HostCaps,
+}
+
+/// The live settings.
+#[derive(Debug)]
+pub struct Live(RwLock<Values>);
+
+fn cap(old: &Option<Arc<ByteRate>>, bytes_per_second: u64) -> Option<Arc<ByteRate>> {
+    match old {
+        _ if bytes_per_second == 0 => None,
+        Some(l) if l.bytes_per_second() == bytes_per_second => Some(l.clone()),
+        _ => Some(Arc::new(ByteRate::new(bytes_per_second))),
+    }
+}
+
+fn caps(old: &HostCaps, l: &HostLimits) -> HostCaps {
+    HostCaps {
+        volume_read: cap(&old.volume_read, l.volume_read_bandwidth),
+        volume_write: cap(&old.volume_write, l.volume_write_bandwidth),
+        network_read: cap(&old.network_read, l.network_read_bandwidth),
+        network_write: cap(&old.network_write, l.network_write_bandwidth),
+    }
+}
+
+impl Live {
+    /// The settings of `config`.
+    pub fn new(config: &AgentConfig) -> Self {
+        Self(RwLock::new(Values {
+            default_parallelism: config.default_parallelism.max(1),
+            max_backups_per_storage: config.max_backups_per_storage.max(1),
+            caps: caps(&HostCaps::default(), &config.limits),
+        }))
+    }
+
+    fn read(&self) -> Values {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Takes the reloadable settings of `config`.
+    pub fn apply(&self, config: &AgentConfig) {
+        let mut v = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        v.default_parallelism = config.default_parallelism.max(1);
+        v.max_backups_per_storage = config.max_backups_per_storage.max(1);
+        v.caps = caps(&v.caps, &config.limits);
+    }
+
+    /// Reader workers of a job without a parallelism tag.
+    pub fn default_parallelism(&self) -> u32 {
+        self.read().default_parallelism
+    }
+
+    /// Concurrent backups on one backup storage.
+    pub fn max_backups_per_storage(&self) -> u32 {
+        self.read().max_backups_per_storage
+    }
+
+    /// The host-wide caps now.
+    pub fn caps(&self) -> HostCaps {
+        self.read().caps
+    }
+}
