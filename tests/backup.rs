@@ -309,6 +309,19 @@ async fn vmbackupctl_registers_backs_up_lists_and_watches() {
     let refs = v["inventories"][0]["backupStorageRefs"].as_array().expect("refs").clone();
     assert_eq!(refs.len(), 1, "{v}");
     assert_eq!(refs[0]["backupStorageUuid"], bs2.as_str(), "{v}");
+
+    // status: the agent and both stores on one screen.
+    let table = ctl(&["status"]);
+    assert!(table.contains("1 VMs registered, 1 volume backups"), "{table}");
+    assert!(table.contains(&bs) && table.contains(&bs2) && table.contains("Connected"), "{table}");
+    let v: serde_json::Value = serde_json::from_str(&ctl(&["--json", "status"])).expect("json");
+    let storages = v["backupStorages"].as_array().expect("storages");
+    assert_eq!(storages.len(), 2, "{v}");
+    let groups: Vec<String> = storages.iter().map(|s| s["store"]["groupCount"].to_string()).collect();
+    assert!(groups.contains(&"\"1\"".to_string()), "the second store holds the recovered group: {v}");
+    // Completions and the manual page.
+    assert!(ctl(&["completions", "bash"]).contains("_vmbackupctl()"));
+    assert!(ctl(&["man"]).starts_with(".ie"), "roff");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -32,6 +32,7 @@ fn run_under_notify_socket(program: &str, args: &[String]) {
     sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
     let mut child = Command::new(common::bin(program))
         .args(args)
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("NOTIFY_SOCKET", &sock_path)

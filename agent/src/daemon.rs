@@ -100,6 +100,17 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     let state = State { config: Arc::new(config.clone()), sessions, registry, jobs, live };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
+    if let Some(addr) = config.metrics_listen {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+        tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
+        let registry = Arc::new(crate::metrics::registry(state.jobs.metrics(), state.jobs.clone()));
+        let token = store_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vmbackup_store::metrics::serve(l, registry, token).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state, tls)?;
     vmbackup_store::systemd::ready(&format!("serving on {}", config.listen));

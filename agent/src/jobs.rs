@@ -112,6 +112,7 @@ pub struct Jobs {
     catalog: Arc<Catalog>,
     running: Arc<Mutex<HashMap<String, Arc<Job>>>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// Final state of a job from its outcome.
@@ -132,7 +133,7 @@ impl Jobs {
         if n > 0 {
             tracing::warn!(jobs = n, "jobs interrupted by an agent restart marked Failed");
         }
-        Ok(Self { catalog, running: Arc::default(), draining: Arc::default() })
+        Ok(Self { catalog, running: Arc::default(), draining: Arc::default(), metrics: Arc::default() })
     }
 
     /// Registers and records a new running job.
@@ -195,6 +196,8 @@ impl Jobs {
             r.finished = Some(now);
             r.clone()
         };
+        let seconds = (now - record.started).max(0) as f64 / 1000.0;
+        self.metrics.record(&job.kind, state, seconds, &job.counters);
         let catalog = self.catalog.clone();
         if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
             tracing::error!(job = %job.uuid, error = %e, "recording the end of a job failed");
@@ -227,6 +230,11 @@ impl Jobs {
         while !self.all_running().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Metrics of finished jobs.
+    pub fn metrics(&self) -> &crate::metrics::AgentMetrics {
+        &self.metrics
     }
 
     /// The running job with this uuid.

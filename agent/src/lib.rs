@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod error;
 pub mod jobs;
 pub mod live;
+pub mod metrics;
 pub mod storage;
 pub mod tags;
 pub mod throttle;

@@ -23,6 +23,14 @@ const MAX_PIECE: u64 = 1 << 20;
 /// Smallest burst, bytes.
 const MIN_PIECE: u64 = 4 << 10;
 
+/// Time every limit of this process has made bytes wait, nanoseconds (for `/metrics`).
+static TOTAL_WAITED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Time spent waiting on every limit of this process so far, seconds.
+pub fn total_waited_seconds() -> f64 {
+    TOTAL_WAITED_NANOS.load(Ordering::Relaxed) as f64 / 1e9
+}
+
 /// One byte-rate limit.
 pub struct ByteRate {
     limiter: RateLimiter<NotKeyed, InMemoryState, DefaultClock>,
@@ -75,6 +83,7 @@ impl ByteRate {
         }
         let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.waited_nanos.fetch_add(waited, Ordering::Relaxed);
+        TOTAL_WAITED_NANOS.fetch_add(waited, Ordering::Relaxed);
     }
 }
 

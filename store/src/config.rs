@@ -28,6 +28,8 @@ pub struct StoreConfig {
     pub tls: crate::tls::ServerTls,
     /// GC keeps chunks touched within this many seconds before its cutoff.
     pub gc_safety_margin_seconds: u64,
+    /// Prometheus `/metrics` address (plain HTTP); absent: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for StoreConfig {
@@ -38,6 +40,7 @@ impl Default for StoreConfig {
             chunk_size: crate::identity::DEFAULT_CHUNK_SIZE,
             tls: crate::tls::ServerTls::default(),
             gc_safety_margin_seconds: crate::gc::DEFAULT_MARGIN.as_secs(),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9871))),
         }
     }
 }

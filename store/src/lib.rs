@@ -35,6 +35,7 @@ pub mod error;
 pub mod gc;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod sessions;
 pub mod systemd;

@@ -26,6 +26,9 @@ struct Args {
     /// Chunk size in bytes of a new store (overrides the config file).
     #[arg(long)]
     chunk_size: Option<u32>,
+    /// Prometheus /metrics address (overrides the config file).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -48,6 +51,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(c) = args.chunk_size {
         config.chunk_size = c;
     }
+    if let Some(m) = args.metrics_listen {
+        config.metrics_listen = Some(m);
+    }
 
     let dir = config.data_dir.clone();
     let margin = std::time::Duration::from_secs(config.gc_safety_margin_seconds);
@@ -59,13 +65,23 @@ async fn main() -> anyhow::Result<()> {
     let tls = config.tls.load(config.listen).context("TLS configuration")?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+        tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
+        let (registry, token) = (Arc::new(service.metrics()), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = vmbackup_store::metrics::serve(l, registry, token).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
         store_uuid = %service.identity().store_uuid,
         "vmbackup-store ready"
     );
-    let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -42,12 +42,17 @@ const DOWNLOADS_AHEAD: usize = 8;
 pub struct StoreService {
     store: Arc<ChunkStore>,
     gc_margin: Duration,
+    runs: Arc<crate::metrics::RunMetrics>,
 }
 
 impl StoreService {
     /// Opens (or creates) the store under `data_dir`.
     pub fn open(data_dir: PathBuf, chunk_size: u32) -> Result<Self, StoreError> {
-        Ok(Self { store: Arc::new(ChunkStore::open(&data_dir, chunk_size)?), gc_margin: crate::gc::DEFAULT_MARGIN })
+        Ok(Self {
+            store: Arc::new(ChunkStore::open(&data_dir, chunk_size)?),
+            gc_margin: crate::gc::DEFAULT_MARGIN,
+            runs: Arc::default(),
+        })
     }
 
     /// Sets the default GC safety margin.
@@ -64,6 +69,11 @@ impl StoreService {
     /// The chunk store.
     pub fn store(&self) -> &Arc<ChunkStore> {
         &self.store
+    }
+
+    /// The Prometheus registry of this store.
+    pub fn metrics(&self) -> prometheus_client::registry::Registry {
+        crate::metrics::store_registry(self.store.clone(), &self.runs)
     }
 
     async fn run<T: Send + 'static>(
@@ -282,6 +292,10 @@ impl ImageStore for StoreService {
     ) -> Result<Response<pb::GarbageCollectReply>, Status> {
         let margin = r.into_inner().safety_margin_seconds.map_or(self.gc_margin, Duration::from_secs);
         let g = self.run(move |s| s.garbage_collect(margin)).await?;
+        self.runs.gc_runs.inc();
+        self.runs.gc_chunks_removed.inc_by(g.chunks_removed);
+        self.runs.gc_bytes_removed.inc_by(g.bytes_removed);
+        self.runs.gc_last_bytes_kept.set(i64::try_from(g.bytes_kept).unwrap_or(i64::MAX));
         Ok(Response::new(pb::GarbageCollectReply {
             chunks_removed: g.chunks_removed,
             bytes_removed: g.bytes_removed,
@@ -295,6 +309,10 @@ impl ImageStore for StoreService {
     async fn verify(&self, r: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
         let groups = r.into_inner().group_uuids;
         let v = self.run(move |s| s.verify(&groups)).await?;
+        self.runs.verify_runs.inc();
+        self.runs.verify_chunks_checked.inc_by(v.chunks_checked);
+        self.runs.verify_bad_chunks.inc_by(u64::try_from(v.bad_chunks.len()).unwrap_or(u64::MAX));
+        self.runs.verify_last_damaged_groups.set(i64::try_from(v.damaged_groups.len()).unwrap_or(i64::MAX));
         Ok(Response::new(pb::VerifyReply {
             chunks_checked: v.chunks_checked,
             bad_chunks: v.bad_chunks.into_iter().map(|d| d.0.to_vec()).collect(),

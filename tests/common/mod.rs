@@ -104,6 +104,20 @@ impl Daemon {
         self.child.as_ref().map(Child::id).expect("daemon is running")
     }
 
+    /// The `/metrics` page of the running process (from its latest `metrics_listen=` line).
+    pub fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let text = read(&self.log);
+        let line = text.lines().rfind(|l| l.contains("metrics_listen=")).expect("no metrics_listen in the log");
+        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("metrics_listen=")).expect("address");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+
     /// The whole log so far.
     pub fn log_text(&self) -> String {
         read(&self.log)
@@ -174,6 +188,8 @@ pub fn start_store_with(dir: &Path, name: &str, config: Option<&Path>, chunk_siz
         data.display().to_string(),
         "--chunk-size".to_string(),
         chunk_size.to_string(),
+        "--metrics-listen".to_string(),
+        "127.0.0.1:0".to_string(),
     ];
     if let Some(c) = config {
         args.extend(["--config".to_string(), c.display().to_string()]);
@@ -193,8 +209,14 @@ pub struct AgentOptions {
 /// Starts a vmbackup-agent on an ephemeral loopback port with its data under `dir/agent`.
 pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
     let data = dir.join("agent");
-    let mut args =
-        vec!["--listen".to_string(), "127.0.0.1:0".to_string(), "--data-dir".to_string(), data.display().to_string()];
+    let mut args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--metrics-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+    ];
     if opts.embedded_store {
         args.extend(["--embedded-store-listen".to_string(), "127.0.0.1:0".to_string()]);
     } else {

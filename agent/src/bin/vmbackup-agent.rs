@@ -26,6 +26,9 @@ struct Args {
     /// Listen address of the embedded Image Storage (overrides the config file).
     #[arg(long)]
     embedded_store_listen: Option<std::net::SocketAddr>,
+    /// Prometheus /metrics address (overrides the config file).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn load(args: &Args) -> anyhow::Result<AgentConfig> {
@@ -47,6 +50,9 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(l) = args.embedded_store_listen {
         config.embedded_store.listen = l;
+    }
+    if let Some(m) = args.metrics_listen {
+        config.metrics_listen = Some(m);
     }
     Ok(config)
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod backup;
 mod lifecycle;
+mod status;
 mod store;
 
 use anyhow::{Context, bail};
@@ -49,6 +50,15 @@ pub(crate) enum Command {
     /// Long-running jobs.
     #[command(subcommand)]
     Job(backup::JobCommand),
+    /// The agent and every store it uses, on one screen.
+    Status,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output.
+    Man,
     /// Talk to an Image Storage server directly.
     Store {
         /// Store endpoint.
@@ -195,6 +205,26 @@ pub(crate) fn rpc_error(s: tonic::Status) -> anyhow::Error {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "vmbackupctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        Command::Status => {
+            let (channel, auth) = channel_and_auth(&cli).await?;
+            return status::run(&cli.agent, channel, auth, cli.json).await;
+        }
+        _ => {}
+    }
     if let Command::Store { store, command } = &cli.command {
         return store::run_store(store, command, cli.json).await;
     }
@@ -205,7 +235,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = connect(&cli).await?;
     let json = cli.json;
     match cli.command {
-        Command::Store { .. } | Command::Vm(_) | Command::Backup(_) | Command::Job(_) => Ok(()),
+        Command::Store { .. }
+        | Command::Vm(_)
+        | Command::Backup(_)
+        | Command::Job(_)
+        | Command::Status
+        | Command::Completions { .. }
+        | Command::Man => Ok(()),
         Command::Storage(cmd) => match cmd {
             StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
                 let r = client

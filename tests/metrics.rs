@@ -1,0 +1,118 @@
+//! Prometheus `/metrics` on both daemons, scraped after real jobs: the agent's byte
+//! counters equal each job's own report (WatchJob), and the store's equal its Status
+//! counters and record GC and verify runs.
+
+mod common;
+
+use common::{AgentOptions, start_agent, start_store};
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::store::v1 as spb;
+
+const VM: &str = "8192a3b4c5d6e7f8091a2b3c4d5e6f70";
+const ROOT: &str = "92a3b4c5d6e7f8091a2b3c4d5e6f7081";
+
+/// The value of the sample `series` (name with labels, exactly as exposed).
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad value of {series}"))
+}
+
+async fn final_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
+    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
+    let mut last = pb::JobProgress::default();
+    while let Some(p) = w.message().await.expect("progress") {
+        last = p;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_match_the_jobs_own_reports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    let mut data = common::pseudo_random(9, 3 << 20);
+    data[1 << 20..2 << 20].fill(0); // a zero MiB
+    let copy = data[..256 << 10].to_vec();
+    data[2 << 20..(2 << 20) + (256 << 10)].copy_from_slice(&copy); // deduplicated within the volume
+    std::fs::write(&img, &data).expect("image");
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let group = "a3b4c5d6e7f8091a2b3c4d5e6f708192";
+    c.create_vm_backup(pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs.clone(),
+        name: "m".into(),
+        resource_uuid: group.into(),
+        vm: Some(pb::RegisterVmRequest {
+            uuid: VM.into(),
+            volumes: vec![pb::VolumeSpec {
+                uuid: ROOT.into(),
+                name: "ROOT".into(),
+                install_path: img.display().to_string(),
+                format: "raw".into(),
+                r#type: "Root".into(),
+                device_id: 0,
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("backup");
+    let b = final_progress(&mut c, group).await;
+    assert_eq!(b.state, "Succeeded");
+    assert!(b.bytes_zero > 0 && b.bytes_deduplicated > 0 && b.bytes_sent > 0, "{b:?}");
+
+    let restore_job = "b4c5d6e7f8091a2b3c4d5e6f708192a3";
+    c.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: group.into(),
+        backup_storage_uuid: bs,
+        targets: vec![pb::RestoreTarget {
+            volume_uuid: ROOT.into(),
+            install_path: dir.path().join("out.raw").display().to_string(),
+            format: "raw".into(),
+        }],
+        resource_uuid: restore_job.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    let r = final_progress(&mut c, restore_job).await;
+
+    let page = agent.scrape();
+    let bytes = |method: &str, kind: &str| {
+        sample(&page, &format!("vmbackup_agent_job_bytes_total{{method=\"{method}\",kind=\"{kind}\"}}"))
+    };
+    for (kind, want) in
+        [("read", b.bytes_read), ("zero", b.bytes_zero), ("deduplicated", b.bytes_deduplicated), ("sent", b.bytes_sent)]
+    {
+        assert_eq!(bytes("CreateVmBackup", kind), want as f64, "CreateVmBackup {kind}");
+    }
+    assert_eq!(bytes("RestoreVmBackup", "written"), r.bytes_written as f64);
+    assert_eq!(bytes("RestoreVmBackup", "received"), r.bytes_received as f64);
+    assert_eq!(sample(&page, "vmbackup_agent_jobs_total{method=\"CreateVmBackup\",outcome=\"Succeeded\"}"), 1.0);
+    assert_eq!(sample(&page, "vmbackup_agent_job_duration_seconds_count{method=\"RestoreVmBackup\"}"), 1.0);
+    assert_eq!(sample(&page, "vmbackup_agent_jobs_running"), 0.0);
+
+    let mut s = common::store_client(&store).await;
+    let status = s.status(spb::StatusRequest {}).await.expect("status").into_inner();
+    let counters = status.counters.expect("counters");
+    s.garbage_collect(spb::GarbageCollectRequest::default()).await.expect("gc");
+    s.verify(spb::VerifyRequest::default()).await.expect("verify");
+    let page = store.scrape();
+    assert_eq!(sample(&page, "vmbackup_store_chunks_uploaded_total"), counters.chunks_uploaded as f64);
+    assert_eq!(sample(&page, "vmbackup_store_uploaded_bytes_total"), counters.bytes_uploaded as f64);
+    assert_eq!(u64::try_from(b.bytes_sent).ok(), Some(counters.bytes_uploaded), "what the agent sent is what the store took");
+    assert_eq!(sample(&page, "vmbackup_store_groups"), 1.0);
+    assert_eq!(sample(&page, "vmbackup_store_gc_runs_total"), 1.0);
+    assert_eq!(sample(&page, "vmbackup_store_verify_runs_total"), 1.0);
+    assert_eq!(sample(&page, "vmbackup_store_verify_bad_chunks_total"), 0.0);
+    assert!(sample(&page, "vmbackup_store_gc_last_kept_bytes") > 0.0);
+}
