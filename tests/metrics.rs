@@ -109,7 +109,11 @@ async fn metrics_match_the_jobs_own_reports() {
     let page = store.scrape();
     assert_eq!(sample(&page, "vmbackup_store_chunks_uploaded_total"), counters.chunks_uploaded as f64);
     assert_eq!(sample(&page, "vmbackup_store_uploaded_bytes_total"), counters.bytes_uploaded as f64);
-    assert_eq!(u64::try_from(b.bytes_sent).ok(), Some(counters.bytes_uploaded), "what the agent sent is what the store took");
+    assert_eq!(
+        u64::try_from(b.bytes_sent).ok(),
+        Some(counters.bytes_uploaded),
+        "what the agent sent is what the store took"
+    );
     assert_eq!(sample(&page, "vmbackup_store_groups"), 1.0);
     assert_eq!(sample(&page, "vmbackup_store_gc_runs_total"), 1.0);
     assert_eq!(sample(&page, "vmbackup_store_verify_runs_total"), 1.0);
