@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Tools the tests drive (qemu-img/qemu-io make real images). Installed when missing.
+# Tools the tests drive (qemu-img/qemu-io make real images, ip makes test networks).
+# Installed when missing.
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# Network namespaces and veth links for the backup-network test (needs root).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]} (install them, or run this script as root to install them)" >&2

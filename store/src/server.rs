@@ -159,9 +159,10 @@ impl ImageStore for StoreService {
     }
 
     async fn open_session(&self, r: Request<pb::OpenSessionRequest>) -> Result<Response<pb::OpenSessionReply>, Status> {
+        let peer = r.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let r = r.into_inner();
         let (id, ttl) = self.store.sessions().open(&r.client, Duration::from_secs(u64::from(r.ttl_seconds)));
-        tracing::info!(session = %id, client = %r.client, "session opened");
+        tracing::info!(session = %id, client = %r.client, peer = %peer, "session opened");
         Ok(Response::new(pb::OpenSessionReply {
             session_id: id,
             ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),

@@ -51,6 +51,15 @@ impl Daemon {
         Daemon { child: Some(child), addr, log, data_dir, program, args }
     }
 
+    /// Starts `program` inside the network namespace `netns` (`ip netns exec`).
+    pub fn start_in_netns(netns: &str, program: &str, args: Vec<String>, data_dir: PathBuf, log: PathBuf) -> Daemon {
+        let mut full = vec!["netns".to_string(), "exec".to_string(), netns.to_string()];
+        full.push(bin(program).display().to_string());
+        full.extend(args);
+        let ready = format!("{program} ready");
+        Daemon::start(PathBuf::from("ip"), full, data_dir, log, &ready)
+    }
+
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

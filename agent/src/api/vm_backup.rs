@@ -60,13 +60,15 @@ impl VmBackupApi {
         let system_tags = tags::parse(&r.system_tags)?;
         let parallelism =
             usize::try_from(system_tags.parallelism.unwrap_or(self.live.default_parallelism())).unwrap_or(1);
-        if system_tags.backup_network.is_some() || system_tags.fs_info.is_some() {
+        if system_tags.fs_info.is_some() {
             return Err(AgentError::new(
                 ErrorKind::Unimplemented,
-                "the backup::network::cidr and fsInfo system tags are not implemented by this agent version",
+                "the fsInfo system tag is not implemented by this agent version",
             )
             .with_field("systemTags"));
         }
+        // Checked before anything starts: no address in the CIDR means nothing is sent.
+        let source = system_tags.backup_network.as_ref().map(crate::storage::netbind::pick).transpose()?;
 
         let catalog = self.registry.catalog().clone();
         if let Some(spec) = &r.vm {
@@ -154,6 +156,7 @@ impl VmBackupApi {
             parallelism,
             read_limit,
             network_limit,
+            source,
             system_tags: r.system_tags.clone(),
             user_tags: r.user_tags.clone(),
         };
@@ -185,6 +188,7 @@ impl VmBackupApi {
         let system_tags = tags::parse(&r.system_tags)?;
         let parallelism =
             usize::try_from(system_tags.parallelism.unwrap_or(self.live.default_parallelism())).unwrap_or(1);
+        let source = system_tags.backup_network.as_ref().map(crate::storage::netbind::pick).transpose()?;
         let (c, g) = (self.registry.catalog().clone(), group.clone());
         let backups = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
         if backups.is_empty() {
@@ -199,7 +203,7 @@ impl VmBackupApi {
         let job = self.jobs.start("RestoreVmBackup", resource, Some(bs.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
         let handle = tokio::spawn(async move {
-            let opts = backup::restore::RestoreOptions { network_limit, write_limit, parallelism };
+            let opts = backup::restore::RestoreOptions { network_limit, write_limit, parallelism, source };
             let result = backup::restore::run(&registry, &j, &bs, targets, opts).await;
             let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
             jobs.finish(&j, &outcome).await;

@@ -49,6 +49,8 @@ pub struct BackupRequest {
     pub read_limit: Throttle,
     /// networkWriteBandwidth (+ host cap).
     pub network_limit: Throttle,
+    /// Connections to the store leave from here (`backup::network::cidr`).
+    pub source: Option<crate::storage::netbind::SourceAddr>,
     /// System tags, recorded in the manifest.
     pub system_tags: Vec<String>,
     /// User tags, recorded in the manifest.
@@ -74,7 +76,11 @@ fn index_format(f: VolumeFormat) -> IndexFormat {
 /// Runs a backup to completion (or failure, or cancellation) and records it.
 pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
     let catalog = registry.catalog().clone();
-    let mut client = registry.connect(&req.storage.url).await?;
+    if let Some(src) = &req.source {
+        tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");
+        job.set_message(format!("backup network: {src}"));
+    }
+    let mut client = registry.connect_from(&req.storage.url, req.source.as_ref()).await?;
     let status = client.status().await?;
     if status.store_uuid != req.storage.store_uuid {
         return Err(AgentError::new(

@@ -49,6 +49,8 @@ pub struct RestoreOptions {
     pub write_limit: Throttle,
     /// Download streams in flight per volume.
     pub parallelism: usize,
+    /// Connections to the store leave from here (`backup::network::cidr`).
+    pub source: Option<crate::storage::netbind::SourceAddr>,
 }
 
 /// Restores every target from `storage_uuid`.
@@ -60,7 +62,7 @@ pub async fn run(
     opts: RestoreOptions,
 ) -> Result<()> {
     let storage = registry.require(storage_uuid).await?;
-    let mut client = registry.connect(&storage.url).await?;
+    let mut client = registry.connect_from(&storage.url, opts.source.as_ref()).await?;
     let chunk_max = usize::try_from(client.status().await?.chunk_size).unwrap_or(usize::MAX);
     for t in targets {
         let r = t.backup.refs.iter().find(|r| r.backup_storage_uuid == storage_uuid).ok_or_else(|| {

@@ -52,6 +52,15 @@ pub struct ImageStoreClient {
 impl ImageStoreClient {
     /// Connects to the store at `url` (`http://host:port`, or `https://…` with `tls`).
     pub async fn connect(url: &str, tls: &vmbackup_store::tls::ClientTls) -> Result<Self> {
+        Self::connect_from(url, tls, None).await
+    }
+
+    /// Connects to the store at `url`, from `source` when given (the backup network).
+    pub async fn connect_from(
+        url: &str,
+        tls: &vmbackup_store::tls::ClientTls,
+        source: Option<&super::netbind::SourceAddr>,
+    ) -> Result<Self> {
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| AgentError::invalid("url", format!("{url:?} is not a valid endpoint URL")).with_source(e))?;
         if url.starts_with("https://") {
@@ -70,7 +79,25 @@ impl ImageStoreClient {
             .tcp_nodelay(true)
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(64 << 20);
-        let channel = endpoint.connect().await.map_err(|e| {
+        let connected = match source {
+            None => endpoint.connect().await,
+            Some(src) => {
+                let src = src.clone();
+                let default_port = if url.starts_with("https://") { 443 } else { 80 };
+                endpoint
+                    .connect_with_connector(tower::service_fn(move |uri: tonic::transport::Uri| {
+                        let src = src.clone();
+                        async move {
+                            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                            let port = uri.port_u16().unwrap_or(default_port);
+                            let stream = super::netbind::connect(&src, host, port).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }))
+                    .await
+            }
+        };
+        let channel = connected.map_err(|e| {
             AgentError::new(ErrorKind::Unavailable, format!("cannot reach Image Storage at {url}"))
                 .with_code("BS.1003", "Backup storage is unreachable")
                 .with_source(e)

@@ -61,6 +61,16 @@ impl Registry {
         ImageStoreClient::connect(url, &self.tls).await
     }
 
+    /// A client of the store at `url` whose connections leave from `source` (the backup
+    /// network), or from wherever the kernel routes when None.
+    pub async fn connect_from(
+        &self,
+        url: &str,
+        source: Option<&super::netbind::SourceAddr>,
+    ) -> Result<ImageStoreClient> {
+        ImageStoreClient::connect_from(url, &self.tls, source).await
+    }
+
     /// The catalog.
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog

@@ -65,6 +65,9 @@ pub(crate) enum BackupCommand {
         /// Network write limit, bytes per second.
         #[arg(long)]
         network_write_bandwidth: Option<i64>,
+        /// A ZStack system tag, e.g. `backup::network::cidr::10.0.2.0/24`; repeatable.
+        #[arg(long = "system-tag")]
+        system_tags: Vec<String>,
     },
     /// List volume backups, optionally filtered by ZStack conditions.
     List {
@@ -152,6 +155,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
             parallelism,
             volume_read_bandwidth,
             network_write_bandwidth,
+            system_tags,
         }) => {
             let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
             let resource = resource_uuid.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
@@ -166,6 +170,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
                 system_tags: parallelism
                     .map(|p| format!("volumeLiveBackup::parallelismDegree::{p}"))
                     .into_iter()
+                    .chain(system_tags)
                     .collect(),
                 ..Default::default()
             };
