@@ -120,3 +120,50 @@ async fn metrics_match_the_jobs_own_reports() {
     assert_eq!(sample(&page, "vmbackup_store_verify_bad_chunks_total"), 0.0);
     assert!(sample(&page, "vmbackup_store_gc_last_kept_bytes") > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_the_job_and_the_request_on_every_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    std::fs::write(&img, common::pseudo_random(12, 1 << 20)).expect("image");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "log_format = \"json\"\n").expect("config");
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions { config: Some(config), ..Default::default() });
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let group = "c4d5e6f7081a2b3c4d5e6f708192a3b4";
+    c.create_vm_backup(pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs,
+        name: "logged".into(),
+        resource_uuid: group.into(),
+        vm: Some(pb::RegisterVmRequest {
+            uuid: VM.into(),
+            volumes: vec![pb::VolumeSpec {
+                uuid: ROOT.into(),
+                name: "ROOT".into(),
+                install_path: img.display().to_string(),
+                format: "raw".into(),
+                r#type: "Root".into(),
+                device_id: 0,
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("backup");
+    let log = agent.log_text();
+    let committed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "backup committed")
+        .unwrap_or_else(|| panic!("no JSON line for the commit in:\n{log}"));
+    let spans = committed["spans"].as_array().expect("spans");
+    assert!(spans.iter().any(|s| s["name"] == "job" && s["id"] == group), "{committed}");
+    assert!(
+        spans.iter().any(|s| s["name"] == "rpc" && s["method"] == "/vmbackup.agent.v1.VmBackupService/CreateVmBackup"),
+        "{committed}"
+    );
+}

@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub limits: HostLimits,
     /// On SIGTERM, how long running jobs may go on before they are cancelled, seconds.
     pub shutdown_grace_seconds: u64,
+    /// Where logs go: `auto` (journald under systemd, else text on stderr), `text`, `json`.
+    pub log_format: String,
     /// Prometheus `/metrics` address (plain HTTP); absent: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Log filter (`info`, `debug`, `vmbackup_agent=debug,info`, ...); `RUST_LOG` wins at
@@ -84,6 +86,7 @@ impl Default for AgentConfig {
             limits: HostLimits::default(),
             shutdown_grace_seconds: 60,
             log_level: "info".to_string(),
+            log_format: "auto".to_string(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9870))),
             embedded_store: EmbeddedStoreConfig::default(),
             tls: Default::default(),

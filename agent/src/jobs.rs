@@ -74,7 +74,12 @@ pub struct Job {
 }
 
 impl Job {
-    /// Sets the human-readable status line (e.g. "backing up volume 2 of 3").
+    /// A span for everything the job logs: its uuid and kind on every line.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("job", id = %self.uuid, kind = %self.kind)
+    }
+
+    /// Sets the progress message.
     pub fn set_message(&self, m: impl Into<String>) {
         *self.message.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = m.into();
     }

@@ -1,6 +1,8 @@
-//! Log set-up shared by vmbackup's daemons: tracing to stderr, filtered by `RUST_LOG`
-//! (default: the configured level), with colours only on a terminal. The filter can be
-//! changed on a running daemon (SIGHUP) through the returned [`LogLevel`].
+//! Log set-up shared by vmbackup's daemons, filtered by `RUST_LOG` (default: the configured
+//! level). Where the lines go follows `format`: `auto` sends structured entries to journald
+//! when systemd connected stderr to the journal (`JOURNAL_STREAM`), plain text to stderr
+//! otherwise (colours only on a terminal); `text` and `json` force those on stderr. The
+//! filter can be changed on a running daemon (SIGHUP) through the returned [`LogLevel`].
 
 use std::io::IsTerminal;
 
@@ -27,12 +29,25 @@ impl LogLevel {
 }
 
 /// Installs the global tracing subscriber; `RUST_LOG`, when set, wins over `default`.
-pub fn init(default: &str) -> LogLevel {
+/// `format` is `auto`, `text` or `json` (anything else is `auto`).
+pub fn init(default: &str, format: &str) -> LogLevel {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
-    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let journal = match format {
+        "auto" if std::env::var_os("JOURNAL_STREAM").is_some() => tracing_journald::layer().ok(),
+        _ => None,
+    };
+    if let Some(journal) = journal {
+        registry.with(journal).init();
+    } else if format == "json" {
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
+    } else {
+        let text =
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+        registry.with(text).init();
+    }
     LogLevel(handle)
 }

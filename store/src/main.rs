@@ -33,7 +33,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _log = vmbackup_store::logging::init("info");
+    let _log = vmbackup_store::logging::init("info", "auto");
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => {

@@ -118,7 +118,7 @@ impl Daemon {
         use std::io::{Read, Write};
         let text = read(&self.log);
         let line = text.lines().rfind(|l| l.contains("metrics_listen=")).expect("no metrics_listen in the log");
-        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("metrics_listen=")).expect("address");
+        let addr = log_field(line, "metrics_listen").expect("address");
         let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("request");
         let mut out = String::new();
@@ -137,6 +137,16 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A field of a log line, plain text (`key=value`) or JSON (`fields.key`).
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        return v["fields"][key].as_str().map(str::to_string);
+    }
+    let prefix = format!("{key}=");
+    line.split_whitespace().find_map(|w| w.strip_prefix(prefix.as_str())).map(str::to_string)
 }
 
 fn read(p: &Path) -> String {
@@ -164,10 +174,7 @@ fn wait_ready(log: &Path, ready: &str) -> SocketAddr {
         let text = read(log);
         if text.matches(ready).count() > seen_before {
             let line = text.lines().rfind(|l| l.contains(ready)).expect("ready line");
-            let addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("listen="))
-                .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+            let addr = log_field(line, "listen").unwrap_or_else(|| panic!("no listen= in {line:?}"));
             return addr.parse().unwrap_or_else(|e| panic!("bad address {addr:?}: {e}"));
         }
         if Instant::now() > deadline {

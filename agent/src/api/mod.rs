@@ -145,7 +145,17 @@ pub fn router(
         .ok();
     let sessions = state.sessions.clone();
     let auth = move |r| sessions.check(r);
-    let mut builder = tonic::transport::Server::builder();
+    // Every log line of a call carries its method and a request id (the caller's
+    // x-request-id, or a fresh one).
+    let mut builder = tonic::transport::Server::builder().trace_fn(|r| {
+        let id = r
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::validate::shorten(v).to_string())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
+        tracing::info_span!("rpc", method = %r.uri().path(), request = %id)
+    });
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

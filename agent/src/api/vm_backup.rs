@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupService;
 
@@ -162,13 +163,17 @@ impl VmBackupApi {
         };
         // The job runs to its end even if the caller goes away; the caller waits for it.
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
-        let handle = tokio::spawn(async move {
-            let _release = release;
-            let result = backup::run(&registry, &j, req).await;
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
-            jobs.finish(&j, &outcome).await;
-            result
-        });
+        let span = job.span();
+        let handle = tokio::spawn(
+            async move {
+                let _release = release;
+                let result = backup::run(&registry, &j, req).await;
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+                jobs.finish(&j, &outcome).await;
+                result
+            }
+            .instrument(span),
+        );
         handle.await?
     }
 }
@@ -202,13 +207,17 @@ impl VmBackupApi {
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
         let job = self.jobs.start("RestoreVmBackup", resource, Some(bs.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
-        let handle = tokio::spawn(async move {
-            let opts = backup::restore::RestoreOptions { network_limit, write_limit, parallelism, source };
-            let result = backup::restore::run(&registry, &j, &bs, targets, opts).await;
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
-            jobs.finish(&j, &outcome).await;
-            result
-        });
+        let span = job.span();
+        let handle = tokio::spawn(
+            async move {
+                let opts = backup::restore::RestoreOptions { network_limit, write_limit, parallelism, source };
+                let result = backup::restore::run(&registry, &j, &bs, targets, opts).await;
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+                jobs.finish(&j, &outcome).await;
+                result
+            }
+            .instrument(span),
+        );
         handle.await??;
         Ok((job.uuid.clone(), records))
     }
@@ -337,12 +346,16 @@ impl VmBackupApi {
         let network = Throttle::unlimited().with(caps.network_read).with(caps.network_write);
         let job = self.jobs.start("RecoverVmBackup", None, Some(dst.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
-        let handle = tokio::spawn(async move {
-            let result = backup::recover::run(&registry, &j, &group, &src, &dst, network).await;
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
-            jobs.finish(&j, &outcome).await;
-            result.map(|()| group)
-        });
+        let span = job.span();
+        let handle = tokio::spawn(
+            async move {
+                let result = backup::recover::run(&registry, &j, &group, &src, &dst, network).await;
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| AgentError::new(e.kind(), e.to_string()));
+                jobs.finish(&j, &outcome).await;
+                result.map(|()| group)
+            }
+            .instrument(span),
+        );
         let group = handle.await??;
         let c = self.registry.catalog().clone();
         blocking(move || Ok(c.group_volume_backups(&group)?)).await

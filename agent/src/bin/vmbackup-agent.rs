@@ -61,7 +61,7 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?;
-    let log = vmbackup_store::logging::init(&config.log_level);
+    let log = vmbackup_store::logging::init(&config.log_level, &config.log_format);
 
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
