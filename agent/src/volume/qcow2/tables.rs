@@ -74,7 +74,11 @@ pub fn parse_snapshots(path: &Path, b: &[u8], base: u64, count: u32) -> Result<V
     let mut pos = 0usize;
     for n in 0..count {
         if pos + 40 > b.len() {
-            return Err(corrupt(path, off(base, pos), format!("snapshot {n} runs past the snapshot table")));
+            return Err(corrupt(
+                path,
+                off(base, pos.min(b.len())),
+                format!("snapshot {n} runs past the snapshot table"),
+            ));
         }
         let (id_len, name_len) = (usize::from(u16::from_be_bytes([b[pos + 12], b[pos + 13]])), {
             usize::from(u16::from_be_bytes([b[pos + 14], b[pos + 15]]))
@@ -107,7 +111,11 @@ pub fn parse_bitmaps(path: &Path, b: &[u8], base: u64, count: u32) -> Result<Vec
     let mut pos = 0usize;
     for n in 0..count {
         if pos + 24 > b.len() {
-            return Err(corrupt(path, off(base, pos), format!("bitmap {n} runs past the bitmap directory")));
+            return Err(corrupt(
+                path,
+                off(base, pos.min(b.len())),
+                format!("bitmap {n} runs past the bitmap directory"),
+            ));
         }
         let flags = be32(b, pos + 12);
         let (kind, granularity_bits) = (b[pos + 16], b[pos + 17]);
@@ -135,4 +143,27 @@ pub fn parse_bitmaps(path: &Path, b: &[u8], base: u64, count: u32) -> Result<Vec
         pos = end.div_ceil(8) * 8;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `qcow2_header` fuzz target: the second entry would start past the end
+    /// of the table (after the first one's padding); the error must name an offset inside.
+    #[test]
+    fn an_entry_starting_past_the_table_names_its_end() {
+        let crash: [u8; 43] = [
+            0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x9a, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x02,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ];
+        let rest = &crash[1..];
+        for e in [
+            parse_snapshots(Path::new("t"), rest, 0, 16).expect_err("short table"),
+            parse_bitmaps(Path::new("t"), rest, 0, 16).expect_err("short directory"),
+        ] {
+            assert!(e.offset.is_some_and(|o| o <= 42), "{e}");
+        }
+    }
 }
