@@ -28,6 +28,7 @@ pub mod error;
 pub mod jobs;
 pub mod live;
 pub mod metrics;
+pub mod qemu;
 pub mod storage;
 pub mod tags;
 pub mod throttle;

@@ -73,8 +73,31 @@ fn index_format(f: VolumeFormat) -> IndexFormat {
     }
 }
 
-/// Runs a backup to completion (or failure, or cancellation) and records it.
+/// Runs a backup to completion (or failure, or cancellation) and records it. A VM whose
+/// QMP socket answers is backed up live: its disks are frozen behind overlays for the
+/// duration (see [`crate::qemu::live`]) and merged back afterwards, whatever the outcome.
 pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
+    let qmp = match &req.vm.qmp_socket {
+        Some(socket) if !socket.is_empty() => {
+            crate::qemu::live::connect_if_running(std::path::Path::new(socket)).await?
+        }
+        _ => None,
+    };
+    let Some(qmp) = qmp else { return run_files(registry, job, req).await };
+    let tag = req.group_uuid.chars().take(12).collect::<String>();
+    let snapshot = crate::qemu::live::LiveSnapshot::take(qmp, &req.vm.volumes, &tag).await?;
+    job.set_message("live backup: disks frozen by a QEMU snapshot");
+    let result = run_files(registry, job, req).await;
+    if let Err(e) = snapshot.release().await {
+        // The backup itself is complete and consistent; the VM's chain needs attention.
+        job.set_message(format!("backed up, but merging the snapshot back failed: {e}"));
+        return Err(result.err().unwrap_or(e));
+    }
+    result
+}
+
+/// Backs up the VM's volume files as they are on disk.
+async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
     let catalog = registry.catalog().clone();
     if let Some(src) = &req.source {
         tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");

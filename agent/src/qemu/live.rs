@@ -1,0 +1,203 @@
+//! Live backup of a running VM: one QMP `transaction` of `blockdev-snapshot-sync` freezes
+//! every disk at the same instant under a new qcow2 overlay (the guest writes go to the
+//! overlays from then on, and the VM never pauses); the backup reads the frozen images like
+//! offline files; then each overlay is `block-commit`ted back into its image (an active
+//! commit: READY, then `block-job-complete`) and deleted, so the chain is as before.
+//!
+//! If QEMU goes away before the merge, the overlay still holds the guest's latest writes:
+//! it is merged offline (`qemu-img commit`) and deleted, so the image the VM is defined on
+//! is complete again and nothing is left behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::qmp::{Qmp, QmpError};
+use crate::catalog::vm::VolumeRecord;
+use crate::error::{AgentError, ErrorKind, Result};
+
+/// How long a QMP command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long merging one overlay back may take.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+impl From<QmpError> for AgentError {
+    fn from(e: QmpError) -> Self {
+        let kind = match &e {
+            QmpError::Command { .. } => ErrorKind::FailedPrecondition,
+            _ => ErrorKind::Unavailable,
+        };
+        AgentError::new(kind, e.to_string())
+    }
+}
+
+/// One frozen disk.
+#[derive(Debug)]
+struct Frozen {
+    volume_uuid: String,
+    base_node: String,
+    overlay_node: String,
+    overlay: PathBuf,
+}
+
+/// The overlays of one live backup, until [`LiveSnapshot::release`].
+#[derive(Debug)]
+pub struct LiveSnapshot {
+    qmp: Arc<Qmp>,
+    frozen: Vec<Frozen>,
+}
+
+/// The QMP session of a running VM, or None when nothing listens on `socket` (the VM is
+/// stopped, and its files are read directly).
+pub async fn connect_if_running(socket: &Path) -> Result<Option<Arc<Qmp>>> {
+    match Qmp::connect(socket, COMMAND_TIMEOUT).await {
+        Ok(q) => Ok(Some(q)),
+        Err(QmpError::Io(_, e))
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The node QEMU uses for `path`: the format node (not the protocol node) whose image is
+/// that file.
+fn node_for(nodes: &[Value], path: &str) -> Option<String> {
+    nodes
+        .iter()
+        .filter(|n| n["image"]["filename"].as_str() == Some(path))
+        .filter(|n| !matches!(n["drv"].as_str(), Some("file" | "host_device" | "host_cdrom")))
+        .find_map(|n| n["node-name"].as_str().map(str::to_string))
+}
+
+impl LiveSnapshot {
+    /// Freezes every volume of the VM behind `qmp` in one transaction; `tag` names the
+    /// overlays (`<image>.vmbackup-<tag>`) and their nodes.
+    pub async fn take(qmp: Arc<Qmp>, volumes: &[VolumeRecord], tag: &str) -> Result<Self> {
+        let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true })).await?;
+        let nodes = nodes.as_array().cloned().unwrap_or_default();
+        let mut frozen = Vec::new();
+        for (i, v) in volumes.iter().enumerate() {
+            let base_node = node_for(&nodes, &v.install_path).ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("the running VM has no block node for volume {} ({})", v.uuid, v.install_path),
+                )
+            })?;
+            let meta = std::fs::metadata(&v.install_path)
+                .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("{}: {e}", v.install_path)))?;
+            if !meta.is_file() {
+                return Err(AgentError::new(
+                    ErrorKind::Unimplemented,
+                    format!("live backup of block-device volume {} is not supported yet", v.uuid),
+                ));
+            }
+            let overlay = PathBuf::from(format!("{}.vmbackup-{tag}", v.install_path));
+            frozen.push(Frozen {
+                volume_uuid: v.uuid.clone(),
+                base_node,
+                overlay_node: format!("vmbk-{tag}-{i}"),
+                overlay,
+            });
+        }
+        let actions: Vec<Value> = frozen
+            .iter()
+            .map(|f| {
+                json!({ "type": "blockdev-snapshot-sync", "data": {
+                    "node-name": f.base_node,
+                    "snapshot-file": f.overlay.display().to_string(),
+                    "snapshot-node-name": f.overlay_node,
+                    "format": "qcow2",
+                }})
+            })
+            .collect();
+        qmp.execute("transaction", json!({ "actions": actions })).await?;
+        tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
+        Ok(Self { qmp, frozen })
+    }
+
+    /// Merges every overlay back and deletes it; offline with `qemu-img commit` when QEMU
+    /// has gone away. Returns the first error, after trying every disk.
+    pub async fn release(self) -> Result<()> {
+        let mut first = None;
+        for (i, f) in self.frozen.iter().enumerate() {
+            let merged = match commit_live(&self.qmp, f, i).await {
+                Ok(()) => Ok(()),
+                Err(_) if !qemu_alive(&self.qmp).await => commit_offline(f).await,
+                Err(e) => Err(e),
+            };
+            match merged {
+                Ok(()) => {
+                    if let Err(e) = std::fs::remove_file(&f.overlay) {
+                        tracing::warn!(overlay = %f.overlay.display(), error = %e, "removing the merged overlay failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(volume = %f.volume_uuid, overlay = %f.overlay.display(), error = %e,
+                        "merging the overlay back failed; the VM keeps running on it");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+async fn qemu_alive(qmp: &Qmp) -> bool {
+    qmp.execute("query-status", Value::Null).await.is_ok()
+}
+
+async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize) -> Result<()> {
+    let job_id = format!("{}-commit{i}", f.overlay_node);
+    let mut events = qmp.events();
+    qmp.execute(
+        "block-commit",
+        json!({ "job-id": job_id, "device": f.overlay_node, "top-node": f.overlay_node, "base-node": f.base_node }),
+    )
+    .await?;
+    let is_job = |e: &super::qmp::Event| e.data["device"].as_str() == Some(job_id.as_str());
+    let ev = qmp
+        .wait_event(&mut events, COMMIT_TIMEOUT, "the overlay merge", |e| {
+            is_job(e) && matches!(e.name.as_str(), "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+        })
+        .await?;
+    if ev.name != "BLOCK_JOB_READY" {
+        return Err(AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!("merge of {job_id}: {} {}", ev.name, ev.data),
+        ));
+    }
+    qmp.execute("block-job-complete", json!({ "device": job_id })).await?;
+    let ev = qmp
+        .wait_event(&mut events, COMMIT_TIMEOUT, "the overlay merge", |e| {
+            is_job(e) && matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+        })
+        .await?;
+    if ev.name != "BLOCK_JOB_COMPLETED" || ev.data.get("error").is_some() {
+        return Err(AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!("merge of {job_id}: {} {}", ev.name, ev.data),
+        ));
+    }
+    Ok(())
+}
+
+async fn commit_offline(f: &Frozen) -> Result<()> {
+    tracing::warn!(overlay = %f.overlay.display(), "QEMU went away: merging the overlay offline");
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["commit", "-q", "-f", "qcow2"])
+        .arg(&f.overlay)
+        .output()
+        .await
+        .map_err(|e| AgentError::new(ErrorKind::Unavailable, format!("running qemu-img commit: {e}")))?;
+    if !out.status.success() {
+        return Err(AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!("qemu-img commit {}: {}", f.overlay.display(), String::from_utf8_lossy(&out.stderr).trim()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! QEMU: the QMP client and live backup of running VMs through external snapshots.
+
+pub mod live;
+pub mod qmp;

@@ -1,0 +1,244 @@
+//! Live backup of a running VM: `qemu-storage-daemon` serves the VM's disks with a writable
+//! NBD export standing in for the guest and a QMP monitor. The guest writes during the
+//! backup; the backup equals the disks at the snapshot instant, the guest's writes land in
+//! the live disks, and the chain is flat again afterwards. If QEMU dies mid-backup, the
+//! overlay is merged offline so no guest write is lost and nothing is left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{AgentOptions, run_tool, start_agent, start_store};
+use vmbackup_proto::agent::v1 as pb;
+
+const VM: &str = "e7f8091a2b3c4d5e6f708192a3b4c5d6";
+const ROOT: &str = "f8091a2b3c4d5e6f708192a3b4c5d6e7";
+const DATA: &str = "091a2b3c4d5e6f708192a3b4c5d6e7f8";
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A qemu-storage-daemon serving `disks` (qcow2 root, raw data) over NBD and QMP.
+struct Qsd {
+    child: Child,
+    qmp: PathBuf,
+    nbd: PathBuf,
+}
+
+impl Qsd {
+    fn start(dir: &Path, root: &Path, data: &Path) -> Qsd {
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&nbd);
+        let child = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
+            .args(["--blockdev", "driver=qcow2,node-name=root0,file=f0"])
+            .args(["--blockdev", &format!("driver=file,node-name=f1,filename={}", p(data))])
+            .args(["--blockdev", "driver=raw,node-name=data0,file=f1"])
+            .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", p(&nbd))])
+            .args(["--export", "type=nbd,id=e0,node-name=root0,name=root,writable=on"])
+            .args(["--export", "type=nbd,id=e1,node-name=data0,name=data,writable=on"])
+            .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", p(&qmp))])
+            .args(["--monitor", "chardev=m0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qemu-storage-daemon not found: install qemu-utils");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd { child, qmp, nbd }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", p(&self.nbd))
+    }
+
+    /// Writes `pattern` over the first MiB of `export`, as the guest.
+    fn guest_write(&self, export: &str, pattern: &str) {
+        run_tool("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} 0 1M"), &self.uri(export)]);
+    }
+
+    fn snapshot_to(&self, export: &str, out: &Path) {
+        run_tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &self.uri(export), &p(out)]);
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".vmbackup-"))
+        .collect()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    _store: common::Daemon,
+    agent: common::Daemon,
+    bs: String,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root.qcow2");
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(&root), "8M"]);
+    let seed = dir.path().join("seed.raw");
+    std::fs::write(&seed, common::pseudo_random(31, 6 << 20)).expect("seed");
+    run_tool("qemu-img", &["convert", "-n", "-f", "raw", "-O", "qcow2", &p(&seed), &p(&root)]);
+    let data = dir.path().join("data.raw");
+    std::fs::write(&data, common::pseudo_random(32, 3 << 20)).expect("data");
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    Setup { dir, root, data, _store: store, agent, bs }
+}
+
+fn vm(s: &Setup, qmp: &Path) -> pb::RegisterVmRequest {
+    let vol = |uuid: &str, kind: &str, path: &Path, format: &str, id: i32| pb::VolumeSpec {
+        uuid: uuid.into(),
+        name: kind.into(),
+        install_path: p(path),
+        format: format.into(),
+        r#type: kind.into(),
+        device_id: id,
+    };
+    pb::RegisterVmRequest {
+        uuid: VM.into(),
+        qmp_socket: p(qmp),
+        volumes: vec![vol(ROOT, "Root", &s.root, "qcow2", 0), vol(DATA, "Data", &s.data, "raw", 1)],
+        ..Default::default()
+    }
+}
+
+/// Starts a slow backup and returns once it has read something.
+async fn start_slow_backup(
+    s: &Setup,
+    qmp: &Path,
+    group: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::VolumeBackupsReply>, tonic::Status>> {
+    let mut c = common::backup_client(&s.agent).await;
+    let req = pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "live".into(),
+        resource_uuid: group.into(),
+        volume_read_bandwidth: Some(3 << 20),
+        vm: Some(vm(s, qmp)),
+        ..Default::default()
+    };
+    let mut bg = c.clone();
+    let running = tokio::spawn(async move { bg.create_vm_backup(req).await });
+    let mut w = loop {
+        match c.watch_job(pb::WatchJobRequest { job_uuid: group.into() }).await {
+            Ok(w) => break w.into_inner(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    while w.message().await.expect("progress").expect("running").bytes_read == 0 {}
+    running
+}
+
+async fn restore_and_compare(s: &Setup, group: &str, wants: [(&str, &Path); 2]) {
+    let mut c = common::backup_client(&s.agent).await;
+    let out = s.dir.path().join(format!("restored-{group}"));
+    std::fs::create_dir(&out).expect("mkdir");
+    let targets = wants
+        .iter()
+        .map(|(v, _)| pb::RestoreTarget {
+            volume_uuid: (*v).into(),
+            install_path: p(&out.join(v)),
+            format: "raw".into(),
+        })
+        .collect();
+    c.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: group.into(),
+        backup_storage_uuid: s.bs.clone(),
+        targets,
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    for (v, want) in wants {
+        run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &p(want), &p(&out.join(v))]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_vm_is_backed_up_at_the_snapshot_instant_and_its_chain_is_flat_after() {
+    let s = setup().await;
+    let qsd = Qsd::start(s.dir.path(), &s.root, &s.data);
+    let (then_root, then_data) = (s.dir.path().join("then-root.raw"), s.dir.path().join("then-data.raw"));
+    qsd.snapshot_to("root", &then_root);
+    qsd.snapshot_to("data", &then_data);
+    let group = "1a2b3c4d5e6f708192a3b4c5d6e7f809";
+    let running = start_slow_backup(&s, &qsd.qmp, group).await;
+    // The guest writes while the backup runs.
+    qsd.guest_write("root", "0x77");
+    qsd.guest_write("data", "0x78");
+    running.await.expect("join").expect("live backup");
+
+    restore_and_compare(&s, group, [(ROOT, &then_root), (DATA, &then_data)]).await;
+    // The guest's writes are in the live disks, merged into the images, and no overlay
+    // is left: the chain is flat again.
+    run_tool("qemu-io", &["-f", "raw", "-c", "read -P 0x77 0 1M", &qsd.uri("root")]);
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    let info: serde_json::Value =
+        serde_json::from_str(&run_tool("qemu-img", &["info", "-U", "--output=json", &p(&s.root)])).expect("info");
+    assert!(info["backing-filename"].is_null(), "{info}");
+    let read = run_tool("qemu-io", &["-r", "-U", "-f", "qcow2", "-c", "read -P 0x77 0 1M", &p(&s.root)]);
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let read = run_tool("qemu-io", &["-r", "-U", "-f", "raw", "-c", "read -P 0x78 0 1M", &p(&s.data)]);
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_dying_mid_backup_loses_no_guest_write_and_leaves_nothing_behind() {
+    let s = setup().await;
+    let mut qsd = Qsd::start(s.dir.path(), &s.root, &s.data);
+    let then_root = s.dir.path().join("then-root.raw");
+    let then_data = s.dir.path().join("then-data.raw");
+    qsd.snapshot_to("root", &then_root);
+    qsd.snapshot_to("data", &then_data);
+    let group = "2b3c4d5e6f708192a3b4c5d6e7f8091a";
+    let running = start_slow_backup(&s, &qsd.qmp, group).await;
+    qsd.guest_write("root", "0x66");
+    qsd.child.kill().expect("kill qemu");
+    qsd.child.wait().expect("reap");
+    // The frozen images were consistent, so the backup completes; the overlay holding the
+    // guest's last write is merged offline.
+    running.await.expect("join").expect("backup of the frozen images");
+    restore_and_compare(&s, group, [(ROOT, &then_root), (DATA, &then_data)]).await;
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    let read = run_tool("qemu-io", &["-f", "qcow2", "-c", "read -P 0x66 0 1M", &p(&s.root)]);
+    assert!(!read.contains("Pattern verification failed"), "the guest's write survived: {read}");
+    // QEMU restarts on the same images, and the next live backup succeeds.
+    let qsd = Qsd::start(s.dir.path(), &s.root, &s.data);
+    let mut c = common::backup_client(&s.agent).await;
+    c.create_vm_backup(pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "after".into(),
+        vm: Some(vm(&s, &qsd.qmp)),
+        ..Default::default()
+    })
+    .await
+    .expect("backup after the restart");
+    assert!(leftovers(s.dir.path()).is_empty());
+}
