@@ -105,15 +105,9 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     // A method of a later feature: UNIMPLEMENTED with SYS.1014, never a fake success.
-    let token = format!("OAuth {}", common::session(&agent));
-    let mut sg = pb::volume_snapshot_group_service_client::VolumeSnapshotGroupServiceClient::with_interceptor(
-        common::channel(&agent.url()).await,
-        common::Auth(Some(token)),
-    );
-    let e = sg
-        .create_volume_snapshot_group(pb::CreateVolumeSnapshotGroupRequest::default())
-        .await
-        .expect_err("not built yet");
+    let mut storages = common::storage_client(&agent, Some(common::session(&agent))).await;
+    let e =
+        storages.add_ceph_backup_storage(pb::AddCephBackupStorageRequest::default()).await.expect_err("not built yet");
     assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));
 }
 

@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::qsd::Qsd;
 use common::{AgentOptions, run_tool, start_agent, start_store};
 use vmbackup_proto::agent::v1 as pb;
 
@@ -19,62 +19,6 @@ const DATA: &str = "091a2b3c4d5e6f708192a3b4c5d6e7f8";
 
 fn p(path: &Path) -> String {
     path.display().to_string()
-}
-
-/// A qemu-storage-daemon serving `disks` (qcow2 root, raw data) over NBD and QMP.
-struct Qsd {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-}
-
-impl Qsd {
-    fn start(dir: &Path, root: &Path, data: &Path) -> Qsd {
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let _ = std::fs::remove_file(&qmp);
-        let _ = std::fs::remove_file(&nbd);
-        let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
-            .args(["--blockdev", "driver=qcow2,node-name=root0,file=f0"])
-            .args(["--blockdev", &format!("driver=file,node-name=f1,filename={}", p(data))])
-            .args(["--blockdev", "driver=raw,node-name=data0,file=f1"])
-            .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", p(&nbd))])
-            .args(["--export", "type=nbd,id=e0,node-name=root0,name=root,writable=on"])
-            .args(["--export", "type=nbd,id=e1,node-name=data0,name=data,writable=on"])
-            .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", p(&qmp))])
-            .args(["--monitor", "chardev=m0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qemu-storage-daemon not found: install qemu-utils");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qsd { child, qmp, nbd }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", p(&self.nbd))
-    }
-
-    /// Writes `pattern` over the first MiB of `export`, as the guest.
-    fn guest_write(&self, export: &str, pattern: &str) {
-        run_tool("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} 0 1M"), &self.uri(export)]);
-    }
-
-    fn snapshot_to(&self, export: &str, out: &Path) {
-        run_tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &self.uri(export), &p(out)]);
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {

@@ -178,10 +178,15 @@ impl Jobs {
         });
         let first = job.snapshot("Running", 0.0, None, None);
         let record = JobRecord { progress: progress_json(&first), ..record };
-        let catalog = self.catalog.clone();
-        blocking(move || Ok(catalog.put_job(&record)?)).await?;
         job.tx.send_replace(first);
-        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uuid, job.clone());
+        // Running before it is recorded: a WatchJob in between must find it live, never a
+        // recorded "Running" it would replay as if that were the end.
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uuid.clone(), job.clone());
+        let catalog = self.catalog.clone();
+        if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
+            self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&uuid);
+            return Err(e);
+        }
         tokio::spawn(ticker(job.clone()));
         Ok(job)
     }

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod qsd;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 //! gRPC status whose details carry ZStack's ErrorCode.
 
 pub mod backup_storage;
-pub mod pending;
+pub mod snapshot_group;
 pub mod vm;
 pub mod vm_backup;
 
@@ -171,7 +171,10 @@ pub fn router(
             auth.clone(),
         ))
         .add_service(InterceptedService::new(VmServiceServer::new(vm::VmApi::new(state)), auth.clone()))
-        .add_service(InterceptedService::new(VolumeSnapshotGroupServiceServer::new(pending::SnapshotGroupApi), auth)))
+        .add_service(InterceptedService::new(
+            VolumeSnapshotGroupServiceServer::new(snapshot_group::SnapshotGroupApi::new(state)),
+            auth,
+        )))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 pub mod backup_storage;
 pub mod job;
 pub mod query;
+pub mod snapshot_group;
 pub mod vm;
 pub mod volume_backup;
 
@@ -121,6 +122,31 @@ const MIGRATIONS: &[&str] = &[
         finished INTEGER
      );
      CREATE INDEX job_state ON job(state);",
+    // 4: volume snapshot groups: one external snapshot of every volume of a VM.
+    "CREATE TABLE snapshot_group (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT,
+        vm_uuid TEXT NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE TABLE volume_snapshot (
+        uuid TEXT PRIMARY KEY NOT NULL,
+        group_uuid TEXT NOT NULL REFERENCES snapshot_group(uuid) ON DELETE CASCADE,
+        volume_uuid TEXT NOT NULL,
+        volume_name TEXT NOT NULL,
+        volume_type TEXT NOT NULL,
+        device_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        install_path TEXT NOT NULL,
+        install_format TEXT NOT NULL,
+        overlay_path TEXT NOT NULL,
+        deleted INTEGER NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE INDEX volume_snapshot_group ON volume_snapshot(group_uuid);",
 ];
 
 /// The agent's catalog.

@@ -65,7 +65,7 @@ pub async fn connect_if_running(socket: &Path) -> Result<Option<Arc<Qmp>>> {
 
 /// The node QEMU uses for `path`: the format node (not the protocol node) whose image is
 /// that file.
-fn node_for(nodes: &[Value], path: &str) -> Option<String> {
+pub(crate) fn node_for(nodes: &[Value], path: &str) -> Option<String> {
     nodes
         .iter()
         .filter(|n| n["image"]["filename"].as_str() == Some(path))
@@ -77,8 +77,7 @@ impl LiveSnapshot {
     /// Freezes every volume of the VM behind `qmp` in one transaction; `tag` names the
     /// overlays (`<image>.vmbackup-<tag>`) and their nodes.
     pub async fn take(qmp: Arc<Qmp>, volumes: &[VolumeRecord], tag: &str) -> Result<Self> {
-        let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true })).await?;
-        let nodes = nodes.as_array().cloned().unwrap_or_default();
+        let nodes = block_nodes(&qmp).await?;
         let mut frozen = Vec::new();
         for (i, v) in volumes.iter().enumerate() {
             let base_node = node_for(&nodes, &v.install_path).ok_or_else(|| {
@@ -103,18 +102,9 @@ impl LiveSnapshot {
                 overlay,
             });
         }
-        let actions: Vec<Value> = frozen
-            .iter()
-            .map(|f| {
-                json!({ "type": "blockdev-snapshot-sync", "data": {
-                    "node-name": f.base_node,
-                    "snapshot-file": f.overlay.display().to_string(),
-                    "snapshot-node-name": f.overlay_node,
-                    "format": "qcow2",
-                }})
-            })
-            .collect();
-        qmp.execute("transaction", json!({ "actions": actions })).await?;
+        let plan: Vec<(&str, &Path, &str)> =
+            frozen.iter().map(|f| (f.base_node.as_str(), f.overlay.as_path(), f.overlay_node.as_str())).collect();
+        snapshot_live(&qmp, &plan).await?;
         tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
         Ok(Self { qmp, frozen })
     }
@@ -146,19 +136,44 @@ impl LiveSnapshot {
     }
 }
 
+/// Freezes every `(node, overlay file, overlay node name)` at one instant: a single QMP
+/// `transaction` of `blockdev-snapshot-sync` (all or nothing).
+pub async fn snapshot_live(qmp: &Qmp, plan: &[(&str, &Path, &str)]) -> Result<()> {
+    let actions: Vec<Value> = plan
+        .iter()
+        .map(|(node, overlay, overlay_node)| {
+            json!({ "type": "blockdev-snapshot-sync", "data": {
+                "node-name": node,
+                "snapshot-file": overlay.display().to_string(),
+                "snapshot-node-name": overlay_node,
+                "format": "qcow2",
+            }})
+        })
+        .collect();
+    qmp.execute("transaction", json!({ "actions": actions })).await?;
+    Ok(())
+}
+
+/// The node names of a running VM's block graph.
+pub async fn block_nodes(qmp: &Qmp) -> Result<Vec<Value>> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true })).await?;
+    Ok(nodes.as_array().cloned().unwrap_or_default())
+}
+
 async fn qemu_alive(qmp: &Qmp) -> bool {
     qmp.execute("query-status", Value::Null).await.is_ok()
 }
 
 async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize) -> Result<()> {
-    let job_id = format!("{}-commit{i}", f.overlay_node);
+    merge_live(qmp, &f.overlay_node, &f.base_node, &format!("{}-commit{i}", f.overlay_node)).await
+}
+
+/// Merges the active overlay `top` into `base` on a running QEMU (an active
+/// `block-commit`: READY, then `block-job-complete`); `job_id` names the block job.
+pub async fn merge_live(qmp: &Qmp, top: &str, base: &str, job_id: &str) -> Result<()> {
     let mut events = qmp.events();
-    qmp.execute(
-        "block-commit",
-        json!({ "job-id": job_id, "device": f.overlay_node, "top-node": f.overlay_node, "base-node": f.base_node }),
-    )
-    .await?;
-    let is_job = |e: &super::qmp::Event| e.data["device"].as_str() == Some(job_id.as_str());
+    qmp.execute("block-commit", json!({ "job-id": job_id, "device": top, "top-node": top, "base-node": base })).await?;
+    let is_job = |e: &super::qmp::Event| e.data["device"].as_str() == Some(job_id);
     let ev = qmp
         .wait_event(&mut events, COMMIT_TIMEOUT, "the overlay merge", |e| {
             is_job(e) && matches!(e.name.as_str(), "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
@@ -187,16 +202,22 @@ async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize) -> Result<()> {
 
 async fn commit_offline(f: &Frozen) -> Result<()> {
     tracing::warn!(overlay = %f.overlay.display(), "QEMU went away: merging the overlay offline");
+    merge_offline(&f.overlay).await
+}
+
+/// Merges the qcow2 `overlay` into its backing file with `qemu-img commit` (no QEMU runs
+/// on it).
+pub async fn merge_offline(overlay: &Path) -> Result<()> {
     let out = tokio::process::Command::new("qemu-img")
         .args(["commit", "-q", "-f", "qcow2"])
-        .arg(&f.overlay)
+        .arg(overlay)
         .output()
         .await
         .map_err(|e| AgentError::new(ErrorKind::Unavailable, format!("running qemu-img commit: {e}")))?;
     if !out.status.success() {
         return Err(AgentError::new(
             ErrorKind::FailedPrecondition,
-            format!("qemu-img commit {}: {}", f.overlay.display(), String::from_utf8_lossy(&out.stderr).trim()),
+            format!("qemu-img commit {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim()),
         ));
     }
     Ok(())
