@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::qsd::Qsd;
+use common::qsd::{BareQsd, Qsd};
 use common::{AgentOptions, run_tool, start_agent, start_store};
 use vmbackup_proto::agent::v1 as pb;
 
@@ -185,4 +185,58 @@ async fn qemu_dying_mid_backup_loses_no_guest_write_and_leaves_nothing_behind() 
     .await
     .expect("backup after the restart");
     assert!(leftovers(s.dir.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incremental_reads_only_what_the_dirty_bitmap_marks() {
+    let s = setup().await;
+    let qsd = BareQsd::start(s.dir.path(), &s.root, &s.data);
+    let mut c = common::backup_client(&s.agent).await;
+    let backup = |group: &str, qmp: &Path| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "daily".into(),
+        resource_uuid: group.into(),
+        vm: Some(vm(&s, qmp)),
+        ..Default::default()
+    };
+    let first = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    c.create_vm_backup(backup(first, &qsd.qmp)).await.expect("full live backup");
+    let full = last_progress(&mut c, first).await;
+    assert_eq!(full.bytes_read, (6 << 20) + (3 << 20), "the first backup reads every data chunk");
+
+    // The VM stops cleanly (its persistent bitmap is stored in the qcow2 root image), the
+    // disks are written while it is down (qemu-io, like the guest would: the root image's
+    // enabled bitmap records it), and the VM starts again. The raw data disk had only an
+    // in-memory bitmap, gone with that QEMU: it is read in full.
+    qsd.stop();
+    run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 0xa1 1M 64k", &p(&s.root)]);
+    run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0xa2 2148k 64k", &p(&s.data)]);
+    let (then_root, then_data) = (s.dir.path().join("then-root.raw"), s.dir.path().join("then-data.raw"));
+    run_tool("qemu-img", &["convert", "-O", "raw", &p(&s.root), &p(&then_root)]);
+    std::fs::copy(&s.data, &then_data).expect("data");
+    let qsd = BareQsd::start(s.dir.path(), &s.root, &s.data);
+
+    let second = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
+    c.create_vm_backup(backup(second, &qsd.qmp)).await.expect("incremental live backup");
+    let inc = last_progress(&mut c, second).await;
+    assert_eq!(inc.bytes_read, 65536 + (3 << 20), "root: only the dirty chunk; data: in full ({inc:?})");
+    restore_and_compare(&s, second, [(ROOT, &then_root), (DATA, &then_data)]).await;
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+
+    // A third backup with no writes at all reads nothing from the root volume.
+    let third = "5e6f708192a3b4c5d6e7f8091a2b3c4d";
+    c.create_vm_backup(backup(third, &qsd.qmp)).await.expect("second incremental");
+    let idle = last_progress(&mut c, third).await;
+    assert_eq!(idle.bytes_read, 0, "no writes, nothing read: {idle:?}");
+    drop(qsd);
+}
+
+async fn last_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
+    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
+    let mut last = pb::JobProgress::default();
+    while let Some(p) = w.message().await.expect("progress") {
+        last = p;
+    }
+    last
 }

@@ -66,6 +66,63 @@ impl Qsd {
     }
 }
 
+/// A `qemu-storage-daemon` whose disks are attached to vhost-user-blk exports (standing in
+/// for the VM's virtio devices; no client needs to connect) and a QMP monitor. Its NBD
+/// server stays free for the agent, which reads dirty bitmaps through it.
+pub struct BareQsd {
+    /// The process.
+    pub child: Child,
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+}
+
+fn vhost(id: &str, node: &str, socket: &Path) -> String {
+    let _ = std::fs::remove_file(socket);
+    format!("type=vhost-user-blk,id={id},node-name={node},addr.type=unix,addr.path={},writable=on", p(socket))
+}
+
+impl BareQsd {
+    /// Starts it on `root` (qcow2) and `data` (raw) in `dir`.
+    pub fn start(dir: &Path, root: &Path, data: &Path) -> BareQsd {
+        let qmp = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp);
+        let child = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
+            .args(["--blockdev", "driver=qcow2,node-name=root0,file=f0"])
+            .args(["--blockdev", &format!("driver=file,node-name=f1,filename={}", p(data))])
+            .args(["--blockdev", "driver=raw,node-name=data0,file=f1"])
+            .args(["--export", &vhost("v0", "root0", &dir.join("vhu0.sock"))])
+            .args(["--export", &vhost("v1", "data0", &dir.join("vhu1.sock"))])
+            .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", p(&qmp))])
+            .args(["--monitor", "chardev=m0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qemu-storage-daemon not found: install qemu-utils");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !qmp.exists() {
+            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BareQsd { child, qmp }
+    }
+
+    /// Stops it cleanly (SIGTERM): persistent bitmaps are written to the images.
+    pub fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        assert!(self.child.wait().expect("wait").success(), "qemu-storage-daemon exited badly");
+    }
+}
+
+impl Drop for BareQsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -29,6 +29,7 @@ pub struct VmBackupApi {
     registry: Registry,
     jobs: Jobs,
     live: Arc<crate::live::Live>,
+    runtime_dir: std::path::PathBuf,
     busy_volumes: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -39,6 +40,7 @@ impl VmBackupApi {
             registry: state.registry.clone(),
             jobs: state.jobs.clone(),
             live: state.live.clone(),
+            runtime_dir: state.config.data_dir.join("run"),
             busy_volumes: Arc::default(),
         }
     }
@@ -158,6 +160,8 @@ impl VmBackupApi {
             read_limit,
             network_limit,
             source,
+            runtime_dir: self.runtime_dir.clone(),
+            dirty: None,
             system_tags: r.system_tags.clone(),
             user_tags: r.user_tags.clone(),
         };

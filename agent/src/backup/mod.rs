@@ -8,22 +8,21 @@
 //! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
 //! visible with one atomic commit, so a failed or cancelled backup leaves none.
 
+pub mod incremental;
 pub mod lifecycle;
 mod pipeline;
 pub mod recover;
 pub mod restore;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use vmbackup_proto::Digest;
 use vmbackup_proto::index::{VolumeFormat as IndexFormat, VolumeIndex};
 use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
 
 use crate::catalog::backup_storage::BackupStorageRecord;
+use crate::catalog::now_millis;
 use crate::catalog::vm::VmRecord;
 use crate::catalog::volume_backup::{StorageRef, VolumeBackupRecord};
-use crate::catalog::{Catalog, now_millis};
 use crate::error::{AgentError, ErrorKind, Result, blocking};
 use crate::jobs::Job;
 use crate::storage::registry::Registry;
@@ -51,6 +50,10 @@ pub struct BackupRequest {
     pub network_limit: Throttle,
     /// Connections to the store leave from here (`backup::network::cidr`).
     pub source: Option<crate::storage::netbind::SourceAddr>,
+    /// Where the agent may create sockets for QEMU (its data directory's `run/`).
+    pub runtime_dir: std::path::PathBuf,
+    /// Ranges written since the previous backup (live incrementals); filled by [`run`].
+    pub dirty: Option<incremental::DirtySince>,
     /// System tags, recorded in the manifest.
     pub system_tags: Vec<String>,
     /// User tags, recorded in the manifest.
@@ -64,6 +67,8 @@ pub(crate) struct VolumeJob {
     pub(crate) index: std::sync::Mutex<VolumeIndex>,
     pub(crate) stored_bytes: std::sync::atomic::AtomicU64,
     pub(crate) dedup_bytes: std::sync::atomic::AtomicU64,
+    /// Chunks an incremental may take from the previous index without reading.
+    pub(crate) reuse: Option<incremental::Reuse>,
 }
 
 fn index_format(f: VolumeFormat) -> IndexFormat {
@@ -85,10 +90,33 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
     };
     let Some(qmp) = qmp else { return run_files(registry, job, req).await };
     let tag = req.group_uuid.chars().take(12).collect::<String>();
-    let snapshot = crate::qemu::live::LiveSnapshot::take(qmp, &req.vm.volumes, &tag).await?;
+    let previous = incremental::previous_group(registry.catalog(), &req).await;
+    let new_bitmap = incremental::bitmap_name(&req.group_uuid);
+    let snapshot = crate::qemu::live::LiveSnapshot::take(qmp, &req.vm.volumes, &tag, Some(&new_bitmap)).await?;
     job.set_message("live backup: disks frozen by a QEMU snapshot");
+    let mut req = req;
+    if let Some(prev) = &previous {
+        let _ = std::fs::create_dir_all(&req.runtime_dir);
+        let socket = req.runtime_dir.join(format!("nbd-{tag}.sock"));
+        match snapshot.dirty_since(&incremental::bitmap_name(prev), &socket).await {
+            Ok(per_volume) => {
+                req.dirty = Some(incremental::DirtySince {
+                    previous_group: prev.clone(),
+                    per_volume: per_volume.into_iter().collect(),
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "reading dirty bitmaps failed; reading in full"),
+        }
+    }
     let result = run_files(registry, job, req).await;
-    if let Err(e) = snapshot.release().await {
+    // Keep the bitmap the next backup will follow: this one's if it committed, else the
+    // previous one's.
+    let keep = match (&result, &previous) {
+        (Ok(_), _) => new_bitmap,
+        (Err(_), Some(p)) => incremental::bitmap_name(p),
+        (Err(_), None) => String::new(),
+    };
+    if let Err(e) = snapshot.release_keeping(Some(&keep)).await {
         // The backup itself is complete and consistent; the VM's chain needs attention.
         job.set_message(format!("backed up, but merging the snapshot back failed: {e}"));
         return Err(result.err().unwrap_or(e));
@@ -116,8 +144,12 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
     }
     let chunk_size = status.chunk_size;
 
+    let previous = incremental::previous_indexes(&catalog, &mut client, &req).await;
+    let known = incremental::known(&previous);
+
     // Open every volume first: a missing or unreadable one fails the job before anything is sent.
     let vm = req.vm.clone();
+    let (dirty, job2) = (req.dirty.clone(), job.clone());
     let volumes: Vec<Arc<VolumeJob>> = blocking(move || {
         vm.volumes
             .iter()
@@ -134,18 +166,25 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
                     index_format(source.format()),
                 )
                 .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("volume {}: {e}", v.uuid)))?;
+                let reuse =
+                    incremental::reuse_for(&v.uuid, source.virtual_size(), chunk_size, dirty.as_ref(), &previous)
+                        .unwrap_or_else(|why| {
+                            tracing::warn!(volume = %v.uuid, reason = %why, "reading the volume in full");
+                            job2.set_message(format!("full read: {why}"));
+                            None
+                        });
                 Ok(Arc::new(VolumeJob {
                     source,
                     index: std::sync::Mutex::new(index),
                     stored_bytes: Default::default(),
                     dedup_bytes: Default::default(),
+                    reuse,
                 }))
             })
             .collect()
     })
     .await?;
 
-    let known = known_digests(&catalog, &mut client, &req).await;
     let session = client.open_session(&format!("vmbackup-agent group {}", req.group_uuid)).await?;
     let outcome = pipeline::run(pipeline::Inputs {
         client: client.clone(),
@@ -242,29 +281,6 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
     blocking(move || Ok(c.insert_volume_backups(&r)?)).await?;
     tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
     Ok(records)
-}
-
-/// Digests of the previous backup of each volume on this storage: known present without
-/// asking.
-async fn known_digests(
-    catalog: &Arc<Catalog>,
-    client: &mut crate::storage::ImageStoreClient,
-    req: &BackupRequest,
-) -> Arc<HashSet<Digest>> {
-    let mut known = HashSet::new();
-    for v in &req.vm.volumes {
-        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
-        let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
-        let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
-        match client.get_index(&r.install_path).await.and_then(|b| {
-            VolumeIndex::decode(&b, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
-                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
-        }) {
-            Ok(ix) => known.extend(ix.referenced().copied()),
-            Err(e) => tracing::warn!(volume = %v.uuid, error = %e, "previous index unusable; asking the store instead"),
-        }
-    }
-    Arc::new(known)
 }
 
 fn uuid_bytes(u: &str) -> [u8; 16] {

@@ -57,9 +57,21 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
                 }
             }
         }
+        let mut index = v.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (ci, want) in wanted.iter().enumerate() {
             let offset = u64::try_from(ci).unwrap_or(u64::MAX) * cs;
             let len = cs.min(size - offset);
+            // Unchanged since the previous backup (its dirty bitmap says so): that backup's
+            // digest stands, nothing is read.
+            if let Some(r) = &v.reuse
+                && !r.dirty.get(ci).copied().unwrap_or(true)
+                && let Some(d) = r.previous.get(ci)
+            {
+                index.digests[ci] = *d;
+                let counter = if d.is_zero_chunk() { &counters.zero } else { &counters.deduplicated };
+                Counters::add(counter, len);
+                continue;
+            }
             if *want {
                 tasks.push(Task { volume: vi, chunk: ci, offset, len });
             } else {

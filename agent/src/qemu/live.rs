@@ -33,6 +33,9 @@ impl From<QmpError> for AgentError {
     }
 }
 
+/// Guest byte ranges `(offset, length)`.
+pub type Ranges = Vec<(u64, u64)>;
+
 /// One frozen disk.
 #[derive(Debug)]
 struct Frozen {
@@ -76,7 +79,7 @@ pub(crate) fn node_for(nodes: &[Value], path: &str) -> Option<String> {
 impl LiveSnapshot {
     /// Freezes every volume of the VM behind `qmp` in one transaction; `tag` names the
     /// overlays (`<image>.vmbackup-<tag>`) and their nodes.
-    pub async fn take(qmp: Arc<Qmp>, volumes: &[VolumeRecord], tag: &str) -> Result<Self> {
+    pub async fn take(qmp: Arc<Qmp>, volumes: &[VolumeRecord], tag: &str, bitmap: Option<&str>) -> Result<Self> {
         let nodes = block_nodes(&qmp).await?;
         let mut frozen = Vec::new();
         for (i, v) in volumes.iter().enumerate() {
@@ -104,7 +107,16 @@ impl LiveSnapshot {
         }
         let plan: Vec<(&str, &Path, &str)> =
             frozen.iter().map(|f| (f.base_node.as_str(), f.overlay.as_path(), f.overlay_node.as_str())).collect();
-        snapshot_live(&qmp, &plan).await?;
+        // Persistent bitmaps live in qcow2 images; a raw image's bitmap lasts while QEMU
+        // runs (after a restart it is gone, and the next backup reads that disk in full).
+        let qcow2 = |node: &str| {
+            nodes.iter().any(|n| n["node-name"].as_str() == Some(node) && n["drv"].as_str() == Some("qcow2"))
+        };
+        let bitmaps: Vec<(&str, &str, bool)> = match bitmap {
+            Some(b) => frozen.iter().map(|f| (f.base_node.as_str(), b, qcow2(&f.base_node))).collect(),
+            None => Vec::new(),
+        };
+        snapshot_live_with_bitmaps(&qmp, &plan, &bitmaps).await?;
         tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
         Ok(Self { qmp, frozen })
     }
@@ -112,6 +124,94 @@ impl LiveSnapshot {
     /// Merges every overlay back and deletes it; offline with `qemu-img commit` when QEMU
     /// has gone away. Returns the first error, after trying every disk.
     pub async fn release(self) -> Result<()> {
+        self.release_keeping(None).await
+    }
+
+    /// [`LiveSnapshot::release`], then keeps only the dirty bitmap `keep` among vmbackup's
+    /// own (`vmbackup-*`) on each disk: after a committed backup its new bitmap, after a
+    /// failed one the previous backup's (`keep` names it, and the new one goes).
+    pub async fn release_keeping(self, keep: Option<&str>) -> Result<()> {
+        let result = self.merge_all().await;
+        if let Some(keep) = keep
+            && let Ok(nodes) = block_nodes(&self.qmp).await
+        {
+            for f in &self.frozen {
+                let Some(node) = nodes.iter().find(|n| n["node-name"].as_str() == Some(f.base_node.as_str())) else {
+                    continue;
+                };
+                for b in node["dirty-bitmaps"].as_array().cloned().unwrap_or_default() {
+                    let Some(name) = b["name"].as_str() else { continue };
+                    if name.starts_with("vmbackup-") && name != keep {
+                        let args = json!({ "node": f.base_node, "name": name });
+                        if let Err(e) = self.qmp.execute("block-dirty-bitmap-remove", args).await {
+                            tracing::warn!(bitmap = name, error = %e, "removing an old dirty bitmap failed");
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// For each frozen disk, the guest ranges written between the backup whose bitmap is
+    /// `bitmap` and this snapshot, read through a temporary NBD export of the frozen image
+    /// (`qemu:dirty-bitmap:` meta context). None for a disk without a usable bitmap of that
+    /// name (then it is read in full).
+    pub async fn dirty_since(&self, bitmap: &str, socket: &Path) -> Result<Vec<(String, Option<Ranges>)>> {
+        let nodes = block_nodes(&self.qmp).await?;
+        let usable = |node: &str| {
+            nodes.iter().filter(|n| n["node-name"].as_str() == Some(node)).any(|n| {
+                n["dirty-bitmaps"].as_array().is_some_and(|bs| {
+                    bs.iter().any(|b| b["name"].as_str() == Some(bitmap) && b["inconsistent"].as_bool() != Some(true))
+                })
+            })
+        };
+        let mut out: Vec<(String, Option<Ranges>)> =
+            self.frozen.iter().map(|f| (f.volume_uuid.clone(), None)).collect();
+        if !self.frozen.iter().any(|f| usable(&f.base_node)) {
+            return Ok(out);
+        }
+        let _ = std::fs::remove_file(socket);
+        let server = json!({ "addr": { "type": "unix", "data": { "path": socket.display().to_string() } } });
+        if let Err(e) = self.qmp.execute("nbd-server-start", server).await {
+            tracing::warn!(error = %e, "cannot start QEMU's NBD server to read dirty bitmaps; reading in full");
+            return Ok(out);
+        }
+        for (i, f) in self.frozen.iter().enumerate() {
+            if !usable(&f.base_node) {
+                continue;
+            }
+            let (id, name) = (format!("{}-x{i}", f.overlay_node), format!("{}-x{i}", f.overlay_node));
+            let export = json!({ "type": "nbd", "id": id, "node-name": f.base_node, "name": name,
+                                 "writable": false, "bitmaps": [bitmap] });
+            let ranges = async {
+                self.qmp.execute("block-export-add", export).await?;
+                let context = format!("qemu:dirty-bitmap:{bitmap}");
+                let r = async {
+                    let mut c = super::nbd::NbdClient::connect(socket, &name, &[context.as_str()]).await?;
+                    let r = c.ranges_with(&context, 1).await;
+                    c.close().await;
+                    r
+                }
+                .await
+                .map_err(|e| AgentError::new(ErrorKind::Unavailable, e.to_string()));
+                let _ = self.qmp.execute("block-export-del", json!({ "id": id })).await;
+                r
+            }
+            .await;
+            match ranges {
+                Ok(r) => out[i].1 = Some(r),
+                Err(e) => {
+                    tracing::warn!(volume = %f.volume_uuid, error = %e, "dirty bitmap unreadable; reading in full")
+                }
+            }
+        }
+        let _ = self.qmp.execute("nbd-server-stop", Value::Null).await;
+        let _ = std::fs::remove_file(socket);
+        Ok(out)
+    }
+
+    async fn merge_all(&self) -> Result<()> {
         let mut first = None;
         for (i, f) in self.frozen.iter().enumerate() {
             let merged = match commit_live(&self.qmp, f, i).await {
@@ -139,7 +239,18 @@ impl LiveSnapshot {
 /// Freezes every `(node, overlay file, overlay node name)` at one instant: a single QMP
 /// `transaction` of `blockdev-snapshot-sync` (all or nothing).
 pub async fn snapshot_live(qmp: &Qmp, plan: &[(&str, &Path, &str)]) -> Result<()> {
-    let actions: Vec<Value> = plan
+    snapshot_live_with_bitmaps(qmp, plan, &[]).await
+}
+
+/// [`snapshot_live`], adding in the same transaction a dirty bitmap (64 KiB granularity,
+/// persistent or not) to each `(node, name, persistent)`: it records every write after the
+/// snapshot instant, including the overlay's when it is merged back.
+pub async fn snapshot_live_with_bitmaps(
+    qmp: &Qmp,
+    plan: &[(&str, &Path, &str)],
+    bitmaps: &[(&str, &str, bool)],
+) -> Result<()> {
+    let mut actions: Vec<Value> = plan
         .iter()
         .map(|(node, overlay, overlay_node)| {
             json!({ "type": "blockdev-snapshot-sync", "data": {
@@ -150,6 +261,11 @@ pub async fn snapshot_live(qmp: &Qmp, plan: &[(&str, &Path, &str)]) -> Result<()
             }})
         })
         .collect();
+    for (node, name, persistent) in bitmaps {
+        actions.push(json!({ "type": "block-dirty-bitmap-add", "data": {
+            "node": node, "name": name, "persistent": persistent, "granularity": 65536,
+        }}));
+    }
     qmp.execute("transaction", json!({ "actions": actions })).await?;
     Ok(())
 }
@@ -161,7 +277,7 @@ pub async fn block_nodes(qmp: &Qmp) -> Result<Vec<Value>> {
 }
 
 async fn qemu_alive(qmp: &Qmp) -> bool {
-    qmp.execute("query-status", Value::Null).await.is_ok()
+    qmp.execute("query-version", Value::Null).await.is_ok()
 }
 
 async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize) -> Result<()> {

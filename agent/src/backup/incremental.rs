@@ -1,0 +1,119 @@
+//! Incremental live backups: what changed since the previous backup, from QEMU's persistent
+//! dirty bitmaps.
+//!
+//! Each live backup adds a bitmap named `vmbackup-<group>` to every disk in the same QMP
+//! transaction as its snapshot. The next live backup of the VM to the same storage looks
+//! for the bitmap of the group it follows; a chunk the bitmap leaves clean takes its digest
+//! from that group's index without being read. The lineage must match: the previous
+//! index must belong to that very group and have the same size and chunk size, else the
+//! volume is read in full and the job says so.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use vmbackup_proto::Digest;
+use vmbackup_proto::index::VolumeIndex;
+
+use super::BackupRequest;
+use crate::catalog::Catalog;
+use crate::error::{AgentError, ErrorKind, blocking};
+use crate::storage::ImageStoreClient;
+
+/// Guest ranges written since the backup `previous_group`, per volume (None: unknown).
+#[derive(Debug, Clone, Default)]
+pub struct DirtySince {
+    /// The group the bitmap follows.
+    pub previous_group: String,
+    /// Volume uuid → written ranges.
+    pub per_volume: HashMap<String, Option<Vec<(u64, u64)>>>,
+}
+
+/// For one volume: which chunks changed, and the previous digests of the others.
+#[derive(Debug)]
+pub(crate) struct Reuse {
+    pub(crate) dirty: Vec<bool>,
+    pub(crate) previous: Vec<Digest>,
+}
+
+/// The name of the dirty bitmap a backup of `group` leaves on each disk.
+pub fn bitmap_name(group: &str) -> String {
+    format!("vmbackup-{group}")
+}
+
+/// The group of the latest backup of this VM on the request's storage, when every volume's
+/// latest backup there belongs to it.
+pub async fn previous_group(catalog: &Arc<Catalog>, req: &BackupRequest) -> Option<String> {
+    let mut group: Option<String> = None;
+    for v in &req.vm.volumes {
+        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
+        let prev = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await.ok().flatten()?;
+        match &group {
+            None => group = Some(prev.group_uuid),
+            Some(g) if *g == prev.group_uuid => {}
+            Some(_) => return None,
+        }
+    }
+    group
+}
+
+/// The previous index of each volume on this storage, with its group.
+pub(crate) async fn previous_indexes(
+    catalog: &Arc<Catalog>,
+    client: &mut ImageStoreClient,
+    req: &BackupRequest,
+) -> HashMap<String, (String, VolumeIndex)> {
+    let mut out = HashMap::new();
+    for v in &req.vm.volumes {
+        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
+        let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
+        let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
+        match client.get_index(&r.install_path).await.and_then(|b| {
+            VolumeIndex::decode(&b, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
+        }) {
+            Ok(ix) => {
+                out.insert(v.uuid.clone(), (prev.group_uuid, ix));
+            }
+            Err(e) => tracing::warn!(volume = %v.uuid, error = %e, "previous index unusable; asking the store instead"),
+        }
+    }
+    out
+}
+
+/// Every digest the previous indexes name: known present without asking.
+pub(crate) fn known(previous: &HashMap<String, (String, VolumeIndex)>) -> Arc<HashSet<Digest>> {
+    Arc::new(previous.values().flat_map(|(_, ix)| ix.referenced().copied()).collect())
+}
+
+/// What an incremental may skip on `volume`, or why it reads in full.
+pub(crate) fn reuse_for(
+    volume: &str,
+    size: u64,
+    chunk_size: u32,
+    dirty: Option<&DirtySince>,
+    previous: &HashMap<String, (String, VolumeIndex)>,
+) -> Result<Option<Reuse>, String> {
+    let Some(dirty) = dirty else { return Ok(None) };
+    let Some(Some(ranges)) = dirty.per_volume.get(volume) else {
+        return Err(format!("no dirty bitmap of backup {} on volume {volume}", dirty.previous_group));
+    };
+    let Some((group, ix)) = previous.get(volume) else {
+        return Err(format!("no previous index of volume {volume} on this storage"));
+    };
+    if *group != dirty.previous_group || ix.virtual_size != size || ix.chunk_size != chunk_size {
+        return Err(format!("the previous backup of volume {volume} does not match its dirty bitmap"));
+    }
+    let cs = u64::from(chunk_size);
+    let mut flags = vec![false; ix.digests.len()];
+    for &(offset, len) in ranges {
+        if len == 0 || offset >= size {
+            continue;
+        }
+        let first = usize::try_from(offset / cs).unwrap_or(usize::MAX);
+        let last = usize::try_from((offset + len - 1).min(size - 1) / cs).unwrap_or(usize::MAX);
+        for f in flags.iter_mut().take(last + 1).skip(first) {
+            *f = true;
+        }
+    }
+    Ok(Some(Reuse { dirty: flags, previous: ix.digests.clone() }))
+}
