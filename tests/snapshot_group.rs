@@ -217,3 +217,70 @@ async fn a_running_vms_group_is_one_qmp_transaction_and_merges_live() {
     run_tool("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 0 1M", &qsd.uri("data")]);
     drop(vm.dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlay_that_cannot_be_created_leaves_the_running_vm_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root.qcow2");
+    let data = dir.path().join("data.raw");
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(&root), "4M"]);
+    std::fs::write(&data, common::pseudo_random(72, 2 << 20)).expect("data");
+    let qsd = Qsd::start(dir.path(), &root, &data);
+    let (vm, mut groups) = vm_with(Some(&qsd.qmp), dir).await;
+    let before = names(vm.dir.path());
+    // A directory sits where the data volume's overlay would go: that snapshot fails, so
+    // the whole transaction does, and no overlay is left behind.
+    let group = "6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d";
+    std::fs::create_dir(vm.dir.path().join(format!("data-snap-{}-1.qcow2", &group[..12]))).expect("blocker");
+    let e = groups
+        .create_volume_snapshot_group(pb::CreateVolumeSnapshotGroupRequest {
+            root_volume_uuid: ROOT.into(),
+            name: "doomed".into(),
+            resource_uuid: group.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the overlay cannot be created");
+    assert!(e.message().contains("QEMU refused transaction"), "{e:?}");
+    let mut after = names(vm.dir.path());
+    after.retain(|n| !n.starts_with("data-snap-"));
+    assert_eq!(after, before, "no overlay left behind");
+    assert_eq!(registered_paths(&vm).await, [p(&vm.root), p(&vm.data)]);
+    // The VM runs on as before, and a later group works.
+    qsd.guest_write("data", "0x3c");
+    std::fs::remove_dir(vm.dir.path().join(format!("data-snap-{}-1.qcow2", &group[..12]))).expect("rmdir");
+    let g = create(&mut groups, "after").await;
+    assert_eq!(g.snapshot_count, 2);
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vmbackupctl_takes_lists_and_deletes_groups() {
+    let (vm, _groups) = vm_with(None, tempfile::tempdir().expect("tempdir")).await;
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("vmbackupctl"))
+            .args(["--agent", &vm.agent.url(), "--session-file"])
+            .arg(vm.agent.data_dir.join("session"))
+            .args(args)
+            .output()
+            .expect("vmbackupctl");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let json = ctl(&["--json", "snapshot-group", "create", "--root-volume", ROOT, "--name", "cli"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let uuid = v["inventories"][0]["uuid"].as_str().expect("uuid").to_string();
+    assert_eq!(v["inventories"][0]["snapshotCount"], 2, "{v}");
+    let table = ctl(&["snapshot-group", "list", &format!("vmInstanceUuid={VM}")]);
+    assert!(table.contains(&uuid) && table.contains(&p(&vm.root)) && table.contains(&p(&vm.data)), "{table}");
+    let table = ctl(&["snapshot-group", "update", &uuid, "--name", "renamed"]);
+    assert!(table.contains("renamed"), "{table}");
+    let table = ctl(&["snapshot-group", "delete", &uuid]);
+    assert_eq!(table.matches("true").count(), 2, "{table}");
+}

@@ -60,11 +60,11 @@ fn inventory(g: SnapshotGroupRecord) -> pb::VolumeSnapshotGroupInventory {
     }
 }
 
-/// `<dir>/<stem>-<snapshot12>.qcow2`, beside the volume's file.
-fn overlay_path(install_path: &str, snapshot: &str) -> PathBuf {
+/// `<dir>/<stem>-snap-<group12>-<device>.qcow2`, beside the volume's file.
+fn overlay_path(install_path: &str, group: &str, device_id: i32) -> PathBuf {
     let p = Path::new(install_path);
     let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "volume".into());
-    p.with_file_name(format!("{stem}-snap-{}.qcow2", &snapshot[..12.min(snapshot.len())]))
+    p.with_file_name(format!("{stem}-snap-{}-{device_id}.qcow2", &group[..12.min(group.len())]))
 }
 
 async fn run_qemu_img(args: &[&str]) -> Result<()> {
@@ -119,7 +119,7 @@ impl SnapshotGroupApi {
             .map(|v| {
                 let uuid = uuid::Uuid::new_v4().simple().to_string();
                 SnapshotRecord {
-                    overlay_path: overlay_path(&v.install_path, &uuid).display().to_string(),
+                    overlay_path: overlay_path(&v.install_path, &group_uuid, v.device_id).display().to_string(),
                     uuid,
                     volume_uuid: v.uuid.clone(),
                     volume_name: v.name.clone(),
@@ -164,7 +164,28 @@ impl SnapshotGroupApi {
                 }
                 let plan_refs: Vec<(&str, &Path, &str)> =
                     plan.iter().map(|(n, p, o)| (n.as_str(), p.as_path(), o.as_str())).collect();
-                live::snapshot_live(&qmp, &plan_refs).await?;
+                // Never let QEMU overwrite (and a failure then delete) a file already there.
+                for s in &snapshots {
+                    if Path::new(&s.overlay_path).is_file() {
+                        return Err(AgentError::new(
+                            ErrorKind::FailedPrecondition,
+                            format!(
+                                "{} already exists; it would become volume {}'s overlay",
+                                s.overlay_path, s.volume_uuid
+                            ),
+                        ));
+                    }
+                }
+                if let Err(e) = live::snapshot_live(&qmp, &plan_refs).await {
+                    // The transaction is all or nothing in QEMU, but files it created for
+                    // the actions it rolled back stay: remove them.
+                    for s in &snapshots {
+                        if Path::new(&s.overlay_path).is_file() {
+                            let _ = std::fs::remove_file(&s.overlay_path);
+                        }
+                    }
+                    return Err(e);
+                }
             }
             None => {
                 // A stopped VM: overlays on the files; undo them all if one fails.

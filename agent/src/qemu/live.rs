@@ -98,6 +98,15 @@ impl LiveSnapshot {
                 ));
             }
             let overlay = PathBuf::from(format!("{}.vmbackup-{tag}", v.install_path));
+            if overlay.is_file() {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "{} already exists (left by an earlier run?); remove it to back up live",
+                        overlay.display()
+                    ),
+                ));
+            }
             frozen.push(Frozen {
                 volume_uuid: v.uuid.clone(),
                 base_node,
@@ -116,7 +125,15 @@ impl LiveSnapshot {
             Some(b) => frozen.iter().map(|f| (f.base_node.as_str(), b, qcow2(&f.base_node))).collect(),
             None => Vec::new(),
         };
-        snapshot_live_with_bitmaps(&qmp, &plan, &bitmaps).await?;
+        if let Err(e) = snapshot_live_with_bitmaps(&qmp, &plan, &bitmaps).await {
+            // QEMU rolled the transaction back; files it made for it are ours to remove.
+            for f in &frozen {
+                if f.overlay.is_file() {
+                    let _ = std::fs::remove_file(&f.overlay);
+                }
+            }
+            return Err(e);
+        }
         tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
         Ok(Self { qmp, frozen })
     }

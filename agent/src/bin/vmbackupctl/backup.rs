@@ -211,7 +211,12 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
             c.cancel_job(pb::CancelJobRequest { job_uuid: uuid.clone() }).await.map_err(rpc_error)?;
             println!("cancelling job {uuid}");
         }
-        Command::Storage(_) | Command::Store { .. } | Command::Status | Command::Completions { .. } | Command::Man => {}
+        Command::Storage(_)
+        | Command::Store { .. }
+        | Command::Status
+        | Command::SnapshotGroup(_)
+        | Command::Completions { .. }
+        | Command::Man => {}
     }
     Ok(())
 }

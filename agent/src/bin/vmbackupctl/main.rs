@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod backup;
 mod lifecycle;
+mod snapshot;
 mod status;
 mod store;
 
@@ -50,6 +51,9 @@ pub(crate) enum Command {
     /// Long-running jobs.
     #[command(subcommand)]
     Job(backup::JobCommand),
+    /// Volume snapshot groups.
+    #[command(subcommand, name = "snapshot-group")]
+    SnapshotGroup(snapshot::SnapshotCommand),
     /// The agent and every store it uses, on one screen.
     Status,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -225,6 +229,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    if matches!(cli.command, Command::SnapshotGroup(_)) {
+        let (channel, auth) = channel_and_auth(&cli).await?;
+        if let Command::SnapshotGroup(cmd) = cli.command {
+            return snapshot::run(cmd, channel, auth, cli.json).await;
+        }
+    }
     if let Command::Store { store, command } = &cli.command {
         return store::run_store(store, command, cli.json).await;
     }
@@ -240,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Backup(_)
         | Command::Job(_)
         | Command::Status
+        | Command::SnapshotGroup(_)
         | Command::Completions { .. }
         | Command::Man => Ok(()),
         Command::Storage(cmd) => match cmd {
