@@ -12,46 +12,13 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/corpus.rs"]
+mod corpus;
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
 use vmbackup_proto::agent::v1 as pb;
-
-const REGION: usize = 4 << 20;
-
-/// Region kinds of the corpus, by index (seeded, so every run makes the same volume):
-/// 40% holes, 20% random, 25% text-like, 15% copies of an earlier region.
-fn region(i: u64, version: u64) -> Option<Vec<u8>> {
-    let kind = (i.wrapping_mul(2_654_435_761) >> 7) % 20;
-    let changed = version > 0 && i % 20 == 3;
-    let seed = i + if changed { 1 << 40 } else { 0 };
-    match kind {
-        0..=7 if !changed => None,
-        8..=11 => Some(common::pseudo_random(seed, REGION)),
-        12..=16 | 0..=7 => {
-            let words = b"the volume of a virtual machine holds files, logs and packages; ";
-            let mut v: Vec<u8> = words.iter().cycle().take(REGION).copied().collect();
-            v[..8].copy_from_slice(&seed.to_le_bytes());
-            Some(v)
-        }
-        _ => region(i / 2, version).or_else(|| Some(common::pseudo_random(seed, REGION))),
-    }
-}
-
-fn make_volume(path: &Path, mib: u64, version: u64) {
-    let mut f = std::fs::File::create(path).expect("create");
-    f.set_len(mib << 20).expect("size");
-    use std::io::Seek;
-    for i in 0..mib / 4 {
-        if let Some(data) = region(i, version) {
-            f.seek(std::io::SeekFrom::Start(i * REGION as u64)).expect("seek");
-            f.write_all(&data).expect("write");
-        }
-    }
-    f.sync_all().expect("sync");
-}
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -77,8 +44,8 @@ async fn main() {
     let corpus = tempfile::tempdir().expect("tempdir");
     let v1 = corpus.path().join("v1.raw");
     let v2 = corpus.path().join("v2.raw");
-    make_volume(&v1, mib, 0);
-    make_volume(&v2, mib, 1);
+    corpus::make_volume(&v1, mib, 0);
+    corpus::make_volume(&v2, mib, 1);
     println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
     println!(
         "{:<12} {:>3} {:>10} {:>12} {:>10} {:>10} {:>12}",

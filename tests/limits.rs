@@ -159,3 +159,61 @@ async fn concurrent_jobs_share_the_host_cap() {
     assert_eq!(total, 15 * MIB);
     assert_ceiling("host volume_read_bandwidth shared by 3 jobs", total, t0.elapsed(), cap);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parallelism_tag_on_the_storage_caps_its_concurrent_backups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let mut storages = common::storage_client(&agent, Some(common::session(&agent))).await;
+    let bs = storages
+        .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+            name: "one-at-a-time".into(),
+            url: store.url(),
+            system_tags: vec!["volumeLiveBackup::parallelismDegree::1".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("add")
+        .into_inner()
+        .inventory
+        .expect("inventory")
+        .uuid;
+    let imgs: Vec<_> = (0..2u64)
+        .map(|i| {
+            let img = dir.path().join(format!("vm{i}.raw"));
+            std::fs::write(&img, common::pseudo_random(80 + i, 4 << 20)).expect("image");
+            img
+        })
+        .collect();
+    let req = |i: usize, limit: Option<i64>| pb::CreateVmBackupRequest {
+        root_volume_uuid: format!("{i}7b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
+        backup_storage_uuid: bs.clone(),
+        name: "capped".into(),
+        resource_uuid: format!("{i}8b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
+        volume_read_bandwidth: limit,
+        vm: Some(vm(
+            &format!("{i}9b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
+            &format!("{i}7b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
+            &imgs[i],
+        )),
+        ..Default::default()
+    };
+    let mut c = common::backup_client(&agent).await;
+    let mut bg = c.clone();
+    let first = req(0, Some(MIB));
+    let running = tokio::spawn(async move { bg.create_vm_backup(first).await });
+    let job = "08b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5";
+    let mut w = loop {
+        match c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await {
+            Ok(w) => break w.into_inner(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    while w.message().await.expect("progress").expect("running").bytes_read == 0 {}
+    let e = c.create_vm_backup(req(1, None)).await.expect_err("a second backup on this storage");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("1 backups already run"), "{e:?}");
+    running.await.expect("join").expect("first backup");
+    c.create_vm_backup(req(1, None)).await.expect("the second once the first is done");
+}

@@ -52,7 +52,17 @@ impl BackupStorageApi {
             r.attached_zone_uuids.iter().map(|z| validate::uuid("attachedZoneUuids", z)).collect::<Result<Vec<_>>>()?;
         zones.sort();
         zones.dedup();
-        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones })
+        // On a storage record, parallelismDegree caps concurrent backups there (ZStack's
+        // meaning); the other tags are about a backup and have no place here.
+        let tags = crate::tags::parse(&r.system_tags)?;
+        if tags.backup_network.is_some() || tags.fs_info.is_some() {
+            return Err(AgentError::invalid(
+                "systemTags",
+                "only volumeLiveBackup::parallelismDegree applies to a storage",
+            ));
+        }
+        let max_backups = tags.parallelism;
+        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups })
     }
 }
 

@@ -127,7 +127,9 @@ impl VmBackupApi {
             .with_field("backupStorageUuid"));
         }
         let (c, b) = (catalog.clone(), bs.clone());
-        let max_per_storage = self.live.max_backups_per_storage();
+        let max_per_storage = storage
+            .max_backups
+            .map_or(self.live.max_backups_per_storage(), |m| m.min(self.live.max_backups_per_storage()));
         if blocking(move || Ok(c.running_jobs_on(&b)?)).await? >= i64::from(max_per_storage) {
             return Err(AgentError::new(
                 ErrorKind::ResourceExhausted,

@@ -39,6 +39,9 @@ pub struct BackupStorageRecord {
     pub last_op_date: i64,
     /// Zones the storage is attached to.
     pub attached_zone_uuids: Vec<String>,
+    /// Concurrent backups allowed on it (`volumeLiveBackup::parallelismDegree::N` on the
+    /// storage record, ZStack's meaning there); None: the agent's default.
+    pub max_backups: Option<u32>,
 }
 
 /// Queryable fields of BackupStorageInventory.
@@ -70,7 +73,7 @@ pub const SCHEMA: Schema = Schema {
 };
 
 const COLUMNS: &str = "uuid, name, description, type, url, hostname, port, state, status, total_capacity, \
-                       available_capacity, store_uuid, create_date, last_op_date";
+                       available_capacity, store_uuid, create_date, last_op_date, max_backups";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
     Ok(BackupStorageRecord {
@@ -89,6 +92,7 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
         create_date: row.get(12)?,
         last_op_date: row.get(13)?,
         attached_zone_uuids: Vec::new(),
+        max_backups: row.get(14)?,
     })
 }
 
@@ -98,7 +102,7 @@ impl Catalog {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
             params![
                 r.uuid,
                 r.name,
@@ -113,7 +117,8 @@ impl Catalog {
                 r.available_capacity,
                 r.store_uuid,
                 r.create_date,
-                r.last_op_date
+                r.last_op_date,
+                r.max_backups
             ],
         )?;
         for z in &r.attached_zone_uuids {
@@ -247,6 +252,7 @@ mod tests {
             create_date: total,
             last_op_date: total,
             attached_zone_uuids: vec!["z1".into()],
+            max_backups: None,
         }
     }
 

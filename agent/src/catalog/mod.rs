@@ -147,6 +147,8 @@ const MIGRATIONS: &[&str] = &[
         last_op_date INTEGER NOT NULL
      );
      CREATE INDEX volume_snapshot_group ON volume_snapshot(group_uuid);",
+    // 5: a backup storage's own cap on concurrent backups (its parallelismDegree tag).
+    "ALTER TABLE backup_storage ADD COLUMN max_backups INTEGER;",
 ];
 
 /// The agent's catalog.

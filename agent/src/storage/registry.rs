@@ -41,6 +41,8 @@ pub struct NewImageStore {
     pub tls: bool,
     /// Attached zones, sorted and deduplicated.
     pub zones: Vec<String>,
+    /// Its cap on concurrent backups (parallelismDegree system tag).
+    pub max_backups: Option<u32>,
 }
 
 /// Backup storage management over the catalog.
@@ -97,7 +99,8 @@ impl Registry {
                 && existing.hostname == req.hostname
                 && existing.port == req.port
                 && existing.url == url
-                && existing.attached_zone_uuids == req.zones;
+                && existing.attached_zone_uuids == req.zones
+                && existing.max_backups == req.max_backups;
             if same {
                 return Ok(existing);
             }
@@ -140,6 +143,7 @@ impl Registry {
             create_date: now,
             last_op_date: now,
             attached_zone_uuids: req.zones,
+            max_backups: req.max_backups,
         };
         let (catalog, r) = (self.catalog.clone(), record.clone());
         blocking(move || {
@@ -261,6 +265,7 @@ impl Registry {
                     port,
                     tls: false,
                     zones: Vec::new(),
+                    max_backups: None,
                 })
                 .await
             }
