@@ -20,6 +20,26 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
+# A real QEMU system emulator (TCG, no KVM) for the live-VM tests. Debian's
+# qemu-system-x86 cannot be installed beside the machine's newer qemu-utils, so its
+# packages are unpacked into a folder of their own, with the libraries they need.
+QEMU_SYSTEM_DIR="${VMBACKUP_QEMU_SYSTEM_DIR:-/opt/vmbackup-test/qemu-system}"
+if [ ! -x "$QEMU_SYSTEM_DIR/usr/bin/qemu-system-x86_64" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: $QEMU_SYSTEM_DIR (run this script as root to fetch it)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcapstone4 libfdt1 libpmem1 librdmacm1 \
+    libibverbs1 libslirp0 libvdeplug2
+  fetch="$(mktemp -d)"
+  (cd "$fetch" && apt-get download -qq qemu-system-x86 qemu-system-data qemu-system-common seabios ipxe-qemu)
+  mkdir -p "$QEMU_SYSTEM_DIR"
+  for deb in "$fetch"/*.deb; do dpkg-deb -x "$deb" "$QEMU_SYSTEM_DIR"; done
+  rm -rf "$fetch"
+fi
+export VMBACKUP_QEMU_SYSTEM_DIR="$QEMU_SYSTEM_DIR"
+
 cargo fmt --all -- --check
 cargo build --workspace --bins --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -111,6 +111,14 @@ impl Job {
     }
 }
 
+/// The job uuid of a recover of `group` to `dst`: RecoverVmBackupFromImageStoreBackupStorage
+/// carries no resourceUuid, so the job is named by what it does, and a client can watch it
+/// (`vmbackupctl backup recover` does) without being told.
+pub fn recover_job_uuid(group: &str, dst: &str) -> String {
+    let d = vmbackup_proto::Digest::of(format!("vmbackup recover\0{group}\0{dst}").as_bytes());
+    d.to_hex()[..32].to_string()
+}
+
 /// The registry of jobs.
 #[derive(Debug, Clone)]
 pub struct Jobs {

@@ -350,7 +350,14 @@ impl VmBackupApi {
         // A recover reads from one store and writes to another: both host caps apply.
         let caps = self.live.caps();
         let network = Throttle::unlimited().with(caps.network_read).with(caps.network_write);
-        let job = self.jobs.start("RecoverVmBackup", None, Some(dst.clone())).await?;
+        let job_uuid = crate::jobs::recover_job_uuid(&group, &dst);
+        if self.jobs.running(&job_uuid).is_some() {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("backup group {group} is already being recovered to {dst} (job {job_uuid})"),
+            ));
+        }
+        let job = self.jobs.start("RecoverVmBackup", Some(job_uuid), Some(dst.clone())).await?;
         let (registry, jobs, j) = (self.registry.clone(), self.jobs.clone(), job.clone());
         let span = job.span();
         let handle = tokio::spawn(

@@ -117,15 +117,20 @@ pub(crate) async fn restore(a: RestoreArgs, channel: Channel, auth: Auth, json: 
 
 pub(crate) async fn recover(a: RecoverArgs, channel: Channel, auth: Auth, json: bool) -> anyhow::Result<()> {
     let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
-    let r = c
-        .recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
-            group_uuid: a.group,
-            src_backup_storage_uuid: a.from,
-            dst_backup_storage_uuid: a.to,
-            ..Default::default()
-        })
-        .await
-        .map_err(crate::rpc_error)?;
+    let job = vmbackup_agent::jobs::recover_job_uuid(&a.group, &a.to);
+    let req = pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
+        group_uuid: a.group,
+        src_backup_storage_uuid: a.from,
+        dst_backup_storage_uuid: a.to,
+        ..Default::default()
+    };
+    let mut recoverer = c.clone();
+    let call = tokio::spawn(async move { recoverer.recover_vm_backup_from_image_store_backup_storage(req).await });
+    if !json {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let _ = watch(&mut c, &job).await;
+    }
+    let r = call.await?.map_err(crate::rpc_error)?;
     print_backups(json, r.into_inner().inventories)
 }
 

@@ -67,11 +67,13 @@ pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> 
             println!("{t}");
         }
         StoreCommand::Gc { safety_margin_seconds } => {
+            let bar = spinner(json, "garbage collection");
             let r = c
                 .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: *safety_margin_seconds })
                 .await
                 .map_err(e)?
                 .into_inner();
+            bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -87,7 +89,9 @@ pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> 
             }
         }
         StoreCommand::Verify { groups } => {
+            let bar = spinner(json, "verifying chunks");
             let r = c.verify(spb::VerifyRequest { group_uuids: groups.clone() }).await.map_err(e)?.into_inner();
+            bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -108,4 +112,21 @@ pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> 
         }
     }
     Ok(())
+}
+
+/// A spinner with the elapsed time while the store works (hidden with --json or when
+/// stderr is not a terminal): GC and verify run on the store and report only at the end.
+fn spinner(json: bool, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
