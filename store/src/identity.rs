@@ -50,6 +50,25 @@ impl StoreIdentity {
     ///
     /// `chunk_size` applies only to a new store; an existing store keeps its own.
     pub fn open_or_create(dir: &Path, chunk_size: u32) -> io::Result<Self> {
+        match Self::read(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                validate_chunk_size(chunk_size).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                std::fs::create_dir_all(dir)?;
+                let id = StoreIdentity {
+                    format_version: FORMAT_VERSION,
+                    store_uuid: uuid::Uuid::new_v4().simple().to_string(),
+                    chunk_size,
+                };
+                let json = serde_json::to_vec_pretty(&id).map_err(io::Error::other)?;
+                durable::write_atomic(&dir.join("store.json"), &json)?;
+                Ok(id)
+            }
+            other => other,
+        }
+    }
+
+    /// Reads and checks `store.json` under `dir` (NotFound when there is none).
+    pub fn read(dir: &Path) -> io::Result<Self> {
         let path = dir.join("store.json");
         match std::fs::read(&path) {
             Ok(bytes) => {
@@ -67,18 +86,6 @@ impl StoreIdentity {
                 }
                 validate_chunk_size(id.chunk_size)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
-                Ok(id)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                validate_chunk_size(chunk_size).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                std::fs::create_dir_all(dir)?;
-                let id = StoreIdentity {
-                    format_version: FORMAT_VERSION,
-                    store_uuid: uuid::Uuid::new_v4().simple().to_string(),
-                    chunk_size,
-                };
-                let json = serde_json::to_vec_pretty(&id).map_err(io::Error::other)?;
-                durable::write_atomic(&path, &json)?;
                 Ok(id)
             }
             Err(e) => Err(e),

@@ -63,13 +63,6 @@ impl VmBackupApi {
         let system_tags = tags::parse(&r.system_tags)?;
         let parallelism =
             usize::try_from(system_tags.parallelism.unwrap_or(self.live.default_parallelism())).unwrap_or(1);
-        if system_tags.fs_info.is_some() {
-            return Err(AgentError::new(
-                ErrorKind::Unimplemented,
-                "the fsInfo system tag is not implemented by this agent version",
-            )
-            .with_field("systemTags"));
-        }
         // Checked before anything starts: no address in the CIDR means nothing is sent.
         let source = system_tags.backup_network.as_ref().map(crate::storage::netbind::pick).transpose()?;
 
@@ -163,6 +156,7 @@ impl VmBackupApi {
             network_limit,
             source,
             runtime_dir: self.runtime_dir.clone(),
+            fs_info: system_tags.fs_info.clone(),
             dirty: None,
             system_tags: r.system_tags.clone(),
             user_tags: r.user_tags.clone(),

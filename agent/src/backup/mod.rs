@@ -8,6 +8,7 @@
 //! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
 //! visible with one atomic commit, so a failed or cancelled backup leaves none.
 
+pub mod fsinfo;
 pub mod incremental;
 pub mod lifecycle;
 mod pipeline;
@@ -52,6 +53,8 @@ pub struct BackupRequest {
     pub source: Option<crate::storage::netbind::SourceAddr>,
     /// Where the agent may create sockets for QEMU (its data directory's `run/`).
     pub runtime_dir: std::path::PathBuf,
+    /// Write chunks through this mounted store directory (`fsInfo`).
+    pub fs_info: Option<crate::tags::FsInfo>,
     /// Ranges written since the previous backup (live incrementals); filled by [`run`].
     pub dirty: Option<incremental::DirtySince>,
     /// System tags, recorded in the manifest.
@@ -186,6 +189,24 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
     .await?;
 
     let session = client.open_session(&format!("vmbackup-agent group {}", req.group_uuid)).await?;
+    // fsInfo: mounted after the session opens, so GC already spares what is written.
+    let mut mounted = match &req.fs_info {
+        Some(info) => {
+            let tag: String = req.group_uuid.chars().take(12).collect();
+            let m = fsinfo::MountedStore::mount(info, &req.runtime_dir, &tag, &req.storage.store_uuid).await;
+            match m {
+                Ok(m) => {
+                    job.set_message(format!("writing chunks through {} ({})", info.url, info.fs_type));
+                    Some(Arc::new(m))
+                }
+                Err(e) => {
+                    let _ = client.close_session(session).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     let outcome = pipeline::run(pipeline::Inputs {
         client: client.clone(),
         session_id: session.id.clone(),
@@ -196,8 +217,16 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
         network_limit: req.network_limit.clone(),
         job: job.clone(),
         chunk_size,
+        mounted: mounted.clone(),
     })
     .await;
+    if let Some(m) = mounted.take() {
+        // Every chunk is durable in the store directory; the commit below checks them there.
+        match Arc::try_unwrap(m) {
+            Ok(mut m) => m.unmount().await,
+            Err(_) => tracing::warn!("the mounted store is still in use; it stays mounted"),
+        }
+    }
     if let Err(e) = outcome {
         let _ = client.close_session(session).await;
         return Err(e);

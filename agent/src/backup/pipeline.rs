@@ -29,6 +29,8 @@ pub(super) struct Inputs {
     pub network_limit: Throttle,
     pub job: Arc<Job>,
     pub chunk_size: u32,
+    /// Chunks go into this mounted store directory instead of the upload stream (fsInfo).
+    pub mounted: Option<Arc<super::fsinfo::MountedStore>>,
 }
 
 /// A chunk that holds data somewhere in its range.
@@ -83,7 +85,8 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
 }
 
 pub(super) async fn run(inputs: Inputs) -> Result<()> {
-    let Inputs { client, session_id, volumes, known, parallelism, read_limit, network_limit, job, chunk_size } = inputs;
+    let Inputs { client, session_id, volumes, known, parallelism, read_limit, network_limit, job, chunk_size, mounted } =
+        inputs;
     let planning = volumes.clone();
     let counters = job.counters.clone();
     let tasks = Arc::new(tokio::task::spawn_blocking(move || plan(&planning, chunk_size, &counters)).await??);
@@ -92,7 +95,26 @@ pub(super) async fn run(inputs: Inputs) -> Result<()> {
     let (tx, rx) = mpsc::channel::<(Digest, Vec<u8>)>(parallelism.max(1));
     let mut upload_client = client.clone();
     let sid = session_id.clone();
-    let uploader = tokio::spawn(async move { upload_client.upload(&sid, ReceiverStream::new(rx)).await });
+    let uploader = tokio::spawn(async move {
+        match mounted {
+            None => upload_client
+                .upload(&sid, ReceiverStream::new(rx))
+                .await
+                .map(|r| (r.chunks_stored, r.chunks_already_present)),
+            Some(store) => {
+                let (mut stored, mut present, mut rx) = (0u64, 0u64, rx);
+                while let Some((digest, blob)) = rx.recv().await {
+                    let s = store.clone();
+                    if tokio::task::spawn_blocking(move || s.put(&digest, &blob)).await?? {
+                        stored += 1;
+                    } else {
+                        present += 1;
+                    }
+                }
+                Ok((stored, present))
+            }
+        }
+    });
 
     let next = Arc::new(AtomicUsize::new(0));
     let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
@@ -128,8 +150,8 @@ pub(super) async fn run(inputs: Inputs) -> Result<()> {
         uploader.abort();
         return Err(e);
     }
-    let reply = uploader.await.map_err(AgentError::from)??;
-    tracing::debug!(job = %job.uuid, stored = reply.chunks_stored, present = reply.chunks_already_present, "upload stream finished");
+    let (stored, present) = uploader.await.map_err(AgentError::from)??;
+    tracing::debug!(job = %job.uuid, stored, present, "upload stream finished");
     Ok(())
 }
 

@@ -32,6 +32,22 @@ pub struct FsBackend {
 }
 
 impl FsBackend {
+    /// Attaches to a store directory another process serves (an agent writing chunks
+    /// through a mounted export of it, the fsInfo path): nothing is created or cleaned up,
+    /// the layout must already be there. Writes follow the same tmp/ + fsync + rename rule.
+    pub fn attach(root: &Path) -> Result<Self> {
+        for d in ["chunks", "tmp"] {
+            let p = root.join(d);
+            if !p.is_dir() {
+                return Err(StoreError::new(
+                    crate::error::ErrorKind::NotFound,
+                    format!("{} is not a vmbackup store directory (no {d}/)", root.display()),
+                ));
+            }
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
     /// Opens (creating) the layout under `root` and removes writes a crash interrupted.
     pub fn open(root: &Path) -> Result<Self> {
         for d in ["chunks", "indexes", "groups", "meta", "bad", "tmp"] {
