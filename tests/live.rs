@@ -240,3 +240,42 @@ async fn last_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgre
     }
     last
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offline_qcow2_volume_uses_its_own_persistent_bitmap() {
+    let s = setup().await;
+    let mut c = common::backup_client(&s.agent).await;
+    // The VM is stopped: no QMP socket answers.
+    let gone = s.dir.path().join("stopped.sock");
+    let backup = |group: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "offline".into(),
+        resource_uuid: group.into(),
+        vm: Some(vm(&s, &gone)),
+        ..Default::default()
+    };
+    let first = "6f708192a3b4c5d6e7f8091a2b3c4d5e";
+    c.create_vm_backup(backup(first)).await.expect("full offline backup");
+    assert_eq!(last_progress(&mut c, first).await.bytes_read, (6 << 20) + (3 << 20));
+    // The backup left a bitmap recording in the qcow2 file; a write made by any QEMU tool
+    // is marked in it.
+    run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 0xb1 3M 64k", &p(&s.root)]);
+    let then_root = s.dir.path().join("then-root.raw");
+    run_tool("qemu-img", &["convert", "-O", "raw", &p(&s.root), &p(&then_root)]);
+
+    let second = "708192a3b4c5d6e7f8091a2b3c4d5e6f";
+    c.create_vm_backup(backup(second)).await.expect("incremental offline backup");
+    let inc = last_progress(&mut c, second).await;
+    assert_eq!(inc.bytes_read, 65536 + (3 << 20), "root: the marked chunk only; raw data: in full ({inc:?})");
+    restore_and_compare(&s, second, [(ROOT, &then_root), (DATA, &s.data.clone())]).await;
+    let info: serde_json::Value =
+        serde_json::from_str(&run_tool("qemu-img", &["info", "--output=json", &p(&s.root)])).expect("info");
+    let names: Vec<&str> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .expect("bitmaps")
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(names, [format!("vmbackup-{second}")], "only the bitmap the next backup follows is kept");
+}

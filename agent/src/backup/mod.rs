@@ -91,7 +91,7 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
         }
         _ => None,
     };
-    let Some(qmp) = qmp else { return run_files(registry, job, req).await };
+    let Some(qmp) = qmp else { return run_offline(registry, job, req).await };
     let tag = req.group_uuid.chars().take(12).collect::<String>();
     let previous = incremental::previous_group(registry.catalog(), &req).await;
     let new_bitmap = incremental::bitmap_name(&req.group_uuid);
@@ -124,6 +124,27 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
         job.set_message(format!("backed up, but merging the snapshot back failed: {e}"));
         return Err(result.err().unwrap_or(e));
     }
+    result
+}
+
+/// A stopped VM: its qcow2 files' own persistent bitmaps drive the incremental.
+async fn run_offline(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
+    let previous = incremental::previous_group(registry.catalog(), &req).await;
+    let mut req = req;
+    if let Some(prev) = &previous {
+        let r = req.clone();
+        let p = prev.clone();
+        req.dirty = tokio::task::spawn_blocking(move || incremental::offline_dirty(&r, &p)).await.ok();
+    }
+    incremental::offline_start(&req).await;
+    let finish = req.clone();
+    let result = run_files(registry, job, req).await;
+    let keep = match (&result, &previous) {
+        (Ok(_), _) => incremental::bitmap_name(&finish.group_uuid),
+        (Err(_), Some(p)) => incremental::bitmap_name(p),
+        (Err(_), None) => String::new(),
+    };
+    incremental::offline_finish(&finish, &keep).await;
     result
 }
 

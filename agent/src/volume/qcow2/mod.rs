@@ -231,6 +231,76 @@ impl Qcow2Volume {
         tables::parse_bitmaps(&self.path, &b, ext.directory_offset, ext.count)
     }
 
+    /// The guest ranges the persistent bitmap `name` marks dirty, merged. Refused when the
+    /// bitmap is missing, was not stored cleanly (`in_use`), or does not track writes
+    /// (`auto` clear): its contents would not say what changed.
+    pub fn bitmap_dirty_ranges(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let bm =
+            self.bitmaps()?.into_iter().find(|b| b.name == name).ok_or_else(|| {
+                Error::new(ErrorKind::InvalidArgument, &self.path, None, format!("no bitmap {name:?}"))
+            })?;
+        if bm.in_use || !bm.auto || bm.kind != 1 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                &self.path,
+                None,
+                format!("bitmap {name:?} is not a consistent, enabled dirty bitmap"),
+            ));
+        }
+        let cs = self.cluster_size();
+        let bits_per_cluster = cs * 8;
+        let granules = self.header.size.div_ceil(bm.granularity);
+        let want_entries = granules.div_ceil(bits_per_cluster);
+        if u64::from(bm.table_size) < want_entries {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                &self.path,
+                Some(bm.table_offset),
+                format!("bitmap {name:?} has {} table entries, {want_entries} needed", bm.table_size),
+            ));
+        }
+        let table = read_table(&self.path, &self.file, self.file_len, bm.table_offset, want_entries * 8)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |g: u64, n: u64| {
+            let (start, end) = (g * bm.granularity, ((g + n) * bm.granularity).min(self.header.size));
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == start => last.1 = end - last.0,
+                _ => out.push((start, end - start)),
+            }
+        };
+        let mut cluster = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        for (k, e) in table.chunks_exact(8).enumerate() {
+            let entry = be64(e, 0);
+            let first = u64::try_from(k).unwrap_or(0) * bits_per_cluster;
+            let n = bits_per_cluster.min(granules - first);
+            let offset = entry & 0x00ff_ffff_ffff_fe00;
+            if offset == 0 {
+                if entry & 1 != 0 {
+                    push(first, n);
+                }
+                continue;
+            }
+            if !offset.is_multiple_of(cs) || offset.saturating_add(cs) > self.file_len {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    &self.path,
+                    Some(bm.table_offset + u64::try_from(k * 8).unwrap_or(0)),
+                    format!("bitmap data cluster at {offset} is misaligned or past the end of the file"),
+                ));
+            }
+            self.file
+                .read_exact_at(&mut cluster, offset)
+                .map_err(|e| Error::io(&self.path, Some(offset), "reading bitmap data", e))?;
+            for bit in 0..n {
+                let i = usize::try_from(bit / 8).unwrap_or(0);
+                if cluster[i] & (1 << (bit % 8)) != 0 {
+                    push(first + bit, 1);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Where data clusters live: (path, file, length).
     fn data(&self) -> (&Path, &File, u64) {
         match &self.data_file {

@@ -10,7 +10,9 @@
 //! Bitmap directory entry: `0 bitmap_table_offset u64`, `8 bitmap_table_size u32`,
 //! `12 flags u32` (bit 0 in use, bit 1 auto), `16 type u8` (1 = dirty tracking),
 //! `17 granularity_bits u8`, `18 name_size u16`, `20 extra_data_size u32`, `24 extra data`,
-//! then the name, padding to 8.
+//! then the name, padding to 8. Bitmap table entry: bits 9..=55 the offset of a cluster of
+//! bitmap data, or 0 with bit 0 telling all-ones from all-zeros; in the data, bit `j` of
+//! byte `i` is granule `8 * i + j`.
 
 use std::path::Path;
 
@@ -54,6 +56,10 @@ pub struct BitmapInfo {
     pub auto: bool,
     /// Bitmap type (1 = dirty tracking).
     pub kind: u8,
+    /// File offset of its bitmap table.
+    pub table_offset: u64,
+    /// Entries in its bitmap table.
+    pub table_size: u32,
 }
 
 fn corrupt(path: &Path, at: u64, msg: String) -> Error {
@@ -139,6 +145,8 @@ pub fn parse_bitmaps(path: &Path, b: &[u8], base: u64, count: u32) -> Result<Vec
             in_use: flags & 1 != 0,
             auto: flags & 2 != 0,
             kind,
+            table_offset: be64(b, pos),
+            table_size: be32(b, pos + 8),
         });
         pos = end.div_ceil(8) * 8;
     }
