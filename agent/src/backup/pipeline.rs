@@ -70,8 +70,12 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
                 && let Some(d) = r.previous.get(ci)
             {
                 index.digests[ci] = *d;
-                let counter = if d.is_zero_chunk() { &counters.zero } else { &counters.deduplicated };
-                Counters::add(counter, len);
+                if d.is_zero_chunk() {
+                    Counters::add(&counters.zero, len);
+                } else {
+                    Counters::add(&counters.deduplicated, len);
+                    v.dedup_bytes.fetch_add(len, Ordering::Relaxed);
+                }
                 continue;
             }
             if *want {
