@@ -51,7 +51,14 @@ async fn main() {
         "{:<12} {:>3} {:>10} {:>12} {:>10} {:>10} {:>12}",
         "operation", "par", "MiB/s", "MiB/CPU-s", "agent MiB", "store MiB", "stored MiB"
     );
-    for parallelism in [1u32, 2, 4] {
+    // VMBACKUP_BENCH_PAR=4 runs one parallelism only; VMBACKUP_BENCH_BACKUP_ONLY=1 skips the
+    // restores and the recover (for profiling a backup).
+    let pars: Vec<u32> = match std::env::var("VMBACKUP_BENCH_PAR").ok().and_then(|v| v.parse().ok()) {
+        Some(p) => vec![p],
+        None => vec![1, 2, 4],
+    };
+    let backup_only = std::env::var_os("VMBACKUP_BENCH_BACKUP_ONLY").is_some();
+    for parallelism in pars {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
         let agent = common::start_agent(dir.path(), common::AgentOptions::default());
@@ -93,6 +100,9 @@ async fn main() {
                 stored
             );
             group = inv[0].group_uuid.clone();
+        }
+        if backup_only {
+            continue;
         }
         // Restores of the incremental version, to a new raw file and to a new qcow2 file.
         for format in ["raw", "qcow2"] {
