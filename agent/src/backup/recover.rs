@@ -18,6 +18,8 @@ use crate::throttle::Throttle;
 
 /// Digests per MissingChunks call and per download stream.
 const BATCH: usize = 256;
+/// Verified chunks waiting for the destination's upload stream.
+const UPLOAD_AHEAD: usize = 4;
 
 /// Copies `group_uuid` from `src` to `dst` and records the new storage refs.
 pub async fn run(
@@ -67,8 +69,14 @@ pub async fn run(
             if missing.is_empty() {
                 continue;
             }
+            // Downloaded, verified and uploaded as a stream: at most a few chunks are in
+            // memory at once, whatever the batch size.
             let mut stream = from.download(&missing).await?;
-            let mut chunks = Vec::with_capacity(missing.len());
+            let (tx, rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(UPLOAD_AHEAD);
+            let (mut up, sid) = (to.clone(), session.id.clone());
+            let uploader =
+                tokio::spawn(async move { up.upload(&sid, tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+            let mut sent = 0usize;
             while let Some(c) = stream.message().await.map_err(|s| from.call_error("DownloadChunks", s))? {
                 let d = Digest::from_slice(&c.digest)
                     .map_err(|e| AgentError::new(ErrorKind::Unavailable, e.to_string()))?;
@@ -84,15 +92,19 @@ pub async fn run(
                     )
                 })?;
                 Counters::add(&job.counters.sent, u64::try_from(b.len()).unwrap_or(0));
-                chunks.push((d, b));
+                if tx.send((d, b)).await.is_err() {
+                    break; // the upload ended early; its error is reported below
+                }
+                sent += 1;
             }
-            if chunks.len() != missing.len() {
+            drop(tx);
+            uploader.await??;
+            if sent != missing.len() {
                 return Err(AgentError::new(
                     ErrorKind::Unavailable,
-                    format!("{} sent {} of {} chunks", src_rec.url, chunks.len(), missing.len()),
+                    format!("{} sent {sent} of {} chunks", src_rec.url, missing.len()),
                 ));
             }
-            to.upload(&session.id, futures::stream::iter(chunks)).await?;
         }
         to.put_index(&session, &v.index_name, index_bytes).await?;
         Counters::add(&job.counters.read, ix.virtual_size);
