@@ -77,8 +77,10 @@ impl ImageStoreClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(64 << 20);
+            // What the agent lets the store send ahead on downloads: enough to keep a
+            // restore's streams busy, small enough that their buffers stay bounded.
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(24 << 20);
         let connected = match source {
             None => endpoint.connect().await,
             Some(src) => {
