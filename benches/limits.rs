@@ -17,15 +17,6 @@ use vmbackup_proto::agent::v1 as pb;
 
 const MIB: i64 = 1 << 20;
 
-async fn last(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
-    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
-    let mut p = pb::JobProgress::default();
-    while let Some(x) = w.message().await.expect("progress") {
-        p = x;
-    }
-    p
-}
-
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -69,7 +60,7 @@ async fn main() {
             .await
             .expect("backup");
             let secs = t0.elapsed().as_secs_f64();
-            let p = last(&mut c, &job).await;
+            let p = common::last_progress(&mut c, &job).await;
             let bytes = if limit == "volumeReadBandwidth" { p.bytes_read } else { p.bytes_sent };
             let got = bytes as f64 / secs / MIB as f64;
             println!("{limit:<24} {rate_mib:>10} {got:>12.1} {:>8.3}", got / rate_mib as f64);
@@ -98,7 +89,7 @@ async fn main() {
             .await
             .expect("restore");
             let secs = t0.elapsed().as_secs_f64();
-            let p = last(&mut c, &job).await;
+            let p = common::last_progress(&mut c, &job).await;
             let bytes = if limit == "volumeWriteBandwidth" { p.bytes_written } else { p.bytes_received };
             let got = bytes as f64 / secs / MIB as f64;
             println!("{limit:<24} {rate_mib:>10} {got:>12.1} {:>8.3}", got / rate_mib as f64);

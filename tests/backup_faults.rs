@@ -14,21 +14,6 @@ use common::{
 use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::store::v1 as spb;
 
-fn vm(uuid: &str, root_uuid: &str, path: &Path, format: &str) -> pb::RegisterVmRequest {
-    pb::RegisterVmRequest {
-        uuid: uuid.into(),
-        volumes: vec![pb::VolumeSpec {
-            uuid: root_uuid.into(),
-            name: "ROOT".into(),
-            install_path: path.display().to_string(),
-            format: format.into(),
-            r#type: "Root".into(),
-            device_id: 0,
-        }],
-        ..Default::default()
-    }
-}
-
 fn create(vm: &pb::RegisterVmRequest, bs: &str, resource: &str, read_bw: Option<i64>) -> pb::CreateVmBackupRequest {
     pb::CreateVmBackupRequest {
         root_volume_uuid: vm.volumes[0].uuid.clone(),
@@ -72,7 +57,7 @@ async fn cancel_leaves_no_group_and_the_retry_sends_only_what_was_missing() {
     let store = start_store(dir.path(), "store");
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = add_storage(&agent, &store, "s").await;
-    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
     let resource = "22222222222222222222222222222222";
 
     // 12 MiB at 4 MiB/s: cancel after about a second.
@@ -107,7 +92,7 @@ async fn sigkill_mid_backup_is_reported_failed_and_the_retry_succeeds() {
     let store = start_store(dir.path(), "store");
     let mut agent = start_agent(dir.path(), AgentOptions::default());
     let bs = add_storage(&agent, &store, "s").await;
-    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
     let resource = "55555555555555555555555555555555";
     let mut c = backup_client(&agent).await;
     let req = create(&v, &bs, resource, Some(4 << 20));
@@ -144,8 +129,8 @@ async fn two_vms_on_one_base_image_store_it_once() {
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = add_storage(&agent, &store, "s").await;
     let mut c = backup_client(&agent).await;
-    let va = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &a, "qcow2");
-    let vb = vm("98ac921100b43981b493071b6430bb2b", "2ae6b881bb1239cd907d48993e86a2e8", &b, "qcow2");
+    let va = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &a, "qcow2");
+    let vb = common::one_volume_vm("98ac921100b43981b493071b6430bb2b", "2ae6b881bb1239cd907d48993e86a2e8", &b, "qcow2");
     c.create_vm_backup(create(&va, &bs, "", None)).await.expect("backup a");
     assert_eq!(chunks_uploaded(&store).await, 4 * 16 + 1, "base chunks plus A's own");
     c.create_vm_backup(create(&vb, &bs, "", None)).await.expect("backup b");
@@ -181,7 +166,7 @@ async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = add_storage(&agent, &store, "s").await;
     let mut c = backup_client(&agent).await;
-    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
     let mut req = create(&v, &bs, "", None);
     req.system_tags = vec!["volumeLiveBackup::parallelismDegree::4".into()];
     let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
@@ -200,7 +185,7 @@ async fn a_retry_while_the_first_attempt_runs_joins_it() {
     let store = start_store(dir.path(), "store");
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = add_storage(&agent, &store, "s").await;
-    let v = vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
     let resource = "66666666666666666666666666666666";
     let mut first = backup_client(&agent).await;
     let req = create(&v, &bs, resource, Some(6 << 20));

@@ -13,30 +13,6 @@ use vmbackup_proto::agent::v1 as pb;
 
 const MIB: i64 = 1 << 20;
 
-fn vm(vm: &str, root: &str, path: &std::path::Path) -> pb::RegisterVmRequest {
-    pb::RegisterVmRequest {
-        uuid: vm.into(),
-        volumes: vec![pb::VolumeSpec {
-            uuid: root.into(),
-            name: "ROOT".into(),
-            install_path: path.display().to_string(),
-            format: "raw".into(),
-            r#type: "Root".into(),
-            device_id: 0,
-        }],
-        ..Default::default()
-    }
-}
-
-async fn last_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
-    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
-    let mut last = pb::JobProgress::default();
-    while let Some(p) = w.message().await.expect("progress") {
-        last = p;
-    }
-    last
-}
-
 /// `bytes` moved in `took` stayed under `rate` (+5%, one burst allowed).
 fn assert_ceiling(what: &str, bytes: i64, took: Duration, rate: i64) {
     let burst = (rate / 20).clamp(4096, MIB) as f64;
@@ -73,17 +49,18 @@ async fn each_limit_is_a_ceiling_for_backup_and_restore() {
             volume_read_bandwidth: read,
             network_write_bandwidth: net,
             system_tags: vec!["volumeLiveBackup::parallelismDegree::4".into()],
-            vm: Some(vm(
+            vm: Some(common::one_volume_vm(
                 &format!("{i}2b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
                 &format!("{i}1b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
                 &img,
+                "raw",
             )),
             ..Default::default()
         })
         .await
         .expect("backup");
         let took = t0.elapsed();
-        let p = last_progress(&mut c, &job).await;
+        let p = common::last_progress(&mut c, &job).await;
         let bytes = if read.is_some() { p.bytes_read } else { p.bytes_sent };
         assert_ceiling(name, bytes, took, rate);
         group = job;
@@ -110,7 +87,7 @@ async fn each_limit_is_a_ceiling_for_backup_and_restore() {
         .await
         .expect("restore");
         let took = t0.elapsed();
-        let p = last_progress(&mut c, &job).await;
+        let p = common::last_progress(&mut c, &job).await;
         let bytes = if write.is_some() { p.bytes_written } else { p.bytes_received };
         assert_ceiling(name, bytes, took, rate);
     }
@@ -140,16 +117,17 @@ async fn concurrent_jobs_share_the_host_cap() {
                 name: "shared".into(),
                 resource_uuid: job.clone(),
                 system_tags: vec!["volumeLiveBackup::parallelismDegree::2".into()],
-                vm: Some(vm(
+                vm: Some(common::one_volume_vm(
                     &format!("{i}6b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
                     &format!("{i}5b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
                     &img,
+                    "raw",
                 )),
                 ..Default::default()
             })
             .await
             .expect("backup");
-            last_progress(&mut c, &job).await.bytes_read
+            common::last_progress(&mut c, &job).await.bytes_read
         }));
     }
     let mut total = 0;
@@ -192,10 +170,11 @@ async fn a_parallelism_tag_on_the_storage_caps_its_concurrent_backups() {
         name: "capped".into(),
         resource_uuid: format!("{i}8b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
         volume_read_bandwidth: limit,
-        vm: Some(vm(
+        vm: Some(common::one_volume_vm(
             &format!("{i}9b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
             &format!("{i}7b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"),
             &imgs[i],
+            "raw",
         )),
         ..Default::default()
     };
@@ -204,13 +183,7 @@ async fn a_parallelism_tag_on_the_storage_caps_its_concurrent_backups() {
     let first = req(0, Some(MIB));
     let running = tokio::spawn(async move { bg.create_vm_backup(first).await });
     let job = "08b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5";
-    let mut w = loop {
-        match c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await {
-            Ok(w) => break w.into_inner(),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    while w.message().await.expect("progress").expect("running").bytes_read == 0 {}
+    common::wait_until_read(&mut c, job, 1).await;
     let e = c.create_vm_backup(req(1, None)).await.expect_err("a second backup on this storage");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("1 backups already run"), "{e:?}");

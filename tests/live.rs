@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::qsd::{BareQsd, Qsd};
 use common::{AgentOptions, run_tool, start_agent, start_store};
@@ -89,13 +88,7 @@ async fn start_slow_backup(
     };
     let mut bg = c.clone();
     let running = tokio::spawn(async move { bg.create_vm_backup(req).await });
-    let mut w = loop {
-        match c.watch_job(pb::WatchJobRequest { job_uuid: group.into() }).await {
-            Ok(w) => break w.into_inner(),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    while w.message().await.expect("progress").expect("running").bytes_read == 0 {}
+    common::wait_until_read(&mut c, group, 1).await;
     running
 }
 
@@ -202,7 +195,7 @@ async fn an_incremental_reads_only_what_the_dirty_bitmap_marks() {
     };
     let first = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
     c.create_vm_backup(backup(first, &qsd.qmp)).await.expect("full live backup");
-    let full = last_progress(&mut c, first).await;
+    let full = common::last_progress(&mut c, first).await;
     assert_eq!(full.bytes_read, (6 << 20) + (3 << 20), "the first backup reads every data chunk");
 
     // The VM stops cleanly (its persistent bitmap is stored in the qcow2 root image), the
@@ -219,7 +212,7 @@ async fn an_incremental_reads_only_what_the_dirty_bitmap_marks() {
 
     let second = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
     c.create_vm_backup(backup(second, &qsd.qmp)).await.expect("incremental live backup");
-    let inc = last_progress(&mut c, second).await;
+    let inc = common::last_progress(&mut c, second).await;
     assert_eq!(inc.bytes_read, 65536 + (3 << 20), "root: only the dirty chunk; data: in full ({inc:?})");
     restore_and_compare(&s, second, [(ROOT, &then_root), (DATA, &then_data)]).await;
     assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
@@ -227,18 +220,9 @@ async fn an_incremental_reads_only_what_the_dirty_bitmap_marks() {
     // A third backup with no writes at all reads nothing from the root volume.
     let third = "5e6f708192a3b4c5d6e7f8091a2b3c4d";
     c.create_vm_backup(backup(third, &qsd.qmp)).await.expect("second incremental");
-    let idle = last_progress(&mut c, third).await;
+    let idle = common::last_progress(&mut c, third).await;
     assert_eq!(idle.bytes_read, 0, "no writes, nothing read: {idle:?}");
     drop(qsd);
-}
-
-async fn last_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
-    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
-    let mut last = pb::JobProgress::default();
-    while let Some(p) = w.message().await.expect("progress") {
-        last = p;
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -257,7 +241,7 @@ async fn an_offline_qcow2_volume_uses_its_own_persistent_bitmap() {
     };
     let first = "6f708192a3b4c5d6e7f8091a2b3c4d5e";
     c.create_vm_backup(backup(first)).await.expect("full offline backup");
-    assert_eq!(last_progress(&mut c, first).await.bytes_read, (6 << 20) + (3 << 20));
+    assert_eq!(common::last_progress(&mut c, first).await.bytes_read, (6 << 20) + (3 << 20));
     // The backup left a bitmap recording in the qcow2 file; a write made by any QEMU tool
     // is marked in it.
     run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 0xb1 3M 64k", &p(&s.root)]);
@@ -266,7 +250,7 @@ async fn an_offline_qcow2_volume_uses_its_own_persistent_bitmap() {
 
     let second = "708192a3b4c5d6e7f8091a2b3c4d5e6f";
     c.create_vm_backup(backup(second)).await.expect("incremental offline backup");
-    let inc = last_progress(&mut c, second).await;
+    let inc = common::last_progress(&mut c, second).await;
     assert_eq!(inc.bytes_read, 65536 + (3 << 20), "root: the marked chunk only; raw data: in full ({inc:?})");
     restore_and_compare(&s, second, [(ROOT, &then_root), (DATA, &s.data.clone())]).await;
     let info: serde_json::Value =

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::qemu_vm::QemuVm;
 use common::{AgentOptions, run_tool, start_agent, start_store};
@@ -18,15 +17,6 @@ const DATA: &str = "90a1b2c3d4e5f60718293a4b5c6d7e8f";
 
 fn p(path: &Path) -> String {
     path.display().to_string()
-}
-
-async fn last_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
-    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
-    let mut last = pb::JobProgress::default();
-    while let Some(x) = w.message().await.expect("progress") {
-        last = x;
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -77,17 +67,11 @@ async fn a_running_vm_backs_up_live_then_incrementally_from_its_dirty_bitmaps() 
     let mut bg = c.clone();
     let req = backup(first, Some(2 << 20));
     let running = tokio::spawn(async move { bg.create_vm_backup(req).await });
-    let mut w = loop {
-        match c.watch_job(pb::WatchJobRequest { job_uuid: first.into() }).await {
-            Ok(w) => break w.into_inner(),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    while w.message().await.expect("progress").expect("running").bytes_read == 0 {}
+    common::wait_until_read(&mut c, first, 1).await;
     assert_eq!(vm_proc.guest_io("disk0", "write -P 0x71 0 64k"), "");
     assert_eq!(vm_proc.guest_io("disk1", "write -P 0x72 64k 64k"), "");
     running.await.expect("join").expect("live backup");
-    let full = last_progress(&mut c, first).await;
+    let full = common::last_progress(&mut c, first).await;
     assert_eq!(full.bytes_read, (4 << 20) + (2 << 20), "{full:?}");
     // The guest's writes are on its disks, and its chain is flat again.
     assert_eq!(vm_proc.guest_io("disk0", "read -P 0x71 0 64k").matches("failed").count(), 0);
@@ -100,7 +84,7 @@ async fn a_running_vm_backs_up_live_then_incrementally_from_its_dirty_bitmaps() 
     assert_eq!(vm_proc.guest_io("disk1", "write -P 0x74 1M 64k"), "");
     let second = "b2c3d4e5f60718293a4b5c6d7e8f90a1";
     c.create_vm_backup(backup(second, None)).await.expect("incremental live backup");
-    let inc = last_progress(&mut c, second).await;
+    let inc = common::last_progress(&mut c, second).await;
     assert_eq!(inc.bytes_read, 4 * 65536, "only the dirty chunks are read: {inc:?}");
     assert_eq!(vm_proc.image_files(), [p(&data), p(&root)]);
 

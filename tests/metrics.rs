@@ -22,15 +22,6 @@ fn sample(page: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("bad value of {series}"))
 }
 
-async fn final_progress(c: &mut common::BackupClient, job: &str) -> pb::JobProgress {
-    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
-    let mut last = pb::JobProgress::default();
-    while let Some(p) = w.message().await.expect("progress") {
-        last = p;
-    }
-    last
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_match_the_jobs_own_reports() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -66,7 +57,7 @@ async fn metrics_match_the_jobs_own_reports() {
     })
     .await
     .expect("backup");
-    let b = final_progress(&mut c, group).await;
+    let b = common::last_progress(&mut c, group).await;
     assert_eq!(b.state, "Succeeded");
     assert!(b.bytes_zero > 0 && b.bytes_deduplicated > 0 && b.bytes_sent > 0, "{b:?}");
 
@@ -84,7 +75,7 @@ async fn metrics_match_the_jobs_own_reports() {
     })
     .await
     .expect("restore");
-    let r = final_progress(&mut c, restore_job).await;
+    let r = common::last_progress(&mut c, restore_job).await;
 
     let page = agent.scrape();
     let bytes = |method: &str, kind: &str| {

@@ -63,13 +63,7 @@ async fn sigterm_mid_backup_drains_then_cancels_and_the_retry_succeeds() {
     };
     let (mut bg, r) = (c.clone(), req.clone());
     let running = tokio::spawn(async move { bg.create_vm_backup(r).await });
-    let mut w = loop {
-        match c.watch_job(pb::WatchJobRequest { job_uuid: group.into() }).await {
-            Ok(s) => break s.into_inner(),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    while w.message().await.expect("progress").expect("running").bytes_read < 1 << 20 {}
+    common::wait_until_read(&mut c, group, 1 << 20).await;
 
     let t0 = Instant::now();
     signal(agent.pid(), nix::sys::signal::Signal::SIGTERM);

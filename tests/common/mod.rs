@@ -356,3 +356,52 @@ pub async fn chunks_uploaded(store: &Daemon) -> u64 {
         .expect("counters")
         .chunks_uploaded
 }
+
+/// A VM layout with one root volume.
+pub fn one_volume_vm(vm: &str, root: &str, path: &Path, format: &str) -> vmbackup_proto::agent::v1::RegisterVmRequest {
+    use vmbackup_proto::agent::v1 as pb;
+    pb::RegisterVmRequest {
+        uuid: vm.into(),
+        volumes: vec![pb::VolumeSpec {
+            uuid: root.into(),
+            name: "ROOT".into(),
+            install_path: path.display().to_string(),
+            format: format.into(),
+            r#type: "Root".into(),
+            device_id: 0,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Follows a job to its end (WatchJob) and returns its last progress.
+pub async fn last_progress(c: &mut BackupClient, job: &str) -> vmbackup_proto::agent::v1::JobProgress {
+    use vmbackup_proto::agent::v1 as pb;
+    let mut w = c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await.expect("watch").into_inner();
+    let mut last = pb::JobProgress::default();
+    while let Some(p) = w.message().await.expect("progress") {
+        last = p;
+    }
+    last
+}
+
+/// Waits until the job exists and has read at least `bytes`; panics if it ends first.
+pub async fn wait_until_read(c: &mut BackupClient, job: &str, bytes: i64) {
+    use vmbackup_proto::agent::v1 as pb;
+    let mut w = loop {
+        match c.watch_job(pb::WatchJobRequest { job_uuid: job.into() }).await {
+            Ok(w) => break w.into_inner(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    loop {
+        let p = w
+            .message()
+            .await
+            .expect("progress")
+            .unwrap_or_else(|| panic!("job {job} ended before reading {bytes} bytes"));
+        if p.bytes_read >= bytes {
+            return;
+        }
+    }
+}
