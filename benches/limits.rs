@@ -43,18 +43,7 @@ async fn main() {
                 resource_uuid: job.clone(),
                 volume_read_bandwidth: (limit == "volumeReadBandwidth").then_some(rate),
                 network_write_bandwidth: (limit == "networkWriteBandwidth").then_some(rate),
-                vm: Some(pb::RegisterVmRequest {
-                    uuid: format!("{:032x}", n + 2000),
-                    volumes: vec![pb::VolumeSpec {
-                        uuid: root,
-                        name: "ROOT".into(),
-                        install_path: img.display().to_string(),
-                        format: "raw".into(),
-                        r#type: "Root".into(),
-                        device_id: 0,
-                    }],
-                    ..Default::default()
-                }),
+                vm: Some(common::one_volume_vm(&format!("{:032x}", n + 2000), &root, &img, "raw")),
                 ..Default::default()
             })
             .await

@@ -353,18 +353,7 @@ async fn delete_then_gc_reclaims_only_its_chunks_and_sync_rebuilds_the_catalog()
         }
     };
     add(&agent).await;
-    let vm = pb::RegisterVmRequest {
-        uuid: VM.into(),
-        volumes: vec![pb::VolumeSpec {
-            uuid: ROOT.into(),
-            name: "ROOT".into(),
-            install_path: img.display().to_string(),
-            format: "raw".into(),
-            r#type: "Root".into(),
-            device_id: 0,
-        }],
-        ..Default::default()
-    };
+    let vm = common::one_volume_vm(VM, ROOT, &img, "raw");
     let create = |name: &str| pb::CreateVmBackupRequest {
         root_volume_uuid: ROOT.into(),
         backup_storage_uuid: bs_uuid.into(),
@@ -556,18 +545,7 @@ async fn recover_sends_only_missing_chunks_and_the_copy_restores_alone() {
     let (store_a, store_b) = (start_store(dir.path(), "a"), start_store(dir.path(), "b"));
     let agent = start_agent(dir.path(), AgentOptions::default());
     let (a, b) = (common::add_storage(&agent, &store_a, "a").await, common::add_storage(&agent, &store_b, "b").await);
-    let vm = |uuid: &str, root: &str, path: &Path| pb::RegisterVmRequest {
-        uuid: uuid.into(),
-        volumes: vec![pb::VolumeSpec {
-            uuid: root.into(),
-            name: "ROOT".into(),
-            install_path: path.display().to_string(),
-            format: "raw".into(),
-            r#type: "Root".into(),
-            device_id: 0,
-        }],
-        ..Default::default()
-    };
+    let vm = |uuid: &str, root: &str, path: &Path| common::one_volume_vm(uuid, root, path, "raw");
     let mut c = common::backup_client(&agent).await;
     let backup = |vm: pb::RegisterVmRequest, bs: String| pb::CreateVmBackupRequest {
         root_volume_uuid: vm.volumes[0].uuid.clone(),

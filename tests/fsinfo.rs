@@ -41,18 +41,7 @@ async fn chunks_go_through_the_mounted_store_directory_and_the_store_commits_the
         name: "fs".into(),
         resource_uuid: group.into(),
         system_tags: vec![format!("fsInfo::type::none::url::{url}::options::bind")],
-        vm: Some(pb::RegisterVmRequest {
-            uuid: VM.into(),
-            volumes: vec![pb::VolumeSpec {
-                uuid: ROOT.into(),
-                name: "ROOT".into(),
-                install_path: img.display().to_string(),
-                format: "raw".into(),
-                r#type: "Root".into(),
-                device_id: 0,
-            }],
-            ..Default::default()
-        }),
+        vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
         ..Default::default()
     };
 

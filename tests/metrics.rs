@@ -41,18 +41,7 @@ async fn metrics_match_the_jobs_own_reports() {
         backup_storage_uuid: bs.clone(),
         name: "m".into(),
         resource_uuid: group.into(),
-        vm: Some(pb::RegisterVmRequest {
-            uuid: VM.into(),
-            volumes: vec![pb::VolumeSpec {
-                uuid: ROOT.into(),
-                name: "ROOT".into(),
-                install_path: img.display().to_string(),
-                format: "raw".into(),
-                r#type: "Root".into(),
-                device_id: 0,
-            }],
-            ..Default::default()
-        }),
+        vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
         ..Default::default()
     })
     .await
@@ -129,18 +118,7 @@ async fn json_logs_carry_the_job_and_the_request_on_every_line() {
         backup_storage_uuid: bs,
         name: "logged".into(),
         resource_uuid: group.into(),
-        vm: Some(pb::RegisterVmRequest {
-            uuid: VM.into(),
-            volumes: vec![pb::VolumeSpec {
-                uuid: ROOT.into(),
-                name: "ROOT".into(),
-                install_path: img.display().to_string(),
-                format: "raw".into(),
-                r#type: "Root".into(),
-                device_id: 0,
-            }],
-            ..Default::default()
-        }),
+        vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
         ..Default::default()
     })
     .await

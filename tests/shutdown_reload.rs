@@ -22,18 +22,7 @@ fn signal(pid: u32, s: nix::sys::signal::Signal) {
 }
 
 fn vm(root: &str, path: &Path) -> pb::RegisterVmRequest {
-    pb::RegisterVmRequest {
-        uuid: VM.into(),
-        volumes: vec![pb::VolumeSpec {
-            uuid: root.into(),
-            name: "ROOT".into(),
-            install_path: path.display().to_string(),
-            format: "raw".into(),
-            r#type: "Root".into(),
-            device_id: 0,
-        }],
-        ..Default::default()
-    }
+    common::one_volume_vm(VM, root, path, "raw")
 }
 
 async fn client(agent: &common::Daemon, session: &str) -> common::BackupClient {
