@@ -253,8 +253,9 @@ impl VmBackupApi {
                 )
                 .with_field("revert")
             })?;
+            // The same test a live backup makes: a QMP socket that answers is a running VM.
             if let Some(socket) = &vm.qmp_socket
-                && std::os::unix::net::UnixStream::connect(socket).is_ok()
+                && crate::qemu::live::connect_if_running(std::path::Path::new(socket)).await?.is_some()
             {
                 return Err(AgentError::new(
                     ErrorKind::FailedPrecondition,

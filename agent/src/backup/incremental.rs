@@ -171,10 +171,13 @@ pub async fn offline_start(req: &BackupRequest) {
 /// committed, else the previous one's).
 pub async fn offline_finish(req: &BackupRequest, keep: &str) {
     for v in req.vm.volumes.iter().filter(|v| v.format == "qcow2") {
-        let path = std::path::Path::new(&v.install_path);
-        let Ok(q) = crate::volume::qcow2::Qcow2Volume::open(path, &crate::volume::Limits::default()) else { continue };
-        let Ok(bitmaps) = q.bitmaps() else { continue };
-        drop(q);
+        let path = std::path::PathBuf::from(&v.install_path);
+        // Reading the bitmap directory is file I/O: off the async runtime.
+        let listed = tokio::task::spawn_blocking(move || {
+            crate::volume::qcow2::Qcow2Volume::open(&path, &crate::volume::Limits::default()).and_then(|q| q.bitmaps())
+        })
+        .await;
+        let Ok(Ok(bitmaps)) = listed else { continue };
         for b in bitmaps.iter().filter(|b| b.name.starts_with("vmbackup-") && b.name != keep) {
             if let Err(e) = qemu_img_bitmap(&["--remove", &v.install_path, &b.name]).await {
                 tracing::warn!(volume = %v.uuid, bitmap = %b.name, error = %e, "removing an old dirty bitmap failed");
