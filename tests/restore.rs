@@ -444,3 +444,56 @@ async fn every_image_flavour_restores_identically_to_raw_and_qcow2() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_held_several_times_is_downloaded_once_and_written_everywhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 KiB chunks: one pattern at four chunk offsets, one other chunk, and a ragged tail
+    // (the volume is not a multiple of 4 KiB, so its last chunk cannot go to the disk directly).
+    let vol = dir.path().join("dup.raw");
+    run_tool("qemu-img", &["create", "-q", "-f", "raw", &p(&vol), "1049000"]);
+    qemu_io(
+        &vol,
+        "raw",
+        &[
+            "write -P 0x51 0 64k",
+            "write -P 0x51 128k 64k",
+            "write -P 0x51 512k 64k",
+            "write -P 0x51 960k 64k",
+            "write -P 0x52 256k 64k",
+            "write -P 0x53 1048576 424",
+        ],
+    );
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let inv = c
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs.clone(),
+            name: "dup".into(),
+            vm: Some(common::one_volume_vm(VM, ROOT, &vol, "raw")),
+            ..Default::default()
+        })
+        .await
+        .expect("backup")
+        .into_inner()
+        .inventories;
+    let before = common::store_counters(&store).await.chunks_downloaded;
+    for format in ["raw", "qcow2"] {
+        let out = dir.path().join(format!("restored.{format}"));
+        c.restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: inv[0].group_uuid.clone(),
+            backup_storage_uuid: bs.clone(),
+            targets: vec![target(ROOT, &out, format)],
+            system_tags: vec!["volumeLiveBackup::parallelismDegree::3".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("restore");
+        compare(&vol, &out);
+    }
+    // Three distinct data chunks per restore: the repeated one once, the other, the tail.
+    assert_eq!(common::store_counters(&store).await.chunks_downloaded - before, 2 * 3);
+}

@@ -123,9 +123,8 @@ pub fn peek_header(blob: &[u8]) -> Result<Header, FormatError> {
     Ok(Header { compression, plain_len, payload_len, crc })
 }
 
-/// Decodes a blob into its plaintext, refusing a declared plaintext longer than `max_plain`
-/// before allocating anything.
-pub fn decode(blob: &[u8], max_plain: usize) -> Result<Vec<u8>, FormatError> {
+/// The header and the CRC-checked payload of a blob whose plaintext is at most `max_plain`.
+fn checked_payload(blob: &[u8], max_plain: usize) -> Result<(Header, usize, &[u8]), FormatError> {
     let h = peek_header(blob)?;
     let plain_len = usize::try_from(h.plain_len).unwrap_or(usize::MAX);
     if plain_len > max_plain {
@@ -136,26 +135,18 @@ pub fn decode(blob: &[u8], max_plain: usize) -> Result<Vec<u8>, FormatError> {
     if crc != h.crc {
         return Err(err("payload", HEADER_LEN, format!("CRC-32C {crc:08x} does not match the header's {:08x}", h.crc)));
     }
-    let plain = match h.compression {
-        Compression::None => payload.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(payload, plain_len)
-            .map_err(|e| err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}")))?,
-    };
-    if plain.len() != plain_len {
-        return Err(err(
-            "plain length",
-            12,
-            format!("payload decodes to {} bytes, header says {plain_len}", plain.len()),
-        ));
-    }
-    Ok(plain)
+    Ok((h, plain_len, payload))
 }
 
-/// Decodes a blob and checks its plaintext hashes to `expected` (the name it is stored or
-/// sent under).
-pub fn decode_and_verify(blob: &[u8], expected: &Digest, max_plain: usize) -> Result<Vec<u8>, FormatError> {
-    let plain = decode(blob, max_plain)?;
-    let actual = Digest::of(&plain);
+fn check_decoded_len(got: usize, plain_len: usize) -> Result<(), FormatError> {
+    if got != plain_len {
+        return Err(err("plain length", 12, format!("payload decodes to {got} bytes, header says {plain_len}")));
+    }
+    Ok(())
+}
+
+fn check_digest(plain: &[u8], expected: &Digest) -> Result<(), FormatError> {
+    let actual = Digest::of(plain);
     if actual != *expected {
         return Err(FormatError::new(
             "chunk blob",
@@ -164,7 +155,45 @@ pub fn decode_and_verify(blob: &[u8], expected: &Digest, max_plain: usize) -> Re
             format!("content hashes to {actual}, not {expected}"),
         ));
     }
+    Ok(())
+}
+
+/// Decodes a blob into its plaintext, refusing a declared plaintext longer than `max_plain`
+/// before allocating anything.
+pub fn decode(blob: &[u8], max_plain: usize) -> Result<Vec<u8>, FormatError> {
+    let (h, plain_len, payload) = checked_payload(blob, max_plain)?;
+    let plain = match h.compression {
+        Compression::None => payload.to_vec(),
+        Compression::Zstd => zstd::bulk::decompress(payload, plain_len)
+            .map_err(|e| err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}")))?,
+    };
+    check_decoded_len(plain.len(), plain_len)?;
     Ok(plain)
+}
+
+/// Decodes a blob and checks its plaintext hashes to `expected` (the name it is stored or
+/// sent under).
+pub fn decode_and_verify(blob: &[u8], expected: &Digest, max_plain: usize) -> Result<Vec<u8>, FormatError> {
+    let plain = decode(blob, max_plain)?;
+    check_digest(&plain, expected)?;
+    Ok(plain)
+}
+
+/// [`decode_and_verify`] into a caller's buffer (reused across chunks, or aligned for
+/// direct I/O): the plaintext must fit in `out`. Returns its length.
+pub fn decode_and_verify_into(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<usize, FormatError> {
+    let (h, plain_len, payload) = checked_payload(blob, out.len())?;
+    let got = match h.compression {
+        Compression::None => {
+            out[..plain_len].copy_from_slice(payload);
+            plain_len
+        }
+        Compression::Zstd => zstd::bulk::decompress_to_buffer(payload, &mut out[..plain_len])
+            .map_err(|e| err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}")))?,
+    };
+    check_decoded_len(got, plain_len)?;
+    check_digest(&out[..plain_len], expected)?;
+    Ok(plain_len)
 }
 
 #[cfg(test)]
@@ -187,6 +216,32 @@ mod tests {
         want.extend_from_slice(b"abc");
         assert_eq!(blob, want);
         assert_eq!(decode(&want, MAX).expect("decode frozen bytes"), b"abc");
+    }
+
+    #[test]
+    fn decode_into_a_buffer_matches_decode_and_checks_everything() {
+        let text = b"backup ".repeat(10_000);
+        let random: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for plain in [&text[..], &random[..]] {
+            let blob = encode(plain, 1).expect("encode");
+            let digest = Digest::of(plain);
+            let mut out = vec![0u8; plain.len() + 10];
+            let n = decode_and_verify_into(&blob, &digest, &mut out).expect("decode into");
+            assert_eq!(&out[..n], plain);
+            // Too small a buffer is refused before decoding.
+            let mut small = vec![0u8; plain.len() - 1];
+            let e = decode_and_verify_into(&blob, &digest, &mut small).expect_err("too small");
+            assert!(e.to_string().contains("exceeds the limit"), "{e}");
+            // Another digest is refused.
+            let e = decode_and_verify_into(&blob, &Digest::of(b"other"), &mut out).expect_err("digest");
+            assert!(e.to_string().contains("hashes to"), "{e}");
+            // A flipped payload byte fails the CRC.
+            let mut bad = blob.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            let e = decode_and_verify_into(&bad, &digest, &mut out).expect_err("crc");
+            assert!(e.to_string().contains("CRC-32C"), "{e}");
+        }
     }
 
     #[test]

@@ -345,8 +345,8 @@ pub async fn add_storage(agent: &Daemon, store: &Daemon, name: &str) -> String {
         .uuid
 }
 
-/// Chunks uploaded to a store so far.
-pub async fn chunks_uploaded(store: &Daemon) -> u64 {
+/// A store's counters so far.
+pub async fn store_counters(store: &Daemon) -> vmbackup_proto::store::v1::StoreCounters {
     let mut c = store_client(store).await;
     c.status(vmbackup_proto::store::v1::StatusRequest {})
         .await
@@ -354,7 +354,11 @@ pub async fn chunks_uploaded(store: &Daemon) -> u64 {
         .into_inner()
         .counters
         .expect("counters")
-        .chunks_uploaded
+}
+
+/// Chunks uploaded to a store so far.
+pub async fn chunks_uploaded(store: &Daemon) -> u64 {
+    store_counters(store).await.chunks_uploaded
 }
 
 /// A VM layout with one root volume.

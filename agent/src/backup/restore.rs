@@ -1,14 +1,19 @@
 //! Restoring volume backups to raw or qcow2 files, or over a VM's own volumes (revert).
 //!
-//! Per volume the non-zero chunks are split into batches, and up to `parallelism` batches
-//! are downloaded at once, each on its own stream (network-read limit), so chunks arrive
-//! out of order. Each chunk is decoded and checked against its digest on a blocking
-//! thread and written at its offset (volume-write limit); zero chunks are never
-//! downloaded and stay holes. A chunk that fails its check stops the restore with an error
+//! Per volume the distinct non-zero chunks are split into batches, and up to `parallelism`
+//! batches are downloaded at once, each on its own stream (network-read limit), so chunks
+//! arrive out of order. A chunk the volume holds several times is downloaded once and
+//! written at each of its offsets. Each chunk is decoded into a reused, page-aligned buffer
+//! and checked against its digest on a blocking thread, then written (volume-write limit;
+//! the writers send aligned data straight to the disk); zero chunks are never downloaded
+//! and stay holes. A chunk that fails its check stops the restore with an error
 //! naming the chunk and the volume; the writer then removes what it created, so a failed
 //! restore never leaves a half-written volume that looks complete.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use memmap2::MmapMut;
 
 use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
@@ -26,6 +31,34 @@ use crate::volume::writer::{self, Mode, VolumeWriter};
 
 /// Chunks asked for per download stream.
 const DOWNLOAD_BATCH: usize = 16;
+
+/// Decode buffers of one restore, each one chunk long. Anonymous maps are page-aligned,
+/// which direct I/O needs; they are reused, so a restore holds at most one per chunk being
+/// decoded and never faults in fresh memory per chunk.
+#[derive(Debug)]
+struct Buffers {
+    size: usize,
+    free: Mutex<Vec<MmapMut>>,
+}
+
+impl Buffers {
+    fn take(&self) -> Result<MmapMut> {
+        let reused = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        match reused {
+            Some(b) => Ok(b),
+            None => MmapMut::map_anon(self.size).map_err(|e| {
+                AgentError::new(ErrorKind::Internal, format!("allocating a {}-byte chunk buffer: {e}", self.size))
+            }),
+        }
+    }
+
+    fn give(&self, b: MmapMut) {
+        self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(b);
+    }
+}
+
+/// A chunk to download and the chunk indexes of the volume that hold it.
+type Wanted = (Digest, Vec<usize>);
 
 /// One volume backup to restore, and where.
 #[derive(Debug, Clone)]
@@ -64,6 +97,7 @@ pub async fn run(
     let storage = registry.require(storage_uuid).await?;
     let mut client = registry.connect_from(&storage.url, opts.source.as_ref()).await?;
     let chunk_max = usize::try_from(client.status().await?.chunk_size).unwrap_or(usize::MAX);
+    let buffers = Arc::new(Buffers { size: chunk_max, free: Mutex::default() });
     for t in targets {
         let r = t.backup.refs.iter().find(|r| r.backup_storage_uuid == storage_uuid).ok_or_else(|| {
             AgentError::invalid(
@@ -83,22 +117,34 @@ pub async fn run(
         let writer: Arc<Box<dyn VolumeWriter>> =
             Arc::new(tokio::task::spawn_blocking(move || writer::create(&path, format, size, mode)).await??);
         let ix = Arc::new(ix);
-        let mut wanted = Vec::new();
+        let mut wanted: Vec<Wanted> = Vec::new();
+        let mut seen: HashMap<Digest, usize> = HashMap::new();
         for (i, d) in ix.digests.iter().copied().enumerate() {
             if d.is_zero_chunk() {
                 let (offset, len) = ix.chunk_range(i);
                 writer.zero(offset, len)?;
                 Counters::add(&job.counters.zero, len);
+            } else if let Some(&at) = seen.get(&d) {
+                wanted[at].1.push(i);
             } else {
-                wanted.push((i, d));
+                seen.insert(d, wanted.len());
+                wanted.push((d, vec![i]));
             }
         }
+        drop(seen);
         let volume = Arc::new(t.backup.volume_uuid.clone());
         futures::stream::iter(wanted.chunks(DOWNLOAD_BATCH).map(<[_]>::to_vec))
             .map(|batch| {
-                let (client, job, ix, writer, volume, opts) =
-                    (client.clone(), job.clone(), ix.clone(), writer.clone(), volume.clone(), opts.clone());
-                async move { restore_batch(client, &job, &ix, writer, &volume, &opts, chunk_max, batch).await }
+                let (client, job, ix, writer, volume, opts, buffers) = (
+                    client.clone(),
+                    job.clone(),
+                    ix.clone(),
+                    writer.clone(),
+                    volume.clone(),
+                    opts.clone(),
+                    buffers.clone(),
+                );
+                async move { restore_batch(client, &job, &ix, writer, &volume, &opts, buffers, batch).await }
             })
             .buffer_unordered(opts.parallelism.max(1))
             .try_collect::<Vec<()>>()
@@ -115,16 +161,16 @@ pub async fn run(
 async fn restore_batch(
     mut client: ImageStoreClient,
     job: &Job,
-    ix: &VolumeIndex,
+    ix: &Arc<VolumeIndex>,
     writer: Arc<Box<dyn VolumeWriter>>,
     volume: &Arc<String>,
     opts: &RestoreOptions,
-    chunk_max: usize,
-    batch: Vec<(usize, Digest)>,
+    buffers: Arc<Buffers>,
+    batch: Vec<Wanted>,
 ) -> Result<()> {
-    let digests: Vec<Digest> = batch.iter().map(|(_, d)| *d).collect();
+    let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
     let mut stream = client.download(&digests).await?;
-    for (i, d) in batch {
+    for (d, at) in batch {
         if job.cancel.is_cancelled() {
             return Err(AgentError::new(ErrorKind::Cancelled, "the restore was cancelled"));
         }
@@ -133,26 +179,46 @@ async fn restore_batch(
         })?;
         opts.network_limit.consume(chunk.blob.len()).await;
         Counters::add(&job.counters.received, u64::try_from(chunk.blob.len()).unwrap_or(0));
-        let (offset, len) = ix.chunk_range(i);
-        opts.write_limit.consume(usize::try_from(len).unwrap_or(usize::MAX)).await;
-        let (w, volume) = (writer.clone(), volume.clone());
+        let bytes: u64 = at.iter().map(|&i| ix.chunk_range(i).1).sum();
+        opts.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
+        let (w, volume, ix, buffers) = (writer.clone(), volume.clone(), ix.clone(), buffers.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let plain = blob::decode_and_verify(&chunk.blob, &d, chunk_max).map_err(|e| {
-                AgentError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("chunk {d} of volume {volume} is damaged on the store: {e}"),
-                )
-            })?;
-            if u64::try_from(plain.len()).ok() != Some(len) {
-                return Err(AgentError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("chunk {d} of volume {volume} has {} bytes, {len} expected", plain.len()),
-                ));
-            }
-            Ok(w.write_at(offset, &plain)?)
+            let mut buf = buffers.take()?;
+            let written = decode_and_write(&chunk.blob, &d, &mut buf, &ix, &at, &**w, &volume);
+            buffers.give(buf);
+            written
         })
         .await??;
-        Counters::add(&job.counters.written, len);
+        Counters::add(&job.counters.written, bytes);
+    }
+    Ok(())
+}
+
+/// Decodes chunk `d` into `buf`, checks it, and writes it at every chunk index in `at`.
+fn decode_and_write(
+    blob: &[u8],
+    d: &Digest,
+    buf: &mut [u8],
+    ix: &VolumeIndex,
+    at: &[usize],
+    w: &dyn VolumeWriter,
+    volume: &str,
+) -> Result<()> {
+    let n = blob::decode_and_verify_into(blob, d, buf).map_err(|e| {
+        AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!("chunk {d} of volume {volume} is damaged on the store: {e}"),
+        )
+    })?;
+    for &i in at {
+        let (offset, len) = ix.chunk_range(i);
+        if u64::try_from(n).ok() != Some(len) {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("chunk {d} of volume {volume} has {n} bytes, {len} expected at chunk {i}"),
+            ));
+        }
+        w.write_at(offset, &buf[..n])?;
     }
     Ok(())
 }

@@ -98,7 +98,7 @@ impl Qcow2Writer {
     fn write_run(&self, first: u64, data: &[u8]) -> Result<()> {
         let n = u64::try_from(data.len()).unwrap_or(0).div_ceil(CLUSTER);
         let host = self.allocate(first, n)?;
-        self.target.file.write_all_at(data, host).map_err(|e| self.target.io(Some(host), "writing data", e))
+        self.target.write_data(data, host)
     }
 }
 

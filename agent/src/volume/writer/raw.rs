@@ -29,7 +29,7 @@ impl RawWriter {
 impl VolumeWriter for RawWriter {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         check_range(&self.target, self.size, offset, u64::try_from(data.len()).unwrap_or(u64::MAX))?;
-        self.target.file.write_all_at(data, offset).map_err(|e| self.target.io(Some(offset), "writing", e))
+        self.target.write_data(data, offset)
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
