@@ -44,6 +44,7 @@ async fn main() {
     let corpus = tempfile::tempdir().expect("tempdir");
     let v1 = corpus.path().join("v1.raw");
     let v2 = corpus.path().join("v2.raw");
+    corpus::prefault_free_memory();
     corpus::make_volume(&v1, mib, 0);
     corpus::make_volume(&v2, mib, 1);
     println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");

@@ -3,11 +3,17 @@
 //! sparse, zstd level 1: the settings closest to vmbackup's) and `qemu-img convert`
 //! (a compressed qcow2 copy, no dedup, no history). Each backs up the corpus volume (full),
 //! then its second version (incremental; only vmbackup and the dedup tools benefit), then
-//! restores the second version. Prints seconds, MiB/s of logical size and repository size.
-//! Reported, never asserted.
+//! restores the second version. Every restore is timed until the restored file is on disk
+//! (vmbackup fsyncs before it answers; the others are followed by `sync <file>`), so all
+//! tools stop at the same finish line.
+//!
+//! The whole sequence runs `VMBACKUP_BENCH_ROUNDS` times (default 3), the tools taking
+//! turns within each round, and the median of each operation is reported with vmbackup's
+//! ratio to every other tool. Reported, never asserted.
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench compare`
-//! (restic, borgbackup and qemu-utils installed; `VMBACKUP_BENCH_MIB`, default 1024).
+//! (restic, borgbackup and qemu-utils installed; `VMBACKUP_BENCH_MIB`, default 4096;
+//! `VMBACKUP_BENCH_REAL_MIB`, the ext4 image of /usr, default 2048).
 
 #![allow(missing_docs)]
 
@@ -47,8 +53,20 @@ fn du(p: &Path) -> f64 {
     walk(p) as f64 / 1048576.0
 }
 
-fn row(tool: &str, op: &str, mib: u64, secs: f64, repo: f64) {
-    println!("{tool:<30} {op:<12} {secs:>8.2} {:>10.0} {repo:>12.0}", mib as f64 / secs);
+/// One measured operation of one tool on one corpus.
+struct Sample {
+    tool: &'static str,
+    corpus: &'static str,
+    op: &'static str,
+    secs: f64,
+    stored_mib: f64,
+}
+
+type Samples = Vec<Sample>;
+
+/// `sync <file>`: fsync of the restored file, so every restore ends with its data on disk.
+fn sync_file(p: &Path) {
+    tool("sync", &[&p.display().to_string()], &[]);
 }
 
 fn timed(f: impl FnOnce()) -> f64 {
@@ -57,9 +75,8 @@ fn timed(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-async fn vmbackup(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path) {
+async fn vmbackup(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path, format: &str) {
     let s = |p: &Path| p.display().to_string();
-    let _ = (format, work);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
     let agent = common::start_agent(dir.path(), common::AgentOptions::default());
@@ -89,26 +106,27 @@ async fn vmbackup(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, wor
         };
         let t = Instant::now();
         let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
-        row(&format!("vmbackup {label}"), op, mib, t.elapsed().as_secs_f64(), du(&store.data_dir.join("chunks")));
+        let secs = t.elapsed().as_secs_f64();
+        out.push(Sample { tool: "vmbackup", corpus, op, secs, stored_mib: du(&store.data_dir.join("chunks")) });
         group = inv[0].group_uuid.clone();
     }
-    let out = dir.path().join("restored.raw");
+    let restored = dir.path().join("restored.raw");
     let t = Instant::now();
     c.restore_vm_backup(pb::RestoreVmBackupRequest {
         group_uuid: group,
         backup_storage_uuid: bs,
-        targets: vec![pb::RestoreTarget { volume_uuid: root.into(), install_path: s(&out), format: "raw".into() }],
+        targets: vec![pb::RestoreTarget { volume_uuid: root.into(), install_path: s(&restored), format: "raw".into() }],
         system_tags: vec!["volumeLiveBackup::parallelismDegree::4".into()],
         ..Default::default()
     })
     .await
     .expect("restore");
-    row(&format!("vmbackup {label}"), "restore", mib, t.elapsed().as_secs_f64(), du(&store.data_dir.join("chunks")));
+    let secs = t.elapsed().as_secs_f64();
+    out.push(Sample { tool: "vmbackup", corpus, op: "restore", secs, stored_mib: du(&store.data_dir.join("chunks")) });
 }
 
-fn restic(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path) {
+fn restic(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path, work: &Path) {
     let s = |p: &Path| p.display().to_string();
-    let _ = (format, work);
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = s(&dir.path().join("repo"));
     let env = [("RESTIC_PASSWORD", "bench"), ("RESTIC_REPOSITORY", repo.as_str())];
@@ -119,16 +137,18 @@ fn restic(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path
         let _ = std::fs::remove_file(&named);
         std::fs::hard_link(img, &named).expect("link");
         let secs = timed(|| tool("restic", &["backup", &s(&named)], &env));
-        row(&format!("restic {label}"), op, mib, secs, du(&dir.path().join("repo")));
+        out.push(Sample { tool: "restic", corpus, op, secs, stored_mib: du(&dir.path().join("repo")) });
     }
     let target = dir.path().join("out");
-    let secs = timed(|| tool("restic", &["restore", "latest", "--target", &s(&target)], &env));
-    row(&format!("restic {label}"), "restore", mib, secs, du(&dir.path().join("repo")));
+    let secs = timed(|| {
+        tool("restic", &["restore", "latest", "--target", &s(&target)], &env);
+        sync_file(&target.join(work.strip_prefix("/").unwrap_or(work)).join("volume.raw"));
+    });
+    out.push(Sample { tool: "restic", corpus, op: "restore", secs, stored_mib: du(&dir.path().join("repo")) });
 }
 
-fn borg(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path) {
+fn borg(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path, work: &Path) {
     let s = |p: &Path| p.display().to_string();
-    let _ = (format, work);
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = s(&dir.path().join("repo"));
     let env = [("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes"), ("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")];
@@ -144,72 +164,129 @@ fn borg(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path) 
             a.extend([archive.as_str(), named.to_str().unwrap_or_default()]);
             tool("borg", &a, &env)
         });
-        row(&format!("borg {label}"), op, mib, secs, du(&dir.path().join("repo")));
+        out.push(Sample { tool: "borg", corpus, op, secs, stored_mib: du(&dir.path().join("repo")) });
     }
     let target = dir.path().join("out");
     std::fs::create_dir(&target).expect("mkdir");
     let secs = timed(|| {
-        let out = Command::new("borg")
+        let run = Command::new("borg")
             .current_dir(&target)
             .args(["extract", "--sparse", &format!("{repo}::a1")])
             .envs(env)
             .output()
             .expect("borg");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        sync_file(&target.join(work.strip_prefix("/").unwrap_or(work)).join("volume.raw"));
     });
-    row(&format!("borg {label}"), "restore", mib, secs, du(&dir.path().join("repo")));
+    out.push(Sample { tool: "borg", corpus, op: "restore", secs, stored_mib: du(&dir.path().join("repo")) });
 }
 
-fn qemu_img(label: &str, v1: &Path, v2: &Path, format: &str, mib: u64, work: &Path) {
+fn qemu_img(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path) {
     let s = |p: &Path| p.display().to_string();
-    let _ = (format, work);
     let dir = tempfile::tempdir().expect("tempdir");
     for (op, img) in [("full", v1), ("incremental", v2)] {
-        let out = dir.path().join(format!("{op}.qcow2"));
+        let copy = dir.path().join(format!("{op}.qcow2"));
         let secs = timed(|| {
             tool(
                 "qemu-img",
-                &["convert", "-c", "-m", "4", "-O", "qcow2", "-o", "compression_type=zstd", &s(img), &s(&out)],
+                &["convert", "-c", "-m", "4", "-O", "qcow2", "-o", "compression_type=zstd", &s(img), &s(&copy)],
                 &[],
             )
         });
-        row(&format!("qemu-img {label}"), op, mib, secs, du(dir.path()));
+        out.push(Sample { tool: "qemu-img convert", corpus, op, secs, stored_mib: du(dir.path()) });
     }
-    let out = dir.path().join("restored.raw");
+    let stored = du(dir.path());
+    let restored = dir.path().join("restored.raw");
     let secs = timed(|| {
         let src = s(&dir.path().join("incremental.qcow2"));
-        tool("qemu-img", &["convert", "-m", "4", "-O", "raw", &src, &s(&out)], &[]);
+        tool("qemu-img", &["convert", "-m", "4", "-O", "raw", &src, &s(&restored)], &[]);
+        sync_file(&restored);
     });
-    row(&format!("qemu-img {label}"), "restore", mib, secs, du(dir.path()));
+    out.push(Sample { tool: "qemu-img convert", corpus, op: "restore", secs, stored_mib: stored });
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Medians per (tool, corpus, operation), in the order first measured, then vmbackup's
+/// speed-up over every other tool.
+fn report(samples: &Samples, sizes: &[(&str, u64)]) {
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for s in samples {
+        if !keys.contains(&(s.tool, s.corpus, s.op)) {
+            keys.push((s.tool, s.corpus, s.op));
+        }
+    }
+    let mib_of = |corpus: &str| sizes.iter().find(|(c, _)| *c == corpus).map_or(0, |(_, m)| *m) as f64;
+    let med = |k: &(&str, &str, &str)| {
+        median(samples.iter().filter(|s| (s.tool, s.corpus, s.op) == *k).map(|s| s.secs).collect())
+    };
+    let rounds = samples.iter().filter(|s| (s.tool, s.corpus, s.op) == keys[0]).count();
+    println!("\nmedian of {rounds} rounds; restores are timed until the file is on disk");
+    println!(
+        "{:<18} {:<10} {:<12} {:>8} {:>10} {:>11}",
+        "tool", "corpus", "operation", "seconds", "MiB/s", "stored MiB"
+    );
+    for k in &keys {
+        let stored = samples.iter().rfind(|s| (s.tool, s.corpus, s.op) == *k).map_or(0.0, |s| s.stored_mib);
+        let secs = med(k);
+        println!("{:<18} {:<10} {:<12} {secs:>8.2} {:>10.0} {stored:>11.0}", k.0, k.1, k.2, mib_of(k.1) / secs);
+    }
+    println!("\nvmbackup's speed-up (their median seconds / ours)");
+    for k in keys.iter().filter(|k| k.0 != "vmbackup") {
+        let ours = ("vmbackup", k.1, k.2);
+        if keys.contains(&ours) {
+            println!("vs {:<16} {:<10} {:<12} {:>6.2}x", k.0, k.1, k.2, med(k) / med(&ours));
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let real_mib: u64 = std::env::var("VMBACKUP_BENCH_REAL_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+    let rounds: usize = std::env::var("VMBACKUP_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let work = tempfile::tempdir().expect("tempdir");
     let (v1, v2) = (work.path().join("v1.raw"), work.path().join("v2.raw"));
+    corpus::prefault_free_memory();
     corpus::make_volume(&v1, mib, 0);
     corpus::make_volume(&v2, mib, 1);
     let (q1, q2) = (work.path().join("v1.qcow2"), work.path().join("v2.qcow2"));
     corpus::to_qcow2(&v1, &q1);
     corpus::to_qcow2(&v2, &q2);
-    let real_mib = 1024;
     let (e1, e2) = (work.path().join("e1.raw"), work.path().join("e2.raw"));
-    corpus::make_ext4(&e1, real_mib, Path::new("/usr/share"));
+    corpus::make_ext4(&e1, real_mib, Path::new("/usr"));
     corpus::rewrite_regions(&e1, &e2, 20);
     println!(
         "synthetic: {mib} MiB raw volume (and the same as qcow2); its second version rewrites 5% of its 4 MiB regions"
     );
-    println!("real: a {real_mib} MiB ext4 image of /usr/share; its second version rewrites 5% of its regions");
-    println!("{:<30} {:<12} {:>8} {:>10} {:>12}", "tool", "operation", "seconds", "MiB/s", "stored MiB");
+    println!("real: a {real_mib} MiB ext4 image of /usr; its second version rewrites 5% of its regions");
+    // VMBACKUP_BENCH_TOOLS=vmbackup,borg runs only those (for profiling one of them).
+    let only = std::env::var("VMBACKUP_BENCH_TOOLS").unwrap_or_default();
+    let wanted = |t: &str| only.is_empty() || only.split(',').any(|o| o == t);
     let w = work.path();
-    vmbackup("synthetic", &v1, &v2, "raw", mib, w).await;
-    vmbackup("synthetic qcow2", &q1, &q2, "qcow2", mib, w).await;
-    vmbackup("real", &e1, &e2, "raw", real_mib, w).await;
-    restic("synthetic", &v1, &v2, "raw", mib, w);
-    restic("real", &e1, &e2, "raw", real_mib, w);
-    borg("synthetic", &v1, &v2, "raw", mib, w);
-    borg("real", &e1, &e2, "raw", real_mib, w);
-    qemu_img("synthetic", &v1, &v2, "raw", mib, w);
-    qemu_img("real", &e1, &e2, "raw", real_mib, w);
+    let mut samples = Samples::new();
+    for round in 1..=rounds {
+        eprintln!("round {round} of {rounds}");
+        for (corpus, a, b) in [("synthetic", &v1, &v2), ("real", &e1, &e2)] {
+            if wanted("vmbackup") {
+                vmbackup(&mut samples, corpus, a, b, "raw").await;
+                if corpus == "synthetic" {
+                    vmbackup(&mut samples, "qcow2", &q1, &q2, "qcow2").await;
+                }
+            }
+            if wanted("restic") {
+                restic(&mut samples, corpus, a, b, w);
+            }
+            if wanted("borg") {
+                borg(&mut samples, corpus, a, b, w);
+            }
+            if wanted("qemu-img") {
+                qemu_img(&mut samples, corpus, a, b);
+            }
+        }
+    }
+    report(&samples, &[("synthetic", mib), ("qcow2", mib), ("real", real_mib)]);
 }
