@@ -34,6 +34,14 @@ fn formats(c: &mut Criterion) {
         let encoded = blob::encode(&data, level).expect("encode");
         g.bench_function(format!("decode-zstd-{level}"), |b| b.iter(|| blob::decode(&encoded, CHUNK)));
     }
+    // What the agent and the store do per chunk: one context kept across chunks.
+    let mut enc = blob::Encoder::new(1).expect("encoder");
+    g.bench_function("encoder-zstd-1-reused", |b| b.iter(|| enc.encode(&data)));
+    let encoded = blob::encode(&data, 1).expect("encode");
+    let digest = Digest::of(&data);
+    let mut dec = blob::Decoder::new().expect("decoder");
+    g.bench_function("verify-zstd-1-reused", |b| b.iter(|| dec.verify(&encoded, &digest, CHUNK)));
+    g.bench_function("decode_and_verify-zstd-1", |b| b.iter(|| blob::decode_and_verify(&encoded, &digest, CHUNK)));
     g.finish();
 }
 

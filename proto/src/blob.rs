@@ -61,19 +61,14 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Encodes a chunk; `zstd_level` 0 stores it uncompressed. Chunks are at most 16 MiB, so
-/// lengths fit in u32; a larger input is refused.
+/// lengths fit in u32; a larger input is refused. One-off use; a stream of chunks is
+/// cheaper through one [`Encoder`].
 pub fn encode(plain: &[u8], zstd_level: i32) -> Result<Vec<u8>, FormatError> {
-    let plain_len = u32::try_from(plain.len())
-        .map_err(|_| err("plain length", 12, format!("{} bytes does not fit a chunk", plain.len())))?;
-    let compressed = if zstd_level != 0 {
-        zstd::bulk::compress(plain, zstd_level).ok().filter(|c| c.len() < plain.len())
-    } else {
-        None
-    };
-    let (compression, payload): (Compression, &[u8]) = match &compressed {
-        Some(c) => (Compression::Zstd, c),
-        None => (Compression::None, plain),
-    };
+    Encoder::new(zstd_level)?.encode(plain)
+}
+
+/// The blob bytes of a payload.
+fn frame(plain_len: u32, compression: Compression, payload: &[u8]) -> Vec<u8> {
     let payload_len = u32::try_from(payload.len()).unwrap_or(plain_len);
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
@@ -84,7 +79,52 @@ pub fn encode(plain: &[u8], zstd_level: i32) -> Result<Vec<u8>, FormatError> {
     out.extend_from_slice(&payload_len.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
-    Ok(out)
+    out
+}
+
+/// Encodes chunk after chunk with one zstd context and one scratch buffer: a context per
+/// chunk would allocate and set up its tables every time. The bytes are the same as
+/// [`encode`]'s.
+pub struct Encoder {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder").field("compresses", &self.zstd.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Encoder {
+    /// An encoder at `zstd_level` (0: store chunks uncompressed).
+    pub fn new(zstd_level: i32) -> Result<Self, FormatError> {
+        let zstd = if zstd_level == 0 {
+            None
+        } else {
+            Some(
+                zstd::bulk::Compressor::new(zstd_level)
+                    .map_err(|e| err("compression", 9, format!("zstd level {zstd_level}: {e}")))?,
+            )
+        };
+        Ok(Self { zstd, scratch: Vec::new() })
+    }
+
+    /// Encodes one chunk: compressed when that makes it smaller, stored as is otherwise.
+    pub fn encode(&mut self, plain: &[u8]) -> Result<Vec<u8>, FormatError> {
+        let plain_len = u32::try_from(plain.len())
+            .map_err(|_| err("plain length", 12, format!("{} bytes does not fit a chunk", plain.len())))?;
+        let mut compressed = None;
+        if let Some(z) = &mut self.zstd {
+            self.scratch.clear();
+            self.scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+            compressed = z.compress_to_buffer(plain, &mut self.scratch).ok().filter(|&n| n < plain.len());
+        }
+        Ok(match compressed {
+            Some(n) => frame(plain_len, Compression::Zstd, &self.scratch[..n]),
+            None => frame(plain_len, Compression::None, plain),
+        })
+    }
 }
 
 /// Reads and checks the header (not the payload's CRC).
@@ -179,21 +219,66 @@ pub fn decode_and_verify(blob: &[u8], expected: &Digest, max_plain: usize) -> Re
     Ok(plain)
 }
 
-/// [`decode_and_verify`] into a caller's buffer (reused across chunks, or aligned for
-/// direct I/O): the plaintext must fit in `out`. Returns its length.
-pub fn decode_and_verify_into(blob: &[u8], expected: &Digest, out: &mut [u8]) -> Result<usize, FormatError> {
-    let (h, plain_len, payload) = checked_payload(blob, out.len())?;
-    let got = match h.compression {
-        Compression::None => {
-            out[..plain_len].copy_from_slice(payload);
-            plain_len
+/// Decodes and checks chunk after chunk with one zstd context (and, for [`Decoder::verify`],
+/// one scratch buffer), so a stream of chunks allocates nothing per chunk.
+pub struct Decoder {
+    zstd: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").field("scratch", &self.scratch.capacity()).finish_non_exhaustive()
+    }
+}
+
+impl Decoder {
+    /// A decoder.
+    pub fn new() -> Result<Self, FormatError> {
+        let zstd = zstd::bulk::Decompressor::new().map_err(|e| err("compression", 9, format!("zstd: {e}")))?;
+        Ok(Self { zstd, scratch: Vec::new() })
+    }
+
+    /// [`decode_and_verify`] into a caller's buffer (reused across chunks, or aligned for
+    /// direct I/O): the plaintext must fit in `out`. Returns its length.
+    pub fn decode_and_verify_into(
+        &mut self,
+        blob: &[u8],
+        expected: &Digest,
+        out: &mut [u8],
+    ) -> Result<usize, FormatError> {
+        let (h, plain_len, payload) = checked_payload(blob, out.len())?;
+        let got = match h.compression {
+            Compression::None => {
+                out[..plain_len].copy_from_slice(payload);
+                plain_len
+            }
+            Compression::Zstd => self.zstd.decompress_to_buffer(payload, &mut out[..plain_len]).map_err(|e| {
+                err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}"))
+            })?,
+        };
+        check_decoded_len(got, plain_len)?;
+        check_digest(&out[..plain_len], expected)?;
+        Ok(plain_len)
+    }
+
+    /// Checks that a blob decodes to at most `max_plain` bytes that hash to `expected`,
+    /// keeping nothing: how a store checks what it is sent or holds.
+    pub fn verify(&mut self, blob: &[u8], expected: &Digest, max_plain: usize) -> Result<(), FormatError> {
+        let (h, plain_len, payload) = checked_payload(blob, max_plain)?;
+        match h.compression {
+            Compression::None => check_digest(payload, expected),
+            Compression::Zstd => {
+                self.scratch.clear();
+                self.scratch.reserve(plain_len);
+                let got = self.zstd.decompress_to_buffer(payload, &mut self.scratch).map_err(|e| {
+                    err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}"))
+                })?;
+                check_decoded_len(got, plain_len)?;
+                check_digest(&self.scratch[..got], expected)
+            }
         }
-        Compression::Zstd => zstd::bulk::decompress_to_buffer(payload, &mut out[..plain_len])
-            .map_err(|e| err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}")))?,
-    };
-    check_decoded_len(got, plain_len)?;
-    check_digest(&out[..plain_len], expected)?;
-    Ok(plain_len)
+    }
 }
 
 #[cfg(test)]
@@ -226,20 +311,36 @@ mod tests {
             let blob = encode(plain, 1).expect("encode");
             let digest = Digest::of(plain);
             let mut out = vec![0u8; plain.len() + 10];
-            let n = decode_and_verify_into(&blob, &digest, &mut out).expect("decode into");
+            // One encoder and one decoder serve many chunks, with the bytes of `encode`.
+            let mut enc = Encoder::new(1).expect("encoder");
+            assert_eq!(enc.encode(plain).expect("encode"), blob);
+            assert_eq!(enc.encode(plain).expect("encode again"), blob);
+            // The payload is the plain zstd frame of a one-off compression.
+            if peek_header(&blob).expect("header").compression == Compression::Zstd {
+                assert_eq!(&blob[HEADER_LEN..], zstd::bulk::compress(plain, 1).expect("zstd"));
+            }
+            let mut dec = Decoder::new().expect("decoder");
+            let n = dec.decode_and_verify_into(&blob, &digest, &mut out).expect("decode into");
             assert_eq!(&out[..n], plain);
-            // Too small a buffer is refused before decoding.
+            dec.verify(&blob, &digest, plain.len()).expect("verify");
+            // Too small a buffer (or limit) is refused before decoding.
             let mut small = vec![0u8; plain.len() - 1];
-            let e = decode_and_verify_into(&blob, &digest, &mut small).expect_err("too small");
+            let e = dec.decode_and_verify_into(&blob, &digest, &mut small).expect_err("too small");
+            assert!(e.to_string().contains("exceeds the limit"), "{e}");
+            let e = dec.verify(&blob, &digest, plain.len() - 1).expect_err("too large");
             assert!(e.to_string().contains("exceeds the limit"), "{e}");
             // Another digest is refused.
-            let e = decode_and_verify_into(&blob, &Digest::of(b"other"), &mut out).expect_err("digest");
+            let e = dec.decode_and_verify_into(&blob, &Digest::of(b"other"), &mut out).expect_err("digest");
+            assert!(e.to_string().contains("hashes to"), "{e}");
+            let e = dec.verify(&blob, &Digest::of(b"other"), plain.len()).expect_err("digest");
             assert!(e.to_string().contains("hashes to"), "{e}");
             // A flipped payload byte fails the CRC.
             let mut bad = blob.clone();
             let last = bad.len() - 1;
             bad[last] ^= 1;
-            let e = decode_and_verify_into(&bad, &digest, &mut out).expect_err("crc");
+            let e = dec.decode_and_verify_into(&bad, &digest, &mut out).expect_err("crc");
+            assert!(e.to_string().contains("CRC-32C"), "{e}");
+            let e = dec.verify(&bad, &digest, plain.len()).expect_err("crc");
             assert!(e.to_string().contains("CRC-32C"), "{e}");
         }
     }

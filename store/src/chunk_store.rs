@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
+use vmbackup_proto::format_error::FormatError;
 use vmbackup_proto::index::VolumeIndex;
 use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 
@@ -61,6 +62,9 @@ pub struct ChunkStore {
     shard_locks: Box<[Mutex<()>]>,
     pub(crate) gc_running: Mutex<()>,
     counters: Counters,
+    /// Idle chunk decoders, one per check running at once at most (each keeps a zstd
+    /// context and a chunk-sized buffer, so checks allocate nothing per chunk).
+    decoders: Mutex<Vec<blob::Decoder>>,
 }
 
 /// A group as stored.
@@ -92,7 +96,20 @@ impl ChunkStore {
             shard_locks: (0..256).map(|_| Mutex::new(())).collect(),
             gc_running: Mutex::new(()),
             counters: Counters::default(),
+            decoders: Mutex::default(),
         }
+    }
+
+    /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`.
+    pub fn check_blob(&self, blob_bytes: &[u8], digest: &Digest) -> std::result::Result<(), FormatError> {
+        let idle = self.decoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let mut decoder = match idle {
+            Some(d) => d,
+            None => blob::Decoder::new()?,
+        };
+        let checked = decoder.verify(blob_bytes, digest, self.max_plain());
+        self.decoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(decoder);
+        checked
     }
 
     /// Identity (uuid, chunk size).
@@ -152,7 +169,7 @@ impl ChunkStore {
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
-        if let Err(e) = blob::decode_and_verify(blob_bytes, digest, self.max_plain()) {
+        if let Err(e) = self.check_blob(blob_bytes, digest) {
             bump(&self.counters.chunks_rejected, 1);
             return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
         }

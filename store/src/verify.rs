@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vmbackup_proto::Digest;
-use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
 
 use crate::backend::ObjectKind;
@@ -65,8 +64,7 @@ impl ChunkStore {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Check::Missing),
             Err(e) => return Err(e),
         };
-        let max = usize::try_from(self.identity().chunk_size).unwrap_or(usize::MAX);
-        match blob::decode_and_verify(&blob_bytes, d, max) {
+        match self.check_blob(&blob_bytes, d) {
             Ok(_) => Ok(Check::Good),
             Err(e) => {
                 tracing::error!(chunk = %d, error = %e, "bad chunk moved aside");

@@ -179,6 +179,11 @@ impl Worker {
         // One chunk buffer per worker, reused: a fresh 4 MiB allocation per chunk costs the
         // kernel a fault-and-zero of every page and an unmap (seen in the profile).
         let mut spare: Vec<u8> = Vec::new();
+        // One zstd context per worker, kept from chunk to chunk.
+        let mut encoder =
+            Some(vmbackup_proto::blob::Encoder::new(ZSTD_LEVEL).map_err(|e| {
+                AgentError::new(ErrorKind::Internal, format!("setting up zstd level {ZSTD_LEVEL}: {e}"))
+            })?);
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(&t) = self.tasks.get(i) else { return Ok(()) };
@@ -214,9 +219,10 @@ impl Worker {
                 vj.dedup_bytes.fetch_add(t.len, Ordering::Relaxed);
                 continue;
             }
-            let (blob, plain) =
-                tokio::task::spawn_blocking(move || (vmbackup_proto::blob::encode(&plain, ZSTD_LEVEL), plain)).await?;
+            let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
+            let (blob, plain, enc) = tokio::task::spawn_blocking(move || (enc.encode(&plain), plain, enc)).await?;
             spare = plain;
+            encoder = Some(enc);
             let blob =
                 blob.map_err(|e| AgentError::new(ErrorKind::Internal, format!("encoding chunk {digest}: {e}")))?;
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);

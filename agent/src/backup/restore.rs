@@ -32,27 +32,31 @@ use crate::volume::writer::{self, Mode, VolumeWriter};
 /// Chunks asked for per download stream.
 const DOWNLOAD_BATCH: usize = 16;
 
-/// Decode buffers of one restore, each one chunk long. Anonymous maps are page-aligned,
-/// which direct I/O needs; they are reused, so a restore holds at most one per chunk being
-/// decoded and never faults in fresh memory per chunk.
+/// Decode buffers of one restore, each one chunk long, with a zstd context each.
+/// Anonymous maps are page-aligned, which direct I/O needs; they are reused, so a restore
+/// holds at most one per chunk being decoded and never faults in fresh memory per chunk.
 #[derive(Debug)]
 struct Buffers {
     size: usize,
-    free: Mutex<Vec<MmapMut>>,
+    free: Mutex<Vec<(MmapMut, blob::Decoder)>>,
 }
 
 impl Buffers {
-    fn take(&self) -> Result<MmapMut> {
+    fn take(&self) -> Result<(MmapMut, blob::Decoder)> {
         let reused = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         match reused {
             Some(b) => Ok(b),
-            None => MmapMut::map_anon(self.size).map_err(|e| {
-                AgentError::new(ErrorKind::Internal, format!("allocating a {}-byte chunk buffer: {e}", self.size))
-            }),
+            None => {
+                let map = MmapMut::map_anon(self.size).map_err(|e| {
+                    AgentError::new(ErrorKind::Internal, format!("allocating a {}-byte chunk buffer: {e}", self.size))
+                })?;
+                let decoder = blob::Decoder::new().map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?;
+                Ok((map, decoder))
+            }
         }
     }
 
-    fn give(&self, b: MmapMut) {
+    fn give(&self, b: (MmapMut, blob::Decoder)) {
         self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(b);
     }
 }
@@ -183,9 +187,9 @@ async fn restore_batch(
         opts.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
         let (w, volume, ix, buffers) = (writer.clone(), volume.clone(), ix.clone(), buffers.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut buf = buffers.take()?;
-            let written = decode_and_write(&chunk.blob, &d, &mut buf, &ix, &at, &**w, &volume);
-            buffers.give(buf);
+            let (mut buf, mut decoder) = buffers.take()?;
+            let written = decode_and_write(&mut decoder, &chunk.blob, &d, &mut buf, &ix, &at, &**w, &volume);
+            buffers.give((buf, decoder));
             written
         })
         .await??;
@@ -195,7 +199,9 @@ async fn restore_batch(
 }
 
 /// Decodes chunk `d` into `buf`, checks it, and writes it at every chunk index in `at`.
+#[allow(clippy::too_many_arguments)]
 fn decode_and_write(
+    decoder: &mut blob::Decoder,
     blob: &[u8],
     d: &Digest,
     buf: &mut [u8],
@@ -204,7 +210,7 @@ fn decode_and_write(
     w: &dyn VolumeWriter,
     volume: &str,
 ) -> Result<()> {
-    let n = blob::decode_and_verify_into(blob, d, buf).map_err(|e| {
+    let n = decoder.decode_and_verify_into(blob, d, buf).map_err(|e| {
         AgentError::new(
             ErrorKind::FailedPrecondition,
             format!("chunk {d} of volume {volume} is damaged on the store: {e}"),
