@@ -14,29 +14,14 @@
 mod common;
 #[path = "support/corpus.rs"]
 mod corpus;
+#[path = "support/measure.rs"]
+mod measure;
 
 use std::path::Path;
 use std::time::Instant;
 
+use measure::{cpu_seconds, peak_rss_mib};
 use vmbackup_proto::agent::v1 as pb;
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("comm").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
-}
-
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        >> 10
-}
 
 #[tokio::main]
 async fn main() {
