@@ -59,7 +59,11 @@ async fn main() {
                 .iter()
                 .skip(s)
                 .step_by(streams)
-                .map(|(d, b)| pb::UploadChunk { session_id: session.clone(), digest: d.0.to_vec(), blob: b.clone() })
+                .map(|(d, b)| pb::UploadChunk {
+                    session_id: session.clone(),
+                    digest: d.0.to_vec(),
+                    blob: b.clone().into(),
+                })
                 .collect();
             let mut client = common::store_client(&store).await;
             tasks.push(tokio::spawn(

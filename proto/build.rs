@@ -14,6 +14,9 @@ const PROTOS: &[&str] = &[
     "vmbackup/store/v1/store.proto",
 ];
 
+/// Fields generated as `bytes::Bytes` instead of `Vec<u8>`.
+const BYTES_FIELDS: [&str; 2] = [".vmbackup.store.v1.UploadChunk.blob", ".vmbackup.store.v1.Chunk.blob"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("vmbackup_descriptor.bin");
@@ -25,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.compile_well_known_types();
     config.extern_path(".google.protobuf", "::pbjson_types");
+    // Chunk blobs are bytes::Bytes: a received blob is a slice of the receive buffer, not
+    // a copy of it, and a blob to send is moved into the message without one.
+    config.bytes(BYTES_FIELDS);
     tonic_prost_build::configure().file_descriptor_set_path(&descriptor_path).compile_with_config(
         config,
         PROTOS,

@@ -81,7 +81,7 @@ async fn upload(c: &mut StoreClient, session: &str, chunks: &[Vec<u8>]) -> Group
         .map(|(c, d)| pb::UploadChunk {
             session_id: session.into(),
             digest: d.0.to_vec(),
-            blob: blob::encode(c, 1).expect("encode"),
+            blob: blob::encode(c, 1).expect("encode").into(),
         })
         .collect();
     c.upload_chunks(tokio_stream::iter(uploads)).await.expect("upload");
@@ -170,7 +170,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .upload_chunks(tokio_stream::iter([pb::UploadChunk {
             session_id: s.clone(),
             digest: claimed.0.to_vec(),
-            blob: blob::encode(&pseudo_random(3, CS), 1).expect("encode"),
+            blob: blob::encode(&pseudo_random(3, CS), 1).expect("encode").into(),
         }]))
         .await
         .expect_err("poison");
@@ -184,7 +184,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .upload_chunks(tokio_stream::iter([pb::UploadChunk {
             session_id: s.clone(),
             digest: Digest::of(&plain).0.to_vec(),
-            blob: b[..b.len() / 2].to_vec(),
+            blob: b[..b.len() / 2].to_vec().into(),
         }]))
         .await
         .expect_err("truncated");
@@ -291,7 +291,7 @@ async fn writer(
                 .map(|(c, d)| pb::UploadChunk {
                     session_id: s.clone(),
                     digest: d.0.to_vec(),
-                    blob: blob::encode(c, 1).expect("encode"),
+                    blob: blob::encode(c, 1).expect("encode").into(),
                 })
                 .collect();
             c.upload_chunks(tokio_stream::iter(uploads)).await?;
@@ -413,7 +413,7 @@ async fn full_disk_is_resource_exhausted_and_recoverable() {
             .upload_chunks(tokio_stream::iter([pb::UploadChunk {
                 session_id: s.clone(),
                 digest: Digest::of(&chunk).0.to_vec(),
-                blob: blob::encode(&chunk, 1).expect("encode"),
+                blob: blob::encode(&chunk, 1).expect("encode").into(),
             }]))
             .await;
         if let Err(e) = r {

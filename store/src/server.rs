@@ -34,8 +34,9 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 pub const MAX_DIGESTS_PER_REQUEST: usize = 16384;
 /// Uploaded chunks being checked and written at once, per stream.
 const UPLOADS_IN_FLIGHT: usize = 4;
-/// Chunks read ahead of a download stream.
-const DOWNLOADS_AHEAD: usize = 8;
+/// Chunks read ahead of a download stream: the next one is ready when the network takes
+/// the current one; more would only hold memory (up to a chunk each, per stream).
+const DOWNLOADS_AHEAD: usize = 2;
 
 /// State shared by every request of one store server.
 #[derive(Debug)]
@@ -235,7 +236,7 @@ impl ImageStore for StoreService {
                 let s = store.clone();
                 let read = tokio::task::spawn_blocking(move || s.get_chunk(&d)).await;
                 let item = match read {
-                    Ok(Ok(blob)) => Ok(pb::Chunk { digest: d.0.to_vec(), blob }),
+                    Ok(Ok(blob)) => Ok(pb::Chunk { digest: d.0.to_vec(), blob: blob.into() }),
                     Ok(Err(e)) => Err(status(&e)),
                     Err(e) => Err(Status::internal(format!("read task failed: {e}"))),
                 };

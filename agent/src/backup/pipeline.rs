@@ -96,7 +96,7 @@ pub(super) async fn run(inputs: Inputs) -> Result<()> {
     let tasks = Arc::new(tokio::task::spawn_blocking(move || plan(&planning, chunk_size, &counters)).await??);
     job.set_message(format!("{} chunks to read with {parallelism} workers", tasks.len()));
 
-    let (tx, rx) = mpsc::channel::<(Digest, Vec<u8>)>(parallelism.max(1));
+    let (tx, rx) = mpsc::channel::<(Digest, bytes::Bytes)>(parallelism.max(1));
     let mut upload_client = client.clone();
     let sid = session_id.clone();
     let uploader = tokio::spawn(async move {
@@ -170,7 +170,7 @@ struct Worker {
     read_limit: Throttle,
     network_limit: Throttle,
     job: Arc<Job>,
-    tx: mpsc::Sender<(Digest, Vec<u8>)>,
+    tx: mpsc::Sender<(Digest, bytes::Bytes)>,
 }
 
 impl Worker {
@@ -227,7 +227,7 @@ impl Worker {
                 blob.map_err(|e| AgentError::new(ErrorKind::Internal, format!("encoding chunk {digest}: {e}")))?;
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
             self.network_limit.consume(blob.len()).await;
-            if self.tx.send((digest, blob)).await.is_err() {
+            if self.tx.send((digest, blob.into())).await.is_err() {
                 return Err(AgentError::new(
                     ErrorKind::Unavailable,
                     "the upload stream to the Image Storage ended early",

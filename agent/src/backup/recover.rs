@@ -72,7 +72,7 @@ pub async fn run(
             // Downloaded, verified and uploaded as a stream: at most a few chunks are in
             // memory at once, whatever the batch size.
             let mut stream = from.download(&missing).await?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<(Digest, Vec<u8>)>(UPLOAD_AHEAD);
+            let (tx, rx) = tokio::sync::mpsc::channel::<(Digest, bytes::Bytes)>(UPLOAD_AHEAD);
             let (mut up, sid) = (to.clone(), session.id.clone());
             let uploader =
                 tokio::spawn(async move { up.upload(&sid, tokio_stream::wrappers::ReceiverStream::new(rx)).await });

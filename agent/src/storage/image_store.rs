@@ -77,10 +77,11 @@ impl ImageStoreClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
-            // What the agent lets the store send ahead on downloads: enough to keep a
-            // restore's streams busy, small enough that their buffers stay bounded.
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(24 << 20);
+            // What the agent lets the store send ahead on downloads: a stream may hold one
+            // whole chunk in flight (4 MiB and framing), the connection four of them, so a
+            // restore's streams stay busy and its buffers bounded.
+            .initial_stream_window_size(6 << 20)
+            .initial_connection_window_size(16 << 20);
         let connected = match source {
             None => endpoint.connect().await,
             Some(src) => {
@@ -209,7 +210,7 @@ impl ImageStoreClient {
     pub async fn upload(
         &mut self,
         session_id: &str,
-        chunks: impl futures::Stream<Item = (Digest, Vec<u8>)> + Send + 'static,
+        chunks: impl futures::Stream<Item = (Digest, bytes::Bytes)> + Send + 'static,
     ) -> Result<pb::UploadChunksReply> {
         use futures::StreamExt;
         let id = session_id.to_string();
