@@ -6,7 +6,7 @@
 //! and peak RSS are the second store's). Reported, never asserted.
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
-//! (`VMBACKUP_BENCH_MIB`, default 1024: the volume size).
+//! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size).
 
 #![allow(missing_docs)]
 
@@ -25,7 +25,7 @@ use vmbackup_proto::agent::v1 as pb;
 
 #[tokio::main]
 async fn main() {
-    let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let corpus = tempfile::tempdir().expect("tempdir");
     let v1 = corpus.path().join("v1.raw");
     let v2 = corpus.path().join("v2.raw");

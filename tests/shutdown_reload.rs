@@ -159,3 +159,24 @@ async fn sighup_swaps_sessions_and_host_caps_and_refuses_a_broken_file() {
     c.query_volume_backup(pb::QueryVolumeBackupRequest::default()).await.expect("S2 still accepted");
     assert!(agent.log_text().contains("configuration reloaded"));
 }
+
+/// `MALLOC_ARENA_MAX` as the running process `pid` sees it.
+fn arena_max(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"MALLOC_ARENA_MAX=").map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_daemons_run_with_two_malloc_arenas_under_their_own_pid() {
+    assert!(std::env::var_os("MALLOC_ARENA_MAX").is_none(), "run the tests without MALLOC_ARENA_MAX set");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    // Each answers on the PID it was started with, now running with the cap.
+    let bs = common::add_storage(&agent, &store, "s").await;
+    assert!(!bs.is_empty());
+    assert_eq!(arena_max(store.pid()).as_deref(), Some("2"));
+    assert_eq!(arena_max(agent.pid()).as_deref(), Some("2"));
+}

@@ -27,6 +27,7 @@
 //! | GC | | | no: a second run is refused | yes | yes |
 //! | verify | | | | yes | yes |
 
+pub mod arenas;
 pub mod backend;
 pub mod chunk_store;
 pub mod config;

@@ -31,8 +31,12 @@ struct Args {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    vmbackup_store::arenas::cap_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let _log = vmbackup_store::logging::init("info", "auto");
     let args = Args::parse();
     let mut config = match &args.config {

@@ -57,8 +57,12 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    vmbackup_store::arenas::cap_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?;
     let log = vmbackup_store::logging::init(&config.log_level, &config.log_format);
