@@ -65,7 +65,6 @@ struct Sample {
 struct Samples(Vec<Sample>);
 
 impl Samples {
-    #[allow(clippy::too_many_arguments)]
     fn push(&mut self, tool: &'static str, corpus: &'static str, op: &'static str, secs: f64, cost: Cost, repo: &Path) {
         let peak = cost.peak_mib.to_string();
         self.0.push(Sample { tool, corpus, op, secs, cpu: cost.cpu, peak, stored_mib: du(repo) });

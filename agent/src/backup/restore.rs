@@ -121,21 +121,8 @@ pub async fn run(
         let writer: Arc<Box<dyn VolumeWriter>> =
             Arc::new(tokio::task::spawn_blocking(move || writer::create(&path, format, size, mode)).await??);
         let ix = Arc::new(ix);
-        let mut wanted: Vec<Wanted> = Vec::new();
-        let mut seen: HashMap<Digest, usize> = HashMap::new();
-        for (i, d) in ix.digests.iter().copied().enumerate() {
-            if d.is_zero_chunk() {
-                let (offset, len) = ix.chunk_range(i);
-                writer.zero(offset, len)?;
-                Counters::add(&job.counters.zero, len);
-            } else if let Some(&at) = seen.get(&d) {
-                wanted[at].1.push(i);
-            } else {
-                seen.insert(d, wanted.len());
-                wanted.push((d, vec![i]));
-            }
-        }
-        drop(seen);
+        let (w, plan_ix, counters) = (writer.clone(), ix.clone(), job.counters.clone());
+        let wanted = tokio::task::spawn_blocking(move || plan(&plan_ix, &**w, &counters)).await??;
         let volume = Arc::new(t.backup.volume_uuid.clone());
         futures::stream::iter(wanted.chunks(DOWNLOAD_BATCH).map(<[_]>::to_vec))
             .map(|batch| {
@@ -159,6 +146,27 @@ pub async fn run(
         tracing::info!(volume_backup = %t.backup.uuid, path = %t.path.display(), "volume restored");
     }
     Ok(())
+}
+
+/// Zeroes what the index says is zero (a no-op on new targets) and groups the other
+/// chunks by digest, in volume order: each distinct chunk is downloaded once. Runs off the
+/// async runtime: an index may name millions of chunks.
+fn plan(ix: &VolumeIndex, writer: &dyn VolumeWriter, counters: &Counters) -> Result<Vec<Wanted>> {
+    let mut wanted: Vec<Wanted> = Vec::new();
+    let mut seen: HashMap<Digest, usize> = HashMap::new();
+    for (i, d) in ix.digests.iter().copied().enumerate() {
+        if d.is_zero_chunk() {
+            let (offset, len) = ix.chunk_range(i);
+            writer.zero(offset, len)?;
+            Counters::add(&counters.zero, len);
+        } else if let Some(&at) = seen.get(&d) {
+            wanted[at].1.push(i);
+        } else {
+            seen.insert(d, wanted.len());
+            wanted.push((d, vec![i]));
+        }
+    }
+    Ok(wanted)
 }
 
 #[allow(clippy::too_many_arguments)]
