@@ -54,18 +54,13 @@ async fn setup() -> Setup {
 }
 
 fn vm(s: &Setup, qmp: &Path) -> pb::RegisterVmRequest {
-    let vol = |uuid: &str, kind: &str, path: &Path, format: &str, id: i32| pb::VolumeSpec {
-        uuid: uuid.into(),
-        name: kind.into(),
-        install_path: p(path),
-        format: format.into(),
-        r#type: kind.into(),
-        device_id: id,
-    };
     pb::RegisterVmRequest {
         uuid: VM.into(),
         qmp_socket: p(qmp),
-        volumes: vec![vol(ROOT, "Root", &s.root, "qcow2", 0), vol(DATA, "Data", &s.data, "raw", 1)],
+        volumes: vec![
+            common::volume_spec(ROOT, "Root", &s.root, "qcow2", 0),
+            common::volume_spec(DATA, "Data", &s.data, "raw", 1),
+        ],
         ..Default::default()
     }
 }

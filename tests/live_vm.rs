@@ -39,14 +39,6 @@ async fn a_running_vm_backs_up_live_then_incrementally_from_its_dirty_bitmaps() 
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = common::add_storage(&agent, &store, "s").await;
     let mut c = common::backup_client(&agent).await;
-    let vol = |uuid: &str, kind: &str, path: &Path, format: &str, id: i32| pb::VolumeSpec {
-        uuid: uuid.into(),
-        name: kind.into(),
-        install_path: p(path),
-        format: format.into(),
-        r#type: kind.into(),
-        device_id: id,
-    };
     let backup = |group: &str, limit: Option<i64>| pb::CreateVmBackupRequest {
         root_volume_uuid: ROOT.into(),
         backup_storage_uuid: bs.clone(),
@@ -56,7 +48,10 @@ async fn a_running_vm_backs_up_live_then_incrementally_from_its_dirty_bitmaps() 
         vm: Some(pb::RegisterVmRequest {
             uuid: VM.into(),
             qmp_socket: p(&vm_proc.qmp),
-            volumes: vec![vol(ROOT, "Root", &root, "qcow2", 0), vol(DATA, "Data", &data, "raw", 1)],
+            volumes: vec![
+                common::volume_spec(ROOT, "Root", &root, "qcow2", 0),
+                common::volume_spec(DATA, "Data", &data, "raw", 1),
+            ],
             ..Default::default()
         }),
         ..Default::default()

@@ -36,17 +36,6 @@ fn compare(a: &Path, b: &Path) {
     assert!(r.status.success(), "{} vs {}: {}", a.display(), b.display(), String::from_utf8_lossy(&r.stdout));
 }
 
-fn volume(uuid: &str, kind: &str, path: &Path, format: &str, device_id: i32) -> pb::VolumeSpec {
-    pb::VolumeSpec {
-        uuid: uuid.into(),
-        name: kind.into(),
-        install_path: p(path),
-        format: format.into(),
-        r#type: kind.into(),
-        device_id,
-    }
-}
-
 /// A VM with a qcow2 root (over a raw backing file) and a raw data volume, backed up once.
 struct Fixture {
     dir: tempfile::TempDir,
@@ -74,7 +63,10 @@ async fn fixture(data_size: &str, data_writes: &[&str]) -> Fixture {
     let bs = common::add_storage(&agent, &store, "s").await;
     let vm = pb::RegisterVmRequest {
         uuid: VM.into(),
-        volumes: vec![volume(ROOT, "Root", &root, "qcow2", 0), volume(DATA, "Data", &data, "raw", 1)],
+        volumes: vec![
+            common::volume_spec(ROOT, "Root", &root, "qcow2", 0),
+            common::volume_spec(DATA, "Data", &data, "raw", 1),
+        ],
         ..Default::default()
     };
     let mut c = common::backup_client(&agent).await;
@@ -405,7 +397,13 @@ async fn every_image_flavour_restores_identically_to_raw_and_qcow2() {
         .iter()
         .enumerate()
         .map(|(i, (img, fmt))| {
-            volume(&uuid(i), if i == 0 { "Root" } else { "Data" }, img, fmt, i32::try_from(i).expect("few"))
+            common::volume_spec(
+                &uuid(i),
+                if i == 0 { "Root" } else { "Data" },
+                img,
+                fmt,
+                i32::try_from(i).expect("few"),
+            )
         })
         .collect();
     let mut c = common::backup_client(&agent).await;

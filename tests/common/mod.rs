@@ -361,6 +361,24 @@ pub async fn chunks_uploaded(store: &Daemon) -> u64 {
     store_counters(store).await.chunks_uploaded
 }
 
+/// A volume of a VM layout, named after its type (`Root`, `Data`).
+pub fn volume_spec(
+    uuid: &str,
+    kind: &str,
+    path: &Path,
+    format: &str,
+    device_id: i32,
+) -> vmbackup_proto::agent::v1::VolumeSpec {
+    vmbackup_proto::agent::v1::VolumeSpec {
+        uuid: uuid.into(),
+        name: kind.into(),
+        install_path: path.display().to_string(),
+        format: format.into(),
+        r#type: kind.into(),
+        device_id,
+    }
+}
+
 /// A VM layout with one root volume.
 pub fn one_volume_vm(vm: &str, root: &str, path: &Path, format: &str) -> vmbackup_proto::agent::v1::RegisterVmRequest {
     use vmbackup_proto::agent::v1 as pb;
