@@ -198,3 +198,53 @@ async fn a_retry_while_the_first_attempt_runs_joins_it() {
     assert_eq!(groups(&store).await, vec![resource.to_string()]);
     assert_eq!(chunks_uploaded(&store).await, 6 * 16, "the data went up once");
 }
+
+/// Open sessions on a store, once the agent's background close (if any) has landed.
+async fn settled_open_sessions(store: &Daemon) -> u32 {
+    let mut c = common::store_client(store).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = c.status(spb::StatusRequest {}).await.expect("status").into_inner().open_sessions;
+        if open == 0 || std::time::Instant::now() > deadline {
+            return open;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_commit_closes_the_store_session_and_gc_is_not_held_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 8 << 20, 8, 7);
+    let store = start_store(dir.path(), "store");
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a_dir).expect("a");
+    std::fs::create_dir_all(&b_dir).expect("b");
+    let a = start_agent(&a_dir, AgentOptions::default());
+    let b = start_agent(&b_dir, AgentOptions::default());
+    let (bs_a, bs_b) = (add_storage(&a, &store, "s").await, add_storage(&b, &store, "s").await);
+    let v = common::one_volume_vm("5d0e6bb3a7a44f0e8e0d0f6f21d9b0c1", "6a3c1f0e2b7d4c5e9f8a1b2c3d4e5f60", &img, "raw");
+    let resource = "33333333333333333333333333333333";
+
+    // Agent a commits the group; agent b, whose catalog does not know it, backs up under the
+    // same uuid: its commit is refused by the store, after its session asked for every chunk.
+    backup_client(&a).await.create_vm_backup(create(&v, &bs_a, resource, None)).await.expect("first backup");
+    let chunks = chunks_uploaded(&store).await;
+    assert!(chunks > 0);
+    let e = backup_client(&b).await.create_vm_backup(create(&v, &bs_b, resource, None)).await.expect_err("conflict");
+    assert!(e.message().contains("CommitGroup"), "the commit failed: {e:?}");
+    assert_eq!(settled_open_sessions(&store).await, 0, "the failed backup's session was closed");
+
+    // With no session left open, GC's cutoff is its own start: once the group is gone, every
+    // chunk goes, including those b's session was told were present.
+    let mut sc = common::store_client(&store).await;
+    sc.delete_group(spb::DeleteGroupRequest { group_uuid: resource.into() }).await.expect("delete");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let gc = sc
+        .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: Some(0) })
+        .await
+        .expect("gc")
+        .into_inner();
+    assert_eq!((gc.chunks_removed, gc.chunks_kept), (chunks, 0), "{gc:?}");
+}

@@ -141,6 +141,40 @@ async fn a_running_vm_is_backed_up_at_the_snapshot_instant_and_its_chain_is_flat
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_group_during_a_live_backup_of_the_vm_is_refused_naming_the_job() {
+    use pb::volume_snapshot_group_service_client::VolumeSnapshotGroupServiceClient;
+    let s = setup().await;
+    let qsd = Qsd::start(s.dir.path(), &s.root, &s.data);
+    let group = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    let running = start_slow_backup(&s, &qsd.qmp, group).await;
+    let mut groups = VolumeSnapshotGroupServiceClient::with_interceptor(
+        common::channel(&s.agent.url()).await,
+        common::Auth(Some(format!("OAuth {}", common::session(&s.agent)))),
+    );
+    let ask = pb::CreateVolumeSnapshotGroupRequest {
+        root_volume_uuid: ROOT.into(),
+        name: "snap".into(),
+        ..Default::default()
+    };
+    let e = groups.create_volume_snapshot_group(ask.clone()).await.expect_err("the VM's volumes are busy");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("in use by CreateVmBackup job {group}")), "{e:?}");
+    running.await.expect("join").expect("the backup is unharmed");
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+
+    // Once the backup ended, the same call succeeds, and its delete flattens the chain again.
+    let taken = groups.create_volume_snapshot_group(ask).await.expect("free again").into_inner();
+    let uuid = taken.inventory.expect("inventory").uuid;
+    let results = groups
+        .delete_volume_snapshot_group(pb::DeleteVolumeSnapshotGroupRequest { uuid, ..Default::default() })
+        .await
+        .expect("delete")
+        .into_inner()
+        .results;
+    assert!(results.iter().all(|r| r.success), "{results:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn qemu_dying_mid_backup_loses_no_guest_write_and_leaves_nothing_behind() {
     let s = setup().await;
     let mut qsd = Qsd::start(s.dir.path(), &s.root, &s.data);

@@ -213,6 +213,36 @@ async fn revert_is_refused_while_a_running_qemu_holds_the_volume() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn revert_is_refused_while_a_backup_of_the_volume_runs() {
+    let f = fixture("12M", &["write -P 0x44 0 8M"]).await;
+    let before = std::fs::read(&f.data).expect("read");
+    let resource = "5e6f708192a3b4c5d6e7f8091a2b3c4d";
+    // A second backup of the VM, slowed down so it still reads when the revert comes.
+    let mut c = common::backup_client(&f.agent).await;
+    let (mut bg, bs) = (c.clone(), f.bs.clone());
+    let running = tokio::spawn(async move {
+        bg.create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs,
+            name: "slow".into(),
+            resource_uuid: resource.into(),
+            volume_read_bandwidth: Some(2 << 20),
+            ..Default::default()
+        })
+        .await
+    });
+    common::wait_until_read(&mut c, resource, 1).await;
+    let e = restore(&mut c, &f, vec![target(DATA, Path::new("/ignored"), "")], true).await.expect_err("busy");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let holder = format!("volume {DATA} is in use by CreateVmBackup job {resource}");
+    assert!(e.message().contains(&holder), "{e:?}");
+    assert_eq!(std::fs::read(&f.data).expect("read"), before, "the volume is untouched");
+    running.await.expect("join").expect("the backup completes");
+    // Once the backup ended the volume is free again.
+    restore(&mut c, &f, vec![target(DATA, Path::new("/ignored"), "")], true).await.expect("revert");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_mid_restore_leaves_no_volume_and_the_retry_completes() {
     let noise = common::pseudo_random(7, 24 << 20);
     let f = fixture("24M", &[]).await;

@@ -15,26 +15,13 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Sessions};
+use crate::api::State;
+use crate::api::auth::{self, Sessions};
 use crate::catalog::Catalog;
 use crate::config::AgentConfig;
 use crate::live::Live;
+use crate::ops::Ops;
 use crate::storage::registry::Registry;
-
-/// What every request handler shares.
-#[derive(Debug, Clone)]
-pub struct State {
-    /// Effective configuration.
-    pub config: Arc<AgentConfig>,
-    /// Accepted sessions.
-    pub sessions: Sessions,
-    /// Backup storages.
-    pub registry: Registry,
-    /// Running and past jobs.
-    pub jobs: crate::jobs::Jobs,
-    /// Settings a reload changes.
-    pub live: Arc<Live>,
-}
 
 /// How the binary steers a running daemon.
 #[derive(Debug)]
@@ -97,13 +84,16 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
 
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
     let live = Arc::new(Live::new(&config));
-    let state = State { config: Arc::new(config.clone()), sessions, registry, jobs, live };
+    let ops = Ops::new(registry, jobs, live, config.data_dir.join("run"));
+    let state = State { config: Arc::new(config.clone()), sessions, ops };
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
     if let Some(addr) = config.metrics_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
         tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
-        let registry = Arc::new(crate::metrics::registry(state.jobs.metrics(), state.jobs.clone()));
+        let jobs = state.ops.jobs().clone();
+        let running: crate::metrics::RunningJobs = Arc::new(move || jobs.all_running().len());
+        let registry = Arc::new(crate::metrics::registry(state.ops.jobs().metrics(), running));
         let token = store_stop.clone();
         tokio::spawn(async move {
             if let Err(e) = vmbackup_store::metrics::serve(l, registry, token).await {
@@ -114,7 +104,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state, tls)?;
     vmbackup_store::systemd::ready(&format!("serving on {}", config.listen));
-    let jobs = state.jobs.clone();
+    let jobs = state.ops.jobs().clone();
     vmbackup_store::systemd::spawn_watchdog(shutdown.clone(), move || {
         Some(format!("{} jobs running", jobs.all_running().len()))
     });
@@ -133,7 +123,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         }
     });
 
-    let (token, jobs, stop) = (shutdown.clone(), state.jobs.clone(), store_stop.clone());
+    let (token, jobs, stop) = (shutdown.clone(), state.ops.jobs().clone(), store_stop.clone());
     let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
     tasks.spawn(async move {
         let drained = async move {
@@ -171,7 +161,7 @@ fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::l
     } else if !old.sessions.is_empty() {
         tracing::warn!("the reloaded configuration lists no sessions; keeping the current ones");
     }
-    state.live.apply(new);
+    state.ops.live().apply(new);
     if let Some(log) = log
         && let Err(e) = log.set(&new.log_level)
     {

@@ -2,7 +2,8 @@
 //! request field to blame (for bad arguments), a message that says exactly what was wrong,
 //! and the cause as `source()`.
 //!
-//! [`crate::api::status`] turns it into a gRPC status carrying ZStack's ErrorCode.
+//! [`AgentError::report`] gives ZStack's ErrorCode shape as a plain value ([`ErrorReport`]),
+//! which jobs record and every API edge renders in its own wire form.
 
 use std::fmt;
 
@@ -123,6 +124,65 @@ impl AgentError {
     /// Whether retrying the same call later can succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self.kind, ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::ResourceExhausted)
+    }
+}
+
+/// ZStack's ErrorCode of an error, as a plain value: what jobs record and what every API edge
+/// renders (the gRPC status details, a REST error body).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ErrorReport {
+    /// ZStack's code, e.g. `SYS.1007`.
+    pub code: String,
+    /// The code's description.
+    pub description: String,
+    /// What was wrong.
+    pub details: String,
+    /// More, when there is.
+    pub elaboration: String,
+    /// Extra values (`field`: the request field at fault).
+    pub opaque: std::collections::BTreeMap<String, String>,
+    /// The chain of causes.
+    pub cause: Option<Box<ErrorReport>>,
+}
+
+impl AgentError {
+    /// ZStack's ErrorCode for this error; the chain of sources becomes `cause`.
+    pub fn report(&self) -> ErrorReport {
+        let (code, description) = self.zstack_code();
+        let mut opaque = std::collections::BTreeMap::new();
+        if let Some(field) = self.field() {
+            opaque.insert("field".to_string(), field.to_string());
+        }
+        let cause = std::error::Error::source(self).map(|s| {
+            let mut chain = s.to_string();
+            let mut next = s.source();
+            while let Some(n) = next {
+                chain.push_str(": ");
+                chain.push_str(&n.to_string());
+                next = n.source();
+            }
+            Box::new(ErrorReport {
+                code: "SYS.1000".into(),
+                description: "Cause".into(),
+                details: chain,
+                ..Default::default()
+            })
+        });
+        ErrorReport {
+            code: code.to_string(),
+            description: description.to_string(),
+            details: self.to_string(),
+            elaboration: String::new(),
+            opaque,
+            cause,
+        }
+    }
+
+    /// The same error without its source, for a second party to hold (a joined job, a
+    /// batch of waiters): kind, code, field and message are kept.
+    pub fn detached(&self) -> Self {
+        Self { kind: self.kind, code: self.code, field: self.field, message: self.message.clone(), source: None }
     }
 }
 

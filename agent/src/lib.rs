@@ -1,25 +1,45 @@
 //! # vmbackup-agent: the backup agent of a KVM host
 //!
-//! The control plane calls the agent over gRPC (ZStack's backup API, [`api`]). The agent
-//! keeps its local state in SQLite ([`catalog`]), talks to Image Storage servers
-//! ([`storage`]), and can embed one Image Storage of its own on a local directory.
+//! The control plane calls the agent over gRPC (ZStack's backup API, [`api`]). Every call
+//! runs as one operation of the core ([`ops`]), which drives the engines ([`backup`]) over
+//! the parts: volumes ([`volume`]), the local state in SQLite ([`catalog`]), the places
+//! backups live behind one seam ([`storage`]) and QEMU ([`qemu`]). The agent can embed one
+//! Image Storage of its own on a local directory.
+//!
+//! ## Layers
+//!
+//! Imports point down this list only (`tests/layering.rs` checks it, and that no module
+//! imports another in a cycle):
+//!
+//! | layer | modules | what |
+//! |---|---|---|
+//! | daemon | [`daemon`] | process: listeners, embedded store, reload, shutdown |
+//! | edges | [`api`] | gRPC: parse requests into domain values, render inventories, errors and progress |
+//! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
+//! | engines | [`backup`] | backup, restore, recover, delete and sync data paths |
+//! | jobs | [`jobs`] | running jobs, progress, cancellation |
+//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
+//!
+//! Across crates: agent -> store -> proto.
 //!
 //! ## Data model
 //!
 //! | what | where | source of truth |
 //! |---|---|---|
 //! | backup storages | catalog `backup_storage` (+ zones) | the catalog |
+//! | VM layouts | catalog `vm`, `volume` | the control plane's RegisterVm |
 //! | volume backups | catalog `volume_backup`, `volume_backup_ref` | the stores' group manifests |
+//! | snapshot groups | catalog `snapshot_group`, `snapshot` | the catalog (and the overlay files) |
+//! | jobs | catalog `job` | the catalog |
 //! | sessions | config, or `<data-dir>/session` (0600) | the config |
 //!
 //! ## Concurrency
 //!
-//! | | catalog | store clients |
-//! |---|---|---|
-//! | API handlers | short calls, one mutex, on blocking threads | one channel per call, cloned freely |
+//! | | catalog | store clients | volumes |
+//! |---|---|---|---|
+//! | operations | short calls, one mutex, on blocking threads | one channel per store, cloned freely; one write session per job, closed on every path | one operation per volume at a time ([`ops::VolumeLocks`]) |
 
 pub mod api;
-pub mod auth;
 pub mod backup;
 pub mod catalog;
 pub mod config;
@@ -28,9 +48,12 @@ pub mod error;
 pub mod jobs;
 pub mod live;
 pub mod metrics;
+pub mod model;
+pub mod ops;
 pub mod qemu;
 pub mod storage;
 pub mod tags;
 pub mod throttle;
+pub mod tool;
 pub mod validate;
 pub mod volume;

@@ -6,8 +6,6 @@
 //! Byte counters grow when a job ends, by that job's own final counters, so a scrape after
 //! a job equals the job's report (WatchJob) exactly.
 
-use std::sync::atomic::Ordering;
-
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -17,7 +15,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use vmbackup_store::metrics::encode_one;
 
-use crate::jobs::{Counters, Jobs};
+/// How many jobs run now (asked at every scrape).
+pub type RunningJobs = std::sync::Arc<dyn Fn() -> usize + Send + Sync>;
 
 type Labels = Vec<(String, String)>;
 
@@ -45,17 +44,10 @@ impl Default for AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Records a job of `method` that ended in `state` after `seconds`.
-    pub fn record(&self, method: &str, state: &str, seconds: f64, c: &Counters) {
-        let get = |a: &std::sync::atomic::AtomicI64| u64::try_from(a.load(Ordering::Relaxed)).unwrap_or(0);
-        for (kind, v) in [
-            ("read", get(&c.read)),
-            ("zero", get(&c.zero)),
-            ("deduplicated", get(&c.deduplicated)),
-            ("sent", get(&c.sent)),
-            ("received", get(&c.received)),
-            ("written", get(&c.written)),
-        ] {
+    /// Records a job of `method` that ended in `state` after `seconds`, having moved
+    /// `bytes` (by kind: read, zero, deduplicated, sent, received, written).
+    pub fn record(&self, method: &str, state: &str, seconds: f64, bytes: &[(&str, u64)]) {
+        for &(kind, v) in bytes {
             let labels = vec![("method".to_string(), method.to_string()), ("kind".to_string(), kind.to_string())];
             self.bytes.get_or_create(&labels).inc_by(v);
         }
@@ -65,14 +57,19 @@ impl AgentMetrics {
     }
 }
 
-#[derive(Debug)]
 struct Live {
-    jobs: Jobs,
+    running: RunningJobs,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").finish_non_exhaustive()
+    }
 }
 
 impl Collector for Live {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let running = i64::try_from(self.jobs.all_running().len()).unwrap_or(i64::MAX);
+        let running = i64::try_from((self.running)()).unwrap_or(i64::MAX);
         encode_one(&mut e, "vmbackup_agent_jobs_running", "Jobs running now", &ConstGauge::new(running))?;
         let waited = ConstCounter::new(crate::throttle::total_waited_seconds());
         encode_one(
@@ -85,11 +82,11 @@ impl Collector for Live {
 }
 
 /// The agent's registry.
-pub fn registry(metrics: &AgentMetrics, jobs: Jobs) -> Registry {
+pub fn registry(metrics: &AgentMetrics, running: RunningJobs) -> Registry {
     let mut r = Registry::default();
     r.register("vmbackup_agent_job_bytes", "Bytes moved by finished jobs, by method and kind", metrics.bytes.clone());
     r.register("vmbackup_agent_jobs", "Finished jobs by method and outcome", metrics.jobs.clone());
     r.register("vmbackup_agent_job_duration_seconds", "Duration of finished jobs", metrics.durations.clone());
-    r.register_collector(Box::new(Live { jobs }));
+    r.register_collector(Box::new(Live { running }));
     r
 }

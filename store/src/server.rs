@@ -156,6 +156,7 @@ impl ImageStore for StoreService {
                 chunks_rejected: get(&c.chunks_rejected),
             }),
             group_count: u64::try_from(groups).unwrap_or(u64::MAX),
+            open_sessions: u32::try_from(self.store.sessions().count()).unwrap_or(u32::MAX),
         }))
     }
 

@@ -18,9 +18,9 @@ pub struct BackupStorageApi {
 }
 
 impl BackupStorageApi {
-    /// The service over the daemon's state.
-    pub fn new(state: &crate::daemon::State) -> Self {
-        Self { registry: state.registry.clone(), default_store_port: state.config.default_store_port }
+    /// The service over the edge's state.
+    pub fn new(state: &super::State) -> Self {
+        Self { registry: state.ops.registry().clone(), default_store_port: state.config.default_store_port }
     }
 
     fn parse_add(&self, r: &pb::AddImageStoreBackupStorageRequest) -> Result<NewImageStore> {

@@ -1,7 +1,10 @@
 //! The gRPC edge of the agent: each request is parsed into validated domain values here,
-//! the domain call runs, and its result becomes the seeds' inventory. Errors leave as a
-//! gRPC status whose details carry ZStack's ErrorCode.
+//! one core operation ([`crate::ops`]) runs, and its result becomes the seeds' inventory.
+//! Errors leave as a gRPC status whose details carry ZStack's ErrorCode; timestamps and job
+//! progress take their wire shapes here too. The router and the state its services share
+//! live here.
 
+pub mod auth;
 pub mod backup_storage;
 pub mod snapshot_group;
 pub mod vm;
@@ -13,7 +16,21 @@ use vmbackup_proto::Timestamp;
 use vmbackup_proto::agent::v1 as pb;
 
 use crate::catalog::query::QueryParams;
-use crate::error::{AgentError, ErrorKind};
+use crate::config::AgentConfig;
+use crate::error::{AgentError, ErrorKind, ErrorReport};
+use crate::jobs::Progress;
+use crate::ops::Ops;
+
+/// What every service of the edge shares.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// Effective configuration.
+    pub config: std::sync::Arc<AgentConfig>,
+    /// Accepted sessions.
+    pub sessions: auth::Sessions,
+    /// The core.
+    pub ops: Ops,
+}
 
 /// `type_url` of the ErrorCode carried in status details.
 pub const ERROR_CODE_TYPE_URL: &str = "type.googleapis.com/vmbackup.agent.v1.ErrorCode";
@@ -52,33 +69,40 @@ pub fn status(e: &AgentError) -> Status {
 
 /// ZStack's ErrorCode for an error; the chain of sources becomes `cause`.
 pub fn error_code(e: &AgentError) -> pb::ErrorCode {
-    let (code, description) = e.zstack_code();
-    let mut opaque = std::collections::HashMap::new();
-    if let Some(field) = e.field() {
-        opaque.insert("field".to_string(), field.to_string());
-    }
-    let cause = std::error::Error::source(e).map(|s| {
-        let mut chain = s.to_string();
-        let mut next = s.source();
-        while let Some(n) = next {
-            chain.push_str(": ");
-            chain.push_str(&n.to_string());
-            next = n.source();
-        }
-        Box::new(pb::ErrorCode {
-            code: "SYS.1000".into(),
-            description: "Cause".into(),
-            details: chain,
-            ..Default::default()
-        })
-    });
+    render_error(e.report())
+}
+
+/// The wire form of an [`ErrorReport`].
+pub fn render_error(r: ErrorReport) -> pb::ErrorCode {
     pb::ErrorCode {
-        code: code.to_string(),
-        description: description.to_string(),
-        details: e.to_string(),
-        elaboration: String::new(),
-        opaque,
-        cause,
+        code: r.code,
+        description: r.description,
+        details: r.details,
+        elaboration: r.elaboration,
+        opaque: r.opaque.into_iter().collect(),
+        cause: r.cause.map(|c| Box::new(render_error(*c))),
+    }
+}
+
+/// The wire form of a job's [`Progress`].
+pub fn job_progress(p: Progress) -> pb::JobProgress {
+    pb::JobProgress {
+        job_uuid: p.job_uuid,
+        kind: p.kind,
+        state: p.state.to_string(),
+        bytes_planned: p.bytes_planned,
+        bytes_read: p.bytes_read,
+        bytes_zero: p.bytes_zero,
+        bytes_deduplicated: p.bytes_deduplicated,
+        bytes_sent: p.bytes_sent,
+        bytes_received: p.bytes_received,
+        bytes_written: p.bytes_written,
+        rate: p.rate,
+        eta_seconds: p.eta_seconds,
+        message: p.message,
+        error: p.error.map(render_error),
+        started: timestamp(p.started),
+        finished: p.finished.and_then(timestamp),
     }
 }
 
@@ -122,7 +146,7 @@ fn _query_params_type(r: &pb::QueryBackupStorageRequest) -> QueryParams {
 /// Builds the router of every agent service: health and reflection open, the rest behind
 /// the session check.
 pub fn router(
-    state: &crate::daemon::State,
+    state: &State,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<tonic::transport::server::Router, tonic::transport::Error> {
     use tonic::service::interceptor::InterceptedService;

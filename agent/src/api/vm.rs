@@ -5,10 +5,13 @@ use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::agent::v1::vm_service_server::VmService;
 
 use super::{query_params, status, timestamp};
-use crate::catalog::vm::{RegisterConflict, VmRecord, VolumeRecord};
-use crate::catalog::{Catalog, now_millis};
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::catalog::now_millis;
+use crate::catalog::vm::{VmRecord, VolumeRecord};
+use crate::error::{AgentError, Result, blocking};
+use crate::model::VolumeKind;
+use crate::ops::Ops;
 use crate::validate;
+use crate::volume::VolumeFormat;
 
 /// Most volumes one VM may have.
 pub const MAX_VOLUMES: usize = 64;
@@ -53,16 +56,11 @@ pub fn parse_vm(r: &pb::RegisterVmRequest) -> Result<VmRecord> {
         if !path.starts_with('/') || path.len() > MAX_PATH || path.contains('\0') {
             return Err(bad("installPath", format!("{} is not an absolute path", validate::shorten(path))));
         }
-        let format = match v.format.to_ascii_lowercase().as_str() {
-            "raw" => "raw",
-            "qcow2" => "qcow2",
-            other => return Err(bad("format", format!("{} is not raw or qcow2", validate::shorten(other)))),
-        };
-        let kind = match v.r#type.as_str() {
-            "Root" => "Root",
-            "Data" => "Data",
-            other => return Err(bad("type", format!("{} is not Root or Data", validate::shorten(other)))),
-        };
+        let format = VolumeFormat::parse(&v.format.to_ascii_lowercase()).ok_or_else(|| {
+            bad("format", format!("{} is not raw or qcow2", validate::shorten(&v.format.to_ascii_lowercase())))
+        })?;
+        let kind = VolumeKind::parse(&v.r#type)
+            .ok_or_else(|| bad("type", format!("{} is not Root or Data", validate::shorten(&v.r#type))))?;
         if v.device_id < 0 {
             return Err(bad("deviceId", format!("{} is negative", v.device_id)));
         }
@@ -75,16 +73,16 @@ pub fn parse_vm(r: &pb::RegisterVmRequest) -> Result<VmRecord> {
             uuid: vol_uuid,
             name: vol_name,
             install_path: path.to_string(),
-            format: format.to_string(),
-            kind: kind.to_string(),
+            format,
+            kind,
             device_id: v.device_id,
         });
     }
-    let roots = volumes.iter().filter(|v| v.kind == "Root").count();
+    let roots = volumes.iter().filter(|v| v.kind == VolumeKind::Root).count();
     if roots != 1 {
         return Err(AgentError::invalid("volumes", format!("a VM has exactly one Root volume, not {roots}")));
     }
-    volumes.sort_by_key(|v| (v.kind != "Root", v.device_id));
+    volumes.sort_by_key(|v| (v.kind != VolumeKind::Root, v.device_id));
     for pair in volumes.windows(2) {
         if pair[0].device_id == pair[1].device_id {
             return Err(AgentError::invalid("volumes", format!("deviceId {} is used twice", pair[0].device_id)));
@@ -97,25 +95,6 @@ pub fn parse_vm(r: &pb::RegisterVmRequest) -> Result<VmRecord> {
     }
     let now = now_millis();
     Ok(VmRecord { uuid, name, qmp_socket, volumes, create_date: now, last_op_date: now })
-}
-
-/// Records a validated layout.
-pub async fn register(catalog: &std::sync::Arc<Catalog>, vm: VmRecord) -> Result<VmRecord> {
-    let catalog = catalog.clone();
-    blocking(move || {
-        match catalog.register_vm(&vm)? {
-            Ok(()) => {}
-            Err(RegisterConflict::VolumeOfAnotherVm { volume, vm: owner }) => {
-                return Err(AgentError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("volume {volume} belongs to VM {owner}"),
-                )
-                .with_field("volumes"));
-            }
-        }
-        catalog.get_vm(&vm.uuid)?.ok_or_else(|| AgentError::new(ErrorKind::Internal, "registered VM vanished"))
-    })
-    .await
 }
 
 /// The VmInventory of a record.
@@ -132,8 +111,8 @@ pub fn inventory(vm: VmRecord) -> pb::VmInventory {
                 uuid: v.uuid,
                 name: v.name,
                 install_path: v.install_path,
-                format: v.format,
-                r#type: v.kind,
+                format: v.format.to_string(),
+                r#type: v.kind.to_string(),
                 device_id: v.device_id,
                 vm_instance_uuid: vm_uuid.clone(),
             })
@@ -146,13 +125,13 @@ pub fn inventory(vm: VmRecord) -> pb::VmInventory {
 /// The service.
 #[derive(Debug, Clone)]
 pub struct VmApi {
-    catalog: std::sync::Arc<Catalog>,
+    ops: Ops,
 }
 
 impl VmApi {
-    /// The service over the daemon's state.
-    pub fn new(state: &crate::daemon::State) -> Self {
-        Self { catalog: state.registry.catalog().clone() }
+    /// The service over the edge's state.
+    pub fn new(state: &super::State) -> Self {
+        Self { ops: state.ops.clone() }
     }
 }
 
@@ -160,7 +139,7 @@ impl VmApi {
 impl VmService for VmApi {
     async fn register_vm(&self, request: Request<pb::RegisterVmRequest>) -> Result<Response<pb::VmReply>, Status> {
         let vm = parse_vm(request.get_ref()).map_err(|e| status(&e))?;
-        let vm = register(&self.catalog, vm).await.map_err(|e| status(&e))?;
+        let vm = self.ops.register_vm(vm).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::VmReply { inventory: Some(inventory(vm)) }))
     }
 
@@ -169,18 +148,13 @@ impl VmService for VmApi {
         request: Request<pb::UnregisterVmRequest>,
     ) -> Result<Response<pb::UnregisterVmReply>, Status> {
         let uuid = validate::uuid("uuid", &request.get_ref().uuid).map_err(|e| status(&e))?;
-        let catalog = self.catalog.clone();
-        let u = uuid.clone();
-        let existed = blocking(move || Ok(catalog.unregister_vm(&u)?)).await.map_err(|e| status(&e))?;
-        if !existed {
-            return Err(status(&AgentError::not_found("VM", &uuid).with_field("uuid")));
-        }
+        self.ops.unregister_vm(&uuid).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::UnregisterVmReply {}))
     }
 
     async fn query_vm(&self, request: Request<pb::QueryVmRequest>) -> Result<Response<pb::QueryVmReply>, Status> {
         let q = query_params!(request.get_ref());
-        let catalog = self.catalog.clone();
+        let catalog = self.ops.catalog().clone();
         let r = blocking(move || Ok(catalog.query_vms(&q)?)).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::QueryVmReply { inventories: r.rows.into_iter().map(inventory).collect(), total: r.total }))
     }
@@ -189,6 +163,7 @@ impl VmService for VmApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     fn volume(uuid: &str, kind: &str, device_id: i32) -> pb::VolumeSpec {
         pb::VolumeSpec {

@@ -17,7 +17,8 @@ use vmbackup_proto::index::VolumeIndex;
 use super::BackupRequest;
 use crate::catalog::Catalog;
 use crate::error::{AgentError, ErrorKind, blocking};
-use crate::storage::ImageStoreClient;
+use crate::storage::ChunkReader;
+use crate::volume::VolumeFormat;
 
 /// Guest ranges written since the backup `previous_group`, per volume (None: unknown).
 #[derive(Debug, Clone, Default)]
@@ -59,7 +60,7 @@ pub async fn previous_group(catalog: &Arc<Catalog>, req: &BackupRequest) -> Opti
 /// The previous index of each volume on this storage, with its group.
 pub(crate) async fn previous_indexes(
     catalog: &Arc<Catalog>,
-    client: &mut ImageStoreClient,
+    store: &dyn ChunkReader,
     req: &BackupRequest,
 ) -> HashMap<String, (String, VolumeIndex)> {
     let mut out = HashMap::new();
@@ -67,7 +68,7 @@ pub(crate) async fn previous_indexes(
         let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
         let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
         let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
-        match client.get_index(&r.install_path).await.and_then(|b| {
+        match store.get_index(&r.install_path).await.and_then(|b| {
             VolumeIndex::decode(&b, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
                 .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
         }) {
@@ -127,7 +128,7 @@ pub fn offline_dirty(req: &BackupRequest, previous_group: &str) -> DirtySince {
         .volumes
         .iter()
         .map(|v| {
-            let ranges = (v.format == "qcow2")
+            let ranges = (v.format == VolumeFormat::Qcow2)
                 .then(|| {
                     crate::volume::qcow2::Qcow2Volume::open(
                         std::path::Path::new(&v.install_path),
@@ -144,14 +145,10 @@ pub fn offline_dirty(req: &BackupRequest, previous_group: &str) -> DirtySince {
     DirtySince { previous_group: previous_group.to_string(), per_volume }
 }
 
-async fn qemu_img_bitmap(args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("qemu-img")
-        .arg("bitmap")
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("running qemu-img bitmap: {e}"))?;
-    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
+async fn qemu_img_bitmap(args: &[&str]) -> crate::error::Result<()> {
+    let mut all = vec!["bitmap"];
+    all.extend_from_slice(args);
+    crate::tool::run("qemu-img", &all, crate::tool::SHORT).await.map(|_| ())
 }
 
 /// Before an offline backup reads a qcow2 volume, a bitmap for this backup starts
@@ -160,7 +157,7 @@ async fn qemu_img_bitmap(args: &[&str]) -> Result<(), String> {
 /// time.
 pub async fn offline_start(req: &BackupRequest) {
     let name = bitmap_name(&req.group_uuid);
-    for v in req.vm.volumes.iter().filter(|v| v.format == "qcow2") {
+    for v in req.vm.volumes.iter().filter(|v| v.format == VolumeFormat::Qcow2) {
         if let Err(e) = qemu_img_bitmap(&["--add", "-g", "65536", &v.install_path, &name]).await {
             tracing::warn!(volume = %v.uuid, error = %e, "cannot add a dirty bitmap; the next backup reads it in full");
         }
@@ -170,7 +167,7 @@ pub async fn offline_start(req: &BackupRequest) {
 /// After an offline backup: keep only the bitmap the next backup follows (this one's if it
 /// committed, else the previous one's).
 pub async fn offline_finish(req: &BackupRequest, keep: &str) {
-    for v in req.vm.volumes.iter().filter(|v| v.format == "qcow2") {
+    for v in req.vm.volumes.iter().filter(|v| v.format == VolumeFormat::Qcow2) {
         let path = std::path::PathBuf::from(&v.install_path);
         // Reading the bitmap directory is file I/O: off the async runtime.
         let listed = tokio::task::spawn_blocking(move || {

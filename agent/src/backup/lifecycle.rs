@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use vmbackup_proto::manifest::GroupManifest;
 
-use crate::catalog::volume_backup::{StorageRef, VolumeBackupRecord};
 use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::model::BackupStatus;
 use crate::storage::registry::Registry;
 
 /// Removes a group from `storages` (every storage holding it when empty). The stores
@@ -30,8 +30,8 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
     }
     for s in &targets {
         let storage = registry.require(s).await?;
-        let mut client = registry.connect(&storage.url).await?;
-        match client.delete_group(group_uuid).await {
+        let (store, _) = registry.open_store(&storage, None).await?;
+        match store.delete_group(group_uuid).await {
             Ok(()) => {}
             // Already gone from the store (deleted there, or a retry): just forget it.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -50,8 +50,8 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
 /// Returns (added, removed).
 pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(usize, usize)> {
     let storage = registry.require(storage_uuid).await?;
-    let mut client = registry.connect(&storage.url).await?;
-    let groups = client.list_groups().await?;
+    let (store, _) = registry.open_store(&storage, None).await?;
+    let groups = store.list_groups().await?;
     let catalog = registry.catalog().clone();
     let (c, s) = (catalog.clone(), storage_uuid.to_string());
     let known: HashSet<String> = blocking(move || Ok(c.groups_on_storage(&s)?)).await?.into_iter().collect();
@@ -68,39 +68,16 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
         if known.contains(&manifest.group_uuid) {
             continue;
         }
-        let status = if g.damaged { "Damaged" } else { "Ready" };
-        let records: Vec<VolumeBackupRecord> = manifest
-            .volumes
-            .iter()
-            .map(|v| VolumeBackupRecord {
-                uuid: v.volume_backup_uuid.clone(),
-                group_uuid: manifest.group_uuid.clone(),
-                volume_uuid: v.volume_uuid.clone(),
-                name: v.name.clone(),
-                description: if manifest.description.is_empty() { None } else { Some(manifest.description.clone()) },
-                kind: v.kind.clone(),
-                state: "Enabled".into(),
-                status: status.into(),
-                size: i64::try_from(v.virtual_size).unwrap_or(i64::MAX),
-                metadata: serde_json::json!({
-                    "format": v.format,
-                    "virtualSize": v.virtual_size,
-                    "chunkSize": manifest.chunk_size,
-                    "storedBytes": v.stored_bytes,
-                    "deduplicatedBytes": v.deduplicated_bytes,
-                })
-                .to_string(),
-                create_date: manifest.created,
-                last_op_date: manifest.created,
-                refs: vec![StorageRef {
-                    backup_storage_uuid: storage_uuid.to_string(),
-                    install_path: v.index_name.clone(),
-                    status: status.into(),
-                    create_date: manifest.created,
-                    last_op_date: manifest.created,
-                }],
-            })
-            .collect();
+        let committed = super::Committed {
+            group_uuid: &manifest.group_uuid,
+            description: Some(manifest.description.clone()).filter(|d| !d.is_empty()),
+            chunk_size: manifest.chunk_size,
+            storage_uuid,
+            status: if g.damaged { BackupStatus::Damaged } else { BackupStatus::Ready },
+            when: manifest.created,
+        };
+        let records =
+            manifest.volumes.iter().map(|v| super::volume_record(v, &committed)).collect::<Result<Vec<_>>>()?;
         let c = catalog.clone();
         blocking(move || Ok(c.insert_volume_backups(&records)?)).await?;
         added += 1;

@@ -8,7 +8,6 @@
 //! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
 //! visible with one atomic commit, so a failed or cancelled backup leaves none.
 
-pub mod fsinfo;
 pub mod incremental;
 pub mod lifecycle;
 mod pipeline;
@@ -26,7 +25,10 @@ use crate::catalog::vm::VmRecord;
 use crate::catalog::volume_backup::{StorageRef, VolumeBackupRecord};
 use crate::error::{AgentError, ErrorKind, Result, blocking};
 use crate::jobs::Job;
+use crate::model::{BackupStatus, VolumeKind};
+use crate::storage::metered::Metered;
 use crate::storage::registry::Registry;
+use crate::storage::{ChunkWriter, Session};
 use crate::throttle::Throttle;
 use crate::volume::{self, VolumeFormat, VolumeSource};
 
@@ -148,37 +150,53 @@ async fn run_offline(registry: &Registry, job: &Arc<Job>, req: BackupRequest) ->
     result
 }
 
-/// Backs up the VM's volume files as they are on disk.
+/// Backs up the VM's volume files as they are on disk: open every volume, write the chunks
+/// the store lacks in one session, then the indexes and, last, the manifest. The session
+/// is closed on every path (its guard closes it when an error drops it).
 async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
-    let catalog = registry.catalog().clone();
     if let Some(src) = &req.source {
         tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");
         job.set_message(format!("backup network: {src}"));
     }
-    let mut client = registry.connect_from(&req.storage.url, req.source.as_ref()).await?;
-    let status = client.status().await?;
-    if status.store_uuid != req.storage.store_uuid {
-        return Err(AgentError::new(
-            ErrorKind::FailedPrecondition,
-            format!(
-                "a different Image Storage answers at {}: store {} instead of {}",
-                req.storage.url, status.store_uuid, req.storage.store_uuid
-            ),
-        ));
-    }
+    let (store, status) = registry.open_store(&req.storage, req.source.as_ref()).await?;
     let chunk_size = status.chunk_size;
-
-    let previous = incremental::previous_indexes(&catalog, &mut client, &req).await;
+    let previous = incremental::previous_indexes(registry.catalog(), &*store, &req).await;
     let known = incremental::known(&previous);
+    let volumes = open_volumes(&req, job, chunk_size, previous).await?;
 
-    // Open every volume first: a missing or unreadable one fails the job before anything is sent.
-    let vm = req.vm.clone();
-    let (dirty, job2) = (req.dirty.clone(), job.clone());
-    let volumes: Vec<Arc<VolumeJob>> = blocking(move || {
+    let session = Session::open(store.clone(), &format!("vmbackup-agent group {}", req.group_uuid)).await?;
+    write_chunks(&req, job, &session, &volumes, known, chunk_size).await?;
+    let (manifest, records) = put_indexes(&req, &session, &volumes, chunk_size).await?;
+    if job.cancel.is_cancelled() {
+        if let Err(e) = session.close().await {
+            tracing::warn!(error = %e, "closing the store session of a cancelled backup failed; it expires with its TTL");
+        }
+        return Err(AgentError::new(ErrorKind::Cancelled, "cancelled before commit; no group was created"));
+    }
+    session.commit(manifest).await?;
+    if let Err(e) = session.close().await {
+        tracing::warn!(error = %e, "closing the store session after the commit failed; it expires with its TTL");
+    }
+    let (c, r) = (registry.catalog().clone(), records.clone());
+    blocking(move || Ok(c.insert_volume_backups(&r)?)).await?;
+    tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
+    Ok(records)
+}
+
+/// Opens every volume first: a missing or unreadable one fails the job before anything
+/// is sent.
+async fn open_volumes(
+    req: &BackupRequest,
+    job: &Arc<Job>,
+    chunk_size: u32,
+    previous: std::collections::HashMap<String, (String, VolumeIndex)>,
+) -> Result<Vec<Arc<VolumeJob>>> {
+    let (vm, dirty, job) = (req.vm.clone(), req.dirty.clone(), job.clone());
+    blocking(move || {
         vm.volumes
             .iter()
             .map(|v| {
-                let format = VolumeFormat::parse(&v.format);
+                let format = Some(v.format);
                 let source: Arc<dyn VolumeSource> = Arc::from(
                     volume::open(std::path::Path::new(&v.install_path), format, &volume::Limits::default())
                         .map_err(|e| AgentError::from(e).with_field("volumes"))?,
@@ -194,7 +212,7 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
                     incremental::reuse_for(&v.uuid, source.virtual_size(), chunk_size, dirty.as_ref(), &previous)
                         .unwrap_or_else(|why| {
                             tracing::warn!(volume = %v.uuid, reason = %why, "reading the volume in full");
-                            job2.set_message(format!("full read: {why}"));
+                            job.set_message(format!("full read: {why}"));
                             None
                         });
                 Ok(Arc::new(VolumeJob {
@@ -207,106 +225,85 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
             })
             .collect()
     })
-    .await?;
+    .await
+}
 
-    let session = client.open_session(&format!("vmbackup-agent group {}", req.group_uuid)).await?;
-    // fsInfo: mounted after the session opens, so GC already spares what is written.
-    let mut mounted = match &req.fs_info {
+/// Runs the chunk pipeline in `session`: chunks go up the session's upload stream, or, with
+/// fsInfo, straight into the store's directory mounted for the job (mounted after the
+/// session opens, so GC already spares what is written; unmounted whatever the outcome).
+async fn write_chunks(
+    req: &BackupRequest,
+    job: &Arc<Job>,
+    session: &Session,
+    volumes: &[Arc<VolumeJob>],
+    known: Arc<std::collections::HashSet<vmbackup_proto::Digest>>,
+    chunk_size: u32,
+) -> Result<()> {
+    let mounted = match &req.fs_info {
         Some(info) => {
             let tag: String = req.group_uuid.chars().take(12).collect();
-            let m = fsinfo::MountedStore::mount(info, &req.runtime_dir, &tag, &req.storage.store_uuid).await;
-            match m {
-                Ok(m) => {
-                    job.set_message(format!("writing chunks through {} ({})", info.url, info.fs_type));
-                    Some(Arc::new(m))
-                }
-                Err(e) => {
-                    let _ = client.close_session(session).await;
-                    return Err(e);
-                }
-            }
+            let m = crate::storage::fsinfo::MountedStore::mount(info, &req.runtime_dir, &tag, &req.storage.store_uuid)
+                .await?;
+            job.set_message(format!("writing chunks through {} ({})", info.url, info.fs_type));
+            Some(Arc::new(m))
         }
         None => None,
     };
+    let writer: Box<dyn ChunkWriter> = match &mounted {
+        Some(m) => Box::new(crate::storage::fsinfo::MountedWriter::new(m.clone())),
+        None => session.writer().await?,
+    };
+    let sent = job.counters.count_into(|c| &c.sent);
     let outcome = pipeline::run(pipeline::Inputs {
-        client: client.clone(),
-        session_id: session.id.clone(),
-        volumes: volumes.clone(),
+        writer: Box::new(Metered::new(writer, req.network_limit.clone(), sent)),
+        asker: pipeline::Asker::spawn(session.store().clone(), session.id().to_string()),
+        volumes: volumes.to_vec(),
         known,
         parallelism: req.parallelism,
         read_limit: req.read_limit.clone(),
-        network_limit: req.network_limit.clone(),
         job: job.clone(),
         chunk_size,
-        mounted: mounted.clone(),
     })
     .await;
-    if let Some(m) = mounted.take() {
-        // Every chunk is durable in the store directory; the commit below checks them there.
+    if let Some(m) = mounted {
+        // Every chunk is durable in the store directory; the commit checks them there.
         match Arc::try_unwrap(m) {
             Ok(mut m) => m.unmount().await,
             Err(_) => tracing::warn!("the mounted store is still in use; it stays mounted"),
         }
     }
-    if let Err(e) = outcome {
-        let _ = client.close_session(session).await;
-        return Err(e);
-    }
+    outcome.map(|_| ())
+}
 
-    // Indexes, then the manifest: the group appears atomically.
+/// Stores every volume's index and builds the group manifest (to commit) and the catalog
+/// records (to insert once it is committed).
+async fn put_indexes(
+    req: &BackupRequest,
+    session: &Session,
+    volumes: &[Arc<VolumeJob>],
+    chunk_size: u32,
+) -> Result<(Vec<u8>, Vec<VolumeBackupRecord>)> {
     let now = now_millis();
     let mut entries = Vec::new();
-    let mut records = Vec::new();
-    for (v, vj) in req.vm.volumes.iter().zip(&volumes) {
+    for (v, vj) in req.vm.volumes.iter().zip(volumes) {
         let vb_uuid = uuid::Uuid::new_v4().simple().to_string();
         let index_name = format!("{vb_uuid}.vidx");
         let encoded = vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).encode();
-        let digest = client.put_index(&session, &index_name, encoded).await?;
-        let stored = vj.stored_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let dedup = vj.dedup_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let size = vj.source.virtual_size();
-        let name = format!("{}-{}", req.name, v.name);
-        entries.push(VolumeEntry {
-            volume_backup_uuid: vb_uuid.clone(),
+        let digest = session.put_index(&index_name, encoded).await?;
+        let entry = VolumeEntry {
+            volume_backup_uuid: vb_uuid,
             volume_uuid: v.uuid.clone(),
-            name: name.clone(),
-            kind: v.kind.clone(),
+            name: format!("{}-{}", req.name, v.name),
+            kind: v.kind.to_string(),
             device_id: v.device_id,
-            virtual_size: size,
+            virtual_size: vj.source.virtual_size(),
             format: vj.source.format().as_str().to_string(),
-            index_name: index_name.clone(),
+            index_name,
             index_digest: digest.to_hex(),
-            stored_bytes: stored,
-            deduplicated_bytes: dedup,
-        });
-        let metadata = serde_json::json!({
-            "format": vj.source.format().as_str(),
-            "virtualSize": size,
-            "chunkSize": chunk_size,
-            "storedBytes": stored,
-            "deduplicatedBytes": dedup,
-        });
-        records.push(VolumeBackupRecord {
-            uuid: vb_uuid,
-            group_uuid: req.group_uuid.clone(),
-            volume_uuid: v.uuid.clone(),
-            name,
-            description: req.description.clone(),
-            kind: v.kind.clone(),
-            state: "Enabled".into(),
-            status: "Ready".into(),
-            size: i64::try_from(size).unwrap_or(i64::MAX),
-            metadata: metadata.to_string(),
-            create_date: now,
-            last_op_date: now,
-            refs: vec![StorageRef {
-                backup_storage_uuid: req.storage.uuid.clone(),
-                install_path: index_name,
-                status: "Ready".into(),
-                create_date: now,
-                last_op_date: now,
-            }],
-        });
+            stored_bytes: vj.stored_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            deduplicated_bytes: vj.dedup_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        entries.push(entry);
     }
     let manifest = GroupManifest {
         format_version: FORMAT_VERSION,
@@ -320,17 +317,74 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
         chunk_size,
         volumes: entries,
     };
+    let committed = Committed {
+        group_uuid: &req.group_uuid,
+        description: req.description.clone(),
+        chunk_size,
+        storage_uuid: &req.storage.uuid,
+        status: BackupStatus::Ready,
+        when: now,
+    };
+    let records = manifest.volumes.iter().map(|e| volume_record(e, &committed)).collect::<Result<Vec<_>>>()?;
     let bytes = manifest.encode().map_err(|e| AgentError::new(ErrorKind::Internal, format!("manifest: {e}")))?;
-    if job.cancel.is_cancelled() {
-        let _ = client.close_session(session).await;
-        return Err(AgentError::new(ErrorKind::Cancelled, "cancelled before commit; no group was created"));
-    }
-    client.commit(&session, bytes).await?;
-    let _ = client.close_session(session).await;
-    let (c, r) = (catalog.clone(), records.clone());
-    blocking(move || Ok(c.insert_volume_backups(&r)?)).await?;
-    tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
-    Ok(records)
+    Ok((bytes, records))
+}
+
+/// Where and how a group was committed, for the catalog records of its volumes.
+pub(crate) struct Committed<'a> {
+    /// The group.
+    pub group_uuid: &'a str,
+    /// Its description.
+    pub description: Option<String>,
+    /// The store's chunk size.
+    pub chunk_size: u32,
+    /// The backup storage holding it.
+    pub storage_uuid: &'a str,
+    /// Ready, or Damaged (the store's verify says so).
+    pub status: BackupStatus,
+    /// Unix milliseconds.
+    pub when: i64,
+}
+
+/// The catalog record of one committed volume backup, from its manifest entry.
+pub(crate) fn volume_record(e: &VolumeEntry, c: &Committed<'_>) -> Result<VolumeBackupRecord> {
+    let kind = VolumeKind::parse(&e.kind).ok_or_else(|| {
+        AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "manifest of group {}: volume {} has type {:?}, not Root or Data",
+                c.group_uuid, e.volume_uuid, e.kind
+            ),
+        )
+    })?;
+    let metadata = serde_json::json!({
+        "format": e.format,
+        "virtualSize": e.virtual_size,
+        "chunkSize": c.chunk_size,
+        "storedBytes": e.stored_bytes,
+        "deduplicatedBytes": e.deduplicated_bytes,
+    });
+    Ok(VolumeBackupRecord {
+        uuid: e.volume_backup_uuid.clone(),
+        group_uuid: c.group_uuid.to_string(),
+        volume_uuid: e.volume_uuid.clone(),
+        name: e.name.clone(),
+        description: c.description.clone(),
+        kind,
+        state: "Enabled".into(),
+        status: c.status,
+        size: i64::try_from(e.virtual_size).unwrap_or(i64::MAX),
+        metadata: metadata.to_string(),
+        create_date: c.when,
+        last_op_date: c.when,
+        refs: vec![StorageRef {
+            backup_storage_uuid: c.storage_uuid.to_string(),
+            install_path: e.index_name.clone(),
+            status: c.status,
+            create_date: c.when,
+            last_op_date: c.when,
+        }],
+    })
 }
 
 fn uuid_bytes(u: &str) -> [u8; 16] {

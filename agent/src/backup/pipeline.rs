@@ -1,18 +1,19 @@
-//! The chunk workers of one backup job and its single upload stream.
+//! The chunk workers of one backup job: read, hash, ask, compress, and put through the
+//! storage seam's [`ChunkWriter`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
 use vmbackup_proto::Digest;
 use vmbackup_proto::digest::is_all_zero;
 
 use super::VolumeJob;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
-use crate::storage::ImageStoreClient;
+use crate::storage::seam::PutStats;
+use crate::storage::{ChunkWriter, Store};
 use crate::throttle::Throttle;
 use crate::volume::ExtentKind;
 
@@ -20,17 +21,16 @@ use crate::volume::ExtentKind;
 const ZSTD_LEVEL: i32 = 1;
 
 pub(super) struct Inputs {
-    pub client: ImageStoreClient,
-    pub session_id: String,
+    /// Where chunks go (already metered: network limit and `sent` counter).
+    pub writer: Box<dyn ChunkWriter>,
+    /// Asks the store what it lacks, in batches.
+    pub asker: Asker,
     pub volumes: Vec<Arc<VolumeJob>>,
     pub known: Arc<HashSet<Digest>>,
     pub parallelism: usize,
     pub read_limit: Throttle,
-    pub network_limit: Throttle,
     pub job: Arc<Job>,
     pub chunk_size: u32,
-    /// Chunks go into this mounted store directory instead of the upload stream (fsInfo).
-    pub mounted: Option<Arc<super::fsinfo::MountedStore>>,
 }
 
 /// A chunk that holds data somewhere in its range.
@@ -88,38 +88,15 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
     Ok(tasks)
 }
 
-pub(super) async fn run(inputs: Inputs) -> Result<()> {
-    let Inputs { client, session_id, volumes, known, parallelism, read_limit, network_limit, job, chunk_size, mounted } =
-        inputs;
+pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
+    let Inputs { writer, asker, volumes, known, parallelism, read_limit, job, chunk_size } = inputs;
     let planning = volumes.clone();
     let counters = job.counters.clone();
     let tasks = Arc::new(tokio::task::spawn_blocking(move || plan(&planning, chunk_size, &counters)).await??);
     job.set_message(format!("{} chunks to read with {parallelism} workers", tasks.len()));
 
-    let (tx, rx) = mpsc::channel::<(Digest, bytes::Bytes)>(parallelism.max(1));
-    let mut upload_client = client.clone();
-    let sid = session_id.clone();
-    let uploader = tokio::spawn(async move {
-        match mounted {
-            None => upload_client
-                .upload(&sid, ReceiverStream::new(rx))
-                .await
-                .map(|r| (r.chunks_stored, r.chunks_already_present)),
-            Some(store) => {
-                let (mut stored, mut present, mut rx) = (0u64, 0u64, rx);
-                while let Some((digest, blob)) = rx.recv().await {
-                    let s = store.clone();
-                    if tokio::task::spawn_blocking(move || s.put(&digest, &blob)).await?? {
-                        stored += 1;
-                    } else {
-                        present += 1;
-                    }
-                }
-                Ok((stored, present))
-            }
-        }
-    });
-
+    let writer: Arc<Box<dyn ChunkWriter>> = Arc::new(writer);
+    let asker = Arc::new(asker);
     let next = Arc::new(AtomicUsize::new(0));
     let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
     let mut workers = tokio::task::JoinSet::new();
@@ -130,16 +107,13 @@ pub(super) async fn run(inputs: Inputs) -> Result<()> {
             volumes: volumes.clone(),
             known: known.clone(),
             claimed: claimed.clone(),
-            client: client.clone(),
-            session_id: session_id.clone(),
+            asker: asker.clone(),
+            writer: writer.clone(),
             read_limit: read_limit.clone(),
-            network_limit: network_limit.clone(),
             job: job.clone(),
-            tx: tx.clone(),
         };
         workers.spawn(w.run());
     }
-    drop(tx);
     let mut first_error = None;
     while let Some(r) = workers.join_next().await {
         let r = r.map_err(AgentError::from).and_then(|r| r);
@@ -151,12 +125,64 @@ pub(super) async fn run(inputs: Inputs) -> Result<()> {
         }
     }
     if let Some(e) = first_error {
-        uploader.abort();
         return Err(e);
     }
-    let (stored, present) = uploader.await.map_err(AgentError::from)??;
-    tracing::debug!(job = %job.uuid, stored, present, "upload stream finished");
-    Ok(())
+    let writer = Arc::into_inner(writer)
+        .ok_or_else(|| AgentError::new(ErrorKind::Internal, "the chunk writer is still shared after the workers"))?;
+    let stats = writer.finish().await?;
+    tracing::debug!(job = %job.uuid, stored = stats.stored, present = stats.already_present, "chunks written");
+    Ok(stats)
+}
+
+/// Asks the store which chunks it lacks on behalf of every worker: questions that arrive
+/// while a call is out go together in the next one, so a job makes about one MissingChunks
+/// call per round of its workers instead of one per chunk.
+pub(super) struct Asker {
+    tx: mpsc::Sender<(Digest, oneshot::Sender<Result<bool>>)>,
+}
+
+/// Questions answered by one MissingChunks call at most.
+const ASK_BATCH: usize = 256;
+
+impl Asker {
+    /// An asker for `session` on `store`; it stops when the last handle is dropped.
+    pub(super) fn spawn(store: Arc<dyn Store>, session: String) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(Digest, oneshot::Sender<Result<bool>>)>(ASK_BATCH);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < ASK_BATCH {
+                    match rx.try_recv() {
+                        Ok(q) => batch.push(q),
+                        Err(_) => break,
+                    }
+                }
+                let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
+                match store.missing(&session, &digests).await {
+                    Ok(missing) => {
+                        let missing: HashSet<Digest> = missing.into_iter().collect();
+                        for (d, reply) in batch {
+                            let _ = reply.send(Ok(missing.contains(&d)));
+                        }
+                    }
+                    Err(e) => {
+                        for (_, reply) in batch {
+                            let _ = reply.send(Err(AgentError::new(e.kind(), e.to_string())));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Whether the store lacks `digest`.
+    async fn is_missing(&self, digest: Digest) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || AgentError::new(ErrorKind::Internal, "the MissingChunks batcher stopped");
+        self.tx.send((digest, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
 }
 
 struct Worker {
@@ -165,16 +191,13 @@ struct Worker {
     volumes: Vec<Arc<VolumeJob>>,
     known: Arc<HashSet<Digest>>,
     claimed: Arc<Mutex<HashSet<Digest>>>,
-    client: ImageStoreClient,
-    session_id: String,
+    asker: Arc<Asker>,
+    writer: Arc<Box<dyn ChunkWriter>>,
     read_limit: Throttle,
-    network_limit: Throttle,
     job: Arc<Job>,
-    tx: mpsc::Sender<(Digest, bytes::Bytes)>,
 }
-
 impl Worker {
-    async fn run(mut self) -> Result<()> {
+    async fn run(self) -> Result<()> {
         let counters = self.job.counters.clone();
         // One chunk buffer per worker, reused: a fresh 4 MiB allocation per chunk costs the
         // kernel a fault-and-zero of every page and an unmap (seen in the profile).
@@ -213,7 +236,7 @@ impl Worker {
             vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).digests[t.chunk] = digest;
             let mine = !self.known.contains(&digest)
                 && self.claimed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(digest);
-            if !mine || self.client.missing_one(&self.session_id, digest).await?.is_none() {
+            if !mine || !self.asker.is_missing(digest).await? {
                 spare = plain;
                 Counters::add(&counters.deduplicated, t.len);
                 vj.dedup_bytes.fetch_add(t.len, Ordering::Relaxed);
@@ -226,14 +249,7 @@ impl Worker {
             let blob =
                 blob.map_err(|e| AgentError::new(ErrorKind::Internal, format!("encoding chunk {digest}: {e}")))?;
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
-            self.network_limit.consume(blob.len()).await;
-            if self.tx.send((digest, blob.into())).await.is_err() {
-                return Err(AgentError::new(
-                    ErrorKind::Unavailable,
-                    "the upload stream to the Image Storage ended early",
-                ));
-            }
-            Counters::add(&counters.sent, blob_len);
+            self.writer.put(digest, blob.into()).await?;
             vj.stored_bytes.fetch_add(blob_len, Ordering::Relaxed);
         }
     }

@@ -8,18 +8,22 @@ use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
 use vmbackup_proto::manifest::GroupManifest;
+use vmbackup_store::chunk_store::MAX_INDEX_CHUNKS;
+
+use futures::StreamExt;
 
 use crate::catalog::now_millis;
 use crate::catalog::volume_backup::StorageRef;
 use crate::error::{AgentError, ErrorKind, Result, blocking};
 use crate::jobs::{Counters, Job};
+use crate::model::BackupStatus;
+use crate::storage::metered::Metered;
 use crate::storage::registry::Registry;
+use crate::storage::{ChunkReader, ChunkWriter, Session};
 use crate::throttle::Throttle;
 
 /// Digests per MissingChunks call and per download stream.
 const BATCH: usize = 256;
-/// Verified chunks waiting for the destination's upload stream.
-const UPLOAD_AHEAD: usize = 4;
 
 /// Copies `group_uuid` from `src` to `dst` and records the new storage refs.
 pub async fn run(
@@ -31,9 +35,8 @@ pub async fn run(
     network: Throttle,
 ) -> Result<()> {
     let (src_rec, dst_rec) = (registry.require(src).await?, registry.require(dst).await?);
-    let mut from = registry.connect(&src_rec.url).await?;
-    let mut to = registry.connect(&dst_rec.url).await?;
-    let (src_status, dst_status) = (from.status().await?, to.status().await?);
+    let (from, src_status) = registry.open_store(&src_rec, None).await?;
+    let (to, dst_status) = registry.open_store(&dst_rec, None).await?;
     if src_status.chunk_size != dst_status.chunk_size {
         return Err(AgentError::new(
             ErrorKind::FailedPrecondition,
@@ -43,7 +46,6 @@ pub async fn run(
             ),
         ));
     }
-    let max = usize::try_from(src_status.chunk_size).unwrap_or(usize::MAX);
     let info = from.get_group(group_uuid).await?;
     let manifest = GroupManifest::decode(&info.manifest).map_err(|e| {
         AgentError::new(
@@ -51,66 +53,36 @@ pub async fn run(
             format!("manifest of group {group_uuid} on {}: {e}", src_rec.url),
         )
     })?;
-    let session = to.open_session(&format!("vmbackup-agent recover {group_uuid}")).await?;
+    // A recover reads one store and writes another: the limit applies once per chunk.
+    let received = job.counters.count_into(|c| &c.received);
+    let reader: Arc<dyn ChunkReader> = Arc::new(Metered::new(from.clone() as Arc<dyn ChunkReader>, network, received));
+    let copy = ChunkCopy { reader, job: job.clone(), chunk_size: src_status.chunk_size, source: src_rec.url.clone() };
+    let session = Session::open(to, &format!("vmbackup-agent recover {group_uuid}")).await?;
     for v in &manifest.volumes {
         let index_bytes = from.get_index(&v.index_name).await?;
-        let ix = VolumeIndex::decode(&index_bytes, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
+        let ix = VolumeIndex::decode(&index_bytes, MAX_INDEX_CHUNKS)
             .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("index {}: {e}", v.index_name)))?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let mut unique: Vec<Digest> = ix.referenced().copied().collect();
         unique.sort_unstable();
         unique.dedup();
         for batch in unique.chunks(BATCH) {
-            let missing = to.missing(&session, batch).await?;
+            let missing = session.missing(batch).await?;
             Counters::add(
                 &job.counters.deduplicated,
                 u64::try_from(batch.len() - missing.len()).unwrap_or(0) * u64::from(src_status.chunk_size),
             );
-            if missing.is_empty() {
-                continue;
-            }
-            // Downloaded, verified and uploaded as a stream: at most a few chunks are in
-            // memory at once, whatever the batch size.
-            let mut stream = from.download(&missing).await?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<(Digest, bytes::Bytes)>(UPLOAD_AHEAD);
-            let (mut up, sid) = (to.clone(), session.id.clone());
-            let uploader =
-                tokio::spawn(async move { up.upload(&sid, tokio_stream::wrappers::ReceiverStream::new(rx)).await });
-            let mut sent = 0usize;
-            while let Some(c) = stream.message().await.map_err(|s| from.call_error("DownloadChunks", s))? {
-                let d = Digest::from_slice(&c.digest)
-                    .map_err(|e| AgentError::new(ErrorKind::Unavailable, e.to_string()))?;
-                network.consume(c.blob.len()).await;
-                Counters::add(&job.counters.received, u64::try_from(c.blob.len()).unwrap_or(0));
-                let b = c.blob;
-                let checked =
-                    tokio::task::spawn_blocking(move || blob::decode_and_verify(&b, &d, max).map(|_| b)).await?;
-                let b = checked.map_err(|e| {
-                    AgentError::new(
-                        ErrorKind::FailedPrecondition,
-                        format!("chunk {d} of volume {} is damaged on {}: {e}", v.volume_uuid, src_rec.url),
-                    )
-                })?;
-                Counters::add(&job.counters.sent, u64::try_from(b.len()).unwrap_or(0));
-                if tx.send((d, b)).await.is_err() {
-                    break; // the upload ended early; its error is reported below
-                }
-                sent += 1;
-            }
-            drop(tx);
-            uploader.await??;
-            if sent != missing.len() {
-                return Err(AgentError::new(
-                    ErrorKind::Unavailable,
-                    format!("{} sent {sent} of {} chunks", src_rec.url, missing.len()),
-                ));
+            if !missing.is_empty() {
+                copy.chunks(&session, &missing, &v.volume_uuid).await?;
             }
         }
-        to.put_index(&session, &v.index_name, index_bytes).await?;
+        session.put_index(&v.index_name, index_bytes).await?;
         Counters::add(&job.counters.read, ix.virtual_size);
     }
-    to.commit(&session, info.manifest.clone()).await?;
-    let _ = to.close_session(session).await;
+    session.commit(info.manifest.clone()).await?;
+    if let Err(e) = session.close().await {
+        tracing::warn!(error = %e, "closing the destination session after the commit failed; it expires with its TTL");
+    }
 
     let now = now_millis();
     let (c, g, d) = (registry.catalog().clone(), group_uuid.to_string(), dst.to_string());
@@ -125,7 +97,7 @@ pub async fn run(
                 r.refs.push(StorageRef {
                     backup_storage_uuid: d.clone(),
                     install_path: index.clone(),
-                    status: "Ready".into(),
+                    status: BackupStatus::Ready,
                     create_date: now,
                     last_op_date: now,
                 });
@@ -136,4 +108,45 @@ pub async fn run(
     .await?;
     tracing::info!(group = %group_uuid, from = %src, to = %dst, "backup group recovered");
     Ok(())
+}
+
+/// Copies chunks from the source store into a destination session.
+#[derive(Debug)]
+struct ChunkCopy {
+    reader: Arc<dyn ChunkReader>,
+    job: Arc<Job>,
+    chunk_size: u32,
+    source: String,
+}
+
+impl ChunkCopy {
+    /// Downloads `missing`, verifies each chunk and uploads it: at most a few chunks are in
+    /// memory at once, whatever the batch size.
+    async fn chunks(&self, session: &Session, missing: &[Digest], volume: &str) -> Result<()> {
+        let max = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
+        let mut stream = self.reader.download(missing).await?;
+        let sent = self.job.counters.count_into(|c| &c.sent);
+        let writer = Box::new(Metered::new(session.writer().await?, Throttle::unlimited(), sent));
+        let mut copied = 0usize;
+        while let Some(item) = stream.next().await {
+            let (d, b) = item?;
+            let checked = tokio::task::spawn_blocking(move || blob::decode_and_verify(&b, &d, max).map(|_| b)).await?;
+            let b = checked.map_err(|e| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("chunk {d} of volume {volume} is damaged on {}: {e}", self.source),
+                )
+            })?;
+            writer.put(d, b).await?;
+            copied += 1;
+        }
+        writer.finish().await?;
+        if copied != missing.len() {
+            return Err(AgentError::new(
+                ErrorKind::Unavailable,
+                format!("{} sent {copied} of {} chunks", self.source, missing.len()),
+            ));
+        }
+        Ok(())
+    }
 }

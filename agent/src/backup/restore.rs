@@ -19,11 +19,13 @@ use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
+use vmbackup_store::chunk_store::MAX_INDEX_CHUNKS;
 
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
-use crate::storage::image_store::ImageStoreClient;
+use crate::storage::ChunkReader;
+use crate::storage::metered::Metered;
 use crate::storage::registry::Registry;
 use crate::throttle::Throttle;
 use crate::volume::VolumeFormat;
@@ -99,8 +101,11 @@ pub async fn run(
     opts: RestoreOptions,
 ) -> Result<()> {
     let storage = registry.require(storage_uuid).await?;
-    let mut client = registry.connect_from(&storage.url, opts.source.as_ref()).await?;
-    let chunk_max = usize::try_from(client.status().await?.chunk_size).unwrap_or(usize::MAX);
+    let (store, status) = registry.open_store(&storage, opts.source.as_ref()).await?;
+    let received = job.counters.count_into(|c| &c.received);
+    let reader: Arc<dyn ChunkReader> =
+        Arc::new(Metered::new(store as Arc<dyn ChunkReader>, opts.network_limit.clone(), received));
+    let chunk_max = usize::try_from(status.chunk_size).unwrap_or(usize::MAX);
     let buffers = Arc::new(Buffers { size: chunk_max, free: Mutex::default() });
     for t in targets {
         let r = t.backup.refs.iter().find(|r| r.backup_storage_uuid == storage_uuid).ok_or_else(|| {
@@ -109,11 +114,7 @@ pub async fn run(
                 format!("volume backup {} is not on backup storage {storage_uuid}", t.backup.uuid),
             )
         })?;
-        let ix = VolumeIndex::decode(
-            &client.get_index(&r.install_path).await?,
-            vmbackup_store::chunk_store::MAX_INDEX_CHUNKS,
-        )
-        .map_err(|e| {
+        let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, MAX_INDEX_CHUNKS).map_err(|e| {
             AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
         })?;
         Counters::add(&job.counters.planned, ix.virtual_size);
@@ -123,29 +124,39 @@ pub async fn run(
         let ix = Arc::new(ix);
         let (w, plan_ix, counters) = (writer.clone(), ix.clone(), job.counters.clone());
         let wanted = tokio::task::spawn_blocking(move || plan(&plan_ix, &**w, &counters)).await??;
-        let volume = Arc::new(t.backup.volume_uuid.clone());
+        let volume = Arc::new(VolumeRestore {
+            reader: reader.clone(),
+            job: job.clone(),
+            ix,
+            writer,
+            volume: t.backup.volume_uuid.clone(),
+            write_limit: opts.write_limit.clone(),
+            buffers: buffers.clone(),
+        });
         futures::stream::iter(wanted.chunks(DOWNLOAD_BATCH).map(<[_]>::to_vec))
-            .map(|batch| {
-                let (client, job, ix, writer, volume, opts, buffers) = (
-                    client.clone(),
-                    job.clone(),
-                    ix.clone(),
-                    writer.clone(),
-                    volume.clone(),
-                    opts.clone(),
-                    buffers.clone(),
-                );
-                async move { restore_batch(client, &job, &ix, writer, &volume, &opts, buffers, batch).await }
-            })
+            .map(|batch| restore_batch(volume.clone(), batch))
             .buffer_unordered(opts.parallelism.max(1))
             .try_collect::<Vec<()>>()
             .await?;
-        let writer = Arc::into_inner(writer)
+        let writer = Arc::into_inner(volume)
+            .and_then(|v| Arc::into_inner(v.writer))
             .ok_or_else(|| AgentError::new(ErrorKind::Internal, "restore writer still shared"))?;
         tokio::task::spawn_blocking(move || writer.finish()).await??;
         tracing::info!(volume_backup = %t.backup.uuid, path = %t.path.display(), "volume restored");
     }
     Ok(())
+}
+
+/// What the download streams of one volume share.
+#[derive(Debug)]
+struct VolumeRestore {
+    reader: Arc<dyn ChunkReader>,
+    job: Arc<Job>,
+    ix: Arc<VolumeIndex>,
+    writer: Arc<Box<dyn VolumeWriter>>,
+    volume: String,
+    write_limit: Throttle,
+    buffers: Arc<Buffers>,
 }
 
 /// Zeroes what the index says is zero (a no-op on new targets) and groups the other
@@ -169,55 +180,48 @@ fn plan(ix: &VolumeIndex, writer: &dyn VolumeWriter, counters: &Counters) -> Res
     Ok(wanted)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn restore_batch(
-    mut client: ImageStoreClient,
-    job: &Job,
-    ix: &Arc<VolumeIndex>,
-    writer: Arc<Box<dyn VolumeWriter>>,
-    volume: &Arc<String>,
-    opts: &RestoreOptions,
-    buffers: Arc<Buffers>,
-    batch: Vec<Wanted>,
-) -> Result<()> {
+/// Downloads one batch on its own stream and writes each chunk wherever the volume holds it.
+async fn restore_batch(v: Arc<VolumeRestore>, batch: Vec<Wanted>) -> Result<()> {
     let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-    let mut stream = client.download(&digests).await?;
+    let mut stream = v.reader.download(&digests).await?;
     for (d, at) in batch {
-        if job.cancel.is_cancelled() {
+        if v.job.cancel.is_cancelled() {
             return Err(AgentError::new(ErrorKind::Cancelled, "the restore was cancelled"));
         }
-        let chunk = stream.message().await.map_err(|s| client.call_error("DownloadChunks", s))?.ok_or_else(|| {
+        let (got, blob) = stream.next().await.ok_or_else(|| {
             AgentError::new(ErrorKind::Unavailable, format!("the store ended the download before chunk {d}"))
-        })?;
-        opts.network_limit.consume(chunk.blob.len()).await;
-        Counters::add(&job.counters.received, u64::try_from(chunk.blob.len()).unwrap_or(0));
-        let bytes: u64 = at.iter().map(|&i| ix.chunk_range(i).1).sum();
-        opts.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
-        let (w, volume, ix, buffers) = (writer.clone(), volume.clone(), ix.clone(), buffers.clone());
+        })??;
+        if got != d {
+            return Err(AgentError::new(
+                ErrorKind::Unavailable,
+                format!("the store sent chunk {got} where chunk {d} of volume {} was asked for", v.volume),
+            ));
+        }
+        let bytes: u64 = at.iter().map(|&i| v.ix.chunk_range(i).1).sum();
+        v.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
+        let v2 = v.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let (mut buf, mut decoder) = buffers.take()?;
-            let written = decode_and_write(&mut decoder, &chunk.blob, &d, &mut buf, &ix, &at, &**w, &volume);
-            buffers.give((buf, decoder));
+            let (mut buf, mut decoder) = v2.buffers.take()?;
+            let written = decode_and_write(&v2, &mut decoder, &blob, &d, &mut buf, &at);
+            v2.buffers.give((buf, decoder));
             written
         })
         .await??;
-        Counters::add(&job.counters.written, bytes);
+        Counters::add(&v.job.counters.written, bytes);
     }
     Ok(())
 }
 
 /// Decodes chunk `d` into `buf`, checks it, and writes it at every chunk index in `at`.
-#[allow(clippy::too_many_arguments)]
 fn decode_and_write(
+    v: &VolumeRestore,
     decoder: &mut blob::Decoder,
     blob: &[u8],
     d: &Digest,
     buf: &mut [u8],
-    ix: &VolumeIndex,
     at: &[usize],
-    w: &dyn VolumeWriter,
-    volume: &str,
 ) -> Result<()> {
+    let volume = &v.volume;
     let n = decoder.decode_and_verify_into(blob, d, buf).map_err(|e| {
         AgentError::new(
             ErrorKind::FailedPrecondition,
@@ -225,14 +229,14 @@ fn decode_and_write(
         )
     })?;
     for &i in at {
-        let (offset, len) = ix.chunk_range(i);
+        let (offset, len) = v.ix.chunk_range(i);
         if u64::try_from(n).ok() != Some(len) {
             return Err(AgentError::new(
                 ErrorKind::FailedPrecondition,
                 format!("chunk {d} of volume {volume} has {n} bytes, {len} expected at chunk {i}"),
             ));
         }
-        w.write_at(offset, &buf[..n])?;
+        v.writer.write_at(offset, &buf[..n])?;
     }
     Ok(())
 }

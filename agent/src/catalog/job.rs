@@ -5,6 +5,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{Catalog, CatalogError};
+use crate::model::JobState;
 
 /// A stored job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +18,8 @@ pub struct JobRecord {
     pub resource_uuid: Option<String>,
     /// What the job works on (e.g. the backup storage uuid), for Permissive deletes.
     pub target_uuid: Option<String>,
-    /// `Running`, `Succeeded`, `Failed`, `Cancelled`.
-    pub state: String,
+    /// State.
+    pub state: JobState,
     /// Last progress, JSON of the JobProgress message.
     pub progress: String,
     /// Unix milliseconds.
@@ -115,7 +116,7 @@ mod tests {
             kind: "CreateVmBackup".into(),
             resource_uuid: Some("r".into()),
             target_uuid: Some("bs".into()),
-            state: "Running".into(),
+            state: JobState::Running,
             progress: "{\"jobUuid\":\"j\",\"state\":\"Running\"}".into(),
             started: 5,
             finished: None,
@@ -124,7 +125,7 @@ mod tests {
         assert_eq!(c.running_jobs_on("bs").expect("running"), 1);
         assert_eq!(c.fail_interrupted_jobs("agent restarted", 9).expect("fail"), 1);
         let got = c.get_job("j").expect("get").expect("exists");
-        assert_eq!((got.state.as_str(), got.finished), ("Failed", Some(9)));
+        assert_eq!((got.state, got.finished), (JobState::Failed, Some(9)));
         assert!(got.progress.contains("agent restarted"));
         assert_eq!(c.job_by_resource("CreateVmBackup", "r").expect("by resource").map(|j| j.uuid), Some("j".into()));
         assert_eq!(c.running_jobs_on("bs").expect("running"), 0);

@@ -14,6 +14,7 @@ pub mod backup_storage;
 pub mod job;
 pub mod query;
 pub mod snapshot_group;
+mod values;
 pub mod vm;
 pub mod volume_backup;
 

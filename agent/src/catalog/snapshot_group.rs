@@ -7,6 +7,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query};
 use super::{Catalog, CatalogError};
+use crate::model::VolumeKind;
+use crate::volume::VolumeFormat;
 
 /// One volume's snapshot in a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +19,8 @@ pub struct SnapshotRecord {
     pub volume_uuid: String,
     /// Volume name.
     pub volume_name: String,
-    /// `Root` or `Data`.
-    pub volume_type: String,
+    /// Root or Data.
+    pub volume_type: VolumeKind,
     /// Device order when taken.
     pub device_id: i32,
     /// Snapshot name.
@@ -26,7 +28,7 @@ pub struct SnapshotRecord {
     /// The frozen file (the snapshot).
     pub install_path: String,
     /// Format of the frozen file.
-    pub install_format: String,
+    pub install_format: VolumeFormat,
     /// The overlay the volume continues on.
     pub overlay_path: String,
     /// Merged back already.

@@ -4,6 +4,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query};
 use super::{Catalog, CatalogError};
+use crate::model::VolumeKind;
+use crate::volume::VolumeFormat;
 
 /// A volume of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,10 +16,10 @@ pub struct VolumeRecord {
     pub name: String,
     /// File or block device on this host.
     pub install_path: String,
-    /// `raw` or `qcow2`.
-    pub format: String,
-    /// `Root` or `Data`.
-    pub kind: String,
+    /// Format of the file or device.
+    pub format: VolumeFormat,
+    /// Root or Data.
+    pub kind: VolumeKind,
     /// Device order in the VM (0 for the root volume).
     pub device_id: i32,
 }
@@ -188,8 +190,8 @@ mod tests {
                     uuid: (*v).into(),
                     name: format!("vol-{v}"),
                     install_path: format!("/images/{v}.qcow2"),
-                    format: "qcow2".into(),
-                    kind: if *d == 0 { "Root".into() } else { "Data".into() },
+                    format: VolumeFormat::Qcow2,
+                    kind: if *d == 0 { VolumeKind::Root } else { VolumeKind::Data },
                     device_id: *d,
                 })
                 .collect(),

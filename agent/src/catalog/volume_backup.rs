@@ -6,6 +6,7 @@ use rusqlite::params;
 
 use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query};
 use super::{Catalog, CatalogError};
+use crate::model::{BackupStatus, VolumeKind};
 
 /// Where a volume backup is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,8 +15,8 @@ pub struct StorageRef {
     pub backup_storage_uuid: String,
     /// Index name on that storage.
     pub install_path: String,
-    /// `Ready`, `Damaged`, …
-    pub status: String,
+    /// Ready, or Damaged.
+    pub status: BackupStatus,
     /// Unix milliseconds.
     pub create_date: i64,
     /// Unix milliseconds.
@@ -35,12 +36,12 @@ pub struct VolumeBackupRecord {
     pub name: String,
     /// Description.
     pub description: Option<String>,
-    /// `Root` or `Data`.
-    pub kind: String,
+    /// Root or Data.
+    pub kind: VolumeKind,
     /// `Enabled`.
     pub state: String,
-    /// `Ready`, `Damaged`.
-    pub status: String,
+    /// Ready, or Damaged (on every storage).
+    pub status: BackupStatus,
     /// Virtual size, bytes.
     pub size: i64,
     /// JSON: format, virtual size, chunk size, stored and deduplicated bytes.
@@ -159,7 +160,7 @@ impl Catalog {
             ..Default::default()
         };
         let mut rows = self.query_volume_backups(&q)?.rows;
-        rows.sort_by_key(|r| (r.kind != "Root", r.name.clone()));
+        rows.sort_by_key(|r| (r.kind != VolumeKind::Root, r.name.clone()));
         Ok(rows)
     }
 

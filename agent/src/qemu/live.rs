@@ -52,6 +52,14 @@ pub struct LiveSnapshot {
     frozen: Vec<Frozen>,
 }
 
+/// [`connect_if_running`] for a VM that may have no QMP socket registered.
+pub async fn connect_if_running_opt(socket: Option<&str>) -> Result<Option<Arc<Qmp>>> {
+    match socket {
+        Some(s) if !s.is_empty() => connect_if_running(Path::new(s)).await,
+        _ => Ok(None),
+    }
+}
+
 /// The QMP session of a running VM, or None when nothing listens on `socket` (the VM is
 /// stopped, and its files are read directly).
 pub async fn connect_if_running(socket: &Path) -> Result<Option<Arc<Qmp>>> {
@@ -341,17 +349,7 @@ async fn commit_offline(f: &Frozen) -> Result<()> {
 /// Merges the qcow2 `overlay` into its backing file with `qemu-img commit` (no QEMU runs
 /// on it).
 pub async fn merge_offline(overlay: &Path) -> Result<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["commit", "-q", "-f", "qcow2"])
-        .arg(overlay)
-        .output()
-        .await
-        .map_err(|e| AgentError::new(ErrorKind::Unavailable, format!("running qemu-img commit: {e}")))?;
-    if !out.status.success() {
-        return Err(AgentError::new(
-            ErrorKind::FailedPrecondition,
-            format!("qemu-img commit {}: {}", overlay.display(), String::from_utf8_lossy(&out.stderr).trim()),
-        ));
-    }
+    let path = overlay.display().to_string();
+    crate::tool::run("qemu-img", &["commit", "-q", "-f", "qcow2", &path], crate::tool::LONG).await?;
     Ok(())
 }

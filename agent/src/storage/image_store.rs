@@ -1,46 +1,46 @@
 //! gRPC client of one vmbackup-store (an Image Storage backup storage).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use tonic::transport::{Channel, Endpoint};
 use vmbackup_proto::store::v1 as pb;
 use vmbackup_proto::store::v1::image_store_client::ImageStoreClient as PbClient;
 
+use bytes::Bytes;
+use futures::StreamExt;
 use vmbackup_proto::Digest;
 
+use super::seam::{ChunkReader, ChunkStream, ChunkWriter, OpenedSession, PutStats, StoreStatus, StoredGroup};
 use crate::error::{AgentError, ErrorKind, Result};
 
 /// How long a TCP connect to a store may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a short control call (Status, sessions) may take.
+/// How long a short control call (Status, sessions, MissingChunks) may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a call that moves or checks a whole index or group may take (PutIndex,
+/// GetIndex, CommitGroup, which checks every chunk the group names, list and delete).
+pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A request with a deadline (sent as `grpc-timeout`). Streams of chunks get none: an
+/// upload or download lasts as long as its data takes, and a dead peer is found by the
+/// connection's keep-alive instead.
+fn deadline<T>(message: T, limit: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(limit);
+    req
+}
 /// Largest gRPC message accepted or sent; matches the store's limit.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// What a store says about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreStatus {
-    /// The store's persistent uuid.
-    pub store_uuid: String,
-    /// Bytes.
-    pub total_capacity: i64,
-    /// Bytes.
-    pub available_capacity: i64,
-    /// Fixed chunk size of the store.
-    pub chunk_size: u32,
-}
 
 /// Digests asked per MissingChunks call (the store accepts up to 16384).
 pub const MISSING_BATCH: usize = 8192;
 
-/// An open write session on a store; keep-alives stop when it is dropped.
-#[derive(Debug)]
-pub struct StoreSession {
-    /// Session id.
-    pub id: String,
-    /// Held only for its drop: stops the keep-alive task.
-    _keep_alive: tokio_util::sync::DropGuard,
-}
+/// Encoded chunks waiting for the upload stream of one writer.
+const UPLOAD_QUEUE: usize = 4;
 
 /// A connected client of one store.
 #[derive(Debug, Clone)]
@@ -75,7 +75,9 @@ impl ImageStoreClient {
         }
         let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             // What the agent lets the store send ahead on downloads: a stream may hold one
             // whole chunk in flight (4 MiB and framing), the connection four of them, so a
@@ -111,10 +113,89 @@ impl ImageStoreClient {
         Ok(Self { url: url.to_string(), inner })
     }
 
-    /// The store's identity and capacity.
-    pub async fn status(&mut self) -> Result<StoreStatus> {
-        let reply =
-            self.inner.status(pb::StatusRequest {}).await.map_err(|s| self.call_error("Status", s))?.into_inner();
+    /// The store's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The error of a failed call, naming the store and the method.
+    pub fn call_error(&self, method: &str, s: tonic::Status) -> AgentError {
+        call_error(&self.url, method, s)
+    }
+
+    fn client(&self) -> PbClient<Channel> {
+        self.inner.clone()
+    }
+}
+
+/// The error of a failed call to the store at `url`, naming the method.
+fn call_error(url: &str, method: &str, s: tonic::Status) -> AgentError {
+    let kind = match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => ErrorKind::Unavailable,
+        tonic::Code::DeadlineExceeded => ErrorKind::Timeout,
+        tonic::Code::NotFound => ErrorKind::NotFound,
+        tonic::Code::InvalidArgument => ErrorKind::InvalidArgument,
+        tonic::Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+        tonic::Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+        tonic::Code::Cancelled => ErrorKind::Cancelled,
+        tonic::Code::Unimplemented => ErrorKind::Unimplemented,
+        _ => ErrorKind::Internal,
+    };
+    AgentError::new(kind, format!("Image Storage at {url} failed {method}: {}", s.message()))
+}
+
+fn group(g: pb::GroupInfo) -> StoredGroup {
+    StoredGroup { group_uuid: g.group_uuid, manifest: g.manifest, damaged: g.damaged }
+}
+
+#[tonic::async_trait]
+impl ChunkReader for ImageStoreClient {
+    async fn get_index(&self, name: &str) -> Result<Vec<u8>> {
+        let req = pb::GetIndexRequest { name: name.to_string() };
+        Ok(self
+            .client()
+            .get_index(deadline(req, LONG_CALL_TIMEOUT))
+            .await
+            .map_err(|s| self.call_error("GetIndex", s))?
+            .into_inner()
+            .data)
+    }
+
+    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream> {
+        let req = pb::DownloadChunksRequest { digests: digests.iter().map(|d| d.0.to_vec()).collect() };
+        let stream = self
+            .client()
+            .download_chunks(tonic::Request::new(req))
+            .await
+            .map_err(|s| self.call_error("DownloadChunks", s))?
+            .into_inner();
+        let url = self.url.clone();
+        Ok(stream
+            .map(move |item| {
+                let chunk = item.map_err(|s| call_error(&url, "DownloadChunks", s))?;
+                let digest = Digest::from_slice(&chunk.digest).map_err(|e| {
+                    AgentError::new(ErrorKind::Unavailable, format!("Image Storage at {url} sent a bad chunk digest"))
+                        .with_source(e)
+                })?;
+                Ok((digest, chunk.blob))
+            })
+            .boxed())
+    }
+}
+
+#[tonic::async_trait]
+impl super::seam::Store for ImageStoreClient {
+    fn location(&self) -> &str {
+        &self.url
+    }
+
+    async fn status(&self) -> Result<StoreStatus> {
+        let reply = self
+            .client()
+            .status(deadline(pb::StatusRequest {}, CALL_TIMEOUT))
+            .await
+            .map_err(|s| self.call_error("Status", s))?
+            .into_inner();
         if reply.store_uuid.is_empty() {
             return Err(AgentError::new(
                 ErrorKind::Unavailable,
@@ -129,56 +210,43 @@ impl ImageStoreClient {
         })
     }
 
-    /// Opens a write session and keeps it alive (KeepAlive at a third of its TTL) until the
-    /// returned guard is closed or dropped.
-    pub async fn open_session(&mut self, client: &str) -> Result<StoreSession> {
+    async fn open_session(&self, client: &str) -> Result<OpenedSession> {
         let reply = self
-            .inner
-            .open_session(pb::OpenSessionRequest { client: client.to_string(), ttl_seconds: 0 })
+            .client()
+            .open_session(deadline(pb::OpenSessionRequest { client: client.to_string(), ttl_seconds: 0 }, CALL_TIMEOUT))
             .await
             .map_err(|s| self.call_error("OpenSession", s))?
             .into_inner();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let (mut c, id, token) = (self.inner.clone(), reply.session_id.clone(), cancel.clone());
-        let period = Duration::from_secs(u64::from(reply.ttl_seconds.max(3)) / 3);
-        let url = self.url.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                if let Err(e) = c.keep_alive(pb::KeepAliveRequest { session_id: id.clone() }).await {
-                    tracing::warn!(store = %url, session = %id, error = %e.message(), "session keep-alive failed");
-                }
-            }
-        });
-        Ok(StoreSession { id: reply.session_id, _keep_alive: cancel.drop_guard() })
+        Ok(OpenedSession { id: reply.session_id, ttl: Duration::from_secs(u64::from(reply.ttl_seconds.max(3))) })
     }
 
-    /// Closes a session (its chunks lose GC protection once uncommitted work is abandoned).
-    pub async fn close_session(&mut self, session: StoreSession) -> Result<()> {
-        let id = session.id.clone();
-        drop(session);
-        self.inner
-            .close_session(pb::CloseSessionRequest { session_id: id })
+    async fn keep_alive(&self, session: &str) -> Result<()> {
+        let req = pb::KeepAliveRequest { session_id: session.to_string() };
+        self.client().keep_alive(deadline(req, CALL_TIMEOUT)).await.map_err(|s| self.call_error("KeepAlive", s))?;
+        Ok(())
+    }
+
+    async fn close_session(&self, session: &str) -> Result<()> {
+        let req = pb::CloseSessionRequest { session_id: session.to_string() };
+        self.client()
+            .close_session(deadline(req, CALL_TIMEOUT))
             .await
             .map_err(|s| self.call_error("CloseSession", s))?;
         Ok(())
     }
 
-    /// Which digests the store lacks (asked in batches the store accepts).
-    pub async fn missing(&mut self, session: &StoreSession, digests: &[Digest]) -> Result<Vec<Digest>> {
+    async fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut missing = Vec::new();
+        let mut c = self.client();
         for batch in digests.chunks(MISSING_BATCH) {
-            let reply = self
-                .inner
-                .missing_chunks(pb::MissingChunksRequest {
-                    session_id: session.id.clone(),
-                    digests: batch.iter().map(|d| d.0.to_vec()).collect(),
-                })
+            let reply = c
+                .missing_chunks(deadline(
+                    pb::MissingChunksRequest {
+                        session_id: session.to_string(),
+                        digests: batch.iter().map(|d| d.0.to_vec()).collect(),
+                    },
+                    CALL_TIMEOUT,
+                ))
                 .await
                 .map_err(|s| self.call_error("MissingChunks", s))?
                 .into_inner();
@@ -192,42 +260,35 @@ impl ImageStoreClient {
         Ok(missing)
     }
 
-    /// Asks about one digest: Some(digest) when the store lacks it.
-    pub async fn missing_one(&mut self, session_id: &str, digest: Digest) -> Result<Option<Digest>> {
-        let reply = self
-            .inner
-            .missing_chunks(pb::MissingChunksRequest {
-                session_id: session_id.to_string(),
-                digests: vec![digest.0.to_vec()],
-            })
-            .await
-            .map_err(|s| self.call_error("MissingChunks", s))?
-            .into_inner();
-        Ok(if reply.missing.is_empty() { None } else { Some(digest) })
+    async fn writer(&self, session: &str) -> Result<Box<dyn ChunkWriter>> {
+        let (tx, rx) = mpsc::channel::<(Digest, Bytes)>(UPLOAD_QUEUE);
+        let id = session.to_string();
+        let stream = ReceiverStream::new(rx).map(move |(d, blob)| pb::UploadChunk {
+            session_id: id.clone(),
+            digest: d.0.to_vec(),
+            blob,
+        });
+        let (mut c, url) = (self.client(), self.url.clone());
+        let req = tonic::Request::new(stream);
+        let ended = Arc::new(Mutex::new(None));
+        let why = ended.clone();
+        let task = tokio::spawn(async move {
+            let reply = c.upload_chunks(req).await.map_err(|s| {
+                let e = call_error(&url, "UploadChunks", s);
+                *why.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.detached());
+                e
+            })?;
+            let reply = reply.into_inner();
+            Ok(PutStats { stored: reply.chunks_stored, already_present: reply.chunks_already_present })
+        });
+        Ok(Box::new(UploadStream { tx: Some(tx), task: Some(task), ended, url: self.url.clone() }))
     }
 
-    /// Streams chunks (digest, encoded blob) to the store until `chunks` ends.
-    pub async fn upload(
-        &mut self,
-        session_id: &str,
-        chunks: impl futures::Stream<Item = (Digest, bytes::Bytes)> + Send + 'static,
-    ) -> Result<pb::UploadChunksReply> {
-        use futures::StreamExt;
-        let id = session_id.to_string();
-        let stream =
-            chunks.map(move |(d, blob)| pb::UploadChunk { session_id: id.clone(), digest: d.0.to_vec(), blob });
-        let mut c = self.inner.clone();
-        // Uploads may take long: no per-call deadline beyond the transfer itself.
-        let mut req = tonic::Request::new(stream);
-        req.set_timeout(Duration::from_secs(24 * 3600));
-        Ok(c.upload_chunks(req).await.map_err(|s| self.call_error("UploadChunks", s))?.into_inner())
-    }
-
-    /// Stores a volume index; returns its digest.
-    pub async fn put_index(&mut self, session: &StoreSession, name: &str, data: Vec<u8>) -> Result<Digest> {
+    async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest> {
+        let req = pb::PutIndexRequest { session_id: session.to_string(), name: name.to_string(), data };
         let reply = self
-            .inner
-            .put_index(pb::PutIndexRequest { session_id: session.id.clone(), name: name.to_string(), data })
+            .client()
+            .put_index(deadline(req, LONG_CALL_TIMEOUT))
             .await
             .map_err(|s| self.call_error("PutIndex", s))?
             .into_inner();
@@ -237,68 +298,89 @@ impl ImageStoreClient {
         })
     }
 
-    /// A volume index.
-    pub async fn get_index(&mut self, name: &str) -> Result<Vec<u8>> {
-        let req = pb::GetIndexRequest { name: name.to_string() };
-        Ok(self.inner.get_index(req).await.map_err(|s| self.call_error("GetIndex", s))?.into_inner().data)
-    }
-
-    /// Commits a group manifest.
-    pub async fn commit(&mut self, session: &StoreSession, manifest: Vec<u8>) -> Result<pb::GroupInfo> {
-        let req = pb::CommitGroupRequest { session_id: session.id.clone(), manifest };
-        Ok(self.inner.commit_group(req).await.map_err(|s| self.call_error("CommitGroup", s))?.into_inner())
-    }
-
-    /// Every committed group.
-    pub async fn list_groups(&mut self) -> Result<Vec<pb::GroupInfo>> {
-        Ok(self
-            .inner
-            .list_groups(pb::ListGroupsRequest {})
+    async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
+        let req = pb::CommitGroupRequest { session_id: session.to_string(), manifest };
+        self.client()
+            .commit_group(deadline(req, LONG_CALL_TIMEOUT))
             .await
-            .map_err(|s| self.call_error("ListGroups", s))?
-            .into_inner()
-            .groups)
-    }
-
-    /// One committed group.
-    pub async fn get_group(&mut self, group_uuid: &str) -> Result<pb::GroupInfo> {
-        let req = pb::GetGroupRequest { group_uuid: group_uuid.to_string() };
-        Ok(self.inner.get_group(req).await.map_err(|s| self.call_error("GetGroup", s))?.into_inner())
-    }
-
-    /// Deletes a group (its chunks are reclaimed by the store's GC).
-    pub async fn delete_group(&mut self, group_uuid: &str) -> Result<()> {
-        let req = pb::DeleteGroupRequest { group_uuid: group_uuid.to_string() };
-        self.inner.delete_group(req).await.map_err(|s| self.call_error("DeleteGroup", s))?;
+            .map_err(|s| self.call_error("CommitGroup", s))?;
         Ok(())
     }
 
-    /// Streams the blobs of `digests`, in order.
-    pub async fn download(&mut self, digests: &[Digest]) -> Result<tonic::Streaming<pb::Chunk>> {
-        let req = pb::DownloadChunksRequest { digests: digests.iter().map(|d| d.0.to_vec()).collect() };
-        let mut req = tonic::Request::new(req);
-        req.set_timeout(Duration::from_secs(24 * 3600));
-        Ok(self.inner.download_chunks(req).await.map_err(|s| self.call_error("DownloadChunks", s))?.into_inner())
+    async fn list_groups(&self) -> Result<Vec<StoredGroup>> {
+        let reply = self
+            .client()
+            .list_groups(deadline(pb::ListGroupsRequest {}, LONG_CALL_TIMEOUT))
+            .await
+            .map_err(|s| self.call_error("ListGroups", s))?;
+        Ok(reply.into_inner().groups.into_iter().map(group).collect())
     }
 
-    /// The store's URL.
-    pub fn url(&self) -> &str {
-        &self.url
+    async fn get_group(&self, group_uuid: &str) -> Result<StoredGroup> {
+        let req = pb::GetGroupRequest { group_uuid: group_uuid.to_string() };
+        Ok(group(
+            self.client()
+                .get_group(deadline(req, CALL_TIMEOUT))
+                .await
+                .map_err(|s| self.call_error("GetGroup", s))?
+                .into_inner(),
+        ))
     }
 
-    /// The error of a failed call, naming the store and the method.
-    pub fn call_error(&self, method: &str, s: tonic::Status) -> AgentError {
-        let kind = match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => ErrorKind::Unavailable,
-            tonic::Code::DeadlineExceeded => ErrorKind::Timeout,
-            tonic::Code::NotFound => ErrorKind::NotFound,
-            tonic::Code::InvalidArgument => ErrorKind::InvalidArgument,
-            tonic::Code::ResourceExhausted => ErrorKind::ResourceExhausted,
-            tonic::Code::FailedPrecondition => ErrorKind::FailedPrecondition,
-            tonic::Code::Cancelled => ErrorKind::Cancelled,
-            tonic::Code::Unimplemented => ErrorKind::Unimplemented,
-            _ => ErrorKind::Internal,
+    async fn delete_group(&self, group_uuid: &str) -> Result<()> {
+        let req = pb::DeleteGroupRequest { group_uuid: group_uuid.to_string() };
+        self.client()
+            .delete_group(deadline(req, LONG_CALL_TIMEOUT))
+            .await
+            .map_err(|s| self.call_error("DeleteGroup", s))?;
+        Ok(())
+    }
+}
+
+/// One UploadChunks stream: `put` queues a blob for it, `finish` ends it and waits for the
+/// store's reply (every chunk durable). Dropped unfinished, the stream is aborted and the
+/// store keeps nothing it had not already made durable.
+struct UploadStream {
+    tx: Option<mpsc::Sender<(Digest, Bytes)>>,
+    task: Option<tokio::task::JoinHandle<Result<PutStats>>>,
+    /// Why the stream ended, once it ended with an error.
+    ended: Arc<Mutex<Option<AgentError>>>,
+    url: String,
+}
+
+#[tonic::async_trait]
+impl ChunkWriter for UploadStream {
+    async fn put(&self, digest: Digest, blob: Bytes) -> Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((digest, blob)).await.is_ok(),
+            None => false,
         };
-        AgentError::new(kind, format!("Image Storage at {} failed {method}: {}", self.url, s.message()))
+        if sent {
+            return Ok(());
+        }
+        let why =
+            self.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(AgentError::detached);
+        Err(why.unwrap_or_else(|| {
+            AgentError::new(
+                ErrorKind::Unavailable,
+                format!("the upload stream to the Image Storage at {} ended early", self.url),
+            )
+        }))
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<PutStats> {
+        drop(self.tx.take());
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(PutStats::default()),
+        }
+    }
+}
+
+impl Drop for UploadStream {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }

@@ -1,8 +1,14 @@
-//! Clients of the places backups are written to. Today: Image Storage (a vmbackup-store
-//! server over gRPC). A Ceph pool written directly joins here later.
+//! Where backups are written to and read from, behind one seam ([`seam`]): the engines in
+//! the backup engines see a [`Store`], a [`ChunkReader`] and [`ChunkWriter`]s, never a
+//! particular kind of storage. Today: Image Storage (a vmbackup-store server over gRPC,
+//! [`image_store`]) and, for fsInfo, a mounted store directory ([`fsinfo`]); rate limits and byte counters wrap either ([`metered`]).
 
+pub mod fsinfo;
 pub mod image_store;
+pub mod metered;
 pub mod netbind;
 pub mod registry;
+pub mod seam;
 
-pub use image_store::{ImageStoreClient, StoreStatus};
+pub use image_store::ImageStoreClient;
+pub use seam::{ChunkReader, ChunkWriter, Session, Store, StoreStatus, StoredGroup};

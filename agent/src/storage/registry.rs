@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::catalog::backup_storage::BackupStorageRecord;
 use crate::catalog::{Catalog, now_millis};
 use crate::error::{AgentError, ErrorKind, Result, blocking};
-use crate::storage::ImageStoreClient;
+use crate::storage::{ImageStoreClient, Store, StoreStatus};
 use crate::validate::{DeleteMode, endpoint_url};
 
 /// Type name of an Image Storage record.
@@ -73,6 +73,27 @@ impl Registry {
         ImageStoreClient::connect_from(url, &self.tls, source).await
     }
 
+    /// The store behind a backup storage record, reached from `source` when given (the
+    /// backup network), after checking that it is the store the record was added for.
+    pub async fn open_store(
+        &self,
+        record: &BackupStorageRecord,
+        source: Option<&super::netbind::SourceAddr>,
+    ) -> Result<(Arc<dyn Store>, StoreStatus)> {
+        let client = self.connect_from(&record.url, source).await?;
+        let status = client.status().await?;
+        if status.store_uuid != record.store_uuid {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "a different Image Storage answers at {}: store {} instead of {}",
+                    record.url, status.store_uuid, record.store_uuid
+                ),
+            ));
+        }
+        Ok((Arc::new(client), status))
+    }
+
     /// The catalog.
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
@@ -111,7 +132,7 @@ impl Registry {
             .with_field("resourceUuid"));
         }
 
-        let mut client = self.connect(&url).await?;
+        let client = self.connect(&url).await?;
         let status = client.status().await?;
 
         let catalog = self.catalog.clone();
@@ -171,7 +192,7 @@ impl Registry {
     pub async fn reconnect(&self, uuid: &str) -> Result<BackupStorageRecord> {
         let record = self.require(uuid).await?;
         let probe = async {
-            let mut client = self.connect(&record.url).await?;
+            let client = self.connect(&record.url).await?;
             client.status().await
         }
         .await;
@@ -238,7 +259,7 @@ impl Registry {
     /// first start, follows a changed listen address afterwards.
     pub async fn ensure_embedded(&self, name: &str, hostname: &str, port: u16) -> Result<BackupStorageRecord> {
         let url = endpoint_url(hostname, port, false);
-        let mut client = self.connect(&url).await?;
+        let client = self.connect(&url).await?;
         let status = client.status().await?;
         let catalog = self.catalog.clone();
         let store_uuid = status.store_uuid.clone();

@@ -67,6 +67,12 @@ impl VolumeFormat {
     }
 }
 
+impl std::fmt::Display for VolumeFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A readable volume.
 pub trait VolumeSource: Send + Sync + std::fmt::Debug {
     /// Virtual size in bytes.

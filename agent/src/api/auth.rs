@@ -63,7 +63,7 @@ impl Sessions {
 }
 
 fn unauthenticated(message: &str) -> Status {
-    crate::api::status(&crate::error::AgentError::new(crate::error::ErrorKind::Unauthenticated, message))
+    super::status(&crate::error::AgentError::new(crate::error::ErrorKind::Unauthenticated, message))
 }
 
 /// Reads the session file under `data_dir`, creating it with a new session (mode 0600) when

@@ -1,61 +1,36 @@
-//! Running jobs: progress counters, cancellation, and the progress stream of WatchJob.
+//! Running jobs: cancellation, progress, and the progress stream watchers follow.
 //!
 //! A job is recorded in the catalog when it starts (`Running`) and when it ends, so
-//! WatchJob of a finished job, or of a job a crashed agent left behind, still answers.
-//! While it runs, workers bump the atomic [`Counters`]; a ticker publishes a
-//! [`pb::JobProgress`] snapshot (with rate and ETA) twice a second to every watcher.
-//! Cancellation is a [`CancellationToken`] per job; workers take child tokens. A job started
-//! for a request with a resourceUuid has that uuid, so WatchJob finds it by the id the
-//! caller already knows.
+//! watching a finished job, or a job a crashed agent left behind, still answers.
+//! While it runs, workers bump the atomic [`Counters`]; a ticker publishes a [`Progress`]
+//! snapshot (with rate and ETA) twice a second to every watcher. Cancellation is a
+//! [`CancellationToken`] per job. A job started for a request with a resourceUuid has that
+//! uuid, so a watcher finds it by the id the caller already knows.
+//!
+//! Jobs know no wire type: the API edges render [`Progress`] in their own shapes, and the
+//! metrics observe finished jobs through [`AgentMetrics`].
+
+mod progress;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use vmbackup_proto::agent::v1 as pb;
+use tracing::Instrument;
 
-use crate::api::timestamp;
+pub use progress::{Counters, JobState, Progress};
+
 use crate::catalog::job::JobRecord;
 use crate::catalog::{Catalog, now_millis};
 use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::metrics::AgentMetrics;
 
 /// How often watchers get a snapshot.
 pub const TICK: Duration = Duration::from_millis(500);
-
-/// Byte counters of one job, bumped by its workers.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Logical bytes the job will cover.
-    pub planned: AtomicI64,
-    /// Bytes read from volumes.
-    pub read: AtomicI64,
-    /// Bytes skipped as zero or unallocated.
-    pub zero: AtomicI64,
-    /// Bytes whose chunks the storage already had.
-    pub deduplicated: AtomicI64,
-    /// Bytes sent to storage.
-    pub sent: AtomicI64,
-    /// Bytes received from storage.
-    pub received: AtomicI64,
-    /// Bytes written to volumes.
-    pub written: AtomicI64,
-}
-
-impl Counters {
-    /// Adds `n` to a counter.
-    pub fn add(counter: &AtomicI64, n: u64) {
-        counter.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
-    }
-
-    /// Logical bytes done: read or skipped (backup) / written or skipped (restore).
-    fn done(&self) -> i64 {
-        self.read.load(Ordering::Relaxed).max(self.written.load(Ordering::Relaxed)) + self.zero.load(Ordering::Relaxed)
-    }
-}
 
 /// A running job.
 #[derive(Debug)]
@@ -70,7 +45,7 @@ pub struct Job {
     pub counters: Arc<Counters>,
     record: Mutex<JobRecord>,
     message: Mutex<String>,
-    tx: watch::Sender<pb::JobProgress>,
+    tx: watch::Sender<Progress>,
 }
 
 impl Job {
@@ -84,16 +59,17 @@ impl Job {
         *self.message.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = m.into();
     }
 
-    fn snapshot(&self, state: &str, rate: f64, error: Option<pb::ErrorCode>, finished: Option<i64>) -> pb::JobProgress {
+    fn snapshot(&self, state: JobState, rate: f64, error: Option<AgentError>, finished: Option<i64>) -> Progress {
+        use std::sync::atomic::Ordering;
         let c = &self.counters;
         let planned = c.planned.load(Ordering::Relaxed);
         let done = c.done();
         let eta = (rate > 0.0 && planned > done).then(|| (planned - done) as f64 / rate);
         let started = self.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner).started;
-        pb::JobProgress {
+        Progress {
             job_uuid: self.uuid.clone(),
             kind: self.kind.clone(),
-            state: state.to_string(),
+            state,
             bytes_planned: planned,
             bytes_read: c.read.load(Ordering::Relaxed),
             bytes_zero: c.zero.load(Ordering::Relaxed),
@@ -104,9 +80,9 @@ impl Job {
             rate,
             eta_seconds: eta,
             message: self.message.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
-            error,
-            started: timestamp(started),
-            finished: finished.and_then(timestamp),
+            error: error.map(|e| e.report()),
+            started,
+            finished,
         }
     }
 }
@@ -125,15 +101,15 @@ pub struct Jobs {
     catalog: Arc<Catalog>,
     running: Arc<Mutex<HashMap<String, Arc<Job>>>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
-    metrics: Arc<crate::metrics::AgentMetrics>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Final state of a job from its outcome.
-fn final_state(outcome: &Result<()>) -> &'static str {
+fn final_state<T>(outcome: &Result<T>) -> JobState {
     match outcome {
-        Ok(()) => "Succeeded",
-        Err(e) if e.kind() == ErrorKind::Cancelled => "Cancelled",
-        Err(_) => "Failed",
+        Ok(_) => JobState::Succeeded,
+        Err(e) if e.kind() == ErrorKind::Cancelled => JobState::Cancelled,
+        Err(_) => JobState::Failed,
     }
 }
 
@@ -169,12 +145,12 @@ impl Jobs {
             kind: kind.to_string(),
             resource_uuid,
             target_uuid,
-            state: "Running".to_string(),
+            state: JobState::Running,
             progress: "{}".to_string(),
             started,
             finished: None,
         };
-        let (tx, _rx) = watch::channel(pb::JobProgress::default());
+        let (tx, _rx) = watch::channel(Progress::default());
         let job = Arc::new(Job {
             uuid: uuid.clone(),
             kind: kind.to_string(),
@@ -184,7 +160,7 @@ impl Jobs {
             message: Mutex::new(String::new()),
             tx,
         });
-        let first = job.snapshot("Running", 0.0, None, None);
+        let first = job.snapshot(JobState::Running, 0.0, None, None);
         let record = JobRecord { progress: progress_json(&first), ..record };
         job.tx.send_replace(first);
         // Running before it is recorded: a WatchJob in between must find it live, never a
@@ -199,23 +175,41 @@ impl Jobs {
         Ok(job)
     }
 
+    /// Runs `work` as `job` on its own task, to its end even if the caller goes away, and
+    /// records its outcome; returns what it returned.
+    pub async fn run<T, F>(&self, job: Arc<Job>, work: F) -> Result<T>
+    where
+        F: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (jobs, span) = (self.clone(), job.span());
+        tokio::spawn(
+            async move {
+                let result = work.await;
+                jobs.finish(&job, result.as_ref().map(|_| ()).map_err(AgentError::detached)).await;
+                result
+            }
+            .instrument(span),
+        )
+        .await?
+    }
+
     /// Ends a job with `outcome`: records the final progress, tells watchers, forgets it.
-    pub async fn finish(&self, job: &Arc<Job>, outcome: &Result<()>) {
+    pub async fn finish(&self, job: &Arc<Job>, outcome: Result<()>) {
         // Stop the ticker first so no Running snapshot can follow the terminal one.
         job.cancel.cancel();
-        let state = final_state(outcome);
-        let error = outcome.as_ref().err().map(crate::api::error_code);
+        let state = final_state(&outcome);
         let now = now_millis();
-        let last = job.snapshot(state, 0.0, error, Some(now));
+        let last = job.snapshot(state, 0.0, outcome.err(), Some(now));
         let record = {
             let mut r = job.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            r.state = state.to_string();
+            r.state = state;
             r.progress = progress_json(&last);
             r.finished = Some(now);
             r.clone()
         };
         let seconds = (now - record.started).max(0) as f64 / 1000.0;
-        self.metrics.record(&job.kind, state, seconds, &job.counters);
+        self.metrics.record(&job.kind, state.as_str(), seconds, &job.counters.totals());
         let catalog = self.catalog.clone();
         if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
             tracing::error!(job = %job.uuid, error = %e, "recording the end of a job failed");
@@ -251,7 +245,7 @@ impl Jobs {
     }
 
     /// Metrics of finished jobs.
-    pub fn metrics(&self) -> &crate::metrics::AgentMetrics {
+    pub fn metrics(&self) -> &AgentMetrics {
         &self.metrics
     }
 
@@ -284,10 +278,10 @@ impl Jobs {
 
     /// WatchJob: progress snapshots until the job ends (the last one is terminal). A job that
     /// already ended yields its final snapshot once.
-    pub async fn watch(&self, uuid: &str) -> Result<impl Stream<Item = pb::JobProgress> + Send + 'static> {
+    pub async fn watch(&self, uuid: &str) -> Result<impl Stream<Item = Progress> + Send + 'static> {
         enum Source {
-            Live(watch::Receiver<pb::JobProgress>),
-            Done(Option<Box<pb::JobProgress>>),
+            Live(watch::Receiver<Progress>),
+            Done(Option<Box<Progress>>),
         }
         let source = match self.running(uuid) {
             Some(job) => Source::Live(job.tx.subscribe()),
@@ -297,10 +291,11 @@ impl Jobs {
                 let record = blocking(move || Ok(catalog.get_job(&u)?))
                     .await?
                     .ok_or_else(|| AgentError::not_found("job", uuid).with_field("jobUuid"))?;
-                let progress = serde_json::from_str::<pb::JobProgress>(&record.progress).map_err(|e| {
+                let mut progress = serde_json::from_str::<Progress>(&record.progress).map_err(|e| {
                     AgentError::new(ErrorKind::Internal, format!("stored progress of job {uuid} is unreadable"))
                         .with_source(e)
                 })?;
+                (progress.state, progress.started, progress.finished) = (record.state, record.started, record.finished);
                 Source::Done(Some(Box::new(progress)))
             }
         };
@@ -312,13 +307,13 @@ impl Jobs {
                 Source::Done(mut p) => p.take().map(|p| (*p, (Source::Done(None), true))),
                 Source::Live(mut rx) => {
                     let p = rx.borrow_and_update().clone();
-                    if p.state != "Running" {
+                    if p.state.is_terminal() {
                         return Some((p, (Source::Live(rx), true)));
                     }
                     // Wait for the next snapshot; a closed channel means the job is gone.
                     let next_ok = rx.changed().await.is_ok();
                     let p = rx.borrow_and_update().clone();
-                    let terminal = p.state != "Running" || !next_ok;
+                    let terminal = p.state.is_terminal() || !next_ok;
                     Some((p, (Source::Live(rx), terminal)))
                 }
             }
@@ -326,7 +321,7 @@ impl Jobs {
     }
 }
 
-fn progress_json(p: &pb::JobProgress) -> String {
+fn progress_json(p: &Progress) -> String {
     serde_json::to_string(p).unwrap_or_else(|_| "{}".to_string())
 }
 
@@ -348,10 +343,10 @@ async fn ticker(job: Arc<Job>) {
             (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 / (*t1 - *t0).as_secs_f64(),
             _ => 0.0,
         };
-        let snapshot = job.snapshot("Running", rate, None, None);
+        let snapshot = job.snapshot(JobState::Running, rate, None, None);
         // A terminal snapshot is final: never replace it with a Running one.
         job.tx.send_if_modified(|current| {
-            if current.state == "Running" {
+            if !current.state.is_terminal() {
                 *current = snapshot;
                 true
             } else {
@@ -375,15 +370,15 @@ mod tests {
         let watcher = tokio::spawn(stream.collect::<Vec<_>>());
         Counters::add(&job.counters.read, 60);
         tokio::time::sleep(TICK * 2).await;
-        jobs.finish(&job, &Ok(())).await;
+        jobs.finish(&job, Ok(())).await;
         let seen = watcher.await.expect("watcher");
         let last = seen.last().expect("at least one snapshot");
-        assert_eq!((last.state.as_str(), last.bytes_read, last.bytes_planned), ("Succeeded", 60, 100));
-        assert!(seen[..seen.len() - 1].iter().all(|p| p.state == "Running"));
+        assert_eq!((last.state, last.bytes_read, last.bytes_planned), (JobState::Succeeded, 60, 100));
+        assert!(seen[..seen.len() - 1].iter().all(|p| p.state == JobState::Running));
 
         let replay: Vec<_> = jobs.watch(&job.uuid).await.expect("watch ended").collect().await;
         assert_eq!(replay.len(), 1);
-        assert_eq!(replay[0].state, "Succeeded");
+        assert_eq!(replay[0].state, JobState::Succeeded);
         assert_eq!(jobs.cancel(&job.uuid).await.expect_err("ended").kind(), ErrorKind::FailedPrecondition);
         assert_eq!(jobs.cancel("nope").await.expect_err("unknown").kind(), ErrorKind::NotFound);
     }
@@ -394,9 +389,9 @@ mod tests {
         let job = jobs.start("CreateVmBackup", None, None).await.expect("start");
         jobs.cancel(&job.uuid).await.expect("cancel");
         assert!(job.cancel.is_cancelled());
-        jobs.finish(&job, &Err(AgentError::new(ErrorKind::Cancelled, "cancelled by CancelJob"))).await;
+        jobs.finish(&job, Err(AgentError::new(ErrorKind::Cancelled, "cancelled by CancelJob"))).await;
         let p: Vec<_> = jobs.watch(&job.uuid).await.expect("watch").collect().await;
-        assert_eq!(p[0].state, "Cancelled");
+        assert_eq!(p[0].state, JobState::Cancelled);
         assert_eq!(p[0].error.as_ref().map(|e| e.details.as_str()), Some("cancelled by CancelJob"));
     }
 }

@@ -4,15 +4,22 @@
 //! with the store's own directory backend (tmp/ + fsync + rename, as the store itself
 //! does), and still asks the store over gRPC what is missing, to keep its session open
 //! (so GC spares the new chunks) and to commit, which checks every chunk on its disk. The
-//! filesystem is unmounted when the job ends, whatever the outcome.
+//! filesystem is unmounted when the job ends, whatever the outcome. To the backup pipeline
+//! the mounted directory is one more [`ChunkWriter`] behind the storage seam.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
 
 use vmbackup_proto::Digest;
 use vmbackup_store::backend::Backend;
 use vmbackup_store::backend::fs::FsBackend;
 
 use crate::error::{AgentError, ErrorKind, Result};
+use crate::storage::ChunkWriter;
+use crate::storage::seam::PutStats;
 use crate::tags::FsInfo;
 
 /// A store directory mounted for one job.
@@ -24,16 +31,7 @@ pub struct MountedStore {
 }
 
 async fn run(program: &str, args: &[&str]) -> std::result::Result<(), String> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("running {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
+    crate::tool::run(program, args, crate::tool::SHORT).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 impl MountedStore {
@@ -89,6 +87,40 @@ impl MountedStore {
             unmount(&self.mountpoint).await;
             self.mounted = false;
         }
+    }
+}
+
+/// Chunks of one session written into the mounted directory, each durable when `put`
+/// returns (several at once: every worker writes its own).
+#[derive(Debug)]
+pub struct MountedWriter {
+    store: Arc<MountedStore>,
+    stored: AtomicU64,
+    present: AtomicU64,
+}
+
+impl MountedWriter {
+    /// A writer into `store`.
+    pub fn new(store: Arc<MountedStore>) -> Self {
+        Self { store, stored: AtomicU64::new(0), present: AtomicU64::new(0) }
+    }
+}
+
+#[tonic::async_trait]
+impl ChunkWriter for MountedWriter {
+    async fn put(&self, digest: Digest, blob: Bytes) -> Result<()> {
+        let store = self.store.clone();
+        let fresh = tokio::task::spawn_blocking(move || store.put(&digest, &blob)).await??;
+        let counter = if fresh { &self.stored } else { &self.present };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<PutStats> {
+        Ok(PutStats {
+            stored: self.stored.load(Ordering::Relaxed),
+            already_present: self.present.load(Ordering::Relaxed),
+        })
     }
 }
 
