@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::format_error::FormatError;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::{self, VolumeIndex};
 use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 
 use crate::backend::fs::FsBackend;
@@ -26,9 +26,6 @@ use crate::backend::{Backend, ObjectKind};
 use crate::error::{ErrorKind, Result, StoreError};
 use crate::identity::StoreIdentity;
 use crate::sessions::Sessions;
-
-/// Largest volume an index may describe, in chunks (64 TiB of 4 MiB chunks).
-pub const MAX_INDEX_CHUNKS: u64 = 16 << 20;
 
 /// Monotonic counters since the store opened.
 #[derive(Debug, Default)]
@@ -201,7 +198,7 @@ impl ChunkStore {
     }
 
     fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
-        let ix = VolumeIndex::decode(bytes, MAX_INDEX_CHUNKS)
+        let ix = VolumeIndex::decode(bytes, index::MAX_CHUNKS)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("index {name}: {e}")))?;
         if ix.chunk_size != self.identity.chunk_size {
             return Err(StoreError::new(

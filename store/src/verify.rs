@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::{self, VolumeIndex};
 
 use crate::backend::ObjectKind;
-use crate::chunk_store::{ChunkStore, MAX_INDEX_CHUNKS};
+use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, Result, StoreError};
 
 const STATE: &str = "verify-state.json";
@@ -119,7 +119,7 @@ impl ChunkStore {
             let mut group_bad = false;
             for v in &g.manifest.volumes {
                 let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
-                    Ok(b) => VolumeIndex::decode(&b, MAX_INDEX_CHUNKS).ok(),
+                    Ok(b) => VolumeIndex::decode(&b, index::MAX_CHUNKS).ok(),
                     Err(e) if e.kind() == ErrorKind::NotFound => None,
                     Err(e) => return Err(e),
                 };

@@ -109,13 +109,10 @@ pub async fn run(
                 format!("volume backup {} is not on backup storage {storage_uuid}", t.backup.uuid),
             )
         })?;
-        let ix = VolumeIndex::decode(
-            &client.get_index(&r.install_path).await?,
-            vmbackup_store::chunk_store::MAX_INDEX_CHUNKS,
-        )
-        .map_err(|e| {
-            AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
-        })?;
+        let ix = VolumeIndex::decode(&client.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)
+            .map_err(|e| {
+                AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
+            })?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
         let writer: Arc<Box<dyn VolumeWriter>> =
