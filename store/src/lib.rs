@@ -2,6 +2,12 @@
 //!
 //! A durable, content-addressed chunk store that backups land in, and its gRPC server.
 //!
+//! The library API is the chunk store: [`chunk_store`], [`gc`], [`verify`], [`backend`],
+//! [`sessions`], [`identity`], [`error`], and the store's edge ([`server`], [`config`],
+//! [`metrics`]). [`daemon`] is process plumbing (logging, systemd, TLS, malloc arenas, the
+//! `/metrics` server) that the vmbackup-store and vmbackup-agent binaries share; it is not
+//! part of that API and the chunk store does not use it.
+//!
 //! ## Data model (a local directory; see [`backend::fs`])
 //!
 //! | path | what | written |
@@ -27,18 +33,15 @@
 //! | GC | | | no: a second run is refused | yes | yes |
 //! | verify | | | | yes | yes |
 
-pub mod arenas;
 pub mod backend;
 pub mod chunk_store;
 pub mod config;
+pub mod daemon;
 pub mod durable;
 pub mod error;
 pub mod gc;
 pub mod identity;
-pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod sessions;
-pub mod systemd;
-pub mod tls;
 pub mod verify;
