@@ -9,6 +9,9 @@
 //! - Chunks a session reuses or uploads are touched under the chunk's shard lock; GC's
 //!   sweep checks and deletes under the same lock, so a chunk cannot be reported present
 //!   and then swept (see [`crate::gc`]).
+//! - Which groups are damaged is the store's own state (`group_state.rs`): read once,
+//!   cached, and changed only under its lock, so concurrent verifies keep each other's
+//!   marks.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -24,6 +27,7 @@ use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 use crate::backend::fs::FsBackend;
 use crate::backend::{Backend, ObjectKind};
 use crate::error::{ErrorKind, Result, StoreError};
+use crate::group_state::GroupState;
 use crate::identity::StoreIdentity;
 use crate::sessions::Sessions;
 
@@ -58,6 +62,8 @@ pub struct ChunkStore {
     sessions: Sessions,
     shard_locks: Box<[Mutex<()>]>,
     pub(crate) gc_running: Mutex<()>,
+    /// Damaged-group marks, written by verify, reported by group reads.
+    pub(crate) group_state: GroupState,
     counters: Counters,
     /// Idle chunk decoders, one per check running at once at most (each keeps a zstd
     /// context and a chunk-sized buffer, so checks allocate nothing per chunk).
@@ -87,6 +93,7 @@ impl ChunkStore {
     /// A store over any backend.
     pub fn with_backend(backend: Arc<dyn Backend>, identity: StoreIdentity) -> Self {
         Self {
+            group_state: GroupState::new(backend.clone()),
             backend,
             identity,
             sessions: Sessions::default(),
@@ -317,14 +324,14 @@ impl ChunkStore {
         })?;
         let manifest = GroupManifest::decode(&bytes)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("manifest of group {uuid}: {e}")))?;
-        let damaged = crate::verify::damaged_groups(self)?.contains(&manifest.group_uuid);
+        let damaged = self.group_state.is_damaged(&manifest.group_uuid)?;
         Ok(StoredGroup { manifest, bytes, damaged })
     }
 
     /// Every committed group, oldest first. A manifest that cannot be read is reported in
     /// the log and skipped, so one damaged file does not hide every other group.
     pub fn list_groups(&self) -> Result<Vec<StoredGroup>> {
-        let damaged = crate::verify::damaged_groups(self)?;
+        let damaged = self.group_state.damaged()?;
         let mut out = Vec::new();
         for o in self.backend.list_objects(ObjectKind::Manifest)? {
             let Some(uuid) = o.name.strip_suffix(".json") else { continue };

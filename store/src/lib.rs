@@ -16,7 +16,7 @@
 //! | `chunks/<4 hex>/<64 hex>` | chunk blobs named by BLAKE3 of their plaintext | upload |
 //! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
 //! | `groups/<uuid>.json` | group manifests: a group exists exactly when this does | CommitGroup |
-//! | `meta/verify-state.json` | groups verify found damaged | Verify |
+//! | `meta/verify-state.json` | groups verify found damaged (`{"damagedGroups": [..]}`), read once and cached by the store | Verify |
 //! | `bad/` | chunks verify found damaged, moved aside | Verify |
 //! | `tmp/` | writes in progress, emptied at start | every write |
 //!
@@ -31,7 +31,10 @@
 //! | upload / MissingChunks | yes (shard lock per chunk) | yes | yes: sweep and touch share the chunk's shard lock | yes | yes |
 //! | commit | | yes | yes: the session keeps its chunks after the cutoff | yes | yes |
 //! | GC | | | no: a second run is refused | yes | yes |
-//! | verify | | | | yes | yes |
+//! | verify | | | | yes: each records its groups' damage marks under the store's group-state lock | yes |
+//!
+//! Damage marks are changed only as load-modify-persist under that lock, so verifies of
+//! different groups finishing together keep both results. Deleting a group leaves its mark.
 
 pub mod backend;
 pub mod chunk_store;
@@ -40,6 +43,7 @@ pub mod daemon;
 pub mod durable;
 pub mod error;
 pub mod gc;
+mod group_state;
 pub mod identity;
 pub mod metrics;
 pub mod server;
