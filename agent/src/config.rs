@@ -37,9 +37,9 @@ pub struct AgentConfig {
     /// The Image Storage embedded in the agent.
     pub embedded_store: EmbeddedStoreConfig,
     /// TLS of the agent API.
-    pub tls: vmbackup_store::tls::ServerTls,
+    pub tls: vmbackup_store::daemon::tls::ServerTls,
     /// TLS towards Image Storage servers with `https://` endpoints.
-    pub store_tls: vmbackup_store::tls::ClientTls,
+    pub store_tls: vmbackup_store::daemon::tls::ClientTls,
 }
 
 /// Host-wide caps, bytes per second; 0 is no cap. Each is shared by all jobs at once, on top

@@ -31,7 +31,7 @@ pub struct Control {
     /// New configurations to apply (SIGHUP).
     pub reloads: tokio::sync::mpsc::UnboundedReceiver<AgentConfig>,
     /// The log filter, when the binary installed a reloadable one.
-    pub log: Option<vmbackup_store::logging::LogLevel>,
+    pub log: Option<vmbackup_store::daemon::logging::LogLevel>,
 }
 
 /// Runs the agent until `control.shutdown` is cancelled.
@@ -96,16 +96,16 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         let registry = Arc::new(crate::metrics::registry(state.ops.jobs().metrics(), running));
         let token = store_stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = vmbackup_store::metrics::serve(l, registry, token).await {
+            if let Err(e) = vmbackup_store::daemon::metrics_http::serve(l, registry, token).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
     }
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state, tls)?;
-    vmbackup_store::systemd::ready(&format!("serving on {}", config.listen));
+    vmbackup_store::daemon::systemd::ready(&format!("serving on {}", config.listen));
     let jobs = state.ops.jobs().clone();
-    vmbackup_store::systemd::spawn_watchdog(shutdown.clone(), move || {
+    vmbackup_store::daemon::systemd::spawn_watchdog(shutdown.clone(), move || {
         Some(format!("{} jobs running", jobs.all_running().len()))
     });
 
@@ -154,7 +154,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     result
 }
 
-fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::logging::LogLevel>) {
+fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::daemon::logging::LogLevel>) {
     let old = &state.config;
     if !new.sessions.is_empty() {
         state.sessions.replace(new.sessions.iter().cloned());

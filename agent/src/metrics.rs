@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics: bytes moved by finished jobs (read, zero-skipped,
 //! deduplicated, sent, received, written) by method, jobs by method and outcome, job
 //! durations, running jobs and time spent waiting on rate limits. Served at `/metrics` by
-//! [`vmbackup_store::metrics::serve`].
+//! [`vmbackup_store::daemon::metrics_http::serve`].
 //!
 //! Byte counters grow when a job ends, by that job's own final counters, so a scrape after
 //! a job equals the job's report (WatchJob) exactly.
@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use vmbackup_store::metrics::encode_one;
+use vmbackup_store::daemon::metrics_http::encode_one;
 
 /// How many jobs run now (asked at every scrape).
 pub type RunningJobs = std::sync::Arc<dyn Fn() -> usize + Send + Sync>;

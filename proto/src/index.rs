@@ -28,6 +28,12 @@ pub const HEADER_LEN: usize = 48;
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk size.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Most chunks an index may have: the `max_chunks` every reader passes to
+/// [`VolumeIndex::decode`]. The chunk count is read from the header before the digests are
+/// allocated, so this bounds the memory a decoded index can take (32 bytes a chunk, 512 MiB
+/// at most) whatever a peer or a damaged file claims. 16 Mi chunks are 64 TiB of 4 MiB
+/// chunks. Lowering it makes stored indexes of larger volumes unreadable.
+pub const MAX_CHUNKS: u64 = 16 << 20;
 
 const _: () = assert!(HEADER_LEN == 8 + 1 + 1 + 2 + 4 + 8 + 8 + 16);
 

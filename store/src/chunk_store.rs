@@ -9,6 +9,9 @@
 //! - Chunks a session reuses or uploads are touched under the chunk's shard lock; GC's
 //!   sweep checks and deletes under the same lock, so a chunk cannot be reported present
 //!   and then swept (see [`crate::gc`]).
+//! - Which groups are damaged is the store's own state (`group_state.rs`): read once,
+//!   cached, and changed only under its lock, so concurrent verifies keep each other's
+//!   marks.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -18,17 +21,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::format_error::FormatError;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::{self, VolumeIndex};
 use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 
 use crate::backend::fs::FsBackend;
 use crate::backend::{Backend, ObjectKind};
 use crate::error::{ErrorKind, Result, StoreError};
+use crate::group_state::GroupState;
 use crate::identity::StoreIdentity;
 use crate::sessions::Sessions;
-
-/// Largest volume an index may describe, in chunks (64 TiB of 4 MiB chunks).
-pub const MAX_INDEX_CHUNKS: u64 = 16 << 20;
 
 /// Monotonic counters since the store opened.
 #[derive(Debug, Default)]
@@ -61,6 +62,8 @@ pub struct ChunkStore {
     sessions: Sessions,
     shard_locks: Box<[Mutex<()>]>,
     pub(crate) gc_running: Mutex<()>,
+    /// Damaged-group marks, written by verify, reported by group reads.
+    pub(crate) group_state: GroupState,
     counters: Counters,
     /// Idle chunk decoders, one per check running at once at most (each keeps a zstd
     /// context and a chunk-sized buffer, so checks allocate nothing per chunk).
@@ -90,6 +93,7 @@ impl ChunkStore {
     /// A store over any backend.
     pub fn with_backend(backend: Arc<dyn Backend>, identity: StoreIdentity) -> Self {
         Self {
+            group_state: GroupState::new(backend.clone()),
             backend,
             identity,
             sessions: Sessions::default(),
@@ -201,7 +205,7 @@ impl ChunkStore {
     }
 
     fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
-        let ix = VolumeIndex::decode(bytes, MAX_INDEX_CHUNKS)
+        let ix = VolumeIndex::decode(bytes, index::MAX_CHUNKS)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("index {name}: {e}")))?;
         if ix.chunk_size != self.identity.chunk_size {
             return Err(StoreError::new(
@@ -320,14 +324,14 @@ impl ChunkStore {
         })?;
         let manifest = GroupManifest::decode(&bytes)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("manifest of group {uuid}: {e}")))?;
-        let damaged = crate::verify::damaged_groups(self)?.contains(&manifest.group_uuid);
+        let damaged = self.group_state.is_damaged(&manifest.group_uuid)?;
         Ok(StoredGroup { manifest, bytes, damaged })
     }
 
     /// Every committed group, oldest first. A manifest that cannot be read is reported in
     /// the log and skipped, so one damaged file does not hide every other group.
     pub fn list_groups(&self) -> Result<Vec<StoredGroup>> {
-        let damaged = crate::verify::damaged_groups(self)?;
+        let damaged = self.group_state.damaged()?;
         let mut out = Vec::new();
         for o in self.backend.list_objects(ObjectKind::Manifest)? {
             let Some(uuid) = o.name.strip_suffix(".json") else { continue };

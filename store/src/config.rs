@@ -4,7 +4,7 @@
 //! listen = "127.0.0.1:7871"        # gRPC address
 //! data_dir = "/var/lib/vmbackup-store"
 //! chunk_size = 4194304             # bytes; only used when the store is created
-//! [tls]                            # see crate::tls
+//! [tls]                            # see crate::daemon::tls
 //! cert = "/etc/vmbackup/store.crt"
 //! key = "/etc/vmbackup/store.key"
 //! ```
@@ -25,7 +25,7 @@ pub struct StoreConfig {
     /// Chunk size of a new store, in bytes.
     pub chunk_size: u32,
     /// TLS of the gRPC server.
-    pub tls: crate::tls::ServerTls,
+    pub tls: crate::daemon::tls::ServerTls,
     /// GC keeps chunks touched within this many seconds before its cutoff.
     pub gc_safety_margin_seconds: u64,
     /// Prometheus `/metrics` address (plain HTTP); absent: no metrics endpoint.
@@ -38,7 +38,7 @@ impl Default for StoreConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7871)),
             data_dir: PathBuf::from("/var/lib/vmbackup-store"),
             chunk_size: crate::identity::DEFAULT_CHUNK_SIZE,
-            tls: crate::tls::ServerTls::default(),
+            tls: crate::daemon::tls::ServerTls::default(),
             gc_safety_margin_seconds: crate::gc::DEFAULT_MARGIN.as_secs(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9871))),
         }

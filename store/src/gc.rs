@@ -17,10 +17,10 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::{self, VolumeIndex};
 
 use crate::backend::ObjectKind;
-use crate::chunk_store::{ChunkStore, MAX_INDEX_CHUNKS};
+use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, Result, StoreError};
 
 /// Default safety margin.
@@ -74,7 +74,7 @@ impl ChunkStore {
                     }
                     Err(e) => return Err(e),
                 };
-                let ix = VolumeIndex::decode(&bytes, MAX_INDEX_CHUNKS).map_err(|e| {
+                let ix = VolumeIndex::decode(&bytes, index::MAX_CHUNKS).map_err(|e| {
                     StoreError::new(
                         ErrorKind::Corrupt,
                         format!("index {}: {e}; GC stopped before deleting anything", v.index_name),

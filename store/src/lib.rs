@@ -2,6 +2,12 @@
 //!
 //! A durable, content-addressed chunk store that backups land in, and its gRPC server.
 //!
+//! The library API is the chunk store: [`chunk_store`], [`gc`], [`verify`], [`backend`],
+//! [`sessions`], [`identity`], [`error`], and the store's edge ([`server`], [`config`],
+//! [`metrics`]). [`daemon`] is process plumbing (logging, systemd, TLS, malloc arenas, the
+//! `/metrics` server) that the vmbackup-store and vmbackup-agent binaries share; it is not
+//! part of that API and the chunk store does not use it.
+//!
 //! ## Data model (a local directory; see [`backend::fs`])
 //!
 //! | path | what | written |
@@ -10,7 +16,7 @@
 //! | `chunks/<4 hex>/<64 hex>` | chunk blobs named by BLAKE3 of their plaintext | upload |
 //! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
 //! | `groups/<uuid>.json` | group manifests: a group exists exactly when this does | CommitGroup |
-//! | `meta/verify-state.json` | groups verify found damaged | Verify |
+//! | `meta/verify-state.json` | groups verify found damaged (`{"damagedGroups": [..]}`), read once and cached by the store | Verify |
 //! | `bad/` | chunks verify found damaged, moved aside | Verify |
 //! | `tmp/` | writes in progress, emptied at start | every write |
 //!
@@ -25,20 +31,21 @@
 //! | upload / MissingChunks | yes (shard lock per chunk) | yes | yes: sweep and touch share the chunk's shard lock | yes | yes |
 //! | commit | | yes | yes: the session keeps its chunks after the cutoff | yes | yes |
 //! | GC | | | no: a second run is refused | yes | yes |
-//! | verify | | | | yes | yes |
+//! | verify | | | | yes: each records its groups' damage marks under the store's group-state lock | yes |
+//!
+//! Damage marks are changed only as load-modify-persist under that lock, so verifies of
+//! different groups finishing together keep both results. Deleting a group leaves its mark.
 
-pub mod arenas;
 pub mod backend;
 pub mod chunk_store;
 pub mod config;
+pub mod daemon;
 pub mod durable;
 pub mod error;
 pub mod gc;
+mod group_state;
 pub mod identity;
-pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod sessions;
-pub mod systemd;
-pub mod tls;
 pub mod verify;

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vmbackup_store::config::StoreConfig;
+use vmbackup_store::daemon::systemd;
 use vmbackup_store::server::{self, StoreService};
-use vmbackup_store::systemd;
 
 /// vmbackup Image Storage: a content-addressed chunk store served over gRPC.
 #[derive(Debug, Parser)]
@@ -32,12 +32,12 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    vmbackup_store::arenas::cap_malloc_arenas();
+    vmbackup_store::daemon::arenas::cap_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {
-    let _log = vmbackup_store::logging::init("info", "auto");
+    let _log = vmbackup_store::daemon::logging::init("info", "auto");
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => {
@@ -75,7 +75,7 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
         let (registry, token) = (Arc::new(service.metrics()), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = vmbackup_store::metrics::serve(l, registry, token).await {
+            if let Err(e) = vmbackup_store::daemon::metrics_http::serve(l, registry, token).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });

@@ -1,5 +1,5 @@
-//! Prometheus `/metrics` (OpenMetrics text) over plain HTTP/1.1, shared by both daemons,
-//! and the store's own metrics.
+//! The store's metric families. They are served by
+//! [`crate::daemon::metrics_http::serve`], the `/metrics` server both daemons share.
 //!
 //! Values that already live elsewhere (the store's counters, capacity, group count) are
 //! read at scrape time by a [`Collector`], so there is one source of truth and nothing to
@@ -9,54 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::chunk_store::ChunkStore;
-
-/// Serves `registry` at `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: CancellationToken) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (
-                        axum::http::StatusCode::OK,
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    ),
-                    Err(e) => (
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                        format!("encoding metrics failed: {e}"),
-                    ),
-                }
-            }
-        }),
-    );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
-}
-
-/// Writes one counter or gauge.
-pub fn encode_one(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    metric: &impl EncodeMetric,
-) -> Result<(), std::fmt::Error> {
-    let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-    metric.encode(m)
-}
+use crate::daemon::metrics_http::encode_one;
 
 /// Results of GC and verify runs, recorded as they end.
 #[derive(Debug, Default)]

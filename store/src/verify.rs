@@ -1,19 +1,17 @@
 //! Verification: re-read chunks, check CRC and digest, move bad ones aside (never delete
-//! them), and record which groups are damaged (a chunk they name is missing or bad) in
-//! `meta/verify-state.json`, which group listings report.
+//! them), and record which groups are damaged (a chunk they name is missing or bad) in the
+//! store's group state (`group_state.rs`, `meta/verify-state.json`), which group
+//! reads report.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::{self, VolumeIndex};
 
 use crate::backend::ObjectKind;
-use crate::chunk_store::{ChunkStore, MAX_INDEX_CHUNKS};
+use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, Result, StoreError};
-
-const STATE: &str = "verify-state.json";
 
 /// What a verify found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,27 +24,6 @@ pub struct VerifyReport {
     pub damaged_groups: Vec<String>,
     /// Wall time.
     pub seconds: f64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct State {
-    damaged_groups: BTreeSet<String>,
-}
-
-fn load(store: &ChunkStore) -> Result<State> {
-    match store.backend.get_object(ObjectKind::Meta, STATE) {
-        Ok(b) => {
-            serde_json::from_slice(&b).map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("meta/{STATE}: {e}")))
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Groups the last verify found damaged.
-pub fn damaged_groups(store: &ChunkStore) -> Result<HashSet<String>> {
-    Ok(load(store)?.damaged_groups.into_iter().collect())
 }
 
 /// Outcome of checking one chunk.
@@ -119,7 +96,7 @@ impl ChunkStore {
             let mut group_bad = false;
             for v in &g.manifest.volumes {
                 let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
-                    Ok(b) => VolumeIndex::decode(&b, MAX_INDEX_CHUNKS).ok(),
+                    Ok(b) => VolumeIndex::decode(&b, index::MAX_CHUNKS).ok(),
                     Err(e) if e.kind() == ErrorKind::NotFound => None,
                     Err(e) => return Err(e),
                 };
@@ -155,13 +132,7 @@ impl ChunkStore {
             }
         }
 
-        let mut state = load(self)?;
-        for g in &selected {
-            state.damaged_groups.remove(&g.manifest.group_uuid);
-        }
-        state.damaged_groups.extend(damaged.iter().cloned());
-        let json = serde_json::to_vec_pretty(&state).map_err(|e| StoreError::new(ErrorKind::Io, e.to_string()))?;
-        self.backend.put_object(ObjectKind::Meta, STATE, &json)?;
+        self.group_state.record_verify(selected.iter().map(|g| g.manifest.group_uuid.as_str()), &damaged)?;
 
         report.bad_chunks = bad.into_iter().collect();
         report.bad_chunks.sort();

@@ -1,15 +1,20 @@
 //! The chunk store library against a real directory: uploads are checked, commits are all
 //! or nothing, GC removes exactly what no committed index names (never what an open session
-//! reuses), and verify moves damaged chunks aside and flags their groups.
+//! reuses), and verify moves damaged chunks aside and flags their groups (concurrent
+//! verifies keep each other's flags).
 
-use std::time::Duration;
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
 
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::{VolumeFormat, VolumeIndex};
 use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
+use vmbackup_store::backend::fs::FsBackend;
+use vmbackup_store::backend::{Backend, ChunkInfo, ObjectInfo, ObjectKind};
 use vmbackup_store::chunk_store::ChunkStore;
-use vmbackup_store::error::ErrorKind;
+use vmbackup_store::error::{ErrorKind, Result};
+use vmbackup_store::identity::StoreIdentity;
 
 const CS: u32 = 64 << 10;
 
@@ -225,4 +230,127 @@ fn verify_quarantines_a_corrupted_chunk_and_flags_its_group() {
     let r = s.verify(std::slice::from_ref(&group)).expect("verify");
     assert!(r.damaged_groups.is_empty(), "{r:?}");
     assert!(!s.get_group(&group).expect("group").damaged);
+}
+
+/// A directory backend whose damage-mark writes (`meta/` puts) wait, up to a second, until
+/// a second one arrives. Two verifies that read the marks and then write them without
+/// holding a lock both reach the wait having read the same old marks, so the later write
+/// drops the earlier one's group: the lost update is certain, not a matter of timing. A
+/// store that serialises the updates lets only one writer in; it waits out the second and
+/// goes on, and the other then starts from its result.
+#[derive(Debug)]
+struct MetaWritesMeet {
+    inner: FsBackend,
+    arrived: Mutex<usize>,
+    both: Condvar,
+}
+
+impl Backend for MetaWritesMeet {
+    fn has_chunk(&self, d: &Digest) -> Result<bool> {
+        self.inner.has_chunk(d)
+    }
+    fn put_chunk(&self, d: &Digest, blob: &[u8]) -> Result<bool> {
+        self.inner.put_chunk(d, blob)
+    }
+    fn get_chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        self.inner.get_chunk(d)
+    }
+    fn touch_chunk(&self, d: &Digest) -> Result<bool> {
+        self.inner.touch_chunk(d)
+    }
+    fn chunk_touched(&self, d: &Digest) -> Result<Option<SystemTime>> {
+        self.inner.chunk_touched(d)
+    }
+    fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkInfo) -> Result<()>) -> Result<()> {
+        self.inner.for_each_chunk(f)
+    }
+    fn delete_chunk(&self, d: &Digest) -> Result<()> {
+        self.inner.delete_chunk(d)
+    }
+    fn quarantine_chunk(&self, d: &Digest) -> Result<()> {
+        self.inner.quarantine_chunk(d)
+    }
+    fn put_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
+        if kind == ObjectKind::Meta {
+            let mut arrived = self.arrived.lock().expect("gate");
+            *arrived += 1;
+            self.both.notify_all();
+            let (_arrived, _timeout) =
+                self.both.wait_timeout_while(arrived, Duration::from_secs(1), |n| *n < 2).expect("gate");
+        }
+        self.inner.put_object(kind, name, bytes)
+    }
+    fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {
+        self.inner.get_object(kind, name)
+    }
+    fn list_objects(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
+        self.inner.list_objects(kind)
+    }
+    fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()> {
+        self.inner.delete_object(kind, name)
+    }
+    fn capacity(&self) -> Result<(u64, u64)> {
+        self.inner.capacity()
+    }
+}
+
+#[test]
+fn concurrent_verifies_of_different_groups_keep_both_damage_marks() {
+    // Arrange: two committed groups, one with a chunk removed, one with a chunk corrupted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = StoreIdentity::open_or_create(dir.path(), CS).expect("identity");
+    let backend = MetaWritesMeet {
+        inner: FsBackend::open(dir.path()).expect("backend"),
+        arrived: Mutex::new(0),
+        both: Condvar::new(),
+    };
+    let s = ChunkStore::with_backend(Arc::new(backend), identity);
+    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (removed, manifest) = upload_group(&s, &session, &[chunk(40), chunk(41)]);
+    s.commit_group(&session, &manifest).expect("commit");
+    let (corrupted, manifest) = upload_group(&s, &session, &[chunk(42), chunk(43)]);
+    s.commit_group(&session, &manifest).expect("commit");
+    let chunk_path = |seed: u8| {
+        let hex = Digest::of(&chunk(seed)).to_hex();
+        dir.path().join("chunks").join(&hex[..4]).join(hex)
+    };
+    std::fs::remove_file(chunk_path(41)).expect("remove a chunk");
+    let mut bytes = std::fs::read(chunk_path(43)).expect("read");
+    bytes[0] ^= 0x55;
+    std::fs::write(chunk_path(43), bytes).expect("corrupt a chunk");
+
+    // Act: verify each group on its own thread, both at once.
+    let start = Barrier::new(2);
+    let reports = std::thread::scope(|scope| {
+        let run = |group: &str| {
+            let (s, start, group) = (&s, &start, group.to_owned());
+            scope.spawn(move || {
+                start.wait();
+                s.verify(std::slice::from_ref(&group))
+            })
+        };
+        let (a, b) = (run(&removed), run(&corrupted));
+        [a.join().expect("verify thread"), b.join().expect("verify thread")]
+    });
+
+    // Assert: each verify found its group, and both marks survive, in memory and on disk.
+    let [a, b] = reports.map(|r| r.expect("verify"));
+    assert_eq!(a.damaged_groups, vec![removed.clone()], "{a:?}");
+    assert_eq!(b.damaged_groups, vec![corrupted.clone()], "{b:?}");
+    let mut both = vec![removed.clone(), corrupted.clone()];
+    both.sort();
+    let damaged = |s: &ChunkStore| {
+        // Listed oldest first, then by uuid: all were created at the same time.
+        let listed: Vec<_> =
+            s.list_groups().expect("list").into_iter().filter(|g| g.damaged).map(|g| g.manifest.group_uuid).collect();
+        let got: Vec<_> = both.iter().filter(|g| s.get_group(g).expect("get").damaged).cloned().collect();
+        (listed, got)
+    };
+    assert_eq!(damaged(&s), (both.clone(), both.clone()), "list and get report both groups damaged");
+    drop(s);
+    let reopened = ChunkStore::open(dir.path(), CS).expect("reopen");
+    assert_eq!(damaged(&reopened), (both.clone(), both.clone()), "so does the store reopened");
+    let file = std::fs::read(dir.path().join("meta").join("verify-state.json")).expect("marks file");
+    let json: serde_json::Value = serde_json::from_slice(&file).expect("marks are JSON");
+    assert_eq!(json, serde_json::json!({ "damagedGroups": both }), "both marks on disk");
 }

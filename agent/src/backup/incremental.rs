@@ -69,7 +69,7 @@ pub(crate) async fn previous_indexes(
         let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
         let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
         match store.get_index(&r.install_path).await.and_then(|b| {
-            VolumeIndex::decode(&b, vmbackup_store::chunk_store::MAX_INDEX_CHUNKS)
+            VolumeIndex::decode(&b, vmbackup_proto::index::MAX_CHUNKS)
                 .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
         }) {
             Ok(ix) => {

@@ -8,7 +8,6 @@ use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
 use vmbackup_proto::manifest::GroupManifest;
-use vmbackup_store::chunk_store::MAX_INDEX_CHUNKS;
 
 use futures::StreamExt;
 
@@ -60,7 +59,7 @@ pub async fn run(
     let session = Session::open(to, &format!("vmbackup-agent recover {group_uuid}")).await?;
     for v in &manifest.volumes {
         let index_bytes = from.get_index(&v.index_name).await?;
-        let ix = VolumeIndex::decode(&index_bytes, MAX_INDEX_CHUNKS)
+        let ix = VolumeIndex::decode(&index_bytes, vmbackup_proto::index::MAX_CHUNKS)
             .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("index {}: {e}", v.index_name)))?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let mut unique: Vec<Digest> = ix.referenced().copied().collect();

@@ -19,7 +19,6 @@ use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
-use vmbackup_store::chunk_store::MAX_INDEX_CHUNKS;
 
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::{AgentError, ErrorKind, Result};
@@ -114,9 +113,10 @@ pub async fn run(
                 format!("volume backup {} is not on backup storage {storage_uuid}", t.backup.uuid),
             )
         })?;
-        let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, MAX_INDEX_CHUNKS).map_err(|e| {
-            AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
-        })?;
+        let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)
+            .map_err(|e| {
+                AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
+            })?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
         let writer: Arc<Box<dyn VolumeWriter>> =

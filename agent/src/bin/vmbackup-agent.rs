@@ -58,14 +58,14 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() -> anyhow::Result<()> {
-    vmbackup_store::arenas::cap_malloc_arenas();
+    vmbackup_store::daemon::arenas::cap_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?;
-    let log = vmbackup_store::logging::init(&config.log_level, &config.log_format);
+    let log = vmbackup_store::daemon::logging::init(&config.log_level, &config.log_format);
 
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
@@ -83,17 +83,17 @@ async fn run() -> anyhow::Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    vmbackup_store::systemd::reloading();
+                    vmbackup_store::daemon::systemd::reloading();
                     match load(&args) {
                         Ok(c) => { let _ = reload_tx.send(c); }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays"),
                     }
-                    vmbackup_store::systemd::reloaded();
+                    vmbackup_store::daemon::systemd::reloaded();
                 }
             }
         }
         tracing::info!("shutting down");
-        vmbackup_store::systemd::stopping();
+        vmbackup_store::daemon::systemd::stopping();
         token.cancel();
     });
     let control = vmbackup_agent::daemon::Control { shutdown, reloads, log: Some(log) };

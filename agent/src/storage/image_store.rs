@@ -51,14 +51,14 @@ pub struct ImageStoreClient {
 
 impl ImageStoreClient {
     /// Connects to the store at `url` (`http://host:port`, or `https://…` with `tls`).
-    pub async fn connect(url: &str, tls: &vmbackup_store::tls::ClientTls) -> Result<Self> {
+    pub async fn connect(url: &str, tls: &vmbackup_store::daemon::tls::ClientTls) -> Result<Self> {
         Self::connect_from(url, tls, None).await
     }
 
     /// Connects to the store at `url`, from `source` when given (the backup network).
     pub async fn connect_from(
         url: &str,
-        tls: &vmbackup_store::tls::ClientTls,
+        tls: &vmbackup_store::daemon::tls::ClientTls,
         source: Option<&super::netbind::SourceAddr>,
     ) -> Result<Self> {
         let mut endpoint = Endpoint::from_shared(url.to_string())

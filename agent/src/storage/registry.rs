@@ -49,12 +49,12 @@ pub struct NewImageStore {
 #[derive(Debug, Clone)]
 pub struct Registry {
     catalog: Arc<Catalog>,
-    tls: vmbackup_store::tls::ClientTls,
+    tls: vmbackup_store::daemon::tls::ClientTls,
 }
 
 impl Registry {
     /// A registry over `catalog`.
-    pub fn new(catalog: Arc<Catalog>, tls: vmbackup_store::tls::ClientTls) -> Self {
+    pub fn new(catalog: Arc<Catalog>, tls: vmbackup_store::daemon::tls::ClientTls) -> Self {
         Self { catalog, tls }
     }
 
