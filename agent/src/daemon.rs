@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::State;
 use crate::api::auth::{self, Sessions};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogHandle};
 use crate::config::AgentConfig;
 use crate::live::Live;
 use crate::ops::Ops;
@@ -36,50 +36,16 @@ pub struct Control {
 
 /// Runs the agent until `control.shutdown` is cancelled.
 pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
-    let Control { shutdown, mut reloads, log } = control;
+    let Control { shutdown, reloads, log } = control;
     let tls = config.tls.load(config.listen).context("TLS configuration of the agent API")?;
-    let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
-
-    let catalog_path = data_dir.join("catalog.sqlite");
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
-        .await?
-        .with_context(|| format!("opening catalog in {}", data_dir.display()))?;
-    let registry = Registry::new(Arc::new(catalog), config.store_tls.clone());
-
-    let sessions = Sessions::new(config.sessions.iter().cloned());
-    if sessions.is_empty() {
-        let token = auth::load_or_create_session_file(&config.data_dir)
-            .with_context(|| format!("creating session file in {}", config.data_dir.display()))?;
-        sessions.insert(token);
-        tracing::info!(path = %config.data_dir.join(auth::SESSION_FILE).display(), "no session configured; using the session in this file");
-    }
+    let registry = Registry::new(open_catalog(&config.data_dir).await?, config.store_tls.clone());
+    let sessions = sessions(&config)?;
 
     let mut tasks = tokio::task::JoinSet::new();
     // The embedded store outlives the API server: draining jobs still upload to it.
     let store_stop = CancellationToken::new();
     if config.embedded_store.enabled {
-        let es = &config.embedded_store;
-        let dir = es.data_dir.clone().unwrap_or_else(|| config.data_dir.join("store"));
-        let chunk_size = es.chunk_size;
-        let dir2 = dir.clone();
-        let service = tokio::task::spawn_blocking(move || vmbackup_store::server::StoreService::open(dir2, chunk_size))
-            .await?
-            .with_context(|| format!("opening embedded store at {}", dir.display()))?;
-        let listener =
-            TcpListener::bind(es.listen).await.with_context(|| format!("binding embedded store on {}", es.listen))?;
-        let addr = listener.local_addr()?;
-        let token = store_stop.clone();
-        tasks.spawn(async move {
-            vmbackup_store::server::serve(Arc::new(service), listener, None, token)
-                .await
-                .context("embedded store server")
-        });
-        let record = registry
-            .ensure_embedded(&es.name, &addr.ip().to_string(), addr.port())
-            .await
-            .context("registering the embedded store")?;
-        tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, dir = %dir.display(), "embedded Image Storage ready");
+        start_embedded_store(&config, &registry, &mut tasks, store_stop.clone()).await?;
     }
 
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
@@ -89,17 +55,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("binding agent API on {}", config.listen))?;
     if let Some(addr) = config.metrics_listen {
-        let l = TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
-        tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
-        let jobs = state.ops.jobs().clone();
-        let running: crate::metrics::RunningJobs = Arc::new(move || jobs.all_running().len());
-        let registry = Arc::new(crate::metrics::registry(state.ops.jobs().metrics(), running));
-        let token = store_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = vmbackup_store::daemon::metrics_http::serve(l, registry, token).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
+        serve_metrics(addr, &state, store_stop.clone()).await?;
     }
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state, tls)?;
@@ -108,20 +64,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     vmbackup_store::daemon::systemd::spawn_watchdog(shutdown.clone(), move || {
         Some(format!("{} jobs running", jobs.all_running().len()))
     });
-
-    let reload_state = state.clone();
-    let reload_stop = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = reload_stop.cancelled() => return,
-                next = reloads.recv() => match next {
-                    Some(new) => apply_reload(&reload_state, &new, log.as_ref()),
-                    None => return,
-                },
-            }
-        }
-    });
+    spawn_reloads(state.clone(), reloads, log, shutdown.clone());
 
     let (token, jobs, stop) = (shutdown.clone(), state.ops.jobs().clone(), store_stop.clone());
     let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
@@ -137,8 +80,100 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         stop.cancel();
         r
     });
+    first_to_end(tasks, &shutdown, &store_stop).await
+}
 
-    // The first task to end (error or shutdown) stops the others.
+/// Opens (creating) the data directory and the catalog in it.
+async fn open_catalog(data_dir: &std::path::Path) -> anyhow::Result<CatalogHandle> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let path = data_dir.join("catalog.sqlite");
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&path))
+        .await?
+        .with_context(|| format!("opening catalog in {}", data_dir.display()))?;
+    Ok(CatalogHandle::new(catalog))
+}
+
+/// The configured sessions, or the one in `<data-dir>/session` (created on first start).
+fn sessions(config: &AgentConfig) -> anyhow::Result<Sessions> {
+    let sessions = Sessions::new(config.sessions.iter().cloned());
+    if sessions.is_empty() {
+        let token = auth::load_or_create_session_file(&config.data_dir)
+            .with_context(|| format!("creating session file in {}", config.data_dir.display()))?;
+        sessions.insert(token);
+        tracing::info!(path = %config.data_dir.join(auth::SESSION_FILE).display(), "no session configured; using the session in this file");
+    }
+    Ok(sessions)
+}
+
+/// Opens the embedded Image Storage, serves it until `stop`, and registers it.
+async fn start_embedded_store(
+    config: &AgentConfig,
+    registry: &Registry,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let es = &config.embedded_store;
+    let dir = es.data_dir.clone().unwrap_or_else(|| config.data_dir.join("store"));
+    let (dir2, chunk_size) = (dir.clone(), es.chunk_size);
+    let service = tokio::task::spawn_blocking(move || vmbackup_store::server::StoreService::open(dir2, chunk_size))
+        .await?
+        .with_context(|| format!("opening embedded store at {}", dir.display()))?;
+    let listener =
+        TcpListener::bind(es.listen).await.with_context(|| format!("binding embedded store on {}", es.listen))?;
+    let addr = listener.local_addr()?;
+    tasks.spawn(async move {
+        vmbackup_store::server::serve(Arc::new(service), listener, None, stop).await.context("embedded store server")
+    });
+    let record = registry
+        .ensure_embedded(&es.name, &addr.ip().to_string(), addr.port())
+        .await
+        .context("registering the embedded store")?;
+    tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, dir = %dir.display(), "embedded Image Storage ready");
+    Ok(())
+}
+
+/// Serves `/metrics` on `addr` until `stop`.
+async fn serve_metrics(addr: std::net::SocketAddr, state: &State, stop: CancellationToken) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+    tracing::info!(metrics_listen = %l.local_addr()?, "metrics at /metrics");
+    let jobs = state.ops.jobs().clone();
+    let running: crate::metrics::RunningJobs = Arc::new(move || jobs.all_running().len());
+    let registry = Arc::new(crate::metrics::registry(state.ops.jobs().metrics(), running));
+    tokio::spawn(async move {
+        if let Err(e) = vmbackup_store::daemon::metrics_http::serve(l, registry, stop).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Applies each new configuration the binary sends (SIGHUP) until shutdown.
+fn spawn_reloads(
+    state: State,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<AgentConfig>,
+    log: Option<vmbackup_store::daemon::logging::LogLevel>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = reloads.recv() => match next {
+                    Some(new) => apply_reload(&state, &new, log.as_ref()),
+                    None => return,
+                },
+            }
+        }
+    });
+}
+
+/// Waits for the servers: the first to end (error or shutdown) stops the others; the first
+/// error is the result.
+async fn first_to_end(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+    store_stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let r = joined.context("server task panicked").and_then(|r| r);

@@ -6,7 +6,7 @@ use vmbackup_proto::agent::v1::backup_storage_service_server::BackupStorageServi
 
 use super::{query_params, status, timestamp};
 use crate::catalog::backup_storage::BackupStorageRecord;
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::storage::registry::{NewImageStore, Registry};
 use crate::validate;
 
@@ -129,8 +129,8 @@ impl BackupStorageService for BackupStorageApi {
         request: Request<pb::QueryBackupStorageRequest>,
     ) -> Result<Response<pb::QueryBackupStorageReply>, Status> {
         let q = query_params!(request.get_ref());
-        let catalog = self.registry.catalog().clone();
-        let result = blocking(move || Ok(catalog.query_backup_storages(&q)?)).await.map_err(|e| status(&e))?;
+        let result =
+            self.registry.catalog().run(move |c| c.query_backup_storages(&q)).await.map_err(|e| status(&e.into()))?;
         Ok(Response::new(pb::QueryBackupStorageReply {
             inventories: result.rows.into_iter().map(inventory).collect(),
             total: result.total,

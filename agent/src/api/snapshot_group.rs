@@ -8,7 +8,7 @@ use vmbackup_proto::agent::v1::volume_snapshot_group_service_server::VolumeSnaps
 
 use super::{error_code, query_params, status, timestamp};
 use crate::catalog::snapshot_group::SnapshotGroupRecord;
-use crate::error::{AgentError, Result, blocking};
+use crate::error::{AgentError, Result};
 use crate::ops::Ops;
 use crate::ops::snapshot_group::CreateSnapshotGroup;
 use crate::validate;
@@ -131,8 +131,7 @@ impl VolumeSnapshotGroupService for SnapshotGroupApi {
         r: Request<pb::QueryVolumeSnapshotGroupRequest>,
     ) -> Result<Response<pb::QueryVolumeSnapshotGroupReply>, Status> {
         let q = query_params!(r.get_ref());
-        let c = self.ops.catalog().clone();
-        let res = blocking(move || Ok(c.query_snapshot_groups(&q)?)).await.map_err(|e| status(&e))?;
+        let res = self.ops.catalog().run(move |c| c.query_snapshot_groups(&q)).await.map_err(|e| status(&e.into()))?;
         Ok(Response::new(pb::QueryVolumeSnapshotGroupReply {
             inventories: res.rows.into_iter().map(inventory).collect(),
             total: res.total,

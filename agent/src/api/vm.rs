@@ -7,7 +7,7 @@ use vmbackup_proto::agent::v1::vm_service_server::VmService;
 use super::{query_params, status, timestamp};
 use crate::catalog::now_millis;
 use crate::catalog::vm::{VmRecord, VolumeRecord};
-use crate::error::{AgentError, Result, blocking};
+use crate::error::{AgentError, Result};
 use crate::model::VolumeKind;
 use crate::ops::Ops;
 use crate::validate;
@@ -154,8 +154,7 @@ impl VmService for VmApi {
 
     async fn query_vm(&self, request: Request<pb::QueryVmRequest>) -> Result<Response<pb::QueryVmReply>, Status> {
         let q = query_params!(request.get_ref());
-        let catalog = self.ops.catalog().clone();
-        let r = blocking(move || Ok(catalog.query_vms(&q)?)).await.map_err(|e| status(&e))?;
+        let r = self.ops.catalog().run(move |c| c.query_vms(&q)).await.map_err(|e| status(&e.into()))?;
         Ok(Response::new(pb::QueryVmReply { inventories: r.rows.into_iter().map(inventory).collect(), total: r.total }))
     }
 }

@@ -12,7 +12,7 @@ use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupService;
 
 use super::{job_progress, query_params, status, timestamp};
 use crate::catalog::volume_backup::VolumeBackupRecord;
-use crate::error::{Result, blocking};
+use crate::error::Result;
 use crate::ops::Ops;
 use crate::ops::backup::CreateBackup;
 use crate::ops::restore::{Restore, TargetSpec};
@@ -211,8 +211,7 @@ impl VmBackupService for VmBackupApi {
         r: Request<pb::QueryVolumeBackupRequest>,
     ) -> Result<Response<pb::QueryVolumeBackupReply>, Status> {
         let q = query_params!(r.get_ref());
-        let catalog = self.ops.catalog().clone();
-        let res = blocking(move || Ok(catalog.query_volume_backups(&q)?)).await.map_err(|e| status(&e))?;
+        let res = self.ops.catalog().run(move |c| c.query_volume_backups(&q)).await.map_err(|e| status(&e.into()))?;
         Ok(Response::new(pb::QueryVolumeBackupReply {
             inventories: res.rows.into_iter().map(inventory).collect(),
             total: res.total,

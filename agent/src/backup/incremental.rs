@@ -15,8 +15,8 @@ use vmbackup_proto::Digest;
 use vmbackup_proto::index::VolumeIndex;
 
 use super::BackupRequest;
-use crate::catalog::Catalog;
-use crate::error::{AgentError, ErrorKind, blocking};
+use crate::catalog::CatalogHandle;
+use crate::error::{AgentError, ErrorKind};
 use crate::storage::ChunkReader;
 use crate::volume::VolumeFormat;
 
@@ -43,11 +43,11 @@ pub fn bitmap_name(group: &str) -> String {
 
 /// The group of the latest backup of this VM on the request's storage, when every volume's
 /// latest backup there belongs to it.
-pub async fn previous_group(catalog: &Arc<Catalog>, req: &BackupRequest) -> Option<String> {
+pub async fn previous_group(catalog: &CatalogHandle, req: &BackupRequest) -> Option<String> {
     let mut group: Option<String> = None;
     for v in &req.vm.volumes {
-        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
-        let prev = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await.ok().flatten()?;
+        let (vol, bs) = (v.uuid.clone(), req.storage.uuid.clone());
+        let prev = catalog.run(move |c| c.latest_volume_backup(&vol, &bs)).await.ok().flatten()?;
         match &group {
             None => group = Some(prev.group_uuid),
             Some(g) if *g == prev.group_uuid => {}
@@ -59,14 +59,14 @@ pub async fn previous_group(catalog: &Arc<Catalog>, req: &BackupRequest) -> Opti
 
 /// The previous index of each volume on this storage, with its group.
 pub(crate) async fn previous_indexes(
-    catalog: &Arc<Catalog>,
+    catalog: &CatalogHandle,
     store: &dyn ChunkReader,
     req: &BackupRequest,
 ) -> HashMap<String, (String, VolumeIndex)> {
     let mut out = HashMap::new();
     for v in &req.vm.volumes {
-        let (c, vol, bs) = (catalog.clone(), v.uuid.clone(), req.storage.uuid.clone());
-        let Ok(Some(prev)) = blocking(move || Ok(c.latest_volume_backup(&vol, &bs)?)).await else { continue };
+        let (vol, bs) = (v.uuid.clone(), req.storage.uuid.clone());
+        let Ok(Some(prev)) = catalog.run(move |c| c.latest_volume_backup(&vol, &bs)).await else { continue };
         let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
         match store.get_index(&r.install_path).await.and_then(|b| {
             VolumeIndex::decode(&b, vmbackup_proto::index::MAX_CHUNKS)

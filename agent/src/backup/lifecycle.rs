@@ -5,15 +5,15 @@ use std::collections::HashSet;
 
 use vmbackup_proto::manifest::GroupManifest;
 
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::model::BackupStatus;
 use crate::storage::registry::Registry;
 
 /// Removes a group from `storages` (every storage holding it when empty). The stores
 /// reclaim its chunks with their GC.
 pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[String]) -> Result<()> {
-    let (c, g) = (registry.catalog().clone(), group_uuid.to_string());
-    let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+    let g = group_uuid.to_string();
+    let records = registry.catalog().run(move |c| c.group_volume_backups(&g)).await?;
     if records.is_empty() {
         return Err(AgentError::not_found("backup group", group_uuid).with_field("groupUuid"));
     }
@@ -37,8 +37,8 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let (c, g, st) = (registry.catalog().clone(), group_uuid.to_string(), vec![s.clone()]);
-        blocking(move || Ok(c.remove_group_refs(&g, &st)?)).await?;
+        let (g, st) = (group_uuid.to_string(), vec![s.clone()]);
+        registry.catalog().run(move |c| c.remove_group_refs(&g, &st)).await?;
         tracing::info!(group = %group_uuid, storage = %s, "backup group deleted");
     }
     Ok(())
@@ -53,8 +53,8 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
     let (store, _) = registry.open_store(&storage, None).await?;
     let groups = store.list_groups().await?;
     let catalog = registry.catalog().clone();
-    let (c, s) = (catalog.clone(), storage_uuid.to_string());
-    let known: HashSet<String> = blocking(move || Ok(c.groups_on_storage(&s)?)).await?.into_iter().collect();
+    let s = storage_uuid.to_string();
+    let known: HashSet<String> = catalog.run(move |c| c.groups_on_storage(&s)).await?.into_iter().collect();
     let mut on_store = HashSet::new();
     let mut added = 0;
     for g in groups {
@@ -78,14 +78,13 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
         };
         let records =
             manifest.volumes.iter().map(|v| super::volume_record(v, &committed)).collect::<Result<Vec<_>>>()?;
-        let c = catalog.clone();
-        blocking(move || Ok(c.insert_volume_backups(&records)?)).await?;
+        catalog.run(move |c| c.insert_volume_backups(&records)).await?;
         added += 1;
     }
     let mut removed = 0;
     for g in known.difference(&on_store) {
-        let (c, g, s) = (catalog.clone(), g.clone(), vec![storage_uuid.to_string()]);
-        blocking(move || Ok(c.remove_group_refs(&g, &s)?)).await?;
+        let (g, s) = (g.clone(), vec![storage_uuid.to_string()]);
+        catalog.run(move |c| c.remove_group_refs(&g, &s)).await?;
         removed += 1;
     }
     tracing::info!(storage = %storage_uuid, added, removed, "catalog synced from the store's manifests");

@@ -177,8 +177,8 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
     if let Err(e) = session.close().await {
         tracing::warn!(error = %e, "closing the store session after the commit failed; it expires with its TTL");
     }
-    let (c, r) = (registry.catalog().clone(), records.clone());
-    blocking(move || Ok(c.insert_volume_backups(&r)?)).await?;
+    let r = records.clone();
+    registry.catalog().run(move |c| c.insert_volume_backups(&r)).await?;
     tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
     Ok(records)
 }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 
 use crate::catalog::now_millis;
 use crate::catalog::volume_backup::StorageRef;
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
 use crate::model::BackupStatus;
 use crate::storage::metered::Metered;
@@ -84,27 +84,29 @@ pub async fn run(
     }
 
     let now = now_millis();
-    let (c, g, d) = (registry.catalog().clone(), group_uuid.to_string(), dst.to_string());
+    let (g, d) = (group_uuid.to_string(), dst.to_string());
     let names: Vec<(String, String)> =
         manifest.volumes.iter().map(|v| (v.volume_backup_uuid.clone(), v.index_name.clone())).collect();
-    blocking(move || {
-        let mut records = c.group_volume_backups(&g)?;
-        for r in &mut records {
-            if let Some((_, index)) = names.iter().find(|(u, _)| *u == r.uuid)
-                && !r.refs.iter().any(|s| s.backup_storage_uuid == d)
-            {
-                r.refs.push(StorageRef {
-                    backup_storage_uuid: d.clone(),
-                    install_path: index.clone(),
-                    status: BackupStatus::Ready,
-                    create_date: now,
-                    last_op_date: now,
-                });
+    registry
+        .catalog()
+        .run(move |c| -> Result<()> {
+            let mut records = c.group_volume_backups(&g)?;
+            for r in &mut records {
+                if let Some((_, index)) = names.iter().find(|(u, _)| *u == r.uuid)
+                    && !r.refs.iter().any(|s| s.backup_storage_uuid == d)
+                {
+                    r.refs.push(StorageRef {
+                        backup_storage_uuid: d.clone(),
+                        install_path: index.clone(),
+                        status: BackupStatus::Ready,
+                        create_date: now,
+                        last_op_date: now,
+                    });
+                }
             }
-        }
-        Ok(c.insert_volume_backups(&records)?)
-    })
-    .await?;
+            Ok(c.insert_volume_backups(&records)?)
+        })
+        .await?;
     tracing::info!(group = %group_uuid, from = %src, to = %dst, "backup group recovered");
     Ok(())
 }

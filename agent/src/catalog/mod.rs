@@ -7,7 +7,8 @@
 //! change survives a crash of the agent or the host.
 //!
 //! Access is serialised by one mutex around the connection; every call is short (no I/O to
-//! other processes while it is held) and runs on a blocking thread, never on the async
+//! other processes while it is held). Async code reaches the catalog through a
+//! [`CatalogHandle`], whose every call runs on a blocking thread, never on the async
 //! runtime.
 
 pub mod backup_storage;
@@ -19,7 +20,7 @@ pub mod vm;
 pub mod volume_backup;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
@@ -32,6 +33,9 @@ pub enum CatalogError {
     /// A query was malformed.
     #[error(transparent)]
     Query(#[from] query::QueryError),
+    /// The blocking task running a call failed (panicked or was cancelled).
+    #[error("a catalog call did not complete")]
+    Task(#[from] tokio::task::JoinError),
     /// The database file is from a newer agent.
     #[error("catalog schema version {found} is newer than this agent understands ({known})")]
     TooNew {
@@ -193,6 +197,29 @@ impl Catalog {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back), so a poisoned lock is still safe to use.
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The catalog for async code: cheap to clone; each call runs on a blocking thread.
+#[derive(Debug, Clone)]
+pub struct CatalogHandle(Arc<Catalog>);
+
+impl CatalogHandle {
+    /// A handle of `catalog`.
+    pub fn new(catalog: Catalog) -> Self {
+        Self(Arc::new(catalog))
+    }
+
+    /// Runs `f` on the catalog on a blocking thread. `f` may return any error a
+    /// [`CatalogError`] converts into (the agent's own, for calls that also check).
+    pub async fn run<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Catalog) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<CatalogError> + Send + 'static,
+    {
+        let catalog = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&catalog)).await.map_err(|e| E::from(CatalogError::Task(e)))?
     }
 }
 

@@ -25,8 +25,8 @@ use tracing::Instrument;
 pub use progress::{Counters, JobState, Progress};
 
 use crate::catalog::job::JobRecord;
-use crate::catalog::{Catalog, now_millis};
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::catalog::{CatalogHandle, now_millis};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::metrics::AgentMetrics;
 
 /// How often watchers get a snapshot.
@@ -98,7 +98,7 @@ pub fn recover_job_uuid(group: &str, dst: &str) -> String {
 /// The registry of jobs.
 #[derive(Debug, Clone)]
 pub struct Jobs {
-    catalog: Arc<Catalog>,
+    catalog: CatalogHandle,
     running: Arc<Mutex<HashMap<String, Arc<Job>>>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<AgentMetrics>,
@@ -115,10 +115,9 @@ fn final_state<T>(outcome: &Result<T>) -> JobState {
 
 impl Jobs {
     /// A registry over `catalog`; jobs a previous process left running are marked Failed.
-    pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
-        let c = catalog.clone();
+    pub async fn open(catalog: CatalogHandle) -> Result<Self> {
         let n =
-            blocking(move || Ok(c.fail_interrupted_jobs("the agent stopped while the job ran", now_millis())?)).await?;
+            catalog.run(move |c| c.fail_interrupted_jobs("the agent stopped while the job ran", now_millis())).await?;
         if n > 0 {
             tracing::warn!(jobs = n, "jobs interrupted by an agent restart marked Failed");
         }
@@ -166,10 +165,9 @@ impl Jobs {
         // Running before it is recorded: a WatchJob in between must find it live, never a
         // recorded "Running" it would replay as if that were the end.
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uuid.clone(), job.clone());
-        let catalog = self.catalog.clone();
-        if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
+        if let Err(e) = self.catalog.run(move |c| c.put_job(&record)).await {
             self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&uuid);
-            return Err(e);
+            return Err(e.into());
         }
         tokio::spawn(ticker(job.clone()));
         Ok(job)
@@ -210,8 +208,7 @@ impl Jobs {
         };
         let seconds = (now - record.started).max(0) as f64 / 1000.0;
         self.metrics.record(&job.kind, state.as_str(), seconds, &job.counters.totals());
-        let catalog = self.catalog.clone();
-        if let Err(e) = blocking(move || Ok(catalog.put_job(&record)?)).await {
+        if let Err(e) = self.catalog.run(move |c| c.put_job(&record)).await {
             tracing::error!(job = %job.uuid, error = %e, "recording the end of a job failed");
         }
         job.tx.send_replace(last);
@@ -265,9 +262,8 @@ impl Jobs {
             job.cancel.cancel();
             return Ok(());
         }
-        let catalog = self.catalog.clone();
         let u = uuid.to_string();
-        match blocking(move || Ok(catalog.get_job(&u)?)).await? {
+        match self.catalog.run(move |c| c.get_job(&u)).await? {
             Some(j) => {
                 Err(AgentError::new(ErrorKind::FailedPrecondition, format!("job {uuid} already ended ({})", j.state))
                     .with_field("jobUuid"))
@@ -286,9 +282,10 @@ impl Jobs {
         let source = match self.running(uuid) {
             Some(job) => Source::Live(job.tx.subscribe()),
             None => {
-                let catalog = self.catalog.clone();
                 let u = uuid.to_string();
-                let record = blocking(move || Ok(catalog.get_job(&u)?))
+                let record = self
+                    .catalog
+                    .run(move |c| c.get_job(&u))
                     .await?
                     .ok_or_else(|| AgentError::not_found("job", uuid).with_field("jobUuid"))?;
                 let mut progress = serde_json::from_str::<Progress>(&record.progress).map_err(|e| {
@@ -363,7 +360,9 @@ mod tests {
 
     #[tokio::test]
     async fn watch_follows_a_job_to_its_end_and_replays_it_afterwards() {
-        let jobs = Jobs::open(Arc::new(Catalog::open_in_memory().expect("catalog"))).await.expect("jobs");
+        let jobs = Jobs::open(CatalogHandle::new(crate::catalog::Catalog::open_in_memory().expect("catalog")))
+            .await
+            .expect("jobs");
         let job = jobs.start("CreateVmBackup", None, Some("bs".into())).await.expect("start");
         Counters::add(&job.counters.planned, 100);
         let stream = jobs.watch(&job.uuid).await.expect("watch");
@@ -385,7 +384,9 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_and_failure_are_recorded() {
-        let jobs = Jobs::open(Arc::new(Catalog::open_in_memory().expect("catalog"))).await.expect("jobs");
+        let jobs = Jobs::open(CatalogHandle::new(crate::catalog::Catalog::open_in_memory().expect("catalog")))
+            .await
+            .expect("jobs");
         let job = jobs.start("CreateVmBackup", None, None).await.expect("start");
         jobs.cancel(&job.uuid).await.expect("cancel");
         assert!(job.cancel.is_cancelled());

@@ -11,7 +11,7 @@ use crate::backup::{self, BackupRequest};
 use crate::catalog::backup_storage::BackupStorageRecord;
 use crate::catalog::vm::VmRecord;
 use crate::catalog::volume_backup::VolumeBackupRecord;
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::model::VolumeKind;
 use crate::storage::registry::CONNECTED;
 use crate::tags::SystemTags;
@@ -107,8 +107,8 @@ impl Ops {
     /// The records of a committed group, or, when an attempt at it is running, what that
     /// attempt ends with (a retry joins it).
     async fn committed_or_joined(&self, group_uuid: &str) -> Result<Option<Vec<VolumeBackupRecord>>> {
-        let (c, g) = (self.catalog().clone(), group_uuid.to_string());
-        let existing = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        let g = group_uuid.to_string();
+        let existing = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
         if !existing.is_empty() {
             return Ok(Some(existing));
         }
@@ -120,8 +120,8 @@ impl Ops {
         while let Some(p) = progress.next().await {
             last = Some(p);
         }
-        let (c, g) = (self.catalog().clone(), group_uuid.to_string());
-        let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        let g = group_uuid.to_string();
+        let records = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
         if !records.is_empty() {
             return Ok(Some(records));
         }
@@ -131,8 +131,10 @@ impl Ops {
 
     /// The registered VM whose Root volume is `root`.
     pub(crate) async fn vm_of_root(&self, root: &str) -> Result<VmRecord> {
-        let (c, v) = (self.catalog().clone(), root.to_string());
-        let vm = blocking(move || Ok(c.vm_of_volume(&v)?))
+        let v = root.to_string();
+        let vm = self
+            .catalog()
+            .run(move |c| c.vm_of_volume(&v))
             .await?
             .ok_or_else(|| AgentError::not_found("volume", root).with_field("rootVolumeUuid"))?;
         if !vm.volumes.iter().any(|v| v.uuid == root && v.kind == VolumeKind::Root) {
@@ -156,8 +158,8 @@ impl Ops {
         }
         let max = self.live.max_backups_per_storage();
         let max = storage.max_backups.map_or(max, |m| m.min(max));
-        let (c, b) = (self.catalog().clone(), bs.to_string());
-        if blocking(move || Ok(c.running_jobs_on(&b)?)).await? >= i64::from(max) {
+        let b = bs.to_string();
+        if self.catalog().run(move |c| c.running_jobs_on(&b)).await? >= i64::from(max) {
             return Err(AgentError::new(
                 ErrorKind::ResourceExhausted,
                 format!("{max} backups already run on backup storage {bs}"),
@@ -195,8 +197,8 @@ impl Ops {
                 "source and destination are the same backup storage",
             ));
         }
-        let (c, g) = (self.catalog().clone(), group.to_string());
-        let records = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        let g = group.to_string();
+        let records = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
         if records.is_empty() {
             return Err(AgentError::not_found("backup group", group).with_field("groupUuid"));
         }
@@ -220,7 +222,7 @@ impl Ops {
         let (registry, j) = (self.registry.clone(), job.clone());
         let (g, s, d) = (group.to_string(), src.to_string(), dst.to_string());
         self.jobs.run(job, async move { backup::recover::run(&registry, &j, &g, &s, &d, network).await }).await?;
-        let (c, g) = (self.catalog().clone(), group.to_string());
-        blocking(move || Ok(c.group_volume_backups(&g)?)).await
+        let g = group.to_string();
+        Ok(self.catalog().run(move |c| c.group_volume_backups(&g)).await?)
     }
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 pub use locks::{VolumeLease, VolumeLocks};
 
-use crate::catalog::Catalog;
+use crate::catalog::CatalogHandle;
 use crate::jobs::Jobs;
 use crate::live::Live;
 use crate::storage::registry::Registry;
@@ -59,7 +59,7 @@ impl Ops {
     }
 
     /// The catalog.
-    pub fn catalog(&self) -> &Arc<Catalog> {
+    pub fn catalog(&self) -> &CatalogHandle {
         self.registry.catalog()
     }
 

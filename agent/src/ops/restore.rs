@@ -8,7 +8,7 @@ use super::Ops;
 use crate::backup;
 use crate::backup::restore::{RestoreOptions, RestoreTarget};
 use crate::catalog::volume_backup::VolumeBackupRecord;
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::tags::SystemTags;
 use crate::throttle::{ByteRate, Throttle};
 use crate::volume::VolumeFormat;
@@ -54,8 +54,8 @@ impl Ops {
         let write_limit = Throttle::unlimited().with(r.volume_write_bandwidth.clone()).with(caps.volume_write);
         let parallelism = self.parallelism(&r.tags);
         let source = r.tags.backup_network.as_ref().map(crate::storage::netbind::pick).transpose()?;
-        let (c, g) = (self.catalog().clone(), r.group.clone());
-        let backups = blocking(move || Ok(c.group_volume_backups(&g)?)).await?;
+        let g = r.group.clone();
+        let backups = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
         if backups.is_empty() {
             return Err(AgentError::not_found("backup group", &r.group).with_field("groupUuid"));
         }
@@ -97,8 +97,8 @@ impl Ops {
     async fn revert_targets(&self, chosen: Vec<VolumeBackupRecord>) -> Result<Vec<RestoreTarget>> {
         let mut out = Vec::new();
         for backup in chosen {
-            let (c, v) = (self.catalog().clone(), backup.volume_uuid.clone());
-            let vm = blocking(move || Ok(c.vm_of_volume(&v)?)).await?.ok_or_else(|| {
+            let v = backup.volume_uuid.clone();
+            let vm = self.catalog().run(move |c| c.vm_of_volume(&v)).await?.ok_or_else(|| {
                 AgentError::new(
                     ErrorKind::FailedPrecondition,
                     format!("volume {} is not registered on this host: nothing to revert", backup.volume_uuid),

@@ -12,7 +12,7 @@ use super::Ops;
 use crate::catalog::now_millis;
 use crate::catalog::snapshot_group::{SnapshotGroupRecord, SnapshotRecord};
 use crate::catalog::vm::VmRecord;
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::qemu::live;
 use crate::qemu::qmp::Qmp;
 
@@ -142,8 +142,8 @@ impl Ops {
     /// CreateVolumeSnapshotGroup. A retry with the same uuid, VM and name returns the group.
     pub async fn create_snapshot_group(&self, r: CreateSnapshotGroup) -> Result<SnapshotGroupRecord> {
         let vm = self.vm_of_root(&r.root_volume).await?;
-        let (c, g) = (self.catalog().clone(), r.uuid.clone());
-        if let Some(existing) = blocking(move || Ok(c.get_snapshot_group(&g)?)).await? {
+        let g = r.uuid.clone();
+        if let Some(existing) = self.catalog().run(move |c| c.get_snapshot_group(&g)).await? {
             return if existing.vm_uuid == vm.uuid && existing.name == r.name {
                 Ok(existing)
             } else {
@@ -174,8 +174,8 @@ impl Ops {
             last_op_date: now,
             snapshots,
         };
-        let (c, g) = (self.catalog().clone(), record.clone());
-        blocking(move || Ok(c.insert_snapshot_group(&g)?)).await?;
+        let g = record.clone();
+        self.catalog().run(move |c| c.insert_snapshot_group(&g)).await?;
         tracing::info!(group = %record.uuid, vm = %record.vm_uuid, volumes = record.snapshots.len(), "snapshot group taken");
         Ok(record)
     }
@@ -183,12 +183,14 @@ impl Ops {
     /// DeleteVolumeSnapshotGroup: merges every remaining snapshot back; the group is
     /// forgotten once all are.
     pub async fn delete_snapshot_group(&self, uuid: &str) -> Result<Vec<SnapshotOutcome>> {
-        let (c, u) = (self.catalog().clone(), uuid.to_string());
-        let group = blocking(move || Ok(c.get_snapshot_group(&u)?))
+        let u = uuid.to_string();
+        let group = self
+            .catalog()
+            .run(move |c| c.get_snapshot_group(&u))
             .await?
             .ok_or_else(|| AgentError::not_found("snapshot group", uuid).with_field("uuid"))?;
-        let (c, v) = (self.catalog().clone(), group.vm_uuid.clone());
-        let vm = blocking(move || Ok(c.get_vm(&v)?)).await?;
+        let v = group.vm_uuid.clone();
+        let vm = self.catalog().run(move |c| c.get_vm(&v)).await?;
         let holder = format!("DeleteVolumeSnapshotGroup {uuid}");
         let _lease = self.locks.acquire(group.snapshots.iter().map(|s| s.volume_uuid.as_str()), &holder)?;
         let qmp = live::connect_if_running_opt(vm.as_ref().and_then(|v| v.qmp_socket.as_deref())).await?;
@@ -197,8 +199,8 @@ impl Ops {
             let result = match merge_back(qmp.as_deref(), s).await {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&s.overlay_path);
-                    let (c, snap) = (self.catalog().clone(), s.clone());
-                    blocking(move || Ok(c.snapshot_merged(&snap, now_millis())?)).await
+                    let snap = s.clone();
+                    self.catalog().run(move |c| c.snapshot_merged(&snap, now_millis())).await.map_err(AgentError::from)
                 }
                 Err(e) => Err(e),
             };
@@ -212,8 +214,8 @@ impl Ops {
             });
         }
         if outcomes.iter().all(|o| o.result.is_ok()) {
-            let (c, u) = (self.catalog().clone(), uuid.to_string());
-            blocking(move || Ok(c.remove_snapshot_group(&u)?)).await?;
+            let u = uuid.to_string();
+            self.catalog().run(move |c| c.remove_snapshot_group(&u)).await?;
         }
         Ok(outcomes)
     }
@@ -225,15 +227,17 @@ impl Ops {
         name: Option<String>,
         description: Option<String>,
     ) -> Result<SnapshotGroupRecord> {
-        let (c, u) = (self.catalog().clone(), uuid.to_string());
-        let found =
-            blocking(move || Ok(c.update_snapshot_group(&u, name.as_deref(), description.as_deref(), now_millis())?))
-                .await?;
+        let u = uuid.to_string();
+        let found = self
+            .catalog()
+            .run(move |c| c.update_snapshot_group(&u, name.as_deref(), description.as_deref(), now_millis()))
+            .await?;
         if !found {
             return Err(AgentError::not_found("snapshot group", uuid).with_field("uuid"));
         }
-        let (c, u) = (self.catalog().clone(), uuid.to_string());
-        blocking(move || Ok(c.get_snapshot_group(&u)?))
+        let u = uuid.to_string();
+        self.catalog()
+            .run(move |c| c.get_snapshot_group(&u))
             .await?
             .ok_or_else(|| AgentError::new(ErrorKind::Internal, "snapshot group vanished"))
     }

@@ -2,33 +2,33 @@
 
 use super::Ops;
 use crate::catalog::vm::{RegisterConflict, VmRecord};
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::error::{AgentError, ErrorKind, Result};
 
 impl Ops {
     /// Records a validated layout (replacing an earlier one of the same VM); a volume that
     /// belongs to another VM is refused.
     pub async fn register_vm(&self, vm: VmRecord) -> Result<VmRecord> {
-        let catalog = self.catalog().clone();
-        blocking(move || {
-            match catalog.register_vm(&vm)? {
-                Ok(()) => {}
-                Err(RegisterConflict::VolumeOfAnotherVm { volume, vm: owner }) => {
-                    return Err(AgentError::new(
-                        ErrorKind::AlreadyExists,
-                        format!("volume {volume} belongs to VM {owner}"),
-                    )
-                    .with_field("volumes"));
+        self.catalog()
+            .run(move |catalog| -> Result<VmRecord> {
+                match catalog.register_vm(&vm)? {
+                    Ok(()) => {}
+                    Err(RegisterConflict::VolumeOfAnotherVm { volume, vm: owner }) => {
+                        return Err(AgentError::new(
+                            ErrorKind::AlreadyExists,
+                            format!("volume {volume} belongs to VM {owner}"),
+                        )
+                        .with_field("volumes"));
+                    }
                 }
-            }
-            catalog.get_vm(&vm.uuid)?.ok_or_else(|| AgentError::new(ErrorKind::Internal, "registered VM vanished"))
-        })
-        .await
+                catalog.get_vm(&vm.uuid)?.ok_or_else(|| AgentError::new(ErrorKind::Internal, "registered VM vanished"))
+            })
+            .await
     }
 
     /// Forgets a VM layout.
     pub async fn unregister_vm(&self, uuid: &str) -> Result<()> {
-        let (catalog, u) = (self.catalog().clone(), uuid.to_string());
-        if blocking(move || Ok(catalog.unregister_vm(&u)?)).await? {
+        let u = uuid.to_string();
+        if self.catalog().run(move |c| c.unregister_vm(&u)).await? {
             Ok(())
         } else {
             Err(AgentError::not_found("VM", uuid).with_field("uuid"))

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use crate::catalog::backup_storage::BackupStorageRecord;
-use crate::catalog::{Catalog, now_millis};
-use crate::error::{AgentError, ErrorKind, Result, blocking};
+use crate::catalog::{CatalogHandle, now_millis};
+use crate::error::{AgentError, ErrorKind, Result};
 use crate::storage::{ImageStoreClient, Store, StoreStatus};
 use crate::validate::{DeleteMode, endpoint_url};
 
@@ -48,13 +48,13 @@ pub struct NewImageStore {
 /// Backup storage management over the catalog.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    catalog: Arc<Catalog>,
+    catalog: CatalogHandle,
     tls: vmbackup_store::daemon::tls::ClientTls,
 }
 
 impl Registry {
     /// A registry over `catalog`.
-    pub fn new(catalog: Arc<Catalog>, tls: vmbackup_store::daemon::tls::ClientTls) -> Self {
+    pub fn new(catalog: CatalogHandle, tls: vmbackup_store::daemon::tls::ClientTls) -> Self {
         Self { catalog, tls }
     }
 
@@ -95,13 +95,13 @@ impl Registry {
     }
 
     /// The catalog.
-    pub fn catalog(&self) -> &Arc<Catalog> {
+    pub fn catalog(&self) -> &CatalogHandle {
         &self.catalog
     }
 
     async fn get(&self, uuid: &str) -> Result<Option<BackupStorageRecord>> {
-        let (catalog, uuid) = (self.catalog.clone(), uuid.to_string());
-        blocking(move || Ok(catalog.get_backup_storage(&uuid)?)).await
+        let uuid = uuid.to_string();
+        Ok(self.catalog.run(move |c| c.get_backup_storage(&uuid)).await?)
     }
 
     /// A backup storage that must exist.
@@ -135,9 +135,8 @@ impl Registry {
         let client = self.connect(&url).await?;
         let status = client.status().await?;
 
-        let catalog = self.catalog.clone();
         let store_uuid = status.store_uuid.clone();
-        if let Some(existing) = blocking(move || Ok(catalog.find_backup_storage_by_store(&store_uuid)?)).await? {
+        if let Some(existing) = self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
             return Err(AgentError::new(
                 ErrorKind::AlreadyExists,
                 format!(
@@ -166,22 +165,23 @@ impl Registry {
             attached_zone_uuids: req.zones,
             max_backups: req.max_backups,
         };
-        let (catalog, r) = (self.catalog.clone(), record.clone());
-        blocking(move || {
-            catalog.insert_backup_storage(&r).map_err(|e| match e {
-                crate::catalog::CatalogError::Sql(rusqlite::Error::SqliteFailure(f, _))
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    AgentError::new(
-                        ErrorKind::AlreadyExists,
-                        format!("backup storage {} was added concurrently", r.uuid),
-                    )
-                    .with_field("resourceUuid")
-                }
-                other => other.into(),
+        let r = record.clone();
+        self.catalog
+            .run(move |catalog| {
+                catalog.insert_backup_storage(&r).map_err(|e| match e {
+                    crate::catalog::CatalogError::Sql(rusqlite::Error::SqliteFailure(f, _))
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        AgentError::new(
+                            ErrorKind::AlreadyExists,
+                            format!("backup storage {} was added concurrently", r.uuid),
+                        )
+                        .with_field("resourceUuid")
+                    }
+                    other => other.into(),
+                })
             })
-        })
-        .await?;
+            .await?;
         tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, store_uuid = %record.store_uuid, "backup storage added");
         Ok(record)
     }
@@ -208,15 +208,15 @@ impl Registry {
             Err(e) => Err(e),
         };
         let now = now_millis();
-        let (catalog, u) = (self.catalog.clone(), record.uuid.clone());
+        let u = record.uuid.clone();
         match outcome {
             Ok(status) => {
                 let cap = (status.total_capacity, status.available_capacity);
-                blocking(move || Ok(catalog.update_backup_storage_status(&u, CONNECTED, Some(cap), now)?)).await?;
+                self.catalog.run(move |c| c.update_backup_storage_status(&u, CONNECTED, Some(cap), now)).await?;
                 self.require(uuid).await
             }
             Err(e) => {
-                blocking(move || Ok(catalog.update_backup_storage_status(&u, DISCONNECTED, None, now)?)).await?;
+                self.catalog.run(move |c| c.update_backup_storage_status(&u, DISCONNECTED, None, now)).await?;
                 tracing::warn!(uuid = %record.uuid, url = %record.url, error = %e, "backup storage disconnected");
                 Err(e)
             }
@@ -226,9 +226,8 @@ impl Registry {
     /// DeleteBackupStorage: removes the record; the data on the store stays.
     pub async fn delete(&self, uuid: &str, mode: DeleteMode) -> Result<()> {
         let record = self.require(uuid).await?;
-        let catalog = self.catalog.clone();
         let u = record.uuid.clone();
-        blocking(move || {
+        self.catalog.run(move |catalog| -> Result<()> {
             if mode == DeleteMode::Permissive {
                 let running = catalog.running_jobs_on(&u)?;
                 if running > 0 {
@@ -261,20 +260,19 @@ impl Registry {
         let url = endpoint_url(hostname, port, false);
         let client = self.connect(&url).await?;
         let status = client.status().await?;
-        let catalog = self.catalog.clone();
         let store_uuid = status.store_uuid.clone();
-        match blocking(move || Ok(catalog.find_backup_storage_by_store(&store_uuid)?)).await? {
+        match self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
             Some(existing) => {
-                let (catalog, u, url2, host) =
-                    (self.catalog.clone(), existing.uuid.clone(), url.clone(), hostname.to_string());
+                let (u, url2, host) = (existing.uuid.clone(), url.clone(), hostname.to_string());
                 let cap = (status.total_capacity, status.available_capacity);
-                blocking(move || {
-                    let now = now_millis();
-                    catalog.update_backup_storage_endpoint(&u, &url2, &host, port, now)?;
-                    catalog.update_backup_storage_status(&u, CONNECTED, Some(cap), now)?;
-                    Ok(())
-                })
-                .await?;
+                self.catalog
+                    .run(move |catalog| -> Result<()> {
+                        let now = now_millis();
+                        catalog.update_backup_storage_endpoint(&u, &url2, &host, port, now)?;
+                        catalog.update_backup_storage_status(&u, CONNECTED, Some(cap), now)?;
+                        Ok(())
+                    })
+                    .await?;
                 self.require(&existing.uuid).await
             }
             None => {

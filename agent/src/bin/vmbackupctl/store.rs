@@ -25,10 +25,20 @@ pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> 
             let counters = r.counters.unwrap_or_default();
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(["STORE UUID", "GROUPS", "CHUNK SIZE", "TOTAL", "AVAILABLE", "CHUNKS UPLOADED", "VERSION"]);
+            t.set_header([
+                "STORE UUID",
+                "GROUPS",
+                "SESSIONS",
+                "CHUNK SIZE",
+                "TOTAL",
+                "AVAILABLE",
+                "CHUNKS UPLOADED",
+                "VERSION",
+            ]);
             t.add_row([
                 r.store_uuid,
                 r.group_count.to_string(),
+                r.open_sessions.to_string(),
                 bytes(i64::from(r.chunk_size)),
                 bytes(i64::try_from(r.total_capacity).unwrap_or(i64::MAX)),
                 bytes(i64::try_from(r.available_capacity).unwrap_or(i64::MAX)),
