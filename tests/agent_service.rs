@@ -69,6 +69,64 @@ async fn embedded_store_is_registered_once_as_local() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_store_takes_backups_in_process_and_restores_them_identically() {
+    use vmbackup_proto::store::v1 as spb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    let mut data = common::pseudo_random(41, 6 << 20);
+    data.extend(vec![0u8; 2 << 20]);
+    std::fs::write(&img, &data).expect("volume");
+    let agent = start_agent(dir.path(), AgentOptions { embedded_store: true, config: None });
+    let mut c = storage_client(&agent, Some(common::session(&agent))).await;
+    let local = c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("q").into_inner();
+    let (bs, url) = (local.inventories[0].uuid.clone(), local.inventories[0].url.clone());
+    let mut store = vmbackup_proto::store::v1::image_store_client::ImageStoreClient::new(common::channel(&url).await);
+    let status = |r: tonic::Response<spb::StatusReply>| r.into_inner();
+
+    let vm = common::one_volume_vm("7a8b9c0d1e2f30415263748596a7b8c9", "8b9c0d1e2f30415263748596a7b8c9da", &img, "raw");
+    let mut b = common::backup_client(&agent).await;
+    let backup = |name: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: vm.volumes[0].uuid.clone(),
+        backup_storage_uuid: bs.clone(),
+        name: name.into(),
+        vm: Some(vm.clone()),
+        ..Default::default()
+    };
+    let first = b.create_vm_backup(backup("full")).await.expect("backup").into_inner().inventories;
+    let after_full = status(store.status(spb::StatusRequest {}).await.expect("status"));
+    let counters = after_full.counters.expect("counters");
+    assert!(counters.chunks_uploaded > 0 && counters.chunks_rejected == 0, "{counters:?}");
+    assert_eq!(after_full.open_sessions, 0, "the backup's session was closed");
+
+    // The same data again: nothing new is stored.
+    b.create_vm_backup(backup("again")).await.expect("second backup");
+    let again = status(store.status(spb::StatusRequest {}).await.expect("status")).counters.expect("counters");
+    assert_eq!(again.chunks_uploaded, counters.chunks_uploaded);
+
+    // The group verifies clean through the store's own server, and restores identically.
+    let v = store
+        .verify(spb::VerifyRequest { group_uuids: vec![first[0].group_uuid.clone()] })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty(), "{v:?}");
+    let out = dir.path().join("restored.raw");
+    b.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: first[0].group_uuid.clone(),
+        backup_storage_uuid: bs.clone(),
+        targets: vec![pb::RestoreTarget {
+            volume_uuid: vm.volumes[0].uuid.clone(),
+            install_path: out.display().to_string(),
+            format: "raw".into(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    assert!(std::fs::read(&out).expect("restored") == data, "the restored volume differs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = start_agent(dir.path(), AgentOptions::default());

@@ -21,6 +21,7 @@ use crate::catalog::{Catalog, CatalogHandle};
 use crate::config::AgentConfig;
 use crate::live::Live;
 use crate::ops::Ops;
+use crate::storage::local::LocalStore;
 use crate::storage::registry::Registry;
 
 /// How the binary steers a running daemon.
@@ -121,6 +122,8 @@ async fn start_embedded_store(
     let listener =
         TcpListener::bind(es.listen).await.with_context(|| format!("binding embedded store on {}", es.listen))?;
     let addr = listener.local_addr()?;
+    let url = crate::validate::endpoint_url(&addr.ip().to_string(), addr.port(), false);
+    registry.set_local(LocalStore::new(service.store().clone(), url));
     tasks.spawn(async move {
         vmbackup_store::server::serve(Arc::new(service), listener, None, stop).await.context("embedded store server")
     });

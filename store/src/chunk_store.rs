@@ -177,6 +177,18 @@ impl ChunkStore {
             bump(&self.counters.chunks_rejected, 1);
             return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
         }
+        self.insert_own_chunk(session, digest, blob_bytes)
+    }
+
+    /// Stores a chunk that this process encoded itself from plaintext whose digest it
+    /// computed (the agent's embedded store): the blob is not decoded and hashed a second
+    /// time. Everything that crosses a process boundary goes through [`Self::insert_chunk`].
+    /// Durability is the same. Returns whether it was new.
+    pub fn insert_own_chunk(&self, session: &str, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
+        self.sessions.touch(session)?;
+        if digest.is_zero_chunk() {
+            return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
+        }
         let _guard = self.shard_lock(digest);
         let new = self.backend.put_chunk(digest, blob_bytes)?;
         if new {

@@ -69,13 +69,14 @@ impl Ops {
             let targets = chosen
                 .into_iter()
                 .zip(&r.targets)
-                .map(|(backup, t)| RestoreTarget {
-                    backup,
-                    path: t.path.clone().unwrap_or_default(),
-                    format: t.format,
-                    mode: Mode::Create,
+                .enumerate()
+                .map(|(i, (backup, t))| {
+                    let path = t.path.clone().ok_or_else(|| {
+                        AgentError::invalid("targets", format!("targets[{i}].installPath: a new file needs a path"))
+                    })?;
+                    Ok(RestoreTarget { backup, path, format: t.format, mode: Mode::Create })
                 })
-                .collect();
+                .collect::<Result<Vec<_>>>()?;
             (targets, None)
         };
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::catalog::backup_storage::BackupStorageRecord;
 use crate::catalog::{CatalogHandle, now_millis};
 use crate::error::{AgentError, ErrorKind, Result};
+use crate::storage::local::LocalStore;
 use crate::storage::{ImageStoreClient, Store, StoreStatus};
 use crate::validate::{DeleteMode, endpoint_url};
 
@@ -50,12 +51,21 @@ pub struct NewImageStore {
 pub struct Registry {
     catalog: CatalogHandle,
     tls: vmbackup_store::daemon::tls::ClientTls,
+    /// The agent's embedded store, reached in-process once it is running.
+    local: Arc<std::sync::OnceLock<LocalStore>>,
 }
 
 impl Registry {
     /// A registry over `catalog`.
     pub fn new(catalog: CatalogHandle, tls: vmbackup_store::daemon::tls::ClientTls) -> Self {
-        Self { catalog, tls }
+        Self { catalog, tls, local: Arc::default() }
+    }
+
+    /// Serves the embedded store's records in-process from now on.
+    pub fn set_local(&self, store: LocalStore) {
+        if self.local.set(store).is_err() {
+            tracing::warn!("an embedded store is already in use; keeping it");
+        }
     }
 
     /// Connects to the store behind a backup storage record (or endpoint).
@@ -73,13 +83,20 @@ impl Registry {
         ImageStoreClient::connect_from(url, &self.tls, source).await
     }
 
-    /// The store behind a backup storage record, reached from `source` when given (the
-    /// backup network), after checking that it is the store the record was added for.
+    /// The store behind a backup storage record, after checking that it is the store the
+    /// record was added for: the embedded store in-process, any other over gRPC, from
+    /// `source` when given (the backup network).
     pub async fn open_store(
         &self,
         record: &BackupStorageRecord,
         source: Option<&super::netbind::SourceAddr>,
     ) -> Result<(Arc<dyn Store>, StoreStatus)> {
+        if let Some(local) = self.local.get()
+            && local.store_uuid() == record.store_uuid
+        {
+            let status = local.status().await?;
+            return Ok((Arc::new(local.clone()), status));
+        }
         let client = self.connect_from(&record.url, source).await?;
         let status = client.status().await?;
         if status.store_uuid != record.store_uuid {

@@ -1,0 +1,189 @@
+//! The embedded Image Storage reached in-process: the agent's own chunk store, behind the
+//! same seam as a store across the network, without the gRPC hop. The agent's gRPC server
+//! for the embedded store serves the same [`ChunkStore`] (same sessions, same locks, same
+//! GC), so other clients see exactly what this path writes.
+//!
+//! What differs from a remote store, and why it is safe: chunks this process encoded from
+//! plaintext it hashed itself go in without being decoded and hashed a second time
+//! ([`ChunkStore::insert_own_chunk`]); every other rule holds (durable writes, a commit
+//! checks that every chunk and index it names is present, sessions protect chunks from GC).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use vmbackup_proto::Digest;
+use vmbackup_store::chunk_store::ChunkStore;
+use vmbackup_store::error::StoreError;
+
+use super::seam::{ChunkReader, ChunkStream, ChunkWriter, OpenedSession, PutStats, StoreStatus, StoredGroup};
+use crate::error::{AgentError, ErrorKind, Result};
+
+/// Chunks read ahead of a download's consumer.
+const READ_AHEAD: usize = 2;
+
+/// The agent's embedded chunk store, in-process.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    store: Arc<ChunkStore>,
+    location: String,
+}
+
+impl LocalStore {
+    /// The store `store`, named `location` in messages (its gRPC URL).
+    pub fn new(store: Arc<ChunkStore>, location: String) -> Self {
+        Self { store, location }
+    }
+
+    /// The store's uuid.
+    pub fn store_uuid(&self) -> &str {
+        &self.store.identity().store_uuid
+    }
+
+    /// Runs `f` on the chunk store on a blocking thread; its error names this store and `what`.
+    async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(&ChunkStore) -> std::result::Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store.clone();
+        let location = self.location.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await?.map_err(|e| error(&location, what, e))
+    }
+}
+
+/// The agent's error for a failed call of the embedded store: the same kind and message a
+/// client of its gRPC server gets.
+fn error(location: &str, what: &str, e: StoreError) -> AgentError {
+    use vmbackup_store::error::ErrorKind as K;
+    let kind = match e.kind() {
+        K::NotFound => ErrorKind::NotFound,
+        K::Corrupt | K::InvalidArgument => ErrorKind::InvalidArgument,
+        K::NoSpace => ErrorKind::ResourceExhausted,
+        K::Conflict => ErrorKind::FailedPrecondition,
+        K::Io => ErrorKind::Internal,
+    };
+    AgentError::new(kind, format!("Image Storage at {location} failed {what}: {}", e.full_message()))
+}
+
+fn group(g: vmbackup_store::chunk_store::StoredGroup) -> StoredGroup {
+    StoredGroup { group_uuid: g.manifest.group_uuid, manifest: g.bytes, damaged: g.damaged }
+}
+
+#[tonic::async_trait]
+impl ChunkReader for LocalStore {
+    async fn get_index(&self, name: &str) -> Result<Vec<u8>> {
+        let name = name.to_string();
+        self.run("GetIndex", move |s| s.get_index(&name)).await
+    }
+
+    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream> {
+        let (tx, rx) = mpsc::channel::<Result<(Digest, Bytes)>>(READ_AHEAD);
+        let (store, digests) = (self.clone(), digests.to_vec());
+        tokio::spawn(async move {
+            for d in digests {
+                let item = store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b)));
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+}
+
+#[tonic::async_trait]
+impl super::seam::Store for LocalStore {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    async fn status(&self) -> Result<StoreStatus> {
+        let (total, available) = self.run("Status", |s| s.capacity()).await?;
+        Ok(StoreStatus {
+            store_uuid: self.store_uuid().to_string(),
+            total_capacity: i64::try_from(total).unwrap_or(i64::MAX),
+            available_capacity: i64::try_from(available).unwrap_or(i64::MAX),
+            chunk_size: self.store.identity().chunk_size,
+        })
+    }
+
+    async fn open_session(&self, client: &str) -> Result<OpenedSession> {
+        let (id, ttl) = self.store.sessions().open(client, Duration::ZERO);
+        Ok(OpenedSession { id, ttl })
+    }
+
+    async fn keep_alive(&self, session: &str) -> Result<()> {
+        self.store.sessions().touch(session).map_err(|e| error(&self.location, "KeepAlive", e))
+    }
+
+    async fn close_session(&self, session: &str) -> Result<()> {
+        self.store.sessions().close(session);
+        Ok(())
+    }
+
+    async fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let (session, digests) = (session.to_string(), digests.to_vec());
+        self.run("MissingChunks", move |s| s.missing(&session, &digests)).await
+    }
+
+    async fn writer(&self, session: &str) -> Result<Box<dyn ChunkWriter>> {
+        Ok(Box::new(LocalWriter { store: self.clone(), session: session.to_string(), stats: Default::default() }))
+    }
+
+    async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest> {
+        let (session, name) = (session.to_string(), name.to_string());
+        self.run("PutIndex", move |s| s.put_index(&session, &name, &data)).await
+    }
+
+    async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
+        let session = session.to_string();
+        self.run("CommitGroup", move |s| s.commit_group(&session, &manifest)).await.map(|_| ())
+    }
+
+    async fn list_groups(&self) -> Result<Vec<StoredGroup>> {
+        Ok(self.run("ListGroups", |s| s.list_groups()).await?.into_iter().map(group).collect())
+    }
+
+    async fn get_group(&self, group_uuid: &str) -> Result<StoredGroup> {
+        let g = group_uuid.to_string();
+        self.run("GetGroup", move |s| s.get_group(&g)).await.map(group)
+    }
+
+    async fn delete_group(&self, group_uuid: &str) -> Result<()> {
+        let g = group_uuid.to_string();
+        self.run("DeleteGroup", move |s| s.delete_group(&g)).await
+    }
+}
+
+/// Chunks of one session written straight into the chunk store, each durable when `put`
+/// returns; workers write in parallel.
+#[derive(Debug)]
+struct LocalWriter {
+    store: LocalStore,
+    session: String,
+    stats: std::sync::Mutex<PutStats>,
+}
+
+#[tonic::async_trait]
+impl ChunkWriter for LocalWriter {
+    async fn put(&self, digest: Digest, blob: Bytes) -> Result<()> {
+        let session = self.session.clone();
+        let new = self.store.run("UploadChunks", move |s| s.insert_own_chunk(&session, &digest, &blob)).await?;
+        let mut stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if new {
+            stats.stored += 1;
+        } else {
+            stats.already_present += 1;
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<PutStats> {
+        Ok(*self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
