@@ -6,7 +6,8 @@
 //! and peak RSS are the second store's). Reported, never asserted.
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
-//! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size).
+//! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size; `VMBACKUP_BENCH_EMBEDDED=1` backs
+//! up into the agent's embedded store, in-process, instead of a separate store process).
 
 #![allow(missing_docs)]
 
@@ -44,11 +45,16 @@ async fn main() {
         None => vec![1, 2, 4],
     };
     let backup_only = std::env::var_os("VMBACKUP_BENCH_BACKUP_ONLY").is_some();
+    let embedded = std::env::var_os("VMBACKUP_BENCH_EMBEDDED").is_some();
+    println!("store: {}", if embedded { "embedded in the agent" } else { "a separate process" });
     for parallelism in pars {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
-        let agent = common::start_agent(dir.path(), common::AgentOptions::default());
-        let bs = common::add_storage(&agent, &store, "bench").await;
+        let (agent, store, bs) = setup(dir.path(), embedded).await;
+        // The processes doing the work, and where the chunks land.
+        let pids: Vec<u32> = std::iter::once(agent.pid()).chain(store.as_ref().map(common::Daemon::pid)).collect();
+        let cpu_now = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+        let store_rss = || store.as_ref().map_or_else(|| "-".to_string(), |s| peak_rss_mib(s.pid()).to_string());
+        let chunks = store.as_ref().map_or_else(|| agent.data_dir.join("store/chunks"), |s| s.data_dir.join("chunks"));
         let mut c = common::backup_client(&agent).await;
         let mut group = String::new();
         for (op, img) in [("full", &v1), ("incremental", &v2)] {
@@ -71,18 +77,18 @@ async fn main() {
                 }),
                 ..Default::default()
             };
-            let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid());
+            let cpu0 = cpu_now();
             let start = Instant::now();
             let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
             let secs = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) - cpu0;
-            let stored = dir_size(&store.data_dir.join("chunks")) as f64 / 1048576.0;
+            let cpu = cpu_now() - cpu0;
+            let stored = dir_size(&chunks) as f64 / 1048576.0;
             println!(
                 "{op:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}",
                 mib as f64 / secs,
                 mib as f64 / cpu.max(0.01),
                 peak_rss_mib(agent.pid()),
-                peak_rss_mib(store.pid()),
+                store_rss(),
                 stored
             );
             group = inv[0].group_uuid.clone();
@@ -104,18 +110,18 @@ async fn main() {
                 system_tags: vec![format!("volumeLiveBackup::parallelismDegree::{parallelism}")],
                 ..Default::default()
             };
-            let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid());
+            let cpu0 = cpu_now();
             let start = Instant::now();
             c.restore_vm_backup(req).await.expect("restore");
             let secs = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) - cpu0;
+            let cpu = cpu_now() - cpu0;
             println!(
                 "{:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12}",
                 format!("restore {format}"),
                 mib as f64 / secs,
                 mib as f64 / cpu.max(0.01),
                 peak_rss_mib(agent.pid()),
-                peak_rss_mib(store.pid()),
+                store_rss(),
                 "-"
             );
             std::fs::remove_file(&out).expect("rm");
@@ -123,7 +129,7 @@ async fn main() {
         // Recover: copy both groups to a second, empty store.
         let second = common::start_store_with(dir.path(), "second", None, 4 << 20);
         let dst = common::add_storage(&agent, &second, "second").await;
-        let cpu0 = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) + cpu_seconds(second.pid());
+        let cpu0 = cpu_now() + cpu_seconds(second.pid());
         let start = Instant::now();
         c.recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
             group_uuid: group.clone(),
@@ -134,7 +140,7 @@ async fn main() {
         .await
         .expect("recover");
         let secs = start.elapsed().as_secs_f64();
-        let cpu = cpu_seconds(agent.pid()) + cpu_seconds(store.pid()) + cpu_seconds(second.pid()) - cpu0;
+        let cpu = cpu_now() + cpu_seconds(second.pid()) - cpu0;
         println!(
             "{:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}",
             "recover",
@@ -145,6 +151,21 @@ async fn main() {
             dir_size(&second.data_dir.join("chunks")) as f64 / 1048576.0
         );
     }
+}
+
+/// An agent and where it backs up: a separate store process, or its embedded store.
+async fn setup(dir: &Path, embedded: bool) -> (common::Daemon, Option<common::Daemon>, String) {
+    if embedded {
+        let agent = common::start_agent(dir, common::AgentOptions { embedded_store: true, config: None });
+        let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
+        let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
+        let bs = c.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone();
+        return (agent, None, bs);
+    }
+    let store = common::start_store_with(dir, "store", None, 4 << 20);
+    let agent = common::start_agent(dir, common::AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "bench").await;
+    (agent, Some(store), bs)
 }
 
 fn dir_size(p: &Path) -> u64 {
