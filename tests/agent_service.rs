@@ -149,9 +149,12 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
         "vmbackup.agent.v1.VolumeSnapshotGroupService",
         "vmbackup.agent.v1.VmService",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
+    assert_eq!(names.len(), 6, "only the services the agent serves: {names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("vmbackup.store.")), "{names:?}");
 
     // Health needs no session either.
     let mut health = tonic_health::pb::health_client::HealthClient::new(common::channel(&agent.url()).await);

@@ -334,9 +334,15 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ImageStoreServer<StoreService>>().await;
+    // Reflection lists what this server serves, not the agent's API compiled into the same
+    // descriptor set.
+    use tonic::server::NamedService;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vmbackup_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(<ImageStoreServer<StoreService> as NamedService>::NAME)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .map_err(|e| {
             // The descriptor sets are compiled in; failing here is a build defect.

@@ -32,6 +32,11 @@ pub struct State {
     pub ops: Ops,
 }
 
+/// The gRPC health service's name, as reflection lists it.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// The gRPC reflection service's name, as reflection lists it.
+pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
 /// `type_url` of the ErrorCode carried in status details.
 pub const ERROR_CODE_TYPE_URL: &str = "type.googleapis.com/vmbackup.agent.v1.ErrorCode";
 
@@ -161,9 +166,18 @@ pub fn router(
     tokio::spawn(async move {
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     });
+    // Reflection lists what this server serves, not every service of the shared descriptors
+    // (the store's API is compiled into the same set).
+    use tonic::server::NamedService;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vmbackup_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(<BackupStorageServiceServer<backup_storage::BackupStorageApi> as NamedService>::NAME)
+        .with_service_name(<VmBackupServiceServer<vm_backup::VmBackupApi> as NamedService>::NAME)
+        .with_service_name(<VmServiceServer<vm::VmApi> as NamedService>::NAME)
+        .with_service_name(<VolumeSnapshotGroupServiceServer<snapshot_group::SnapshotGroupApi> as NamedService>::NAME)
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE)
         .build_v1()
         .inspect_err(|e| tracing::error!(error = %e, "gRPC reflection is unavailable"))
         .ok();
