@@ -177,11 +177,6 @@ impl tonic::service::Interceptor for Auth {
 
 type Client = BackupStorageServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
-async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let (channel, auth) = channel_and_auth(cli).await?;
-    Ok(BackupStorageServiceClient::with_interceptor(channel, auth))
-}
-
 /// A channel to the agent and the session to send on it.
 async fn channel_and_auth(cli: &Cli) -> anyhow::Result<(Channel, Auth)> {
     let session = match &cli.session {
@@ -208,127 +203,109 @@ pub(crate) fn rpc_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// Runs one command: those that need no agent first, then those that talk to it, each
+/// family by its own function.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "vmbackupctl",
-                &mut std::io::stdout(),
-            );
-            return Ok(());
-        }
-        Command::Man => {
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
-            return Ok(());
-        }
-        Command::Status => {
-            let (channel, auth) = channel_and_auth(&cli).await?;
-            return status::run(&cli.agent, channel, auth, cli.json).await;
-        }
+        Command::Completions { shell } => return print_completions(*shell),
+        Command::Man => return print_man(),
+        Command::Store { store, command } => return store::run_store(store, command, cli.json).await,
         _ => {}
     }
-    if matches!(cli.command, Command::SnapshotGroup(_)) {
-        let (channel, auth) = channel_and_auth(&cli).await?;
-        if let Command::SnapshotGroup(cmd) = cli.command {
-            return snapshot::run(cmd, channel, auth, cli.json).await;
-        }
-    }
-    if let Command::Store { store, command } = &cli.command {
-        return store::run_store(store, command, cli.json).await;
-    }
-    if matches!(cli.command, Command::Vm(_) | Command::Backup(_) | Command::Job(_)) {
-        let (channel, auth) = channel_and_auth(&cli).await?;
-        return backup::run(cli.command, channel, auth, cli.json).await;
-    }
-    let mut client = connect(&cli).await?;
-    let json = cli.json;
+    let (channel, auth) = channel_and_auth(&cli).await?;
     match cli.command {
-        Command::Store { .. }
-        | Command::Vm(_)
-        | Command::Backup(_)
-        | Command::Job(_)
-        | Command::Status
-        | Command::SnapshotGroup(_)
-        | Command::Completions { .. }
-        | Command::Man => Ok(()),
-        Command::Storage(cmd) => match cmd {
-            StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
-                let r = client
-                    .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
-                        name,
-                        description,
-                        hostname,
-                        port,
-                        url,
-                        resource_uuid,
-                        attached_zone_uuids: zones,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                print_storages(json, &r, r.inventory.iter().cloned().collect())
-            }
-            StorageCommand::List => {
-                let r = client
-                    .query_backup_storage(pb::QueryBackupStorageRequest::default())
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                print_storages(json, &r, r.inventories.clone())
-            }
-            StorageCommand::Query { conditions, limit, start, sort_by, sort_direction, count } => {
-                let r = client
-                    .query_backup_storage(pb::QueryBackupStorageRequest {
-                        conditions,
-                        limit,
-                        start,
-                        count,
-                        sort_by,
-                        sort_direction,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                if count && !json {
-                    println!("{}", r.total.unwrap_or(0));
-                    return Ok(());
-                }
-                print_storages(json, &r, r.inventories.clone())
-            }
-            StorageCommand::Reconnect { uuid } => {
-                let r = client
-                    .reconnect_backup_storage(pb::ReconnectBackupStorageRequest { uuid, ..Default::default() })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                print_storages(json, &r, r.inventory.iter().cloned().collect())
-            }
-            StorageCommand::Delete { uuid, mode } => {
-                if !matches!(mode.as_str(), "Permissive" | "Enforcing") {
-                    bail!("--mode must be Permissive or Enforcing, not {mode:?}");
-                }
-                let r = client
-                    .delete_backup_storage(pb::DeleteBackupStorageRequest {
-                        uuid: uuid.clone(),
-                        delete_mode: mode,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                } else {
-                    println!("deleted backup storage {uuid} (its data stays on the store)");
-                }
-                Ok(())
-            }
-        },
+        Command::Status => status::run(&cli.agent, channel, auth, cli.json).await,
+        Command::SnapshotGroup(cmd) => snapshot::run(cmd, channel, auth, cli.json).await,
+        command @ (Command::Vm(_) | Command::Backup(_) | Command::Job(_)) => {
+            backup::run(command, channel, auth, cli.json).await
+        }
+        Command::Storage(cmd) => {
+            run_storage(cmd, BackupStorageServiceClient::with_interceptor(channel, auth), cli.json).await
+        }
+        // Run above, without a connection to the agent.
+        Command::Completions { .. } | Command::Man | Command::Store { .. } => Ok(()),
     }
+}
+
+/// `completions SHELL`: the completion script, on standard output.
+fn print_completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    clap_complete::generate(
+        shell,
+        &mut <Cli as clap::CommandFactory>::command(),
+        "vmbackupctl",
+        &mut std::io::stdout(),
+    );
+    Ok(())
+}
+
+/// `man`: the manual page (roff), on standard output.
+fn print_man() -> anyhow::Result<()> {
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+    Ok(())
+}
+
+/// `storage ...`: the backup storage records of the agent.
+async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
+            let request = pb::AddImageStoreBackupStorageRequest {
+                name,
+                description,
+                hostname,
+                port,
+                url,
+                resource_uuid,
+                attached_zone_uuids: zones,
+                ..Default::default()
+            };
+            let r = client.add_image_store_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+            print_storages(json, &r, r.inventory.iter().cloned().collect())
+        }
+        StorageCommand::List => {
+            let request = pb::QueryBackupStorageRequest::default();
+            let r = client.query_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+            print_storages(json, &r, r.inventories.clone())
+        }
+        StorageCommand::Query { conditions, limit, start, sort_by, sort_direction, count } => {
+            let request = pb::QueryBackupStorageRequest {
+                conditions,
+                limit,
+                start,
+                count,
+                sort_by,
+                sort_direction,
+                ..Default::default()
+            };
+            let r = client.query_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+            if count && !json {
+                println!("{}", r.total.unwrap_or(0));
+                return Ok(());
+            }
+            print_storages(json, &r, r.inventories.clone())
+        }
+        StorageCommand::Reconnect { uuid } => {
+            let request = pb::ReconnectBackupStorageRequest { uuid, ..Default::default() };
+            let r = client.reconnect_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+            print_storages(json, &r, r.inventory.iter().cloned().collect())
+        }
+        StorageCommand::Delete { uuid, mode } => delete_storage(&mut client, uuid, mode, json).await,
+    }
+}
+
+/// `storage delete`: a mode other than Permissive or Enforcing is refused before the agent
+/// is asked.
+async fn delete_storage(client: &mut Client, uuid: String, mode: String, json: bool) -> anyhow::Result<()> {
+    if !matches!(mode.as_str(), "Permissive" | "Enforcing") {
+        bail!("--mode must be Permissive or Enforcing, not {mode:?}");
+    }
+    let request = pb::DeleteBackupStorageRequest { uuid: uuid.clone(), delete_mode: mode, ..Default::default() };
+    let r = client.delete_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("deleted backup storage {uuid} (its data stays on the store)");
+    }
+    Ok(())
 }
 
 fn print_storages<T: serde::Serialize>(

@@ -7,12 +7,14 @@
 //! The format layer answers "what is at this guest offset" with a [`Plan`]; reads are
 //! `pread`s of the planned host ranges, so worker threads share one open image without a
 //! lock (only the small L2-table cache has one, never held across I/O). The header and the
-//! tables are parsed from bytes in [`header`] and [`tables`].
+//! tables are parsed from bytes in [`header`] and [`tables`]; opening an image and its
+//! backing chain, where those untrusted offsets are checked, is in `open`.
 
 pub mod header;
+mod open;
 pub mod tables;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -22,9 +24,8 @@ use std::sync::{Arc, Mutex};
 pub use self::header::MAGIC;
 use self::header::{Header, be64};
 use self::tables::{BitmapInfo, MAX_BITMAPS, MAX_SNAPSHOTS, MAX_TABLE_BYTES, SnapshotInfo};
-use super::{Error, ErrorKind, Extent, ExtentKind, Limits, Result, VolumeFormat, VolumeSource, push_extent};
+use super::{Error, ErrorKind, Extent, ExtentKind, Result, VolumeFormat, VolumeSource, push_extent};
 
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
 
@@ -73,138 +74,6 @@ pub struct Qcow2Volume {
 }
 
 impl Qcow2Volume {
-    /// Opens an image's active layer and its backing chain.
-    pub fn open(path: &Path, limits: &Limits) -> Result<Self> {
-        let mut seen = HashSet::new();
-        Self::open_chain(path, limits, 0, &mut seen, None)
-    }
-
-    /// Opens the internal snapshot named (or with the id) `snapshot`, read-only, as it was
-    /// when taken.
-    pub fn open_snapshot(path: &Path, snapshot: &str, limits: &Limits) -> Result<Self> {
-        let mut seen = HashSet::new();
-        Self::open_chain(path, limits, 0, &mut seen, Some(snapshot))
-    }
-
-    fn open_chain(
-        path: &Path,
-        limits: &Limits,
-        depth: usize,
-        seen: &mut HashSet<PathBuf>,
-        snapshot: Option<&str>,
-    ) -> Result<Self> {
-        let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, None, "resolving", e))?;
-        if !seen.insert(canonical) {
-            return Err(Error::new(ErrorKind::Corrupt, path, Some(8), "backing chain loops back to this image"));
-        }
-        if depth > limits.max_chain_depth {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                path,
-                Some(8),
-                format!("backing chain deeper than {}", limits.max_chain_depth),
-            ));
-        }
-        let file = File::open(path).map_err(|e| Error::io(path, None, "opening", e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, None, "stat", e))?.len();
-        let corrupt = |at: u64, msg: String| Error::new(ErrorKind::Corrupt, path, Some(at), msg);
-        let unsupported = |at: u64, msg: String| Error::new(ErrorKind::Unsupported, path, Some(at), msg);
-
-        let mut h = vec![0u8; usize::try_from(file_len).unwrap_or(usize::MAX).min(header::HEADER_READ)];
-        file.read_exact_at(&mut h, 0).map_err(|e| Error::io(path, Some(0), "reading the header", e))?;
-        let header = Header::parse(path, &h, file_len, limits)?;
-        let cluster_size = header.cluster_size();
-
-        let (mut size, mut l1_size, mut l1_offset) = (header.size, header.l1_size, header.l1_offset);
-        if let Some(name) = snapshot {
-            let snaps = read_snapshots(path, &file, file_len, &header)?;
-            let s = snaps.iter().find(|s| s.name == name).or_else(|| snaps.iter().find(|s| s.id == name)).ok_or_else(
-                || Error::new(ErrorKind::InvalidArgument, path, None, format!("no internal snapshot named {name:?}")),
-            )?;
-            size = s.disk_size.unwrap_or(header.size);
-            (l1_size, l1_offset) = (s.l1_size, s.l1_offset);
-            let needed = size.div_ceil(cluster_size).div_ceil(1u64 << header.l2_bits());
-            if l1_size < needed || l1_size * 8 > limits.max_l1_bytes {
-                return Err(corrupt(
-                    header.snapshots.1,
-                    format!("snapshot {name:?} has l1_size {l1_size}, out of range for {size} bytes"),
-                ));
-            }
-            if !l1_offset.is_multiple_of(cluster_size)
-                || l1_offset.checked_add(l1_size * 8).is_none_or(|end| end > file_len)
-            {
-                return Err(corrupt(
-                    header.snapshots.1,
-                    format!("snapshot {name:?} has its L1 table at {l1_offset}, misaligned or past the end"),
-                ));
-            }
-        }
-
-        let mut raw_l1 = vec![0u8; usize::try_from(l1_size * 8).unwrap_or(0)];
-        file.read_exact_at(&mut raw_l1, l1_offset)
-            .map_err(|e| Error::io(path, Some(l1_offset), "reading the L1 table", e))?;
-        let l1: Vec<u64> = raw_l1.chunks_exact(8).map(|c| be64(c, 0) & L1_OFFSET_MASK).collect();
-        for (i, &e) in l1.iter().enumerate() {
-            if e != 0 && (!e.is_multiple_of(cluster_size) || e.saturating_add(cluster_size) > file_len) {
-                let at = l1_offset + u64::try_from(i).unwrap_or(0) * 8;
-                return Err(corrupt(
-                    at,
-                    format!("L1 entry {i} points at {e}, misaligned or past the end of the file ({file_len})"),
-                ));
-            }
-        }
-
-        let sibling = |name: &str| {
-            let named = Path::new(name);
-            if named.is_absolute() { named.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(named) }
-        };
-        let data_file = match &header.data_file {
-            Some(name) => {
-                let dpath = sibling(name);
-                let file = File::open(&dpath).map_err(|e| Error::io(&dpath, None, "opening the data file", e))?;
-                let len = file.metadata().map_err(|e| Error::io(&dpath, None, "stat", e))?.len();
-                Some(DataFile { path: dpath, file, len })
-            }
-            None => None,
-        };
-
-        let backing = match header.backing {
-            Some((offset, len)) => {
-                let mut name = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                file.read_exact_at(&mut name, offset)
-                    .map_err(|e| Error::io(path, Some(offset), "reading the backing file name", e))?;
-                let name =
-                    String::from_utf8(name).map_err(|_| corrupt(offset, "backing file name is not UTF-8".into()))?;
-                let bpath = sibling(&name);
-                let format = match header.backing_format.as_deref() {
-                    Some("qcow2") => VolumeFormat::Qcow2,
-                    Some("raw") => VolumeFormat::Raw,
-                    Some(other) => return Err(unsupported(8, format!("backing format {other:?}"))),
-                    None => super::probe(&bpath)?,
-                };
-                let b: Box<dyn VolumeSource> = match format {
-                    VolumeFormat::Qcow2 => Box::new(Self::open_chain(&bpath, limits, depth + 1, seen, None)?),
-                    VolumeFormat::Raw => Box::new(super::raw::RawVolume::open(&bpath)?),
-                };
-                Some(b)
-            }
-            None => None,
-        };
-
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            file_len,
-            header,
-            size,
-            l1,
-            data_file,
-            backing,
-            l2_cache: Mutex::new(HashMap::new()),
-            l2_cache_tables: limits.l2_cache_tables.max(1),
-        })
-    }
-
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -280,17 +149,7 @@ impl Qcow2Volume {
                 }
                 continue;
             }
-            if !offset.is_multiple_of(cs) || offset.saturating_add(cs) > self.file_len {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    &self.path,
-                    Some(bm.table_offset + u64::try_from(k * 8).unwrap_or(0)),
-                    format!("bitmap data cluster at {offset} is misaligned or past the end of the file"),
-                ));
-            }
-            self.file
-                .read_exact_at(&mut cluster, offset)
-                .map_err(|e| Error::io(&self.path, Some(offset), "reading bitmap data", e))?;
+            self.read_bitmap_cluster(bm.table_offset + u64::try_from(k * 8).unwrap_or(0), offset, &mut cluster)?;
             for bit in 0..n {
                 let i = usize::try_from(bit / 8).unwrap_or(0);
                 if cluster[i] & (1 << (bit % 8)) != 0 {
@@ -299,6 +158,23 @@ impl Qcow2Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Reads the bitmap data cluster at `offset`, which the bitmap table entry at
+    /// `entry_at` points at: a whole, aligned cluster inside the file.
+    fn read_bitmap_cluster(&self, entry_at: u64, offset: u64, cluster: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        if !offset.is_multiple_of(cs) || offset.saturating_add(cs) > self.file_len {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                &self.path,
+                Some(entry_at),
+                format!("bitmap data cluster at {offset} is misaligned or past the end of the file"),
+            ));
+        }
+        self.file
+            .read_exact_at(cluster, offset)
+            .map_err(|e| Error::io(&self.path, Some(offset), "reading bitmap data", e))
     }
 
     /// Where data clusters live: (path, file, length).
@@ -349,27 +225,7 @@ impl Qcow2Volume {
         let entry_at = l2_offset + u64::try_from(l2_index * stride * 8).unwrap_or(0);
         let rest_of_cluster = cs - in_cluster;
         if entry & COMPRESSED != 0 {
-            let x = 62 - (self.header.cluster_bits - 8);
-            let host = entry & ((1u64 << x) - 1);
-            let sectors = (entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1);
-            let len = (sectors + 1) * 512 - (host & 511);
-            if self.data_file.is_some() {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    &self.path,
-                    Some(entry_at),
-                    "compressed cluster in an image with an external data file",
-                ));
-            }
-            if host >= self.file_len {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    &self.path,
-                    Some(entry_at),
-                    format!("compressed cluster at {host} is past the end of the file ({})", self.file_len),
-                ));
-            }
-            return Ok((Plan::Compressed { host, len }, rest_of_cluster));
+            return Ok((self.compressed_plan(entry, entry_at)?, rest_of_cluster));
         }
         let host = entry & L2_OFFSET_MASK;
         // An external data file reads like a raw file (zeros past its end); the image
@@ -388,25 +244,7 @@ impl Qcow2Volume {
         }
         if self.header.extended_l2 {
             let bitmap = table[l2_index * 2 + 1];
-            let sc_size = cs / 32;
-            let sc = in_cluster / sc_size;
-            let rest = sc_size - (in_cluster % sc_size);
-            let plan = if bitmap & (1 << sc) != 0 {
-                if !allocated {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        &self.path,
-                        Some(entry_at),
-                        "allocated subcluster in an unallocated cluster",
-                    ));
-                }
-                Plan::Data { host: host + in_cluster }
-            } else if bitmap & (1 << (32 + sc)) != 0 {
-                Plan::Zero
-            } else {
-                Plan::Unallocated
-            };
-            return Ok((plan, rest));
+            return self.subcluster_plan(bitmap, host, allocated, in_cluster, entry_at);
         }
         let plan = if self.header.version >= 3 && entry & 1 != 0 {
             Plan::Zero
@@ -416,6 +254,64 @@ impl Qcow2Volume {
             Plan::Data { host: host + in_cluster }
         };
         Ok((plan, rest_of_cluster))
+    }
+
+    /// The plan of a compressed L2 entry (at `entry_at`): where its data starts and how
+    /// many bytes to read, which must start inside the image itself.
+    fn compressed_plan(&self, entry: u64, entry_at: u64) -> Result<Plan> {
+        let x = 62 - (self.header.cluster_bits - 8);
+        let host = entry & ((1u64 << x) - 1);
+        let sectors = (entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1);
+        let len = (sectors + 1) * 512 - (host & 511);
+        if self.data_file.is_some() {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                &self.path,
+                Some(entry_at),
+                "compressed cluster in an image with an external data file",
+            ));
+        }
+        if host >= self.file_len {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                &self.path,
+                Some(entry_at),
+                format!("compressed cluster at {host} is past the end of the file ({})", self.file_len),
+            ));
+        }
+        Ok(Plan::Compressed { host, len })
+    }
+
+    /// What is at byte `in_cluster` of a cluster with an extended L2 entry (at `entry_at`,
+    /// pointing at `host`, with subcluster `bitmap`), and for how many bytes: the rest of
+    /// its subcluster.
+    fn subcluster_plan(
+        &self,
+        bitmap: u64,
+        host: u64,
+        allocated: bool,
+        in_cluster: u64,
+        entry_at: u64,
+    ) -> Result<(Plan, u64)> {
+        let sc_size = self.cluster_size() / 32;
+        let sc = in_cluster / sc_size;
+        let rest = sc_size - (in_cluster % sc_size);
+        let plan = if bitmap & (1 << sc) != 0 {
+            if !allocated {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    &self.path,
+                    Some(entry_at),
+                    "allocated subcluster in an unallocated cluster",
+                ));
+            }
+            Plan::Data { host: host + in_cluster }
+        } else if bitmap & (1 << (32 + sc)) != 0 {
+            Plan::Zero
+        } else {
+            Plan::Unallocated
+        };
+        Ok((plan, rest))
     }
 
     fn decompress(&self, host: u64, len: u64) -> Result<Vec<u8>> {
