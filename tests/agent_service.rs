@@ -5,11 +5,6 @@
 mod common;
 
 use common::{AgentOptions, start_agent, storage_client, zstack_code};
-use tokio_stream::StreamExt;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use vmbackup_proto::agent::v1 as pb;
 
 fn ctl(agent: &common::Daemon, args: &[&str]) -> std::process::Output {
@@ -132,17 +127,7 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
     let agent = start_agent(dir.path(), AgentOptions::default());
 
     // Reflection needs no session: list the services like grpcurl does.
-    let mut refl = ServerReflectionClient::new(common::channel(&agent.url()).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
-    let resp = stream.next().await.expect("one response").expect("ok");
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected {resp:?}")
-    };
-    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    let names = common::reflected_services(&agent.url()).await;
     for s in [
         "vmbackup.agent.v1.BackupStorageService",
         "vmbackup.agent.v1.VmBackupService",

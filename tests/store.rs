@@ -475,23 +475,8 @@ async fn vmbackupctl_reports_status_groups_gc_and_verify() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_only_the_services_the_store_serves() {
-    use tokio_stream::StreamExt;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start_store(dir.path(), "store");
-    let mut refl = ServerReflectionClient::new(common::channel(&store.url()).await);
-    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
-    let resp = stream.next().await.expect("one response").expect("ok");
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected {resp:?}")
-    };
-    let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
+    let names = common::reflected_services(&store.url()).await;
     assert_eq!(names, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "vmbackup.store.v1.ImageStore"]);
 }

@@ -427,3 +427,24 @@ pub async fn wait_until_read(c: &mut BackupClient, job: &str, bytes: i64) {
         }
     }
 }
+
+/// The services a daemon's gRPC reflection lists, sorted (what `grpcurl list` shows).
+pub async fn reflected_services(url: &str) -> Vec<String> {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut refl = ServerReflectionClient::new(channel(url).await);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
+    let resp = stream.next().await.expect("one response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
