@@ -177,7 +177,7 @@ impl ChunkStore {
             bump(&self.counters.chunks_rejected, 1);
             return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
         }
-        self.insert_own_chunk(session, digest, blob_bytes)
+        self.store_chunk(digest, blob_bytes)
     }
 
     /// Stores a chunk that this process encoded itself from plaintext whose digest it
@@ -189,6 +189,11 @@ impl ChunkStore {
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
+        self.store_chunk(digest, blob_bytes)
+    }
+
+    /// Writes a chunk durably under its shard lock and counts it; the caller has checked it.
+    fn store_chunk(&self, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
         let _guard = self.shard_lock(digest);
         let new = self.backend.put_chunk(digest, blob_bytes)?;
         if new {

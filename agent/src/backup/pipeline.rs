@@ -167,7 +167,7 @@ impl Asker {
                     }
                     Err(e) => {
                         for (_, reply) in batch {
-                            let _ = reply.send(Err(AgentError::new(e.kind(), e.to_string())));
+                            let _ = reply.send(Err(e.detached()));
                         }
                     }
                 }
