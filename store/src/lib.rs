@@ -21,7 +21,9 @@
 //! | `tmp/` | writes in progress, emptied at start | every write |
 //!
 //! Invariants: every write is temp + fsync + rename + directory fsync (never torn); a
-//! stored chunk's plaintext hashes to its name (checked on upload); every chunk a committed
+//! stored chunk's plaintext hashes to its name (checked on every upload from another
+//! process; the agent's embedded store takes the chunks the agent itself encoded from
+//! plaintext it hashed without a second check, `insert_own_chunk`); every chunk a committed
 //! index names is present (checked at commit, kept by GC, reported by verify).
 //!
 //! ## Who runs concurrently with whom
