@@ -13,7 +13,6 @@
 //!   cached, and changed only under its lock, so concurrent verifies keep each other's
 //!   marks.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +28,31 @@ use crate::backend::{Backend, ObjectKind};
 use crate::error::{ErrorKind, Result, StoreError};
 use crate::group_state::GroupState;
 use crate::identity::StoreIdentity;
-use crate::sessions::Sessions;
+use crate::sessions::{SessionOwner, Sessions};
+
+/// How far deduplication reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupScope {
+    /// A chunk any namespace uploaded is reused by every other: least space, but a writer
+    /// can learn whether some other namespace stores a chunk whose content it can guess
+    /// (MissingChunks answers "present").
+    #[default]
+    Store,
+    /// A namespace reuses only chunks it uploaded itself: MissingChunks, upload replies and
+    /// commits behave as if no other namespace existed. The bytes are still stored once.
+    Namespace,
+}
+
+impl DedupScope {
+    /// Its name in configs and replies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DedupScope::Store => "store",
+            DedupScope::Namespace => "namespace",
+        }
+    }
+}
 
 /// Monotonic counters since the store opened.
 #[derive(Debug, Default)]
@@ -65,6 +88,10 @@ pub struct ChunkStore {
     /// Damaged-group marks, written by verify, reported by group reads.
     pub(crate) group_state: GroupState,
     counters: Counters,
+    dedup: DedupScope,
+    default_retention: Option<std::time::Duration>,
+    /// Serialises load-modify-persist of group metas (retention changes).
+    pub(crate) meta_lock: Mutex<()>,
     /// Idle chunk decoders, one per check running at once at most (each keeps a zstd
     /// context and a chunk-sized buffer, so checks allocate nothing per chunk).
     decoders: Mutex<Vec<blob::Decoder>>,
@@ -79,6 +106,8 @@ pub struct StoredGroup {
     pub bytes: Vec<u8>,
     /// Whether verify found a chunk of it missing or bad.
     pub damaged: bool,
+    /// Its namespace and retention lock.
+    pub meta: crate::group_meta::GroupMeta,
 }
 
 impl ChunkStore {
@@ -100,8 +129,41 @@ impl ChunkStore {
             shard_locks: (0..256).map(|_| Mutex::new(())).collect(),
             gc_running: Mutex::new(()),
             counters: Counters::default(),
+            dedup: DedupScope::Store,
+            default_retention: None,
+            meta_lock: Mutex::new(()),
             decoders: Mutex::default(),
         }
+    }
+
+    /// Sets how far deduplication reaches.
+    pub fn with_dedup_scope(mut self, scope: DedupScope) -> Self {
+        self.dedup = scope;
+        self
+    }
+
+    /// Locks every new group against deletion for `d` after its commit (None: no default).
+    pub fn with_default_retention(mut self, d: Option<std::time::Duration>) -> Self {
+        self.default_retention = d.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// The default retention lock of new groups.
+    pub fn default_retention(&self) -> Option<std::time::Duration> {
+        self.default_retention
+    }
+
+    /// How far deduplication reaches.
+    pub fn dedup_scope(&self) -> DedupScope {
+        self.dedup
+    }
+
+    /// Whether `d` is stored and, in the per-namespace scope, was uploaded by `namespace`.
+    pub(crate) fn has_chunk_for(&self, namespace: &str, d: &Digest) -> Result<bool> {
+        if self.dedup == DedupScope::Namespace && !self.backend.is_owner(namespace, d)? {
+            return Ok(false);
+        }
+        self.backend.has_chunk(d)
     }
 
     /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`.
@@ -148,7 +210,7 @@ impl ChunkStore {
     /// Which of `digests` are absent. Present ones are touched so GC keeps them for the
     /// session.
     pub fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        self.sessions.touch(session)?;
+        let owner = self.sessions.touch(session)?;
         let mut missing = Vec::new();
         let mut present = 0u64;
         for d in digests {
@@ -156,7 +218,8 @@ impl ChunkStore {
                 continue;
             }
             let _guard = self.shard_lock(d);
-            if self.backend.touch_chunk(d)? {
+            let visible = self.dedup == DedupScope::Store || self.backend.is_owner(&owner.namespace, d)?;
+            if visible && self.backend.touch_chunk(d)? {
                 present += 1;
             } else {
                 missing.push(*d);
@@ -169,7 +232,7 @@ impl ChunkStore {
     /// Stores an uploaded chunk after checking it: the blob must decode, its plaintext must
     /// hash to `digest` and fit the chunk size. Returns whether it was new.
     pub fn insert_chunk(&self, session: &str, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
-        self.sessions.touch(session)?;
+        let owner = self.sessions.touch(session)?;
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
@@ -177,7 +240,7 @@ impl ChunkStore {
             bump(&self.counters.chunks_rejected, 1);
             return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
         }
-        self.store_chunk(digest, blob_bytes)
+        self.store_chunk(&owner, digest, blob_bytes)
     }
 
     /// Stores a chunk that this process encoded itself from plaintext whose digest it
@@ -185,17 +248,22 @@ impl ChunkStore {
     /// time. Everything that crosses a process boundary goes through [`Self::insert_chunk`].
     /// Durability is the same. Returns whether it was new.
     pub fn insert_own_chunk(&self, session: &str, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
-        self.sessions.touch(session)?;
+        let owner = self.sessions.touch(session)?;
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
-        self.store_chunk(digest, blob_bytes)
+        self.store_chunk(&owner, digest, blob_bytes)
     }
 
     /// Writes a chunk durably under its shard lock and counts it; the caller has checked it.
-    fn store_chunk(&self, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
+    /// In the per-namespace scope a chunk is "new" when it is new to the session's
+    /// namespace, so the reply says nothing about other namespaces.
+    fn store_chunk(&self, owner: &SessionOwner, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
         let _guard = self.shard_lock(digest);
-        let new = self.backend.put_chunk(digest, blob_bytes)?;
+        let mut new = self.backend.put_chunk(digest, blob_bytes)?;
+        if self.dedup == DedupScope::Namespace {
+            new |= self.backend.mark_owner(&owner.namespace, digest)?;
+        }
         if new {
             bump(&self.counters.chunks_uploaded, 1);
             bump(&self.counters.bytes_uploaded, u64::try_from(blob_bytes.len()).unwrap_or(u64::MAX));
@@ -213,7 +281,7 @@ impl ChunkStore {
         Ok(b)
     }
 
-    fn check_index_name(name: &str) -> Result<()> {
+    pub(crate) fn check_index_name(name: &str) -> Result<()> {
         if is_index_name(name) {
             Ok(())
         } else {
@@ -221,7 +289,7 @@ impl ChunkStore {
         }
     }
 
-    fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
+    pub(crate) fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
         let ix = VolumeIndex::decode(bytes, index::MAX_CHUNKS)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("index {name}: {e}")))?;
         if ix.chunk_size != self.identity.chunk_size {
@@ -236,12 +304,24 @@ impl ChunkStore {
         Ok(ix)
     }
 
-    /// Stores a volume index (validated first); returns its digest.
+    /// Stores a volume index (validated first); returns its digest. Indexes are written
+    /// once: the same bytes again is a no-op, other bytes under an existing name are a
+    /// conflict (a writer cannot rewrite a committed backup's index).
     pub fn put_index(&self, session: &str, name: &str, bytes: &[u8]) -> Result<Digest> {
         self.sessions.touch(session)?;
         Self::check_index_name(name)?;
         self.decode_index(name, bytes)?;
-        self.backend.put_object(ObjectKind::Index, name, bytes)?;
+        match self.backend.get_object(ObjectKind::Index, name) {
+            Ok(existing) if existing == bytes => {}
+            Ok(_) => {
+                return Err(StoreError::new(
+                    ErrorKind::Conflict,
+                    format!("index {name} already exists with other contents; indexes are written once"),
+                ));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => self.backend.put_object(ObjectKind::Index, name, bytes)?,
+            Err(e) => return Err(e),
+        }
         Ok(vmbackup_proto::index::index_digest(bytes))
     }
 
@@ -249,136 +329,5 @@ impl ChunkStore {
     pub fn get_index(&self, name: &str) -> Result<Vec<u8>> {
         Self::check_index_name(name)?;
         self.backend.get_object(ObjectKind::Index, name)
-    }
-
-    /// Commits a group: visible only if every index and chunk it names is present.
-    /// Committing the same manifest again is a no-op; another manifest under a committed
-    /// group uuid is a conflict.
-    pub fn commit_group(&self, session: &str, manifest_bytes: &[u8]) -> Result<GroupManifest> {
-        self.sessions.touch(session)?;
-        let manifest = GroupManifest::decode(manifest_bytes)
-            .map_err(|e| StoreError::new(ErrorKind::InvalidArgument, e.to_string()))?;
-        let name = format!("{}.json", manifest.group_uuid);
-        match self.backend.get_object(ObjectKind::Manifest, &name) {
-            Ok(existing) if existing == manifest_bytes => return Ok(manifest),
-            Ok(_) => {
-                return Err(StoreError::new(
-                    ErrorKind::Conflict,
-                    format!("group {} is already committed with another manifest", manifest.group_uuid),
-                ));
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        if manifest.chunk_size != self.identity.chunk_size {
-            return Err(StoreError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "manifest chunk size {} differs from the store's {}",
-                    manifest.chunk_size, self.identity.chunk_size
-                ),
-            ));
-        }
-        let mut checked = HashSet::new();
-        for v in &manifest.volumes {
-            let bytes = self.backend.get_object(ObjectKind::Index, &v.index_name).map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    StoreError::new(
-                        ErrorKind::InvalidArgument,
-                        format!("index {} of volume backup {} was never uploaded", v.index_name, v.volume_backup_uuid),
-                    )
-                } else {
-                    e
-                }
-            })?;
-            let digest = vmbackup_proto::index::index_digest(&bytes).to_hex();
-            if digest != v.index_digest {
-                return Err(StoreError::new(
-                    ErrorKind::InvalidArgument,
-                    format!("index {} has digest {digest}, the manifest says {}", v.index_name, v.index_digest),
-                ));
-            }
-            let ix = self.decode_index(&v.index_name, &bytes)?;
-            if ix.virtual_size != v.virtual_size {
-                return Err(StoreError::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "index {} covers {} bytes, the manifest says {}",
-                        v.index_name, ix.virtual_size, v.virtual_size
-                    ),
-                ));
-            }
-            for d in ix.referenced() {
-                if checked.insert(*d) && !self.backend.has_chunk(d)? {
-                    return Err(StoreError::new(
-                        ErrorKind::InvalidArgument,
-                        format!("chunk {d} of volume backup {} is not in the store", v.volume_backup_uuid),
-                    ));
-                }
-            }
-        }
-        self.backend.put_object(ObjectKind::Manifest, &name, manifest_bytes)?;
-        tracing::info!(group = %manifest.group_uuid, volumes = manifest.volumes.len(), chunks = checked.len(), "group committed");
-        Ok(manifest)
-    }
-
-    fn group_name(uuid: &str) -> Result<String> {
-        if uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
-            Ok(format!("{}.json", uuid.to_ascii_lowercase()))
-        } else {
-            Err(StoreError::new(ErrorKind::InvalidArgument, format!("group uuid {uuid:?} is not 32 hex digits")))
-        }
-    }
-
-    /// A committed group.
-    pub fn get_group(&self, uuid: &str) -> Result<StoredGroup> {
-        let bytes = self.backend.get_object(ObjectKind::Manifest, &Self::group_name(uuid)?).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                StoreError::new(ErrorKind::NotFound, format!("group {uuid} not found"))
-            } else {
-                e
-            }
-        })?;
-        let manifest = GroupManifest::decode(&bytes)
-            .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("manifest of group {uuid}: {e}")))?;
-        let damaged = self.group_state.is_damaged(&manifest.group_uuid)?;
-        Ok(StoredGroup { manifest, bytes, damaged })
-    }
-
-    /// Every committed group, oldest first. A manifest that cannot be read is reported in
-    /// the log and skipped, so one damaged file does not hide every other group.
-    pub fn list_groups(&self) -> Result<Vec<StoredGroup>> {
-        let damaged = self.group_state.damaged()?;
-        let mut out = Vec::new();
-        for o in self.backend.list_objects(ObjectKind::Manifest)? {
-            let Some(uuid) = o.name.strip_suffix(".json") else { continue };
-            let bytes = match self.backend.get_object(ObjectKind::Manifest, &o.name) {
-                Ok(b) => b,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            match GroupManifest::decode(&bytes) {
-                Ok(manifest) => {
-                    let is_damaged = damaged.contains(uuid);
-                    out.push(StoredGroup { manifest, bytes, damaged: is_damaged });
-                }
-                Err(e) => tracing::error!(manifest = %o.name, error = %e, "unreadable group manifest skipped"),
-            }
-        }
-        out.sort_by(|a, b| {
-            a.manifest.created.cmp(&b.manifest.created).then(a.manifest.group_uuid.cmp(&b.manifest.group_uuid))
-        });
-        Ok(out)
-    }
-
-    /// Deletes a group: its manifest, then its indexes. Chunks are left to GC.
-    pub fn delete_group(&self, uuid: &str) -> Result<()> {
-        let group = self.get_group(uuid)?;
-        self.backend.delete_object(ObjectKind::Manifest, &Self::group_name(uuid)?)?;
-        for v in &group.manifest.volumes {
-            self.backend.delete_object(ObjectKind::Index, &v.index_name)?;
-        }
-        tracing::info!(group = %uuid, "group deleted");
-        Ok(())
     }
 }

@@ -30,6 +30,12 @@ pub struct StoreConfig {
     pub gc_safety_margin_seconds: u64,
     /// Prometheus `/metrics` address (plain HTTP); absent: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Who may call the store (re-read on SIGHUP).
+    pub auth: crate::access::AuthConfig,
+    /// How far deduplication reaches: "store" (every namespace) or "namespace".
+    pub dedup_scope: crate::chunk_store::DedupScope,
+    /// Every new group is locked against deletion for this many seconds (0: no default).
+    pub default_retention_seconds: u64,
 }
 
 impl Default for StoreConfig {
@@ -41,6 +47,9 @@ impl Default for StoreConfig {
             tls: crate::daemon::tls::ServerTls::default(),
             gc_safety_margin_seconds: crate::gc::DEFAULT_MARGIN.as_secs(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9871))),
+            auth: crate::access::AuthConfig::default(),
+            dedup_scope: crate::chunk_store::DedupScope::default(),
+            default_retention_seconds: 0,
         }
     }
 }
@@ -59,7 +68,9 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let c = StoreConfig::from_toml(include_str!("../../systemd/vmbackup-store.toml")).expect("example parses");
-        assert!(c.tls.insecure_plaintext);
+        assert!(!c.tls.insecure_plaintext, "the shipped config never serves plaintext off loopback");
+        assert!(c.tls.cert.is_some() && c.tls.key.is_some(), "the shipped config serves TLS");
+        assert!(!c.auth.principals.is_empty(), "the shipped config names principals");
         assert!(StoreConfig::from_toml("chunk = 1").is_err());
     }
 }

@@ -63,7 +63,9 @@ impl ChunkStore {
         // Mark.
         let mut named_indexes = HashSet::new();
         let mut marked: HashSet<Digest> = HashSet::new();
+        let mut groups = HashSet::new();
         for group in self.list_groups()? {
+            groups.insert(format!("{}.json", group.manifest.group_uuid));
             for v in &group.manifest.volumes {
                 named_indexes.insert(v.index_name.clone());
                 let bytes = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
@@ -115,6 +117,13 @@ impl ChunkStore {
             if !named_indexes.contains(&o.name) && o.modified < cut {
                 self.backend.delete_object(ObjectKind::Index, &o.name)?;
                 report.indexes_removed += 1;
+            }
+        }
+        // Metas of commits interrupted before their manifest (a live commit writes its
+        // meta after its session started, so after the cutoff).
+        for o in self.backend.list_objects(ObjectKind::GroupMeta)? {
+            if !groups.contains(&o.name) && o.modified < cut {
+                self.backend.delete_object(ObjectKind::GroupMeta, &o.name)?;
             }
         }
         report.seconds = timer.elapsed().as_secs_f64();

@@ -38,6 +38,7 @@
 //! Damage marks are changed only as load-modify-persist under that lock, so verifies of
 //! different groups finishing together keep both results. Deleting a group leaves its mark.
 
+pub mod access;
 pub mod backend;
 pub mod chunk_store;
 pub mod config;
@@ -45,7 +46,9 @@ pub mod daemon;
 pub mod durable;
 pub mod error;
 pub mod gc;
+pub mod group_meta;
 mod group_state;
+pub mod groups;
 pub mod identity;
 pub mod metrics;
 pub mod server;

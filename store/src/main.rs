@@ -6,6 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use vmbackup_store::access::Access;
+use vmbackup_store::chunk_store::ChunkStore;
 use vmbackup_store::config::StoreConfig;
 use vmbackup_store::daemon::systemd;
 use vmbackup_store::server::{self, StoreService};
@@ -29,9 +31,34 @@ struct Args {
     /// Prometheus /metrics address (overrides the config file).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a new API token and the `token_blake3` line for a principal in the config.
+    /// Give the token to the client; keep only the hash in the config.
+    Token,
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<StoreConfig> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            StoreConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))
+        }
+        None => Ok(StoreConfig::default()),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Some(Command::Token) = Args::parse().command {
+        let token = vmbackup_store::access::new_token()?;
+        println!("token = \"{token}\"");
+        println!("token_blake3 = \"{}\"", vmbackup_store::access::token_hash(&token));
+        return Ok(());
+    }
     vmbackup_store::daemon::arenas::cap_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
@@ -39,13 +66,7 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     let _log = vmbackup_store::daemon::logging::init("info", "auto");
     let args = Args::parse();
-    let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-            StoreConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))?
-        }
-        None => StoreConfig::default(),
-    };
+    let mut config = load_config(args.config.as_ref())?;
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -59,14 +80,20 @@ async fn run() -> anyhow::Result<()> {
         config.metrics_listen = Some(m);
     }
 
+    let tls = config.tls.load(config.listen).context("TLS configuration")?;
     let dir = config.data_dir.clone();
     let margin = std::time::Duration::from_secs(config.gc_safety_margin_seconds);
-    let service = tokio::task::spawn_blocking(move || {
-        StoreService::open(dir, config.chunk_size).map(|s| s.with_gc_margin(margin))
+    let (chunk_size, scope) = (config.chunk_size, config.dedup_scope);
+    let retention = std::time::Duration::from_secs(config.default_retention_seconds);
+    let store = tokio::task::spawn_blocking(move || {
+        ChunkStore::open(&dir, chunk_size).map(|s| s.with_dedup_scope(scope).with_default_retention(Some(retention)))
     })
     .await?
     .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
-    let tls = config.tls.load(config.listen).context("TLS configuration")?;
+    let access = Arc::new(
+        Access::new(&config.auth, &config.data_dir).map_err(|e| anyhow::anyhow!("[auth] configuration: {e}"))?,
+    );
+    let service = StoreService::with_store(store, access.clone()).with_gc_margin(margin);
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let shutdown = CancellationToken::new();
@@ -84,8 +111,12 @@ async fn run() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
         store_uuid = %service.identity().store_uuid,
+        dedup_scope = config.dedup_scope.as_str(),
         "vmbackup-store ready"
     );
+    if let Some(path) = args.config.clone() {
+        tokio::spawn(reload_on_hangup(path, access));
+    }
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -98,6 +129,28 @@ async fn run() -> anyhow::Result<()> {
     systemd::spawn_watchdog(shutdown.clone(), || None);
     server::serve(Arc::new(service), listener, tls, shutdown).await?;
     Ok(())
+}
+
+/// SIGHUP (systemctl reload) re-reads the config file's `[auth]` section: a removed
+/// principal or token stops working at the next call. Other keys need a restart.
+async fn reload_on_hangup(path: PathBuf, access: Arc<Access>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; restart the store to change principals");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let applied = load_config(Some(&path))
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|c| access.reload(&c.auth).map(|()| c.auth.principals.len()));
+        match applied {
+            Ok(n) => {
+                tracing::info!(principals = n, config = %path.display(), "configuration reloaded");
+                systemd::reloaded();
+            }
+            Err(e) => tracing::error!(error = %e, config = %path.display(), "reload refused; the previous principals stay"),
+        }
+    }
 }
 
 async fn wait_for_signal() {

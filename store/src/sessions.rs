@@ -17,9 +17,27 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Longest lifetime a client may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 
+/// Who opened a session: the principal that alone may use it, and the namespace its
+/// commits go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOwner {
+    /// Principal name.
+    pub principal: String,
+    /// Namespace of its groups.
+    pub namespace: String,
+}
+
+impl SessionOwner {
+    /// The owner of sessions opened inside the store's own process.
+    pub fn local() -> Self {
+        Self { principal: "local".into(), namespace: crate::group_meta::DEFAULT_NAMESPACE.into() }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Session {
     client: String,
+    owner: SessionOwner,
     started: SystemTime,
     last_seen: Instant,
     ttl: Duration,
@@ -46,11 +64,12 @@ impl Sessions {
     }
 
     /// Opens a session; `ttl` zero means [`DEFAULT_TTL`]. Returns its id and TTL.
-    pub fn open(&self, client: &str, ttl: Duration) -> (String, Duration) {
+    pub fn open(&self, client: &str, owner: SessionOwner, ttl: Duration) -> (String, Duration) {
         let ttl = if ttl.is_zero() { DEFAULT_TTL } else { ttl.min(MAX_TTL) };
         let id = uuid::Uuid::new_v4().simple().to_string();
         let s = Session {
             client: client.chars().take(256).collect(),
+            owner,
             started: SystemTime::now(),
             last_seen: Instant::now(),
             ttl,
@@ -59,18 +78,23 @@ impl Sessions {
         (id, ttl)
     }
 
-    /// Checks a session is open and renews it.
-    pub fn touch(&self, id: &str) -> Result<()> {
+    /// Checks a session is open and renews it; returns its owner.
+    pub fn touch(&self, id: &str) -> Result<SessionOwner> {
         match self.lock().get_mut(id) {
             Some(s) => {
                 s.last_seen = Instant::now();
-                Ok(())
+                Ok(s.owner.clone())
             }
             None => Err(StoreError::new(
                 ErrorKind::NotFound,
                 format!("session {id:?} is not open (closed, expired or the store restarted)"),
             )),
         }
+    }
+
+    /// The owner of an open session (None if it is not open), without renewing it.
+    pub fn owner(&self, id: &str) -> Option<SessionOwner> {
+        self.lock().get(id).map(|s| s.owner.clone())
     }
 
     /// Closes a session (unknown is fine: closing is idempotent).
@@ -96,9 +120,9 @@ mod tests {
     #[test]
     fn sessions_open_renew_expire_and_close() {
         let s = Sessions::default();
-        let (a, ttl) = s.open("host-a", Duration::ZERO);
+        let (a, ttl) = s.open("host-a", SessionOwner::local(), Duration::ZERO);
         assert_eq!(ttl, DEFAULT_TTL);
-        let (b, _) = s.open("host-b", Duration::from_millis(30));
+        let (b, _) = s.open("host-b", SessionOwner::local(), Duration::from_millis(30));
         assert!(s.oldest_start().is_some());
         s.touch(&a).expect("open");
         std::thread::sleep(Duration::from_millis(60));

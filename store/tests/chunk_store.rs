@@ -15,6 +15,7 @@ use vmbackup_store::backend::{Backend, ChunkInfo, ObjectInfo, ObjectKind};
 use vmbackup_store::chunk_store::ChunkStore;
 use vmbackup_store::error::{ErrorKind, Result};
 use vmbackup_store::identity::StoreIdentity;
+use vmbackup_store::sessions::SessionOwner;
 
 const CS: u32 = 64 << 10;
 
@@ -77,11 +78,11 @@ fn upload_group(s: &ChunkStore, session: &str, chunks: &[Vec<u8>]) -> (String, V
 #[test]
 fn upload_commit_download_round_trip() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let chunks = vec![chunk(1), chunk(2), chunk(1)];
     let (group, manifest) = upload_group(&s, &session, &chunks);
-    s.commit_group(&session, &manifest).expect("commit");
-    s.commit_group(&session, &manifest).expect("committing the same manifest again is a no-op");
+    s.commit_group(&session, &manifest, 0).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("committing the same manifest again is a no-op");
     let g = s.get_group(&group).expect("get");
     assert!(!g.damaged);
     let ix =
@@ -101,7 +102,7 @@ fn upload_commit_download_round_trip() {
 #[test]
 fn poisoned_and_malformed_uploads_store_nothing() {
     let (dir, s) = store();
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let real = chunk(3);
     let claimed = Digest::of(&chunk(4));
     let e = s.insert_chunk(&session, &claimed, &blob::encode(&real, 1).expect("encode")).expect_err("poison");
@@ -133,7 +134,7 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn commit_needs_every_chunk_and_index() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let (group, manifest) = upload_group(&s, &session, &[chunk(5)]);
     let mut m = GroupManifest::decode(&manifest).expect("decode");
 
@@ -142,14 +143,15 @@ fn commit_needs_every_chunk_and_index() {
     let mut ix = VolumeIndex::new([1; 16], u64::from(CS), CS, VolumeFormat::Raw).expect("index");
     ix.digests[0] = Digest::of(&missing);
     let bytes = ix.encode();
-    let d = s.put_index(&session, &m.volumes[0].index_name, &bytes).expect("replace index");
+    m.volumes[0].index_name = format!("{}.vidx", uuid());
+    let d = s.put_index(&session, &m.volumes[0].index_name, &bytes).expect("another index");
     m.volumes[0].index_digest = d.to_hex();
-    let e = s.commit_group(&session, &m.encode().expect("encode")).expect_err("missing chunk");
+    let e = s.commit_group(&session, &m.encode().expect("encode"), 0).expect_err("missing chunk");
     assert!(e.to_string().contains(&Digest::of(&missing).to_hex()), "{e}");
 
     // An index that was never uploaded.
     m.volumes[0].index_name = format!("{}.vidx", uuid());
-    let e = s.commit_group(&session, &m.encode().expect("encode")).expect_err("missing index");
+    let e = s.commit_group(&session, &m.encode().expect("encode"), 0).expect_err("missing index");
     assert!(e.to_string().contains("never uploaded"), "{e}");
     assert_eq!(s.get_group(&group).expect_err("not visible").kind(), ErrorKind::NotFound);
     assert!(s.list_groups().expect("list").is_empty());
@@ -163,11 +165,11 @@ fn commit_needs_every_chunk_and_index() {
 #[test]
 fn gc_removes_exactly_the_unreferenced_chunks() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let (keep, manifest) = upload_group(&s, &session, &[chunk(10), chunk(11)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     let (gone, manifest) = upload_group(&s, &session, &[chunk(11), chunk(12)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     s.sessions().close(&session);
     s.delete_group(&gone).expect("delete");
     std::thread::sleep(Duration::from_millis(20));
@@ -182,22 +184,22 @@ fn gc_removes_exactly_the_unreferenced_chunks() {
 fn gc_never_sweeps_what_an_open_session_reuses() {
     let (_d, s) = store();
     // An old, unreferenced chunk: uploaded by a session whose group was deleted.
-    let (old_session, _) = s.sessions().open("old", Duration::ZERO);
+    let (old_session, _) = s.sessions().open("old", SessionOwner::local(), Duration::ZERO);
     let (old_group, manifest) = upload_group(&s, &old_session, &[chunk(20)]);
-    s.commit_group(&old_session, &manifest).expect("commit");
+    s.commit_group(&old_session, &manifest, 0).expect("commit");
     s.sessions().close(&old_session);
     s.delete_group(&old_group).expect("delete");
     std::thread::sleep(Duration::from_millis(20));
 
     // A new session learns it is present (so will not upload it) ...
-    let (session, _) = s.sessions().open("new", Duration::ZERO);
+    let (session, _) = s.sessions().open("new", SessionOwner::local(), Duration::ZERO);
     assert!(s.missing(&session, &[Digest::of(&chunk(20))]).expect("missing").is_empty());
     // ... GC runs meanwhile ...
     let r = s.garbage_collect(Duration::ZERO).expect("gc");
     assert_eq!(r.chunks_removed, 0, "{r:?}");
     // ... and the session's group, which reuses it, commits and verifies clean.
     let (group, manifest) = upload_group(&s, &session, &[chunk(20), chunk(21)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     let r = s.verify(std::slice::from_ref(&group)).expect("verify");
     assert!(r.bad_chunks.is_empty() && r.damaged_groups.is_empty(), "{r:?}");
 }
@@ -205,9 +207,9 @@ fn gc_never_sweeps_what_an_open_session_reuses() {
 #[test]
 fn verify_quarantines_a_corrupted_chunk_and_flags_its_group() {
     let (dir, s) = store();
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let (group, manifest) = upload_group(&s, &session, &[chunk(30), chunk(31)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     let victim = Digest::of(&chunk(31));
     let hex = victim.to_hex();
     let path = dir.path().join("chunks").join(&hex[..4]).join(&hex);
@@ -224,7 +226,7 @@ fn verify_quarantines_a_corrupted_chunk_and_flags_its_group() {
     assert!(s.get_group(&group).expect("group").damaged);
 
     // Uploading the chunk again repairs the group; a verify clears the flag.
-    let (session, _) = s.sessions().open("repair", Duration::ZERO);
+    let (session, _) = s.sessions().open("repair", SessionOwner::local(), Duration::ZERO);
     assert_eq!(s.missing(&session, &[victim]).expect("missing"), vec![victim]);
     s.insert_chunk(&session, &victim, &blob::encode(&chunk(31), 1).expect("encode")).expect("re-upload");
     let r = s.verify(std::slice::from_ref(&group)).expect("verify");
@@ -292,6 +294,12 @@ impl Backend for MetaWritesMeet {
     fn capacity(&self) -> Result<(u64, u64)> {
         self.inner.capacity()
     }
+    fn mark_owner(&self, ns: &str, d: &Digest) -> Result<bool> {
+        self.inner.mark_owner(ns, d)
+    }
+    fn is_owner(&self, ns: &str, d: &Digest) -> Result<bool> {
+        self.inner.is_owner(ns, d)
+    }
 }
 
 #[test]
@@ -305,11 +313,11 @@ fn concurrent_verifies_of_different_groups_keep_both_damage_marks() {
         both: Condvar::new(),
     };
     let s = ChunkStore::with_backend(Arc::new(backend), identity);
-    let (session, _) = s.sessions().open("test", Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
     let (removed, manifest) = upload_group(&s, &session, &[chunk(40), chunk(41)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     let (corrupted, manifest) = upload_group(&s, &session, &[chunk(42), chunk(43)]);
-    s.commit_group(&session, &manifest).expect("commit");
+    s.commit_group(&session, &manifest, 0).expect("commit");
     let chunk_path = |seed: u8| {
         let hex = Digest::of(&chunk(seed)).to_hex();
         dir.path().join("chunks").join(&hex[..4]).join(hex)

@@ -4,7 +4,10 @@
 //! <root>/chunks/<first 4 hex>/<64 hex>   chunk blobs (shard directories made on demand)
 //! <root>/indexes/<name>.vidx            volume indexes
 //! <root>/groups/<group-uuid>.json        group manifests
+//! <root>/group-meta/<group-uuid>.json    a group's namespace and retention lock
 //! <root>/meta/verify-state.json          groups verify found damaged
+//! <root>/owners/<ns>/<4 hex>/<64 hex>    empty: namespace <ns> uploaded that chunk
+//!                                        (dedup_scope = "namespace"; not fsynced)
 //! <root>/bad/<64 hex>                    chunks verify found damaged, moved aside
 //! <root>/tmp/                            writes in progress; emptied at open
 //! ```
@@ -50,7 +53,7 @@ impl FsBackend {
 
     /// Opens (creating) the layout under `root` and removes writes a crash interrupted.
     pub fn open(root: &Path) -> Result<Self> {
-        for d in ["chunks", "indexes", "groups", "meta", "bad", "tmp"] {
+        for d in ["chunks", "indexes", "groups", "group-meta", "meta", "owners", "bad", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
         }
@@ -79,7 +82,14 @@ impl FsBackend {
             ObjectKind::Index => "indexes",
             ObjectKind::Manifest => "groups",
             ObjectKind::Meta => "meta",
+            ObjectKind::GroupMeta => "group-meta",
         })
+    }
+
+    fn owner_path(&self, namespace: &str, d: &Digest) -> Result<PathBuf> {
+        crate::group_meta::check_namespace(namespace).map_err(|e| StoreError::new(ErrorKind::InvalidArgument, e))?;
+        let hex = d.to_hex();
+        Ok(self.root.join("owners").join(namespace).join(&hex[..4]).join(hex))
     }
 
     fn object_path(&self, kind: ObjectKind, name: &str) -> Result<PathBuf> {
@@ -267,6 +277,34 @@ impl Backend for FsBackend {
             .map_err(|e| StoreError::io(format!("statvfs {}", self.root.display()), e.into()))?;
         let frag = st.fragment_size();
         Ok((st.blocks().saturating_mul(frag), st.blocks_available().saturating_mul(frag)))
+    }
+
+    fn mark_owner(&self, namespace: &str, digest: &Digest) -> Result<bool> {
+        let p = self.owner_path(namespace, digest)?;
+        let create = || OpenOptions::new().write(true).create_new(true).open(&p);
+        let made = match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = p.parent() {
+                    fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+                }
+                create()
+            }
+            other => other,
+        };
+        match made {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(StoreError::io(format!("creating {}", p.display()), e)),
+        }
+    }
+
+    fn is_owner(&self, namespace: &str, digest: &Digest) -> Result<bool> {
+        let p = self.owner_path(namespace, digest)?;
+        match fs::symlink_metadata(&p) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io(format!("checking {}", p.display()), e)),
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub enum ObjectKind {
     Manifest,
     /// Store bookkeeping (e.g. `verify-state.json`).
     Meta,
+    /// What the store keeps about a group beside its manifest (`<group-uuid>.json`:
+    /// namespace, retention lock); written before the manifest.
+    GroupMeta,
 }
 
 /// A stored chunk as listed.
@@ -72,4 +75,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()>;
     /// Total and available bytes.
     fn capacity(&self) -> Result<(u64, u64)>;
+    /// Records that `namespace` has uploaded `digest` (the per-namespace dedup scope);
+    /// returns whether the record is new. Losing one only costs a re-upload.
+    fn mark_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
+    /// Whether `namespace` has uploaded `digest`.
+    fn is_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
 }

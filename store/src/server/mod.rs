@@ -19,8 +19,13 @@ use vmbackup_proto::Digest;
 use vmbackup_proto::store::v1 as pb;
 use vmbackup_proto::store::v1::image_store_server::{ImageStore, ImageStoreServer};
 
+use crate::access::{Access, Role};
 use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, StoreError};
+use crate::sessions::SessionOwner;
+use guard::audit;
+
+mod guard;
 use crate::identity::{FORMAT_VERSION, StoreIdentity};
 
 /// Largest gRPC message either side accepts: a 16 MiB chunk plus framing, with room.
@@ -42,18 +47,27 @@ const DOWNLOADS_AHEAD: usize = 2;
 #[derive(Debug)]
 pub struct StoreService {
     store: Arc<ChunkStore>,
+    access: Arc<Access>,
     gc_margin: Duration,
     runs: Arc<crate::metrics::RunMetrics>,
 }
 
 impl StoreService {
-    /// Opens (or creates) the store under `data_dir`.
-    pub fn open(data_dir: PathBuf, chunk_size: u32) -> Result<Self, StoreError> {
-        Ok(Self {
-            store: Arc::new(ChunkStore::open(&data_dir, chunk_size)?),
-            gc_margin: crate::gc::DEFAULT_MARGIN,
-            runs: Arc::default(),
-        })
+    /// Opens (or creates) the store under `data_dir`, answering the callers `auth` names.
+    pub fn open(data_dir: PathBuf, chunk_size: u32, auth: &crate::access::AuthConfig) -> Result<Self, StoreError> {
+        let store = ChunkStore::open(&data_dir, chunk_size)?;
+        let access = Access::new(auth, &data_dir).map_err(|e| StoreError::new(ErrorKind::InvalidArgument, e))?;
+        Ok(Self::with_store(store, Arc::new(access)))
+    }
+
+    /// Serves an opened store to the callers `access` knows.
+    pub fn with_store(store: ChunkStore, access: Arc<Access>) -> Self {
+        Self { store: Arc::new(store), access, gc_margin: crate::gc::DEFAULT_MARGIN, runs: Arc::default() }
+    }
+
+    /// Who may call this store (reloadable).
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
     }
 
     /// Sets the default GC safety margin.
@@ -116,7 +130,13 @@ fn digests(raw: &[Vec<u8>], field: &str) -> Result<Vec<Digest>, Status> {
 }
 
 fn group_info(g: crate::chunk_store::StoredGroup) -> pb::GroupInfo {
-    pb::GroupInfo { group_uuid: g.manifest.group_uuid, manifest: g.bytes, damaged: g.damaged }
+    pb::GroupInfo {
+        group_uuid: g.manifest.group_uuid,
+        manifest: g.bytes,
+        damaged: g.damaged,
+        namespace: g.meta.namespace,
+        retain_until: g.meta.retain_until,
+    }
 }
 
 type Settled = Result<Result<(bool, u64), StoreError>, tokio::task::JoinError>;
@@ -135,8 +155,15 @@ fn settle(res: Settled, reply: &mut pb::UploadChunksReply) -> Result<(), Status>
 
 #[tonic::async_trait]
 impl ImageStore for StoreService {
-    async fn status(&self, _r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        let (capacity, groups) = self.run(|s| Ok((s.capacity()?, s.list_groups()?.len()))).await?;
+    async fn status(&self, r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let p = self.access.authenticate(&r).await?;
+        let who = p.clone();
+        let (capacity, groups) = self
+            .run(move |s| {
+                let visible = s.list_groups()?.iter().filter(|g| who.sees(&g.meta.namespace)).count();
+                Ok((s.capacity()?, visible))
+            })
+            .await?;
         let c = self.store.counters();
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Ok(Response::new(pb::StatusReply {
@@ -157,14 +184,20 @@ impl ImageStore for StoreService {
             }),
             group_count: u64::try_from(groups).unwrap_or(u64::MAX),
             open_sessions: u32::try_from(self.store.sessions().count()).unwrap_or(u32::MAX),
+            principal: p.name.clone(),
+            roles: p.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            namespace: p.namespace.clone().unwrap_or_else(|| "*".into()),
+            dedup_scope: self.store.dedup_scope().as_str().to_string(),
         }))
     }
 
     async fn open_session(&self, r: Request<pb::OpenSessionRequest>) -> Result<Response<pb::OpenSessionReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "open a write session").await?;
         let peer = r.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let r = r.into_inner();
-        let (id, ttl) = self.store.sessions().open(&r.client, Duration::from_secs(u64::from(r.ttl_seconds)));
-        tracing::info!(session = %id, client = %r.client, peer = %peer, "session opened");
+        let owner = SessionOwner { principal: p.name.clone(), namespace: p.home().to_string() };
+        let (id, ttl) = self.store.sessions().open(&r.client, owner, Duration::from_secs(u64::from(r.ttl_seconds)));
+        tracing::info!(session = %id, client = %r.client, principal = %p.name, namespace = %p.home(), peer = %peer, "session opened");
         Ok(Response::new(pb::OpenSessionReply {
             session_id: id,
             ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
@@ -172,6 +205,8 @@ impl ImageStore for StoreService {
     }
 
     async fn keep_alive(&self, r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::KeepAliveReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "keep a session alive").await?;
+        self.own_session(&p, &r.get_ref().session_id)?;
         self.store.sessions().touch(&r.get_ref().session_id).map_err(|e| status(&e))?;
         Ok(Response::new(pb::KeepAliveReply {}))
     }
@@ -180,6 +215,8 @@ impl ImageStore for StoreService {
         &self,
         r: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "close a session").await?;
+        self.own_session(&p, &r.get_ref().session_id)?;
         self.store.sessions().close(&r.get_ref().session_id);
         Ok(Response::new(pb::CloseSessionReply {}))
     }
@@ -188,7 +225,9 @@ impl ImageStore for StoreService {
         &self,
         r: Request<pb::MissingChunksRequest>,
     ) -> Result<Response<pb::MissingChunksReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "ask which chunks are missing").await?;
         let r = r.into_inner();
+        self.own_session(&p, &r.session_id)?;
         let ds = digests(&r.digests, "digests")?;
         let missing = self.run(move |s| s.missing(&r.session_id, &ds)).await?;
         Ok(Response::new(pb::MissingChunksReply { missing: missing.into_iter().map(|d| d.0.to_vec()).collect() }))
@@ -198,11 +237,17 @@ impl ImageStore for StoreService {
         &self,
         r: Request<tonic::Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadChunksReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "upload chunks").await?;
         let mut stream = r.into_inner();
         let mut reply = pb::UploadChunksReply::default();
         let mut in_flight = tokio::task::JoinSet::new();
         let mut index = 0usize;
+        let mut checked_session = String::new();
         while let Some(msg) = stream.message().await? {
+            if msg.session_id != checked_session {
+                self.own_session(&p, &msg.session_id)?;
+                checked_session.clone_from(&msg.session_id);
+            }
             let digest = Digest::from_slice(&msg.digest)
                 .map_err(|e| Status::invalid_argument(format!("chunk {index} of the stream: {e}")))?;
             let store = self.store.clone();
@@ -229,7 +274,11 @@ impl ImageStore for StoreService {
         &self,
         r: Request<pb::DownloadChunksRequest>,
     ) -> Result<Response<Self::DownloadChunksStream>, Status> {
+        let p = self.admit(&r, Role::Reader, "download chunks").await?;
         let ds = digests(&r.get_ref().digests, "digests")?;
+        if !p.has(Role::Admin) {
+            self.check_download(&p, &r.get_ref().index_name, &ds).await?;
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOADS_AHEAD);
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -251,41 +300,60 @@ impl ImageStore for StoreService {
     }
 
     async fn put_index(&self, r: Request<pb::PutIndexRequest>) -> Result<Response<pb::PutIndexReply>, Status> {
+        let p = self.admit(&r, Role::Writer, "upload indexes").await?;
         let r = r.into_inner();
+        self.own_session(&p, &r.session_id)?;
         let d = self.run(move |s| s.put_index(&r.session_id, &r.name, &r.data)).await?;
         Ok(Response::new(pb::PutIndexReply { digest: d.to_hex() }))
     }
 
     async fn get_index(&self, r: Request<pb::GetIndexRequest>) -> Result<Response<pb::GetIndexReply>, Status> {
+        let p = self.admit_any(&r, "read indexes").await?;
         let name = r.into_inner().name;
+        self.visible_index(&p, &name).await?;
         let data = self.run(move |s| s.get_index(&name)).await?;
         Ok(Response::new(pb::GetIndexReply { data }))
     }
 
     async fn commit_group(&self, r: Request<pb::CommitGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let p = self.admit(&r, Role::Writer, "commit groups").await?;
         let r = r.into_inner();
+        self.own_session(&p, &r.session_id)?;
         let g = self
             .run(move |s| {
-                let m = s.commit_group(&r.session_id, &r.manifest)?;
+                let m = s.commit_group(&r.session_id, &r.manifest, r.retain_until)?;
                 s.get_group(&m.group_uuid)
             })
             .await?;
         Ok(Response::new(group_info(g)))
     }
 
-    async fn list_groups(&self, _r: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsReply>, Status> {
+    async fn list_groups(&self, r: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsReply>, Status> {
+        let p = self.admit_any(&r, "list groups").await?;
         let groups = self.run(|s| s.list_groups()).await?;
-        Ok(Response::new(pb::ListGroupsReply { groups: groups.into_iter().map(group_info).collect() }))
+        let groups = groups.into_iter().filter(|g| p.sees(&g.meta.namespace)).map(group_info).collect();
+        Ok(Response::new(pb::ListGroupsReply { groups }))
     }
 
     async fn get_group(&self, r: Request<pb::GetGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let p = self.admit_any(&r, "read groups").await?;
         let uuid = r.into_inner().group_uuid;
-        Ok(Response::new(group_info(self.run(move |s| s.get_group(&uuid)).await?)))
+        let id = uuid.clone();
+        let g = self.run(move |s| s.get_group(&id)).await?;
+        if !p.sees(&g.meta.namespace) {
+            tracing::warn!(target: "audit", principal = %p.name, group = %uuid, "denied: group outside the namespace");
+            return Err(Status::not_found(format!("group {uuid} not found")));
+        }
+        Ok(Response::new(group_info(g)))
     }
 
     async fn delete_group(&self, r: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::DeleteGroupReply>, Status> {
+        let p = self.admit(&r, Role::Admin, "delete groups").await?;
         let uuid = r.into_inner().group_uuid;
-        self.run(move |s| s.delete_group(&uuid)).await?;
+        let id = uuid.clone();
+        let res = self.run(move |s| s.delete_group(&id)).await;
+        audit(&p, "delete group", &uuid, &res);
+        res?;
         Ok(Response::new(pb::DeleteGroupReply {}))
     }
 
@@ -293,8 +361,11 @@ impl ImageStore for StoreService {
         &self,
         r: Request<pb::GarbageCollectRequest>,
     ) -> Result<Response<pb::GarbageCollectReply>, Status> {
+        let p = self.admit(&r, Role::Admin, "run garbage collection").await?;
         let margin = r.into_inner().safety_margin_seconds.map_or(self.gc_margin, Duration::from_secs);
-        let g = self.run(move |s| s.garbage_collect(margin)).await?;
+        let res = self.run(move |s| s.garbage_collect(margin)).await;
+        audit(&p, "garbage collect", "store", &res);
+        let g = res?;
         self.runs.gc_runs.inc();
         self.runs.gc_chunks_removed.inc_by(g.chunks_removed);
         self.runs.gc_bytes_removed.inc_by(g.bytes_removed);
@@ -310,8 +381,12 @@ impl ImageStore for StoreService {
     }
 
     async fn verify(&self, r: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
+        let p = self.admit(&r, Role::Admin, "verify").await?;
         let groups = r.into_inner().group_uuids;
-        let v = self.run(move |s| s.verify(&groups)).await?;
+        let what = if groups.is_empty() { "every chunk".to_string() } else { groups.join(",") };
+        let res = self.run(move |s| s.verify(&groups)).await;
+        audit(&p, "verify", &what, &res);
+        let v = res?;
         self.runs.verify_runs.inc();
         self.runs.verify_chunks_checked.inc_by(v.chunks_checked);
         self.runs.verify_bad_chunks.inc_by(u64::try_from(v.bad_chunks.len()).unwrap_or(u64::MAX));
@@ -322,6 +397,15 @@ impl ImageStore for StoreService {
             damaged_groups: v.damaged_groups,
             seconds: v.seconds,
         }))
+    }
+
+    async fn set_retention(&self, r: Request<pb::SetRetentionRequest>) -> Result<Response<pb::GroupInfo>, Status> {
+        let p = self.admit(&r, Role::Admin, "change retention locks").await?;
+        let r = r.into_inner();
+        let what = format!("{} until {}", r.group_uuid, r.retain_until);
+        let res = self.run(move |s| s.set_retention(&r.group_uuid, r.retain_until)).await;
+        audit(&p, "extend retention", &what, &res);
+        Ok(Response::new(group_info(res?)))
     }
 }
 
