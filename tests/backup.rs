@@ -81,6 +81,7 @@ async fn backup_dedups_and_sends_only_changes() {
         .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "store".into(),
             url: store.url(),
+            token: common::store_token(&store),
             ..Default::default()
         })
         .await
@@ -335,7 +336,7 @@ async fn delete_then_gc_reclaims_only_its_chunks_and_sync_rebuilds_the_catalog()
     let mut agent = start_agent(dir.path(), AgentOptions::default());
     let bs_uuid = "88888888888888888888888888888888";
     let add = |agent: &common::Daemon| {
-        let (url, token) = (store.url(), common::session(agent));
+        let (url, token, store_token) = (store.url(), common::session(agent), common::store_token(&store));
         let agent_url = agent.url();
         async move {
             let mut c = pb::backup_storage_service_client::BackupStorageServiceClient::with_interceptor(
@@ -345,6 +346,7 @@ async fn delete_then_gc_reclaims_only_its_chunks_and_sync_rebuilds_the_catalog()
             c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
                 name: "store".into(),
                 url,
+                token: store_token,
                 resource_uuid: bs_uuid.into(),
                 ..Default::default()
             })

@@ -128,8 +128,12 @@ fn backups_leave_from_the_address_inside_the_backup_cidr() {
     );
     let img = dir.path().join("root.raw");
     std::fs::write(&img, common::pseudo_random(21, 1 << 20)).expect("image");
-    let added =
-        ok(ctl(&net, &agent_data, &["--json", "storage", "add", "--name", "s", "--url", "http://10.201.9.9:7871"]));
+    let token = store_data.join("admin.token").display().to_string();
+    let added = ok(ctl(
+        &net,
+        &agent_data,
+        &["--json", "storage", "add", "--name", "s", "--url", "http://10.201.9.9:7871", "--token-file", &token],
+    ));
     let bs = serde_json::from_str::<serde_json::Value>(&added).expect("json")["inventory"]["uuid"]
         .as_str()
         .expect("uuid")

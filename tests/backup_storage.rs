@@ -47,6 +47,7 @@ async fn add_query_reconnect_delete_and_survive_restart() {
             description: "first store".into(),
             hostname: "127.0.0.1".into(),
             port: u32::from(store_a.addr.port()),
+            token: common::store_token(&store_a),
             attached_zone_uuids: vec![ZONE_A.into()],
             ..Default::default()
         },
@@ -57,6 +58,7 @@ async fn add_query_reconnect_delete_and_survive_restart() {
         pb::AddImageStoreBackupStorageRequest {
             name: "beta".into(),
             url: store_b.url(),
+            token: common::store_token(&store_b),
             attached_zone_uuids: vec![ZONE_B.into()],
             ..Default::default()
         },
@@ -185,7 +187,12 @@ async fn add_query_reconnect_delete_and_survive_restart() {
     // A deleted storage can be added again (same store, new record).
     let again = add(
         &mut c,
-        pb::AddImageStoreBackupStorageRequest { name: "beta".into(), url: store_b.url(), ..Default::default() },
+        pb::AddImageStoreBackupStorageRequest {
+            name: "beta".into(),
+            url: store_b.url(),
+            token: common::store_token(&store_b),
+            ..Default::default()
+        },
     )
     .await;
     assert_eq!(again.store_uuid, beta.store_uuid);
@@ -204,6 +211,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         pb::AddImageStoreBackupStorageRequest {
             name: "main".into(),
             url: store.url(),
+            token: common::store_token(&store),
             resource_uuid: resource_uuid.clone(),
             ..Default::default()
         },
@@ -238,6 +246,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     let e = add_err(
         c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             url: store.url(),
+            token: common::store_token(&store),
             ..Default::default()
         })
         .await,
@@ -249,6 +258,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "x".into(),
             url: store.url(),
+            token: common::store_token(&store),
             resource_uuid: "not-a-uuid".into(),
             ..Default::default()
         })
@@ -286,6 +296,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         pb::AddImageStoreBackupStorageRequest {
             name: "main".into(),
             url: store.url(),
+            token: common::store_token(&store),
             resource_uuid: resource_uuid.clone(),
             ..Default::default()
         },
@@ -296,6 +307,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "other".into(),
             url: store.url(),
+            token: common::store_token(&store),
             resource_uuid: resource_uuid.clone(),
             ..Default::default()
         })
@@ -309,6 +321,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "twice".into(),
             url: store.url(),
+            token: common::store_token(&store),
             ..Default::default()
         })
         .await,

@@ -148,6 +148,7 @@ async fn a_parallelism_tag_on_the_storage_caps_its_concurrent_backups() {
         .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "one-at-a-time".into(),
             url: store.url(),
+            token: common::store_token(&store),
             system_tags: vec!["volumeLiveBackup::parallelismDegree::1".into()],
             ..Default::default()
         })

@@ -109,6 +109,7 @@ async fn sighup_swaps_sessions_and_host_caps_and_refuses_a_broken_file() {
         .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "s".into(),
             url: store.url(),
+            token: common::store_token(&store),
             ..Default::default()
         })
         .await

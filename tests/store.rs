@@ -99,9 +99,13 @@ async fn upload(c: &mut StoreClient, session: &str, chunks: &[Vec<u8>]) -> Group
 }
 
 async fn commit(c: &mut StoreClient, session: &str, m: &GroupManifest) -> Result<pb::GroupInfo, tonic::Status> {
-    c.commit_group(pb::CommitGroupRequest { session_id: session.into(), manifest: m.encode().expect("encode") })
-        .await
-        .map(|r| r.into_inner())
+    c.commit_group(pb::CommitGroupRequest {
+        session_id: session.into(),
+        manifest: m.encode().expect("encode"),
+        retain_until: 0,
+    })
+    .await
+    .map(|r| r.into_inner())
 }
 
 async fn download(c: &mut StoreClient, m: &GroupManifest) -> Vec<Vec<u8>> {
@@ -113,7 +117,10 @@ async fn download(c: &mut StoreClient, m: &GroupManifest) -> Vec<Vec<u8>> {
         .data;
     let ix = VolumeIndex::decode(&ix, 1 << 20).expect("decode index");
     let mut s = c
-        .download_chunks(pb::DownloadChunksRequest { digests: ix.digests.iter().map(|d| d.0.to_vec()).collect() })
+        .download_chunks(pb::DownloadChunksRequest {
+            digests: ix.digests.iter().map(|d| d.0.to_vec()).collect(),
+            index_name: String::new(),
+        })
         .await
         .expect("download")
         .into_inner();
@@ -268,14 +275,16 @@ fn files_in(p: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// recording what it sent for commit and what was acknowledged.
 async fn writer(
     url: String,
+    token: String,
     id: u64,
     sent: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     acked: std::sync::Arc<std::sync::Mutex<Vec<GroupManifest>>>,
 ) {
     let Ok(ch) = tonic::transport::Channel::from_shared(url).expect("url").connect().await else { return };
-    let mut c = pb::image_store_client::ImageStoreClient::new(ch)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+    let mut c =
+        pb::image_store_client::ImageStoreClient::with_interceptor(ch, common::Auth(Some(format!("Bearer {token}"))))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
     for round in 0u64.. {
         let Ok(s) = c.open_session(pb::OpenSessionRequest { client: format!("w{id}"), ttl_seconds: 0 }).await else {
             return;
@@ -306,8 +315,12 @@ async fn writer(
                 .digest;
             let m = one_volume_manifest(vb, name, digest, ix.virtual_size);
             sent.lock().expect("lock").push(m.group_uuid.clone());
-            c.commit_group(pb::CommitGroupRequest { session_id: s.clone(), manifest: m.encode().expect("encode") })
-                .await?;
+            c.commit_group(pb::CommitGroupRequest {
+                session_id: s.clone(),
+                manifest: m.encode().expect("encode"),
+                retain_until: 0,
+            })
+            .await?;
             acked.lock().expect("lock").push(m);
             Ok::<(), tonic::Status>(())
         })
@@ -326,8 +339,17 @@ async fn sigkill_at_random_points_loses_no_committed_group() {
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<GroupManifest>::new()));
     let mut rng = 0x1234_5678_u64;
     for point in 0..24 {
-        let writers: Vec<_> =
-            (0..3).map(|w| tokio::spawn(writer(store.url(), point * 10 + w, sent.clone(), acked.clone()))).collect();
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                tokio::spawn(writer(
+                    store.url(),
+                    common::store_token(&store),
+                    point * 10 + w,
+                    sent.clone(),
+                    acked.clone(),
+                ))
+            })
+            .collect();
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -451,6 +473,8 @@ async fn vmbackupctl_reports_status_groups_gc_and_verify() {
             .arg("store")
             .arg("--store")
             .arg(store.url())
+            .arg("--token-file")
+            .arg(store.data_dir.join("admin.token"))
             .args(args)
             .output()
             .expect("run")
@@ -464,7 +488,9 @@ async fn vmbackupctl_reports_status_groups_gc_and_verify() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 bad, 0 damaged groups"));
     let out = std::process::Command::new(common::bin("vmbackupctl"))
-        .args(["--json", "store", "--store", &store.url(), "gc", "--safety-margin-seconds", "0"])
+        .args(["--json", "store", "--store", &store.url(), "--token-file"])
+        .arg(store.data_dir.join("admin.token"))
+        .args(["gc", "--safety-margin-seconds", "0"])
         .output()
         .expect("run");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

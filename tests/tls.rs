@@ -151,6 +151,7 @@ async fn agent_reaches_a_tls_store_only_with_the_ca() {
         .add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
             name: "tls-store".into(),
             url: store_url.clone(),
+            token: common::store_token(&store),
             ..Default::default()
         })
         .await

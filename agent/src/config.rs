@@ -72,6 +72,9 @@ pub struct EmbeddedStoreConfig {
     pub name: String,
     /// Chunk size of a new store, bytes.
     pub chunk_size: u32,
+    /// Who may call it over gRPC (the agent itself uses it in-process). Default: its
+    /// own admin token, `<store data_dir>/admin.token`, for vmbackupctl on this host.
+    pub auth: vmbackup_store::access::AuthConfig,
 }
 
 impl Default for AgentConfig {
@@ -103,6 +106,7 @@ impl Default for EmbeddedStoreConfig {
             data_dir: None,
             name: "local".to_string(),
             chunk_size: vmbackup_store::identity::DEFAULT_CHUNK_SIZE,
+            auth: vmbackup_store::access::AuthConfig::default(),
         }
     }
 }

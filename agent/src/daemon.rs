@@ -39,7 +39,11 @@ pub struct Control {
 pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     let Control { shutdown, reloads, log } = control;
     let tls = config.tls.load(config.listen).context("TLS configuration of the agent API")?;
-    let registry = Registry::new(open_catalog(&config.data_dir).await?, config.store_tls.clone());
+    let registry = Registry::new(
+        open_catalog(&config.data_dir).await?,
+        config.store_tls.clone(),
+        crate::storage::credentials::Credentials::new(&config.data_dir),
+    );
     let sessions = sessions(&config)?;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -115,10 +119,17 @@ async fn start_embedded_store(
 ) -> anyhow::Result<()> {
     let es = &config.embedded_store;
     let dir = es.data_dir.clone().unwrap_or_else(|| config.data_dir.join("store"));
-    let (dir2, chunk_size) = (dir.clone(), es.chunk_size);
-    let service = tokio::task::spawn_blocking(move || vmbackup_store::server::StoreService::open(dir2, chunk_size))
-        .await?
-        .with_context(|| format!("opening embedded store at {}", dir.display()))?;
+    if !es.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "embedded_store.listen {} is not a loopback address: the embedded store serves plaintext; run vmbackup-store with TLS for other hosts",
+            es.listen
+        );
+    }
+    let (dir2, chunk_size, auth) = (dir.clone(), es.chunk_size, es.auth.clone());
+    let service =
+        tokio::task::spawn_blocking(move || vmbackup_store::server::StoreService::open(dir2, chunk_size, &auth))
+            .await?
+            .with_context(|| format!("opening embedded store at {}", dir.display()))?;
     let listener =
         TcpListener::bind(es.listen).await.with_context(|| format!("binding embedded store on {}", es.listen))?;
     let addr = listener.local_addr()?;

@@ -224,14 +224,15 @@ impl Table {
                 return Err(format!("{at}: set token_blake3, cert_cn or both"));
             }
             if let Some(h) = &p.token_blake3 {
-                let hash = blake3::Hash::from_hex(h.trim())
-                    .map_err(|_| format!("{at}: token_blake3 must be 64 hex digits (vmbackup-store token prints one)"))?;
+                let hash = blake3::Hash::from_hex(h.trim()).map_err(|_| {
+                    format!("{at}: token_blake3 must be 64 hex digits (vmbackup-store token prints one)")
+                })?;
                 t.tokens.push((*hash.as_bytes(), principal.clone()));
             }
-            if let Some(cn) = &p.cert_cn {
-                if t.certs.insert(cn.clone(), principal.clone()).is_some() {
-                    return Err(format!("{at}: cert_cn {cn:?} is mapped twice"));
-                }
+            if let Some(cn) = &p.cert_cn
+                && t.certs.insert(cn.clone(), principal.clone()).is_some()
+            {
+                return Err(format!("{at}: cert_cn {cn:?} is mapped twice"));
             }
         }
         if config.local_admin_token {
@@ -295,7 +296,11 @@ impl Access {
     /// Principals from `config`; the local admin token is kept under `data_dir`.
     pub fn new(config: &AuthConfig, data_dir: &Path) -> Result<Self, String> {
         let table = Table::build(config, data_dir)?;
-        tracing::info!(principals = config.principals.len(), local_admin_token = config.local_admin_token, "authentication configured");
+        tracing::info!(
+            principals = config.principals.len(),
+            local_admin_token = config.local_admin_token,
+            "authentication configured"
+        );
         Ok(Self { data_dir: data_dir.to_path_buf(), table: RwLock::new(table), failures: Mutex::default() })
     }
 
@@ -314,7 +319,7 @@ impl Access {
             Ok(p) => Ok(p),
             Err(reason) => {
                 let delay = self.failed(peer);
-                tracing::warn!(target: "audit", peer = %peer.map_or("unknown".into(), |p| p.to_string()), reason, delay_ms = delay.as_millis() as u64, "authentication failed");
+                tracing::warn!(target: "audit", peer = %peer.map_or("unknown".into(), |p| p.to_string()), reason, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "authentication failed");
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
@@ -333,9 +338,9 @@ impl Access {
                 .ok_or("authorization metadata must be \"Bearer <token>\"")?;
             return table.by_token(token.trim()).map(|p| (*p).clone()).ok_or("unknown or revoked API token");
         }
-        let certs = request.peer_certs().ok_or(
-            "no credential: send \"authorization: Bearer <token>\" or connect with a client certificate",
-        )?;
+        let certs = request
+            .peer_certs()
+            .ok_or("no credential: send \"authorization: Bearer <token>\" or connect with a client certificate")?;
         let leaf = certs.first().ok_or("the client certificate chain is empty")?;
         let cn = common_name(leaf.as_ref()).ok_or("the client certificate has no readable subject CN")?;
         table.certs.get(&cn).map(|p| (**p).clone()).ok_or("the client certificate is not mapped to a principal")
@@ -403,7 +408,8 @@ mod tests {
     #[test]
     fn bad_principals_are_refused_with_their_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = AuthConfig { local_admin_token: false, principals: vec![principal("w", vec![Role::Writer], None, "t")] };
+        let mut cfg =
+            AuthConfig { local_admin_token: false, principals: vec![principal("w", vec![Role::Writer], None, "t")] };
         let e = Table::build(&cfg, dir.path()).expect_err("writer without namespace");
         assert!(e.contains("auth.principal[0] (w)") && e.contains("namespace"), "{e}");
         cfg.principals[0].namespace = Some("Bad/NS".into());

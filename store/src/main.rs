@@ -148,7 +148,9 @@ async fn reload_on_hangup(path: PathBuf, access: Arc<Access>) {
                 tracing::info!(principals = n, config = %path.display(), "configuration reloaded");
                 systemd::reloaded();
             }
-            Err(e) => tracing::error!(error = %e, config = %path.display(), "reload refused; the previous principals stay"),
+            Err(e) => {
+                tracing::error!(error = %e, config = %path.display(), "reload refused; the previous principals stay")
+            }
         }
     }
 }

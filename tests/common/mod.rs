@@ -283,14 +283,29 @@ pub fn zstack_code(s: &tonic::Status) -> String {
     vmbackup_agent::api::error_code_of(s).map(|e| e.code).unwrap_or_else(|| panic!("no ErrorCode in status {s:?}"))
 }
 
-/// A plain client of a vmbackup-store.
-pub type StoreClient = vmbackup_proto::store::v1::image_store_client::ImageStoreClient<Channel>;
+/// A client of a vmbackup-store, sending an API token.
+pub type StoreClient = vmbackup_proto::store::v1::image_store_client::ImageStoreClient<
+    tonic::service::interceptor::InterceptedService<Channel, Auth>,
+>;
 
-/// Connects to a store, with message limits raised for chunks.
+/// The store's own admin token (`<data_dir>/admin.token`).
+pub fn store_token(store: &Daemon) -> String {
+    std::fs::read_to_string(store.data_dir.join("admin.token")).expect("store admin token").trim().to_string()
+}
+
+/// A client of `store` presenting `token` (None: no credential), message limits raised.
+pub async fn store_client_with(store: &Daemon, token: Option<&str>) -> StoreClient {
+    vmbackup_proto::store::v1::image_store_client::ImageStoreClient::with_interceptor(
+        channel(&store.url()).await,
+        Auth(token.map(|t| format!("Bearer {t}"))),
+    )
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20)
+}
+
+/// Connects to a store as its admin, with message limits raised for chunks.
 pub async fn store_client(store: &Daemon) -> StoreClient {
-    vmbackup_proto::store::v1::image_store_client::ImageStoreClient::new(channel(&store.url()).await)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
+    store_client_with(store, Some(&store_token(store))).await
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different for each seed.
@@ -335,6 +350,7 @@ pub async fn add_storage(agent: &Daemon, store: &Daemon, name: &str) -> String {
         .add_image_store_backup_storage(vmbackup_proto::agent::v1::AddImageStoreBackupStorageRequest {
             name: name.into(),
             url: store.url(),
+            token: store_token(store),
             ..Default::default()
         })
         .await

@@ -62,7 +62,8 @@ impl BackupStorageApi {
             ));
         }
         let max_backups = tags.parallelism;
-        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups })
+        let token = crate::storage::credentials::check_token("token", &r.token)?;
+        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups, token })
     }
 }
 

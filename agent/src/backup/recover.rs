@@ -72,7 +72,7 @@ pub async fn run(
                 u64::try_from(batch.len() - missing.len()).unwrap_or(0) * u64::from(src_status.chunk_size),
             );
             if !missing.is_empty() {
-                copy.chunks(&session, &missing, &v.volume_uuid).await?;
+                copy.chunks(&session, &missing, &v.index_name, &v.volume_uuid).await?;
             }
         }
         session.put_index(&v.index_name, index_bytes).await?;
@@ -123,9 +123,9 @@ struct ChunkCopy {
 impl ChunkCopy {
     /// Downloads `missing`, verifies each chunk and uploads it: at most a few chunks are in
     /// memory at once, whatever the batch size.
-    async fn chunks(&self, session: &Session, missing: &[Digest], volume: &str) -> Result<()> {
+    async fn chunks(&self, session: &Session, missing: &[Digest], index: &str, volume: &str) -> Result<()> {
         let max = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
-        let mut stream = self.reader.download(missing).await?;
+        let mut stream = self.reader.download(index, missing).await?;
         let sent = self.job.counters.count_into(|c| &c.sent);
         let writer = Box::new(Metered::new(session.writer().await?, Throttle::unlimited(), sent));
         let mut copied = 0usize;

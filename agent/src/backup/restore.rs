@@ -128,6 +128,7 @@ pub async fn run(
             reader: reader.clone(),
             job: job.clone(),
             ix,
+            index_name: r.install_path.clone(),
             writer,
             volume: t.backup.volume_uuid.clone(),
             write_limit: opts.write_limit.clone(),
@@ -153,6 +154,8 @@ struct VolumeRestore {
     reader: Arc<dyn ChunkReader>,
     job: Arc<Job>,
     ix: Arc<VolumeIndex>,
+    /// Name of the index on the store (downloads name it).
+    index_name: String,
     writer: Arc<Box<dyn VolumeWriter>>,
     volume: String,
     write_limit: Throttle,
@@ -183,7 +186,7 @@ fn plan(ix: &VolumeIndex, writer: &dyn VolumeWriter, counters: &Counters) -> Res
 /// Downloads one batch on its own stream and writes each chunk wherever the volume holds it.
 async fn restore_batch(v: Arc<VolumeRestore>, batch: Vec<Wanted>) -> Result<()> {
     let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-    let mut stream = v.reader.download(&digests).await?;
+    let mut stream = v.reader.download(&v.index_name, &digests).await?;
     for (d, at) in batch {
         if v.job.cancel.is_cancelled() {
             return Err(AgentError::new(ErrorKind::Cancelled, "the restore was cancelled"));

@@ -42,17 +42,43 @@ pub const MISSING_BATCH: usize = 8192;
 /// Encoded chunks waiting for the upload stream of one writer.
 const UPLOAD_QUEUE: usize = 4;
 
+/// Sends the storage's API token (`authorization: Bearer`) with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Bearer(<redacted>)" } else { "Bearer(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Client = PbClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
 /// A connected client of one store.
 #[derive(Debug, Clone)]
 pub struct ImageStoreClient {
     url: String,
-    inner: PbClient<Channel>,
+    inner: Client,
 }
 
 impl ImageStoreClient {
-    /// Connects to the store at `url` (`http://host:port`, or `https://…` with `tls`).
-    pub async fn connect(url: &str, tls: &vmbackup_store::daemon::tls::ClientTls) -> Result<Self> {
-        Self::connect_from(url, tls, None).await
+    /// Connects to the store at `url` (`http://host:port`, or `https://…` with `tls`),
+    /// presenting `token` when given.
+    pub async fn connect(
+        url: &str,
+        tls: &vmbackup_store::daemon::tls::ClientTls,
+        token: Option<&super::credentials::Secret>,
+    ) -> Result<Self> {
+        Self::connect_from(url, tls, None, token).await
     }
 
     /// Connects to the store at `url`, from `source` when given (the backup network).
@@ -60,7 +86,15 @@ impl ImageStoreClient {
         url: &str,
         tls: &vmbackup_store::daemon::tls::ClientTls,
         source: Option<&super::netbind::SourceAddr>,
+        token: Option<&super::credentials::Secret>,
     ) -> Result<Self> {
+        let bearer =
+            match token {
+                None => Bearer(None),
+                Some(t) => Bearer(Some(format!("Bearer {}", t.expose()).parse().map_err(|_| {
+                    AgentError::invalid("token", "is not valid in gRPC metadata (printable ASCII only)")
+                })?)),
+            };
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| AgentError::invalid("url", format!("{url:?} is not a valid endpoint URL")).with_source(e))?;
         if url.starts_with("https://") {
@@ -107,7 +141,7 @@ impl ImageStoreClient {
                 .with_code("BS.1003", "Backup storage is unreachable")
                 .with_source(e)
         })?;
-        let inner = PbClient::new(channel)
+        let inner = PbClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self { url: url.to_string(), inner })
@@ -123,7 +157,7 @@ impl ImageStoreClient {
         call_error(&self.url, method, s)
     }
 
-    fn client(&self) -> PbClient<Channel> {
+    fn client(&self) -> Client {
         self.inner.clone()
     }
 }
@@ -161,8 +195,11 @@ impl ChunkReader for ImageStoreClient {
             .data)
     }
 
-    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream> {
-        let req = pb::DownloadChunksRequest { digests: digests.iter().map(|d| d.0.to_vec()).collect() };
+    async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream> {
+        let req = pb::DownloadChunksRequest {
+            digests: digests.iter().map(|d| d.0.to_vec()).collect(),
+            index_name: index.to_string(),
+        };
         let stream = self
             .client()
             .download_chunks(tonic::Request::new(req))
@@ -299,7 +336,7 @@ impl super::seam::Store for ImageStoreClient {
     }
 
     async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
-        let req = pb::CommitGroupRequest { session_id: session.to_string(), manifest };
+        let req = pb::CommitGroupRequest { session_id: session.to_string(), manifest, retain_until: 0 };
         self.client()
             .commit_group(deadline(req, LONG_CALL_TIMEOUT))
             .await

@@ -80,7 +80,7 @@ impl ChunkReader for LocalStore {
         self.run("GetIndex", move |s| s.get_index(&name)).await
     }
 
-    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream> {
+    async fn download(&self, _index: &str, digests: &[Digest]) -> Result<ChunkStream> {
         let (tx, rx) = mpsc::channel::<Result<(Digest, Bytes)>>(READ_AHEAD);
         let (store, digests) = (self.clone(), digests.to_vec());
         tokio::spawn(async move {
@@ -113,12 +113,13 @@ impl super::seam::Store for LocalStore {
     }
 
     async fn open_session(&self, client: &str) -> Result<OpenedSession> {
-        let (id, ttl) = self.store.sessions().open(client, Duration::ZERO);
+        let (id, ttl) =
+            self.store.sessions().open(client, vmbackup_store::sessions::SessionOwner::local(), Duration::ZERO);
         Ok(OpenedSession { id, ttl })
     }
 
     async fn keep_alive(&self, session: &str) -> Result<()> {
-        self.store.sessions().touch(session).map_err(|e| error(&self.location, "KeepAlive", e))
+        self.store.sessions().touch(session).map(|_| ()).map_err(|e| error(&self.location, "KeepAlive", e))
     }
 
     async fn close_session(&self, session: &str) -> Result<()> {
@@ -142,7 +143,7 @@ impl super::seam::Store for LocalStore {
 
     async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
         let session = session.to_string();
-        self.run("CommitGroup", move |s| s.commit_group(&session, &manifest)).await.map(|_| ())
+        self.run("CommitGroup", move |s| s.commit_group(&session, &manifest, 0)).await.map(|_| ())
     }
 
     async fn list_groups(&self) -> Result<Vec<StoredGroup>> {

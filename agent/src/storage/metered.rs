@@ -60,8 +60,8 @@ impl ChunkReader for Metered<Arc<dyn ChunkReader>> {
         self.inner.get_index(name).await
     }
 
-    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream> {
-        let stream = self.inner.download(digests).await?;
+    async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream> {
+        let stream = self.inner.download(index, digests).await?;
         let (limit, count) = (self.limit.clone(), self.count.clone());
         Ok(stream
             .then(move |item| {

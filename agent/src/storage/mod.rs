@@ -3,7 +3,9 @@
 //! particular kind of storage. Today: Image Storage (a vmbackup-store server over gRPC,
 //! [`image_store`]), the agent's embedded store in-process ([`local`]) and, for fsInfo, a
 //! mounted store directory ([`fsinfo`]); rate limits and byte counters wrap either ([`metered`]).
+//! The token each storage is called with lives in [`credentials`].
 
+pub mod credentials;
 pub mod fsinfo;
 pub mod image_store;
 pub mod local;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::catalog::backup_storage::BackupStorageRecord;
 use crate::catalog::{CatalogHandle, now_millis};
 use crate::error::{AgentError, ErrorKind, Result};
+use crate::storage::credentials::{Credentials, Secret};
 use crate::storage::local::LocalStore;
 use crate::storage::{ImageStoreClient, Store, StoreStatus};
 use crate::validate::{DeleteMode, endpoint_url};
@@ -44,6 +45,8 @@ pub struct NewImageStore {
     pub zones: Vec<String>,
     /// Its cap on concurrent backups (parallelismDegree system tag).
     pub max_backups: Option<u32>,
+    /// The API token to present to the store.
+    pub token: Option<Secret>,
 }
 
 /// Backup storage management over the catalog.
@@ -51,14 +54,15 @@ pub struct NewImageStore {
 pub struct Registry {
     catalog: CatalogHandle,
     tls: vmbackup_store::daemon::tls::ClientTls,
+    credentials: Credentials,
     /// The agent's embedded store, reached in-process once it is running.
     local: Arc<std::sync::OnceLock<LocalStore>>,
 }
 
 impl Registry {
-    /// A registry over `catalog`.
-    pub fn new(catalog: CatalogHandle, tls: vmbackup_store::daemon::tls::ClientTls) -> Self {
-        Self { catalog, tls, local: Arc::default() }
+    /// A registry over `catalog`, with the storages' tokens in `credentials`.
+    pub fn new(catalog: CatalogHandle, tls: vmbackup_store::daemon::tls::ClientTls, credentials: Credentials) -> Self {
+        Self { catalog, tls, credentials, local: Arc::default() }
     }
 
     /// Serves the embedded store's records in-process from now on.
@@ -69,18 +73,19 @@ impl Registry {
     }
 
     /// Connects to the store behind a backup storage record (or endpoint).
-    pub async fn connect(&self, url: &str) -> Result<ImageStoreClient> {
-        ImageStoreClient::connect(url, &self.tls).await
+    pub async fn connect(&self, url: &str, token: Option<&Secret>) -> Result<ImageStoreClient> {
+        ImageStoreClient::connect(url, &self.tls, token).await
     }
 
-    /// A client of the store at `url` whose connections leave from `source` (the backup
-    /// network), or from wherever the kernel routes when None.
-    pub async fn connect_from(
+    /// A client of backup storage `record`'s store, with its token, whose connections
+    /// leave from `source` (the backup network), or from wherever the kernel routes.
+    pub async fn connect_to(
         &self,
-        url: &str,
+        record: &BackupStorageRecord,
         source: Option<&super::netbind::SourceAddr>,
     ) -> Result<ImageStoreClient> {
-        ImageStoreClient::connect_from(url, &self.tls, source).await
+        let token = self.credentials.token(&record.uuid)?;
+        ImageStoreClient::connect_from(&record.url, &self.tls, source, token.as_ref()).await
     }
 
     /// The store behind a backup storage record, after checking that it is the store the
@@ -97,7 +102,7 @@ impl Registry {
             let status = local.status().await?;
             return Ok((Arc::new(local.clone()), status));
         }
-        let client = self.connect_from(&record.url, source).await?;
+        let client = self.connect_to(record, source).await?;
         let status = client.status().await?;
         if status.store_uuid != record.store_uuid {
             return Err(AgentError::new(
@@ -149,9 +154,13 @@ impl Registry {
             .with_field("resourceUuid"));
         }
 
-        let client = self.connect(&url).await?;
+        let client = self.connect(&url, req.token.as_ref()).await?;
         let status = client.status().await?;
+        self.record_new(req, url, status).await
+    }
 
+    /// Records a store that answered with `status` as a new backup storage.
+    async fn record_new(&self, req: NewImageStore, url: String, status: StoreStatus) -> Result<BackupStorageRecord> {
         let store_uuid = status.store_uuid.clone();
         if let Some(existing) = self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
             return Err(AgentError::new(
@@ -182,6 +191,9 @@ impl Registry {
             attached_zone_uuids: req.zones,
             max_backups: req.max_backups,
         };
+        if let Some(token) = &req.token {
+            self.credentials.save(&record.uuid, token)?;
+        }
         let r = record.clone();
         self.catalog
             .run(move |catalog| {
@@ -209,8 +221,12 @@ impl Registry {
     pub async fn reconnect(&self, uuid: &str) -> Result<BackupStorageRecord> {
         let record = self.require(uuid).await?;
         let probe = async {
-            let client = self.connect(&record.url).await?;
-            client.status().await
+            if let Some(local) = self.local.get()
+                && local.store_uuid() == record.store_uuid
+            {
+                return local.status().await;
+            }
+            self.connect_to(&record, None).await?.status().await
         }
         .await;
         let outcome = match probe {
@@ -267,6 +283,7 @@ impl Registry {
             Ok(())
         })
         .await?;
+        self.credentials.remove(&record.uuid)?;
         tracing::info!(uuid = %record.uuid, name = %record.name, ?mode, "backup storage record deleted (data on the store kept)");
         Ok(())
     }
@@ -275,8 +292,10 @@ impl Registry {
     /// first start, follows a changed listen address afterwards.
     pub async fn ensure_embedded(&self, name: &str, hostname: &str, port: u16) -> Result<BackupStorageRecord> {
         let url = endpoint_url(hostname, port, false);
-        let client = self.connect(&url).await?;
-        let status = client.status().await?;
+        let local = self.local.get().ok_or_else(|| {
+            AgentError::new(ErrorKind::Internal, "the embedded store is registered before it is running")
+        })?;
+        let status = local.status().await?;
         let store_uuid = status.store_uuid.clone();
         match self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
             Some(existing) => {
@@ -293,7 +312,7 @@ impl Registry {
                 self.require(&existing.uuid).await
             }
             None => {
-                self.add_image_store(NewImageStore {
+                let req = NewImageStore {
                     uuid: None,
                     name: name.to_string(),
                     description: Some("Image Storage embedded in this agent (local directory)".to_string()),
@@ -302,8 +321,9 @@ impl Registry {
                     tls: false,
                     zones: Vec::new(),
                     max_backups: None,
-                })
-                .await
+                    token: None,
+                };
+                self.record_new(req, url, status).await
             }
         }
     }

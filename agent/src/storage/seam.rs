@@ -72,8 +72,9 @@ pub struct OpenedSession {
 pub trait ChunkReader: Send + Sync + std::fmt::Debug {
     /// The encoded volume index `name`.
     async fn get_index(&self, name: &str) -> Result<Vec<u8>>;
-    /// The blobs of `digests`, in that order.
-    async fn download(&self, digests: &[Digest]) -> Result<ChunkStream>;
+    /// The blobs of `digests`, in that order, read for index `index` (a store lets a
+    /// caller that is not its admin read only chunks an index of its namespace names).
+    async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream>;
 }
 
 /// Writes chunk blobs for one session; workers share it (`put` takes `&self`).

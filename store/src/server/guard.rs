@@ -59,9 +59,7 @@ impl StoreService {
     /// chunks that index names.
     pub(super) async fn check_download(&self, p: &Principal, index: &str, ds: &[Digest]) -> Result<(), Status> {
         if index.is_empty() {
-            return Err(Status::invalid_argument(
-                "index_name: required: name the index the chunks are read for",
-            ));
+            return Err(Status::invalid_argument("index_name: required: name the index the chunks are read for"));
         }
         self.visible_index(p, index).await?;
         let name = index.to_string();
@@ -86,4 +84,3 @@ pub(super) fn audit<T>(p: &Principal, action: &str, target: &str, res: &Result<T
         Err(e) => tracing::warn!(target: "audit", principal = %p.name, action, target, error = %e.message(), "failed"),
     }
 }
-

@@ -68,6 +68,9 @@ pub(crate) enum Command {
         /// Store endpoint.
         #[arg(long, env = "VMBACKUP_STORE", default_value = "http://127.0.0.1:7871")]
         store: String,
+        /// File holding the store API token (default: the embedded store's admin token).
+        #[arg(long, env = "VMBACKUP_STORE_TOKEN_FILE", default_value = "/var/lib/vmbackup/store/admin.token")]
+        token_file: PathBuf,
         #[command(subcommand)]
         command: StoreCommand,
     },
@@ -117,6 +120,10 @@ enum StorageCommand {
         /// Zone the storage is attached to (repeatable).
         #[arg(long = "zone")]
         zones: Vec<String>,
+        /// File holding the store API token the agent presents (kept by the agent, mode
+        /// 0600; never shown again).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// List every backup storage.
     List,
@@ -209,12 +216,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Completions { shell } => return print_completions(*shell),
         Command::Man => return print_man(),
-        Command::Store { store, command } => return store::run_store(store, command, cli.json).await,
+        Command::Store { store, token_file, command } => {
+            return store::run_store(store, token_file, command, cli.json).await;
+        }
         _ => {}
     }
     let (channel, auth) = channel_and_auth(&cli).await?;
     match cli.command {
-        Command::Status => status::run(&cli.agent, channel, auth, cli.json).await,
+        Command::Status => {
+            let data_dir = cli.session_file.parent().unwrap_or(std::path::Path::new("/var/lib/vmbackup"));
+            status::run(&cli.agent, data_dir, channel, auth, cli.json).await
+        }
         Command::SnapshotGroup(cmd) => snapshot::run(cmd, channel, auth, cli.json).await,
         command @ (Command::Vm(_) | Command::Backup(_) | Command::Job(_)) => {
             backup::run(command, channel, auth, cli.json).await
@@ -247,8 +259,16 @@ fn print_man() -> anyhow::Result<()> {
 /// `storage ...`: the backup storage records of the agent.
 async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> anyhow::Result<()> {
     match cmd {
-        StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones } => {
+        StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones, token_file } => {
+            let token = match token_file {
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading token file {}", p.display()))?
+                    .trim()
+                    .to_string(),
+                None => String::new(),
+            };
             let request = pb::AddImageStoreBackupStorageRequest {
+                token,
                 name,
                 description,
                 hostname,

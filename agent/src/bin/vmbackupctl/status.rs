@@ -9,18 +9,40 @@ use vmbackup_proto::store::v1 as spb;
 
 use crate::{Auth, bytes, rpc_error};
 
-async fn store_status(url: &str) -> Result<spb::StatusReply, String> {
+/// The token to ask a store with: the one the agent keeps for that storage
+/// (`<data_dir>/credentials/<uuid>.token`), else the embedded store's admin token
+/// (`<data_dir>/store/admin.token`). Reading either needs the agent's privileges.
+fn store_token(data_dir: &std::path::Path, storage_uuid: &str) -> Option<String> {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|t| t.trim().to_string());
+    read(data_dir.join("credentials").join(format!("{storage_uuid}.token")))
+        .or_else(|| read(data_dir.join("store").join("admin.token")))
+}
+
+async fn store_status(url: &str, token: Option<String>) -> Result<spb::StatusReply, String> {
     let channel = Channel::from_shared(url.to_string())
         .map_err(|e| format!("bad url: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
         .map_err(|e| format!("unreachable: {e}"))?;
-    let mut c = spb::image_store_client::ImageStoreClient::new(channel);
+    let header: Option<tonic::metadata::MetadataValue<_>> = token.and_then(|t| format!("Bearer {t}").parse().ok());
+    let bearer = move |mut r: tonic::Request<()>| {
+        if let Some(h) = &header {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    };
+    let mut c = spb::image_store_client::ImageStoreClient::with_interceptor(channel, bearer);
     c.status(spb::StatusRequest {}).await.map(tonic::Response::into_inner).map_err(|s| s.message().to_string())
 }
 
-pub(crate) async fn run(agent: &str, channel: Channel, auth: Auth, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    agent: &str,
+    data_dir: &std::path::Path,
+    channel: Channel,
+    auth: Auth,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut storages =
         pb::backup_storage_service_client::BackupStorageServiceClient::with_interceptor(channel.clone(), auth.clone());
     let mut vms = pb::vm_service_client::VmServiceClient::with_interceptor(channel.clone(), auth.clone());
@@ -49,7 +71,7 @@ pub(crate) async fn run(agent: &str, channel: Channel, auth: Auth, json: bool) -
     );
     let mut stores = Vec::new();
     for s in &inventories {
-        stores.push(store_status(&s.url).await);
+        stores.push(store_status(&s.url, store_token(data_dir, &s.uuid)).await);
     }
     if json {
         let storages: Vec<serde_json::Value> = inventories

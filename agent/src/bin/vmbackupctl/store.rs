@@ -6,14 +6,29 @@ use tonic::transport::Channel;
 
 use crate::{StoreCommand, bytes};
 
-pub(crate) async fn run_store(url: &str, command: &StoreCommand, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run_store(
+    url: &str,
+    token_file: &std::path::Path,
+    command: &StoreCommand,
+    json: bool,
+) -> anyhow::Result<()> {
     use vmbackup_proto::store::v1 as spb;
+    let token = std::fs::read_to_string(token_file).with_context(|| {
+        format!("reading the store token {} (pass --token-file or VMBACKUP_STORE_TOKEN_FILE)", token_file.display())
+    })?;
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().context("the store token is not printable ASCII")?;
     let channel = Channel::from_shared(url.to_string())
         .with_context(|| format!("{url:?} is not an endpoint URL"))?
         .connect()
         .await
         .with_context(|| format!("connecting to the store at {url}"))?;
-    let mut c = spb::image_store_client::ImageStoreClient::new(channel).max_decoding_message_size(64 << 20);
+    let bearer = move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", header.clone());
+        Ok(r)
+    };
+    let mut c = spb::image_store_client::ImageStoreClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(64 << 20);
     let e = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
     match command {
         StoreCommand::Status => {
