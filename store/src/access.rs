@@ -45,7 +45,7 @@ pub use crate::group_meta::{DEFAULT_NAMESPACE, check_namespace};
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// Failures from one address answered at once before they are slowed down.
 pub const FREE_FAILURES: u32 = 3;
-/// Longest wait before a failed authentication is answered.
+/// Default longest wait before a failed authentication is answered.
 pub const MAX_FAILURE_DELAY: Duration = Duration::from_secs(5);
 /// Failures older than this are forgotten.
 const FAILURE_WINDOW: Duration = Duration::from_secs(600);
@@ -103,11 +103,18 @@ pub struct AuthConfig {
     /// The principals.
     #[serde(rename = "principal")]
     pub principals: Vec<PrincipalConfig>,
+    /// Longest wait, in milliseconds, before a repeated authentication failure from one
+    /// address is answered.
+    pub max_failure_delay_ms: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { local_admin_token: true, principals: Vec::new() }
+        Self {
+            local_admin_token: true,
+            principals: Vec::new(),
+            max_failure_delay_ms: u64::try_from(MAX_FAILURE_DELAY.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -195,11 +202,12 @@ pub fn token_hash(token: &str) -> String {
 struct Table {
     tokens: Vec<([u8; 32], Arc<Principal>)>,
     certs: HashMap<String, Arc<Principal>>,
+    max_delay: Duration,
 }
 
 impl Table {
     fn build(config: &AuthConfig, data_dir: &Path) -> Result<Self, String> {
-        let mut t = Table::default();
+        let mut t = Table { max_delay: Duration::from_millis(config.max_failure_delay_ms), ..Table::default() };
         let mut names = std::collections::HashSet::new();
         for (i, p) in config.principals.iter().enumerate() {
             let at = format!("auth.principal[{i}] ({})", p.name);
@@ -355,7 +363,8 @@ impl Access {
         let f = map.entry(ip).or_insert(Failures { count: 0, last: now });
         f.count = f.count.saturating_add(1);
         f.last = now;
-        failure_delay(f.count)
+        let max = self.table.read().unwrap_or_else(std::sync::PoisonError::into_inner).max_delay;
+        failure_delay(f.count).min(max)
     }
 }
 
@@ -393,6 +402,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = AuthConfig {
             local_admin_token: false,
+            max_failure_delay_ms: 1,
             principals: vec![
                 principal("a", vec![Role::Writer], Some("host-a"), "tok-a"),
                 principal("b", vec![Role::Reader], Some("host-b"), "tok-b"),
@@ -408,8 +418,11 @@ mod tests {
     #[test]
     fn bad_principals_are_refused_with_their_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg =
-            AuthConfig { local_admin_token: false, principals: vec![principal("w", vec![Role::Writer], None, "t")] };
+        let mut cfg = AuthConfig {
+            local_admin_token: false,
+            max_failure_delay_ms: 1,
+            principals: vec![principal("w", vec![Role::Writer], None, "t")],
+        };
         let e = Table::build(&cfg, dir.path()).expect_err("writer without namespace");
         assert!(e.contains("auth.principal[0] (w)") && e.contains("namespace"), "{e}");
         cfg.principals[0].namespace = Some("Bad/NS".into());

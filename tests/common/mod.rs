@@ -9,6 +9,7 @@
 
 pub mod qemu_vm;
 pub mod qsd;
+pub mod store_calls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
