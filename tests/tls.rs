@@ -1,12 +1,13 @@
 //! TLS on both gRPC hops: the agent API (server TLS, then mutual TLS) and agent -> store,
-//! with a CA and certificates the test makes itself.
+//! with a CA and certificates the test makes itself; a store maps client certificates to
+//! principals by their subject CN.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::{AgentOptions, Auth, start_agent, start_store_with_config};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::agent::v1::backup_storage_service_client::BackupStorageServiceClient;
@@ -17,19 +18,25 @@ struct Pki {
     server_key: PathBuf,
     client_cert: String,
     client_key: String,
+    /// A client certificate whose subject CN is `kvm-host-1`, and its key.
+    host_cert: String,
+    host_key: String,
 }
 
 fn pki(dir: &Path) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
-    let leaf = |names: Vec<String>| {
+    let leaf = |names: Vec<String>, cn: &str| {
         let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(names).expect("params").signed_by(&key, &ca).expect("sign");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca).expect("sign");
         (cert.pem(), key.serialize_pem())
     };
-    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
-    let (client_cert, client_key) = leaf(vec!["control-plane".into()]);
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "store");
+    let (client_cert, client_key) = leaf(vec!["control-plane".into()], "control-plane");
+    let (host_cert, host_key) = leaf(vec!["kvm-host-1".into()], "kvm-host-1");
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("write pem");
@@ -41,6 +48,8 @@ fn pki(dir: &Path) -> Pki {
         server_key: write("server.key", &server_key),
         client_cert,
         client_key,
+        host_cert,
+        host_key,
     }
 }
 
@@ -177,4 +186,65 @@ async fn agent_reaches_a_tls_store_only_with_the_ca() {
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     let n = c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("query").into_inner();
     assert!(n.inventories.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_maps_client_certificates_to_principals() {
+    use vmbackup_proto::store::v1 as spb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki(dir.path());
+    let store_config = dir.path().join("store.toml");
+    std::fs::write(
+        &store_config,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth]\n[[auth.principal]]\nname = \"host-1\"\nroles = [\"writer\", \"reader\"]\nnamespace = \"host-1\"\ncert_cn = \"kvm-host-1\"\n",
+            p.server_cert.display().to_string(),
+            p.server_key.display().to_string(),
+            p.ca.display().to_string()
+        ),
+    )
+    .expect("store config");
+    let store = start_store_with_config(dir.path(), "store", Some(&store_config));
+    let url = format!("https://{}", store.addr);
+    let status = |ch: Channel, bearer: Option<String>| async move {
+        let mut c = spb::image_store_client::ImageStoreClient::with_interceptor(ch, Auth(bearer));
+        c.status(spb::StatusRequest {}).await.map(tonic::Response::into_inner)
+    };
+    // The mapped certificate is the principal host-1.
+    let ch = tls_channel(&url, Some(&p.ca), Some((&p.host_cert, &p.host_key))).await.expect("connect");
+    let st = status(ch.clone(), None).await.expect("mapped certificate");
+    assert_eq!((st.principal.as_str(), st.namespace.as_str()), ("host-1", "host-1"));
+    // A token that is present wins: a wrong one is refused even with a good certificate.
+    let e = status(ch, Some("Bearer vmbt_wrong".into())).await.expect_err("wrong token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A certificate the CA signed but no principal names is refused.
+    let ch = tls_channel(&url, Some(&p.ca), Some((&p.client_cert, &p.client_key))).await.expect("connect");
+    let e = status(ch, None).await.expect_err("unmapped certificate");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("not mapped"), "{e:?}");
+
+    // An agent whose client certificate is host-1 adds and uses the store with no token.
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).expect("dir");
+    let write = |name: &str, text: &str| {
+        let path = a_dir.join(name);
+        std::fs::write(&path, text).expect("pem");
+        path.display().to_string()
+    };
+    let (cert, key) = (write("host.pem", &p.host_cert), write("host.key", &p.host_key));
+    let agent_config = a_dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!("[store_tls]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}\n", p.ca.display().to_string()),
+    )
+    .expect("agent config");
+    let agent = start_agent(&a_dir, AgentOptions { embedded_store: false, config: Some(agent_config) });
+    let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
+    c.add_image_store_backup_storage(pb::AddImageStoreBackupStorageRequest {
+        name: "mtls-store".into(),
+        url,
+        ..Default::default()
+    })
+    .await
+    .expect("add with a client certificate only");
 }
