@@ -170,7 +170,11 @@ fn call_error(url: &str, method: &str, s: tonic::Status) -> AgentError {
         tonic::Code::NotFound => ErrorKind::NotFound,
         tonic::Code::InvalidArgument => ErrorKind::InvalidArgument,
         tonic::Code::ResourceExhausted => ErrorKind::ResourceExhausted,
-        tonic::Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+        // The store refused the agent's credential or its role: the control plane's session
+        // is fine, the storage's token (or certificate) is not (SYS.1006, never ID.1001).
+        tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            ErrorKind::FailedPrecondition
+        }
         tonic::Code::Cancelled => ErrorKind::Cancelled,
         tonic::Code::Unimplemented => ErrorKind::Unimplemented,
         _ => ErrorKind::Internal,
