@@ -445,3 +445,63 @@ async fn a_retention_lock_holds_against_the_admin_until_it_expires() {
     let log = store.log_text();
     assert!(log.lines().any(|l| l.contains("extend retention") && l.contains("local-admin")), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_asks_for_a_retention_lock_and_delete_is_refused_until_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = start_agent(dir.path(), AgentOptions { embedded_store: true, config: None });
+    let storages = common::storage_client(&agent, Some(common::session(&agent)))
+        .await
+        .query_backup_storage(pb::QueryBackupStorageRequest::default())
+        .await
+        .expect("query")
+        .into_inner()
+        .inventories;
+    let bs = storages.first().expect("the embedded store").uuid.clone();
+    let img = image(dir.path(), 3);
+    let mut c = common::backup_client(&agent).await;
+    let group = "c3333333333333333333333333333333";
+    c.create_vm_backup(pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs,
+        name: "locked".into(),
+        resource_uuid: group.into(),
+        vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
+        system_tags: vec!["backup::retentionLock::seconds::3600".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("backup with a lock");
+    for mode in ["Permissive", "Enforcing"] {
+        let e = c
+            .delete_vm_backup(pb::DeleteVmBackupRequest {
+                group_uuid: group.into(),
+                delete_mode: mode.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("locked");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{mode}: {e:?}");
+        assert!(e.message().contains("retention-locked"), "{mode}: {e:?}");
+    }
+    let left = c
+        .query_volume_backup(pb::QueryVolumeBackupRequest {
+            conditions: vec![format!("groupUuid={group}")],
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .inventories;
+    assert_eq!(left.len(), 1, "the locked backup is still listed");
+    let e = c
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            name: "bad".into(),
+            system_tags: vec!["backup::retentionLock::seconds::forever".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad tag");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}

@@ -5,6 +5,7 @@
 //! | `backup::network::cidr::CIDR` | send backup traffic from this host's address inside CIDR |
 //! | `fsInfo::type::TYPE::url::URL::options::OPTIONS` | write through a mounted filesystem |
 //! | `volumeLiveBackup::parallelismDegree::N` | reader workers of this job (1..=64) |
+//! | `backup::retentionLock::seconds::N` | the store refuses to delete the backup for N seconds after its commit (1..=100 years) |
 //!
 //! Tags of other namespaces are ignored (the control plane attaches many); a tag of a known
 //! namespace that is malformed, or given twice, is an INVALID_ARGUMENT naming it.
@@ -20,6 +21,9 @@ pub const MAX_PARALLELISM: u32 = 64;
 const CIDR_PREFIX: &str = "backup::network::cidr::";
 const FS_INFO_PREFIX: &str = "fsInfo::type::";
 const PARALLELISM_PREFIX: &str = "volumeLiveBackup::parallelismDegree::";
+const RETENTION_PREFIX: &str = "backup::retentionLock::seconds::";
+/// Longest retention lock a backup may ask for: 100 years.
+pub const MAX_RETENTION_LOCK_SECONDS: u64 = 100 * 366 * 24 * 3600;
 
 /// Where backup data goes through a mounted filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub struct SystemTags {
     pub fs_info: Option<FsInfo>,
     /// `volumeLiveBackup::parallelismDegree::`
     pub parallelism: Option<u32>,
+    /// `backup::retentionLock::seconds::`
+    pub retention_lock: Option<u64>,
 }
 
 fn invalid(tag: &str, what: impl std::fmt::Display) -> AgentError {
@@ -82,6 +88,12 @@ pub fn parse(tags: &[String]) -> Result<SystemTags> {
                 return Err(invalid(tag, format!("parallelism degree {n} outside 1..={MAX_PARALLELISM}")));
             }
             set_once(&mut out.parallelism, n, tag)?;
+        } else if let Some(n) = tag.strip_prefix(RETENTION_PREFIX) {
+            let n: u64 = n.parse().map_err(|_| invalid(tag, "a retention lock that is not a number of seconds"))?;
+            if !(1..=MAX_RETENTION_LOCK_SECONDS).contains(&n) {
+                return Err(invalid(tag, format!("retention lock {n} s outside 1..={MAX_RETENTION_LOCK_SECONDS}")));
+            }
+            set_once(&mut out.retention_lock, n, tag)?;
         } else if tag.starts_with("backup::") || tag.starts_with("fsInfo::") || tag.starts_with("volumeLiveBackup::") {
             return Err(invalid(tag, "an unknown option"));
         } else {
@@ -131,6 +143,8 @@ mod tests {
             ("fsInfo::type::nfs::options::x", "missing ::url::"),
             ("fsInfo::type::n fs::url::h:/x", "invalid filesystem type"),
             ("backup::speed::9", "unknown option"),
+            ("backup::retentionLock::seconds::0", "outside 1..="),
+            ("backup::retentionLock::seconds::soon", "not a number of seconds"),
         ];
         for (tag, needle) in cases {
             let e = parse(&tags(&[tag])).expect_err(tag);

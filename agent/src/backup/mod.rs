@@ -63,6 +63,8 @@ pub struct BackupRequest {
     pub system_tags: Vec<String>,
     /// User tags, recorded in the manifest.
     pub user_tags: Vec<String>,
+    /// Unix seconds until which the store must refuse to delete the group (0: no lock).
+    pub retain_until: u64,
 }
 
 /// One volume being backed up.
@@ -173,7 +175,7 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
         }
         return Err(AgentError::new(ErrorKind::Cancelled, "cancelled before commit; no group was created"));
     }
-    session.commit(manifest).await?;
+    session.commit(manifest, req.retain_until).await?;
     if let Err(e) = session.close().await {
         tracing::warn!(error = %e, "closing the store session after the commit failed; it expires with its TTL");
     }

@@ -78,7 +78,7 @@ pub async fn run(
         session.put_index(&v.index_name, index_bytes).await?;
         Counters::add(&job.counters.read, ix.virtual_size);
     }
-    session.commit(info.manifest.clone()).await?;
+    session.commit(info.manifest.clone(), 0).await?;
     if let Err(e) = session.close().await {
         tracing::warn!(error = %e, "closing the destination session after the commit failed; it expires with its TTL");
     }

@@ -94,6 +94,10 @@ impl Ops {
             dirty: None,
             system_tags: r.system_tags,
             user_tags: r.user_tags,
+            retain_until: r.tags.retention_lock.map_or(0, |s| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                now.saturating_add(s)
+            }),
         };
         let (registry, j) = (self.registry.clone(), job.clone());
         self.jobs

@@ -339,8 +339,8 @@ impl super::seam::Store for ImageStoreClient {
         })
     }
 
-    async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
-        let req = pb::CommitGroupRequest { session_id: session.to_string(), manifest, retain_until: 0 };
+    async fn commit(&self, session: &str, manifest: Vec<u8>, retain_until: u64) -> Result<()> {
+        let req = pb::CommitGroupRequest { session_id: session.to_string(), manifest, retain_until };
         self.client()
             .commit_group(deadline(req, LONG_CALL_TIMEOUT))
             .await

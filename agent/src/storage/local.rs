@@ -141,9 +141,9 @@ impl super::seam::Store for LocalStore {
         self.run("PutIndex", move |s| s.put_index(&session, &name, &data)).await
     }
 
-    async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()> {
+    async fn commit(&self, session: &str, manifest: Vec<u8>, retain_until: u64) -> Result<()> {
         let session = session.to_string();
-        self.run("CommitGroup", move |s| s.commit_group(&session, &manifest, 0)).await.map(|_| ())
+        self.run("CommitGroup", move |s| s.commit_group(&session, &manifest, retain_until)).await.map(|_| ())
     }
 
     async fn list_groups(&self) -> Result<Vec<StoredGroup>> {

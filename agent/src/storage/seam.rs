@@ -106,7 +106,7 @@ pub trait Store: ChunkReader {
     /// Stores a volume index; returns its digest.
     async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest>;
     /// Commits a group manifest: the group becomes visible, atomically.
-    async fn commit(&self, session: &str, manifest: Vec<u8>) -> Result<()>;
+    async fn commit(&self, session: &str, manifest: Vec<u8>, retain_until: u64) -> Result<()>;
     /// Every committed group.
     async fn list_groups(&self) -> Result<Vec<StoredGroup>>;
     /// One committed group.
@@ -174,8 +174,8 @@ impl Session {
     }
 
     /// Commits the group manifest.
-    pub async fn commit(&self, manifest: Vec<u8>) -> Result<()> {
-        self.store.commit(&self.id, manifest).await
+    pub async fn commit(&self, manifest: Vec<u8>, retain_until: u64) -> Result<()> {
+        self.store.commit(&self.id, manifest, retain_until).await
     }
 
     /// Closes the session and waits for the store's answer.
