@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::store_calls::{CS, commit, session, upload};
+use common::store_calls::{CS, CS_U32, CS_U64, commit, session, upload};
 use common::{AgentOptions, Daemon, StoreClient, pseudo_random, start_agent, store_client, store_client_with};
 use tonic::Code;
 use vmbackup_proto::agent::v1 as pb;
@@ -337,8 +337,8 @@ async fn writers_append_to_their_namespace_and_readers_restore_only_theirs() {
             name: index.clone(),
             data: vmbackup_proto::index::VolumeIndex::new(
                 [7; 16],
-                CS as u64,
-                CS as u32,
+                CS_U64,
+                CS_U32,
                 vmbackup_proto::index::VolumeFormat::Raw,
             )
             .expect("index")
