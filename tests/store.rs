@@ -389,11 +389,24 @@ async fn vmbackupctl_reports_status_groups_gc_and_verify() {
     let out = ctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("STORE UUID") && text.contains("64.0 KiB"), "{text}");
+    assert!(text.contains("local-admin (admin; namespace *)"), "{text}");
     let out = ctl(&["groups"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&m.group_uuid));
     let out = ctl(&["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 bad, 0 damaged groups"));
+    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 3600;
+    let out = ctl(&["retain", &m.group_uuid, "--until", &until.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ctl(&["groups"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&until.to_string()), "the lock is listed");
+    let out = ctl(&["delete", &m.group_uuid]);
+    assert!(!out.status.success(), "a locked group is not deleted");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retention-locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = std::process::Command::new(common::bin("vmbackupctl"))
         .args(["--json", "store", "--store", &store.url(), "--token-file"])
         .arg(store.data_dir.join("admin.token"))

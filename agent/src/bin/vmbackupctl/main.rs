@@ -88,6 +88,19 @@ enum StoreCommand {
         #[arg(long)]
         safety_margin_seconds: Option<u64>,
     },
+    /// Delete a committed group (admin; refused while it is retention-locked).
+    Delete {
+        /// Group uuid.
+        group: String,
+    },
+    /// Extend a group's retention lock (admin; a lock is never shortened).
+    Retain {
+        /// Group uuid.
+        group: String,
+        /// Unix seconds until which the group cannot be deleted.
+        #[arg(long)]
+        until: u64,
+    },
     /// Re-read chunks and check them (all, or those of the named groups).
     Verify {
         /// Group uuids.

@@ -41,6 +41,7 @@ pub(crate) async fn run_store(
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
             t.set_header([
+                "YOU ARE",
                 "STORE UUID",
                 "GROUPS",
                 "SESSIONS",
@@ -51,6 +52,7 @@ pub(crate) async fn run_store(
                 "VERSION",
             ]);
             t.add_row([
+                format!("{} ({}; namespace {})", r.principal, r.roles.join(","), r.namespace),
                 r.store_uuid,
                 r.group_count.to_string(),
                 r.open_sessions.to_string(),
@@ -68,8 +70,14 @@ pub(crate) async fn run_store(
                 .groups
                 .iter()
                 .map(|g| {
-                    serde_json::from_slice::<serde_json::Value>(&g.manifest)
-                        .map(|m| serde_json::json!({"damaged": g.damaged, "manifest": m}))
+                    serde_json::from_slice::<serde_json::Value>(&g.manifest).map(|m| {
+                        serde_json::json!({
+                            "damaged": g.damaged,
+                            "namespace": g.namespace,
+                            "retainUntil": g.retain_until,
+                            "manifest": m,
+                        })
+                    })
                 })
                 .collect::<Result<_, _>>()?;
             if json {
@@ -78,14 +86,16 @@ pub(crate) async fn run_store(
             }
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(["GROUP UUID", "NAME", "VM", "VOLUMES", "DAMAGED"]);
-            for g in &manifests {
+            t.set_header(["GROUP UUID", "NAME", "VM", "VOLUMES", "NAMESPACE", "LOCKED UNTIL", "DAMAGED"]);
+            for (g, info) in manifests.iter().zip(&r.groups) {
                 let m = &g["manifest"];
                 t.add_row([
                     m["groupUuid"].as_str().unwrap_or_default().to_string(),
                     m["name"].as_str().unwrap_or_default().to_string(),
                     m["vmUuid"].as_str().unwrap_or_default().to_string(),
                     m["volumes"].as_array().map_or(0, Vec::len).to_string(),
+                    info.namespace.clone(),
+                    if info.retain_until == 0 { "-".to_string() } else { info.retain_until.to_string() },
                     g["damaged"].to_string(),
                 ]);
             }
@@ -112,6 +122,18 @@ pub(crate) async fn run_store(
                     r.seconds
                 );
             }
+        }
+        StoreCommand::Delete { group } => {
+            c.delete_group(spb::DeleteGroupRequest { group_uuid: group.clone() }).await.map_err(e)?;
+            println!("deleted group {group} (its chunks go at the next gc)");
+        }
+        StoreCommand::Retain { group, until } => {
+            let g = c
+                .set_retention(spb::SetRetentionRequest { group_uuid: group.clone(), retain_until: *until })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("group {group} is locked until {} (unix seconds)", g.retain_until);
         }
         StoreCommand::Verify { groups } => {
             let bar = spinner(json, "verifying chunks");
