@@ -311,6 +311,7 @@ async fn writers_append_to_their_namespace_and_readers_restore_only_theirs() {
     assert!(rb.list_groups(spb::ListGroupsRequest {}).await.expect("list").into_inner().groups.is_empty());
     let st = rb.status(spb::StatusRequest {}).await.expect("status").into_inner();
     assert_eq!(st.group_count, 0, "Status counts only the caller's namespace");
+    assert!(st.counters.is_none(), "store-wide counters are an admin's");
     let e = rb.get_group(spb::GetGroupRequest { group_uuid: g1.into() }).await.expect_err("other namespace");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = rb.get_index(spb::GetIndexRequest { name: index.clone() }).await.expect_err("other namespace");
@@ -504,4 +505,50 @@ async fn a_backup_asks_for_a_retention_lock_and_delete_is_refused_until_it_ends(
         .await
         .expect_err("bad tag");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_namespace_dedup_tells_a_writer_nothing_about_other_namespaces() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("store.toml");
+    let (token_a, hash_a) = new_token();
+    let (token_b, hash_b) = new_token();
+    write_config(
+        &config,
+        &[
+            Principal { name: "host-a", roles: r#"["writer"]"#, namespace: "host-a", hash: &hash_a },
+            Principal { name: "host-b", roles: r#"["writer"]"#, namespace: "host-b", hash: &hash_b },
+        ],
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("dedup_scope = \"namespace\"\n{text}")).expect("config");
+    let store = common::start_store_with_config(dir.path(), "store", Some(&config));
+    let mut a = store_client_with(&store, Some(&token_a)).await;
+    let mut b = store_client_with(&store, Some(&token_b)).await;
+    assert_eq!(a.status(spb::StatusRequest {}).await.expect("status").into_inner().dedup_scope, "namespace");
+    let secret = pseudo_random(77, CS);
+    let s = session(&mut a).await;
+    let m = upload(&mut a, &s, std::slice::from_ref(&secret)).await;
+    commit(&mut a, &s, &m).await.expect("host-a commits");
+    // host-b guesses the content: the store says it is missing, exactly as if host-a had
+    // never stored it, and counts host-b's upload as new.
+    let s = session(&mut b).await;
+    let digest = vmbackup_proto::Digest::of(&secret);
+    let missing = b
+        .missing_chunks(spb::MissingChunksRequest { session_id: s.clone(), digests: vec![digest.0.to_vec()] })
+        .await
+        .expect("missing")
+        .into_inner()
+        .missing;
+    assert_eq!(missing, vec![digest.0.to_vec()], "another namespace's chunk is reported missing");
+    let up = b
+        .upload_chunks(tokio_stream::iter([spb::UploadChunk {
+            session_id: s.clone(),
+            digest: digest.0.to_vec(),
+            blob: vmbackup_proto::blob::encode(&secret, 1).expect("encode").into(),
+        }]))
+        .await
+        .expect("upload")
+        .into_inner();
+    assert_eq!((up.chunks_stored, up.chunks_already_present), (1, 0), "the reply does not reveal host-a's chunk");
 }

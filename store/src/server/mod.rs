@@ -173,7 +173,9 @@ impl ImageStore for StoreService {
             chunk_size: self.identity().chunk_size,
             format_version: FORMAT_VERSION,
             server_version: env!("CARGO_PKG_VERSION").to_string(),
-            counters: Some(pb::StoreCounters {
+            // Store-wide activity is an admin's to see: another namespace's uploads would
+            // show in them.
+            counters: p.has(Role::Admin).then(|| pb::StoreCounters {
                 chunks_uploaded: get(&c.chunks_uploaded),
                 bytes_uploaded: get(&c.bytes_uploaded),
                 chunks_already_present: get(&c.chunks_already_present),
@@ -183,7 +185,11 @@ impl ImageStore for StoreService {
                 chunks_rejected: get(&c.chunks_rejected),
             }),
             group_count: u64::try_from(groups).unwrap_or(u64::MAX),
-            open_sessions: u32::try_from(self.store.sessions().count()).unwrap_or(u32::MAX),
+            open_sessions: if p.has(Role::Admin) {
+                u32::try_from(self.store.sessions().count()).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
             principal: p.name.clone(),
             roles: p.roles.iter().map(|r| r.as_str().to_string()).collect(),
             namespace: p.namespace.clone().unwrap_or_else(|| "*".into()),
