@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::{VolumeFormat, VolumeIndex};
-use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
+use vmbackup_proto::manifest::GroupManifest;
 use vmbackup_store::backend::fs::FsBackend;
 use vmbackup_store::backend::{Backend, ChunkInfo, ObjectInfo, ObjectKind};
 use vmbackup_store::chunk_store::ChunkStore;
@@ -25,9 +25,9 @@ fn store() -> (tempfile::TempDir, ChunkStore) {
     (dir, s)
 }
 
-fn uuid() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
+mod common;
+
+use common::uuid;
 
 fn chunk(seed: u8) -> Vec<u8> {
     (0..CS).map(|i| seed.wrapping_add(i.to_le_bytes()[0]).wrapping_mul(31)).collect()
@@ -47,31 +47,8 @@ fn upload_group(s: &ChunkStore, session: &str, chunks: &[Vec<u8>]) -> (String, V
     let index_name = format!("{vb}.vidx");
     let encoded = ix.encode();
     let digest = s.put_index(session, &index_name, &encoded).expect("put index");
-    let group = uuid();
-    let m = GroupManifest {
-        format_version: FORMAT_VERSION,
-        group_uuid: group.clone(),
-        vm_uuid: uuid(),
-        name: "b".into(),
-        description: String::new(),
-        system_tags: vec![],
-        user_tags: vec![],
-        created: 1,
-        chunk_size: CS,
-        volumes: vec![VolumeEntry {
-            volume_backup_uuid: vb,
-            volume_uuid: uuid(),
-            name: "root".into(),
-            kind: "Root".into(),
-            device_id: 0,
-            virtual_size: ix.virtual_size,
-            format: "raw".into(),
-            index_name,
-            index_digest: digest.to_hex(),
-            stored_bytes: 0,
-            deduplicated_bytes: 0,
-        }],
-    };
+    let m = common::one_volume_manifest(vb, index_name, &digest, ix.virtual_size, CS);
+    let group = m.group_uuid.clone();
     (group, m.encode().expect("manifest"))
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::{VolumeFormat, VolumeIndex};
-use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
+use vmbackup_proto::manifest::GroupManifest;
 use vmbackup_store::chunk_store::{ChunkStore, DedupScope};
 use vmbackup_store::error::ErrorKind;
 use vmbackup_store::group_meta::unix_now;
@@ -16,9 +16,9 @@ use vmbackup_store::sessions::SessionOwner;
 
 const CS: u32 = 64 << 10;
 
-fn uuid() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
+mod common;
+
+use common::uuid;
 
 fn owner(ns: &str) -> SessionOwner {
     SessionOwner { principal: format!("p-{ns}"), namespace: ns.into() }
@@ -40,31 +40,8 @@ fn group(s: &ChunkStore, session: &str, seed: u8) -> (String, Vec<u8>, bool, boo
     let vb = uuid();
     let index_name = format!("{vb}.vidx");
     let digest = s.put_index(session, &index_name, &ix.encode()).expect("put index");
-    let g = uuid();
-    let m = GroupManifest {
-        format_version: FORMAT_VERSION,
-        group_uuid: g.clone(),
-        vm_uuid: uuid(),
-        name: "b".into(),
-        description: String::new(),
-        system_tags: vec![],
-        user_tags: vec![],
-        created: 1,
-        chunk_size: CS,
-        volumes: vec![VolumeEntry {
-            volume_backup_uuid: vb,
-            volume_uuid: uuid(),
-            name: "root".into(),
-            kind: "Root".into(),
-            device_id: 0,
-            virtual_size: ix.virtual_size,
-            format: "raw".into(),
-            index_name,
-            index_digest: digest.to_hex(),
-            stored_bytes: 0,
-            deduplicated_bytes: 0,
-        }],
-    };
+    let m = common::one_volume_manifest(vb, index_name, &digest, ix.virtual_size, CS);
+    let g = m.group_uuid.clone();
     (g, m.encode().expect("manifest"), missing, new)
 }
 
