@@ -292,3 +292,34 @@ async fn an_offline_qcow2_volume_uses_its_own_persistent_bitmap() {
         .collect();
     assert_eq!(names, [format!("vmbackup-{second}")], "only the bitmap the next backup follows is kept");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disks_nothing_uses_are_read_as_they_are_and_nothing_is_left_behind() {
+    let s = setup().await;
+    // A QEMU that opened the disks but serves them to nobody: an overlay cannot take there.
+    let qsd = BareQsd::start_unexported(s.dir.path(), &s.root, &s.data);
+    let then_root = s.dir.path().join("then-root.raw");
+    run_tool("qemu-img", &["convert", "-U", "-O", "raw", &p(&s.root), &p(&then_root)]);
+    let mut c = common::backup_client(&s.agent).await;
+    let backup = |group: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "unused".into(),
+        resource_uuid: group.into(),
+        vm: Some(vm(&s, &qsd.qmp)),
+        ..Default::default()
+    };
+    let first = "81a2b3c4d5e6f708192a3b4c5d6e7f80";
+    c.create_vm_backup(backup(first)).await.expect("a live backup of disks nothing uses succeeds");
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    let done = common::last_progress(&mut c, first).await;
+    assert_eq!(done.state, "Succeeded", "{done:?}");
+    restore_and_compare(&s, first, [(ROOT, &then_root), (DATA, &s.data)]).await;
+    // The chain is as before (no overlay became the image), so the next backup works too.
+    let info = run_tool("qemu-img", &["info", "-U", "--output=json", &p(&s.root)]);
+    assert!(!info.contains("backing-filename"), "{info}");
+    let second = "92b3c4d5e6f708192a3b4c5d6e7f8091";
+    c.create_vm_backup(backup(second)).await.expect("second backup");
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    qsd.stop();
+}

@@ -84,15 +84,28 @@ fn vhost(id: &str, node: &str, socket: &Path) -> String {
 impl BareQsd {
     /// Starts it on `root` (qcow2) and `data` (raw) in `dir`.
     pub fn start(dir: &Path, root: &Path, data: &Path) -> BareQsd {
+        Self::start_with(dir, root, data, true)
+    }
+
+    /// Like [`BareQsd::start`], but the disks are opened and served to nobody (no export,
+    /// no parent node): a live snapshot cannot take an overlay on them.
+    pub fn start_unexported(dir: &Path, root: &Path, data: &Path) -> BareQsd {
+        Self::start_with(dir, root, data, false)
+    }
+
+    fn start_with(dir: &Path, root: &Path, data: &Path, exports: bool) -> BareQsd {
         let qmp = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&qmp);
-        let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.args(["--blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
             .args(["--blockdev", "driver=qcow2,node-name=root0,file=f0"])
             .args(["--blockdev", &format!("driver=file,node-name=f1,filename={}", p(data))])
-            .args(["--blockdev", "driver=raw,node-name=data0,file=f1"])
-            .args(["--export", &vhost("v0", "root0", &dir.join("vhu0.sock"))])
-            .args(["--export", &vhost("v1", "data0", &dir.join("vhu1.sock"))])
+            .args(["--blockdev", "driver=raw,node-name=data0,file=f1"]);
+        if exports {
+            cmd.args(["--export", &vhost("v0", "root0", &dir.join("vhu0.sock"))])
+                .args(["--export", &vhost("v1", "data0", &dir.join("vhu1.sock"))]);
+        }
+        let child = cmd
             .args(["--chardev", &format!("socket,id=m0,path={},server=on,wait=off", p(&qmp))])
             .args(["--monitor", "chardev=m0"])
             .stdin(Stdio::null())

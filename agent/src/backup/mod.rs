@@ -124,9 +124,15 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
         (Err(_), None) => String::new(),
     };
     if let Err(e) = snapshot.release_keeping(Some(&keep)).await {
-        // The backup itself is complete and consistent; the VM's chain needs attention.
-        job.set_message(format!("backed up, but merging the snapshot back failed: {e}"));
-        return Err(result.err().unwrap_or(e));
+        // A committed backup is complete and consistent whatever happens to the VM's
+        // chain: the call reports it (a retry would only return the same group), and the
+        // merge failure is logged and left in the job's message for the operator.
+        tracing::error!(job = %job.uuid, error = %e, "merging the live snapshot back failed; the VM's disks stay on their overlays");
+        job.set_message(format!("merging the snapshot back failed: {e}"));
+        return result.map_err(|backup| {
+            tracing::warn!(error = %e, "and the backup itself failed");
+            backup
+        });
     }
     result
 }

@@ -7,6 +7,12 @@
 //! If QEMU goes away before the merge, the overlay still holds the guest's latest writes:
 //! it is merged offline (`qemu-img commit`) and deleted, so the image the VM is defined on
 //! is complete again and nothing is left behind.
+//!
+//! A node that nothing uses (no device, no export, no parent node: a disk a
+//! `qemu-storage-daemon` opened but serves to nobody) cannot take an overlay: QEMU makes
+//! the file, finds no parent to put the overlay under, and drops the new node at once. No
+//! guest writes to such a disk, so it is read as it is: the unused overlay file is removed
+//! right after the snapshot and nothing is merged back for it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +49,8 @@ struct Frozen {
     base_node: String,
     overlay_node: String,
     overlay: PathBuf,
+    /// Whether the overlay took (the base node had a user); false: nothing to merge.
+    attached: bool,
 }
 
 /// The overlays of one live backup, until [`LiveSnapshot::release`].
@@ -120,6 +128,7 @@ impl LiveSnapshot {
                 base_node,
                 overlay_node: format!("vmbk-{tag}-{i}"),
                 overlay,
+                attached: true,
             });
         }
         let plan: Vec<(&str, &Path, &str)> =
@@ -142,6 +151,7 @@ impl LiveSnapshot {
             }
             return Err(e);
         }
+        detach_unused(&qmp, &mut frozen).await;
         tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
         Ok(Self { qmp, frozen })
     }
@@ -238,7 +248,7 @@ impl LiveSnapshot {
 
     async fn merge_all(&self) -> Result<()> {
         let mut first = None;
-        for (i, f) in self.frozen.iter().enumerate() {
+        for (i, f) in self.frozen.iter().enumerate().filter(|(_, f)| f.attached) {
             let merged = match commit_live(&self.qmp, f, i).await {
                 Ok(()) => Ok(()),
                 Err(_) if !qemu_alive(&self.qmp).await => commit_offline(f).await,
@@ -258,6 +268,32 @@ impl LiveSnapshot {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Marks the disks whose overlay node QEMU dropped (their base node has no user) and
+/// removes their unused overlay files. If the graph cannot be read, every overlay is
+/// assumed attached (and merged as usual).
+async fn detach_unused(qmp: &Qmp, frozen: &mut [Frozen]) {
+    let nodes = match block_nodes(qmp).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list block nodes after the snapshot; assuming every overlay took");
+            return;
+        }
+    };
+    for f in frozen.iter_mut() {
+        if nodes.iter().any(|n| n["node-name"].as_str() == Some(f.overlay_node.as_str())) {
+            continue;
+        }
+        f.attached = false;
+        tracing::info!(volume = %f.volume_uuid, node = %f.base_node,
+            "the disk's node has no user (no device or export): no guest writes it, so it is read as it is");
+        if let Err(e) = std::fs::remove_file(&f.overlay)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(overlay = %f.overlay.display(), error = %e, "removing the unused overlay failed");
+        }
     }
 }
 
