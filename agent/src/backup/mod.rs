@@ -129,10 +129,7 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
         // merge failure is logged and left in the job's message for the operator.
         tracing::error!(job = %job.uuid, error = %e, "merging the live snapshot back failed; the VM's disks stay on their overlays");
         job.set_message(format!("merging the snapshot back failed: {e}"));
-        return result.map_err(|backup| {
-            tracing::warn!(error = %e, "and the backup itself failed");
-            backup
-        });
+        return result.inspect_err(|_| tracing::warn!(error = %e, "and the backup itself failed"));
     }
     result
 }
