@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub max_backups_per_storage: u32,
     /// Host-wide bandwidth caps shared by every job.
     pub limits: HostLimits,
+    /// Where volumes may be read and restores written.
+    pub volumes: VolumesConfig,
     /// On SIGTERM, how long running jobs may go on before they are cancelled, seconds.
     pub shutdown_grace_seconds: u64,
     /// Where logs go: `auto` (journald under systemd, else text on stderr), `text`, `json`.
@@ -57,6 +59,29 @@ pub struct HostLimits {
     pub network_write_bandwidth: u64,
 }
 
+/// Where the agent may read volumes (backups, registered install paths, snapshot overlays)
+/// and write restores; see [`crate::roots`]. Everything else is refused with the field named.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// Directories beneath which files (and block devices) are volumes; the last component
+    /// may end in `*` (`/zstack_ps*`).
+    pub roots: Vec<PathBuf>,
+    /// Directories beneath which only existing block devices are volumes.
+    pub device_roots: Vec<PathBuf>,
+}
+
+impl Default for VolumesConfig {
+    /// libvirt's image pool, ZStack's local primary storages (`/zstack_ps`, `/zstack_ps2`,
+    /// ...), and block devices under `/dev` (SharedBlock LVs, multipath, iSCSI LUNs).
+    fn default() -> Self {
+        Self {
+            roots: vec![PathBuf::from("/var/lib/libvirt/images"), PathBuf::from("/zstack_ps*")],
+            device_roots: vec![PathBuf::from("/dev")],
+        }
+    }
+}
+
 /// The embedded Image Storage: a local directory served on loopback and registered as a
 /// backup storage, so a fresh agent can back up with no other set-up.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +112,7 @@ impl Default for AgentConfig {
             default_parallelism: 4,
             max_backups_per_storage: 10,
             limits: HostLimits::default(),
+            volumes: VolumesConfig::default(),
             shutdown_grace_seconds: 60,
             log_level: "info".to_string(),
             log_format: "auto".to_string(),
@@ -112,9 +138,18 @@ impl Default for EmbeddedStoreConfig {
 }
 
 impl AgentConfig {
-    /// Parses a TOML config; unknown keys are an error naming the key.
+    /// Parses a TOML config; unknown keys are an error naming the key, and so is a bad
+    /// volume root.
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
+        use serde::de::Error;
+        let config: Self = toml::from_str(text)?;
+        config.volume_roots().map_err(toml::de::Error::custom)?;
+        Ok(config)
+    }
+
+    /// The configured volume roots, checked.
+    pub fn volume_roots(&self) -> Result<crate::roots::VolumeRoots, String> {
+        crate::roots::VolumeRoots::new(&self.volumes.roots, &self.volumes.device_roots)
     }
 }
 

@@ -2,7 +2,8 @@
 //! binds the API listener and serves until shutdown.
 //!
 //! Reload (SIGHUP, from the binary): a new configuration replaces the sessions, the log
-//! filter and the [`Live`] settings; nothing else changes and no connection drops.
+//! filter and the [`Live`] settings (volume roots included); nothing else
+//! changes and no connection drops.
 //! Shutdown (SIGTERM): new jobs are refused at once, running jobs get
 //! `shutdown_grace_seconds` to end and are then cancelled (a cancelled backup is never
 //! committed, so nothing half-written becomes visible), and only then do the API server and
@@ -234,6 +235,7 @@ fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::d
         max_backups_per_storage = new.max_backups_per_storage,
         log_level = %new.log_level,
         limits = ?new.limits,
+        volume_roots = %state.ops.live().roots().describe(),
         "configuration reloaded"
     );
 }

@@ -18,7 +18,7 @@
 //! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
 //! | engines | [`backup`] | backup, restore, recover, delete and sync data paths |
 //! | jobs | [`jobs`] | running jobs, progress, cancellation |
-//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
+//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
 //!
 //! Across crates: agent -> store -> proto.
 //!
@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod qemu;
+pub mod roots;
 pub mod storage;
 pub mod tags;
 pub mod throttle;

@@ -1,11 +1,13 @@
-//! Settings that change on a running agent (SIGHUP): job defaults and the host-wide
-//! bandwidth caps. Jobs read them when they start; a running job keeps the caps it started
+//! Settings that change on a running agent (SIGHUP): job defaults, the host-wide
+//! bandwidth caps and the volume roots. Jobs read them when they start (and every operation
+//! checks its paths against the roots of that moment); a running job keeps the caps it started
 //! with, and a cap whose value did not change keeps its limiter, so jobs old and new still
 //! share it.
 
 use std::sync::{Arc, RwLock};
 
 use crate::config::{AgentConfig, HostLimits};
+use crate::roots::VolumeRoots;
 use crate::throttle::ByteRate;
 
 /// Host-wide caps, each shared by every job it applies to.
@@ -26,6 +28,7 @@ struct Values {
     default_parallelism: u32,
     max_backups_per_storage: u32,
     caps: HostCaps,
+    roots: Arc<VolumeRoots>,
 }
 
 /// The live settings.
@@ -49,6 +52,15 @@ fn caps(old: &HostCaps, l: &HostLimits) -> HostCaps {
     }
 }
 
+/// The configuration's roots; a configuration that was not checked (built in code) with bad
+/// roots gets none, so nothing is allowed rather than everything.
+fn roots(config: &AgentConfig) -> VolumeRoots {
+    config.volume_roots().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "volume roots refused; no volume path is accepted");
+        VolumeRoots::default()
+    })
+}
+
 impl Live {
     /// The settings of `config`.
     pub fn new(config: &AgentConfig) -> Self {
@@ -56,6 +68,7 @@ impl Live {
             default_parallelism: config.default_parallelism.max(1),
             max_backups_per_storage: config.max_backups_per_storage.max(1),
             caps: caps(&HostCaps::default(), &config.limits),
+            roots: Arc::new(roots(config)),
         }))
     }
 
@@ -69,6 +82,7 @@ impl Live {
         v.default_parallelism = config.default_parallelism.max(1);
         v.max_backups_per_storage = config.max_backups_per_storage.max(1);
         v.caps = caps(&v.caps, &config.limits);
+        v.roots = Arc::new(roots(config));
     }
 
     /// Reader workers of a job without a parallelism tag.
@@ -79,6 +93,11 @@ impl Live {
     /// Concurrent backups on one backup storage.
     pub fn max_backups_per_storage(&self) -> u32 {
         self.read().max_backups_per_storage
+    }
+
+    /// The volume roots now.
+    pub fn roots(&self) -> Arc<VolumeRoots> {
+        self.read().roots
     }
 
     /// The host-wide caps now.

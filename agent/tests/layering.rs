@@ -11,7 +11,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &[
         "model", "volume", "config", "catalog", "error", "validate", "tags", "throttle", "tool", "qemu", "storage",
-        "metrics", "live",
+        "metrics", "live", "roots",
     ],
     &["jobs"],
     &["backup"],

@@ -226,7 +226,9 @@ pub struct AgentOptions {
     pub config: Option<PathBuf>,
 }
 
-/// Starts a vmbackup-agent on an ephemeral loopback port with its data under `dir/agent`.
+/// Starts a vmbackup-agent on an ephemeral loopback port with its data under `dir/agent`;
+/// `dir` is a volume root (`--volume-root`, added to any the config file names), so the
+/// test's images and restore targets under it are allowed.
 pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
     let data = dir.join("agent");
     let mut args = vec![
@@ -236,6 +238,8 @@ pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
         data.display().to_string(),
         "--metrics-listen".to_string(),
         "127.0.0.1:0".to_string(),
+        "--volume-root".to_string(),
+        dir.display().to_string(),
     ];
     if opts.embedded_store {
         args.extend(["--embedded-store-listen".to_string(), "127.0.0.1:0".to_string()]);

@@ -73,6 +73,9 @@ impl Ops {
             return Ok(done);
         }
         let vm = self.vm_of_root(&r.root_volume).await?;
+        // Recorded paths are judged by today's roots: a narrowed configuration stops them.
+        let paths = vm.volumes.iter().map(|v| (v.uuid.as_str(), v.install_path.as_str()));
+        self.check_install_paths("rootVolumeUuid", paths).await?;
         let storage = self.backup_target(&r.storage).await?;
 
         // One operation on a volume at a time.

@@ -14,9 +14,13 @@
 //! | CreateVolumeSnapshotGroup, DeleteVolumeSnapshotGroup | every volume of the VM, for the call |
 //!
 //! A second operation on a held volume is refused at once with an error naming the holder.
+//!
+//! Every path an operation reads, writes or records must lie under the volume roots; the
+//! check ([`paths`]) comes before anything is opened.
 
 pub mod backup;
 mod locks;
+mod paths;
 pub mod restore;
 pub mod snapshot_group;
 mod vm;

@@ -9,6 +9,7 @@ use crate::backup;
 use crate::backup::restore::{RestoreOptions, RestoreTarget};
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::{AgentError, ErrorKind, Result};
+use crate::roots::Access;
 use crate::tags::SystemTags;
 use crate::throttle::{ByteRate, Throttle};
 use crate::volume::VolumeFormat;
@@ -62,6 +63,8 @@ impl Ops {
         let chosen = choose(&r.group, &backups, &r.targets, r.revert)?;
         let (targets, lease) = if r.revert {
             let targets = self.revert_targets(chosen).await?;
+            let paths = targets.iter().map(|t| (t.backup.volume_uuid.as_str(), t.path.to_str().unwrap_or_default()));
+            self.check_install_paths("revert", paths).await?;
             let holder = format!("RestoreVmBackup (revert) of backup group {}", r.group);
             let lease = self.locks.acquire(targets.iter().map(|t| t.backup.volume_uuid.as_str()), &holder)?;
             (targets, Some(lease))
@@ -77,7 +80,7 @@ impl Ops {
                     Ok(RestoreTarget { backup, path, format: t.format, mode: Mode::Create })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            (targets, None)
+            (self.new_targets_in_roots(targets).await?, None)
         };
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
         let job = self.jobs.start("RestoreVmBackup", r.resource, Some(r.storage.clone())).await?;
@@ -91,6 +94,21 @@ impl Ops {
             })
             .await?;
         Ok((job_uuid, records))
+    }
+
+    /// New files go where the roots allow, by their resolved paths (a parent that is a
+    /// symlink out of the roots is refused, not followed later).
+    async fn new_targets_in_roots(&self, mut targets: Vec<RestoreTarget>) -> Result<Vec<RestoreTarget>> {
+        let uses = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("targets[{i}].installPath"), t.path.clone(), Access::Create))
+            .collect();
+        let resolved = self.check_paths("targets", uses).await?;
+        for (t, path) in targets.iter_mut().zip(resolved) {
+            t.path = path;
+        }
+        Ok(targets)
     }
 
     /// Revert: each chosen volume goes back over its registered install path, in its

@@ -4,7 +4,8 @@
 //! gets a new qcow2 overlay on its file. Either way the frozen file is the snapshot and the
 //! volume continues on the overlay. Delete merges each overlay back (block-commit, or
 //! `qemu-img commit` offline) and reports one result per snapshot. Both hold the VM's
-//! volumes in the lock set for the call, so neither overlaps a backup or a revert.
+//! volumes in the lock set for the call, so neither overlaps a backup or a revert. Volumes
+//! and overlays must lie under the volume roots, checked before either starts.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use crate::catalog::vm::VmRecord;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::qemu::live;
 use crate::qemu::qmp::Qmp;
+use crate::roots::Access;
 
 /// A validated CreateVolumeSnapshotGroup.
 #[derive(Debug, Clone)]
@@ -139,6 +141,27 @@ async fn merge_back(qmp: Option<&Qmp>, s: &SnapshotRecord) -> Result<()> {
 }
 
 impl Ops {
+    /// Each snapshot's volume and its overlay (to be created, or there already) must lie
+    /// under the volume roots.
+    async fn check_snapshot_paths(
+        &self,
+        field: &'static str,
+        snapshots: &[SnapshotRecord],
+        overlay: Access,
+    ) -> Result<()> {
+        let mut uses = Vec::new();
+        for s in snapshots {
+            let volume = format!("installPath of volume {}", s.volume_uuid);
+            uses.push((volume, PathBuf::from(&s.install_path), Access::Volume));
+            uses.push((
+                format!("snapshot overlay of volume {}", s.volume_uuid),
+                PathBuf::from(&s.overlay_path),
+                overlay,
+            ));
+        }
+        self.check_paths(field, uses).await.map(drop)
+    }
+
     /// CreateVolumeSnapshotGroup. A retry with the same uuid, VM and name returns the group.
     pub async fn create_snapshot_group(&self, r: CreateSnapshotGroup) -> Result<SnapshotGroupRecord> {
         let vm = self.vm_of_root(&r.root_volume).await?;
@@ -153,6 +176,7 @@ impl Ops {
         }
         let now = now_millis();
         let snapshots = plan(&vm, &r, now);
+        self.check_snapshot_paths("rootVolumeUuid", &snapshots, Access::Create).await?;
         if let Some(s) = snapshots.iter().find(|s| !Path::new(&s.install_path).is_file()) {
             return Err(AgentError::new(
                 ErrorKind::Unimplemented,
@@ -191,6 +215,8 @@ impl Ops {
             .ok_or_else(|| AgentError::not_found("snapshot group", uuid).with_field("uuid"))?;
         let v = group.vm_uuid.clone();
         let vm = self.catalog().run(move |c| c.get_vm(&v)).await?;
+        let live: Vec<SnapshotRecord> = group.snapshots.iter().filter(|s| !s.deleted).cloned().collect();
+        self.check_snapshot_paths("uuid", &live, Access::Volume).await?;
         let holder = format!("DeleteVolumeSnapshotGroup {uuid}");
         let _lease = self.locks.acquire(group.snapshots.iter().map(|s| s.volume_uuid.as_str()), &holder)?;
         let qmp = live::connect_if_running_opt(vm.as_ref().and_then(|v| v.qmp_socket.as_deref())).await?;

@@ -6,8 +6,10 @@ use crate::error::{AgentError, ErrorKind, Result};
 
 impl Ops {
     /// Records a validated layout (replacing an earlier one of the same VM); a volume that
-    /// belongs to another VM is refused.
+    /// belongs to another VM, or an install path outside the volume roots, is refused.
     pub async fn register_vm(&self, vm: VmRecord) -> Result<VmRecord> {
+        self.check_install_paths("volumes", vm.volumes.iter().map(|v| (v.uuid.as_str(), v.install_path.as_str())))
+            .await?;
         self.catalog()
             .run(move |catalog| -> Result<VmRecord> {
                 match catalog.register_vm(&vm)? {
