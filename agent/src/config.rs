@@ -1,10 +1,13 @@
 //! Configuration of vmbackup-agent: a TOML file, overridden by command-line flags.
 //! `systemd/vmbackup-agent.toml` is an example with every key commented.
 
+mod sessions;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+pub use sessions::{ExpiringSession, Instant, Session, SessionEntry, format_rfc3339, parse_rfc3339};
 
 /// Settings of the agent.
 #[derive(Debug, Clone, Deserialize)]
@@ -14,9 +17,10 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Local state: catalog, session file, embedded store.
     pub data_dir: PathBuf,
-    /// Accepted session uuids (`authorization: OAuth <uuid>`). Empty: the agent creates one
-    /// in `<data_dir>/session`.
-    pub sessions: Vec<String>,
+    /// Accepted sessions (`authorization: OAuth <uuid>`): plain uuids, or
+    /// `{ id = "<uuid>", expires = <RFC 3339> }`. Empty: the agent creates one in
+    /// `<data_dir>/session`, which never expires.
+    pub sessions: Vec<SessionEntry>,
     /// Port assumed for an Image Storage added with a hostname and no port.
     pub default_store_port: u16,
     /// Reader workers of a backup without a volumeLiveBackup::parallelismDegree tag.
@@ -138,13 +142,19 @@ impl Default for EmbeddedStoreConfig {
 }
 
 impl AgentConfig {
-    /// Parses a TOML config; unknown keys are an error naming the key, and so is a bad
-    /// volume root.
+    /// Parses a TOML config; unknown keys are an error naming the key, and so are a bad
+    /// session expiry or volume root.
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
         use serde::de::Error;
         let config: Self = toml::from_str(text)?;
+        config.session_list().map_err(toml::de::Error::custom)?;
         config.volume_roots().map_err(toml::de::Error::custom)?;
         Ok(config)
+    }
+
+    /// The configured sessions with their expiries parsed.
+    pub fn session_list(&self) -> Result<Vec<Session>, String> {
+        self.sessions.iter().map(SessionEntry::parse).collect()
     }
 
     /// The configured volume roots, checked.

@@ -1,8 +1,8 @@
 //! The agent daemon: opens the catalog, loads sessions, starts the embedded Image Storage,
 //! binds the API listener and serves until shutdown.
 //!
-//! Reload (SIGHUP, from the binary): a new configuration replaces the sessions, the log
-//! filter and the [`Live`] settings (volume roots included); nothing else
+//! Reload (SIGHUP, from the binary): a new configuration replaces the sessions (with their
+//! expiries), the log filter and the [`Live`] settings (volume roots included); nothing else
 //! changes and no connection drops.
 //! Shutdown (SIGTERM): new jobs are refused at once, running jobs get
 //! `shutdown_grace_seconds` to end and are then cancelled (a cancelled backup is never
@@ -101,7 +101,8 @@ async fn open_catalog(data_dir: &std::path::Path) -> anyhow::Result<CatalogHandl
 
 /// The configured sessions, or the one in `<data-dir>/session` (created on first start).
 fn sessions(config: &AgentConfig) -> anyhow::Result<Sessions> {
-    let sessions = Sessions::new(config.sessions.iter().cloned());
+    let configured = config.session_list().map_err(anyhow::Error::msg).context("sessions in the configuration")?;
+    let sessions = Sessions::new(configured);
     if sessions.is_empty() {
         let token = auth::load_or_create_session_file(&config.data_dir)
             .with_context(|| format!("creating session file in {}", config.data_dir.display()))?;
@@ -207,7 +208,10 @@ async fn first_to_end(
 fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::daemon::logging::LogLevel>) {
     let old = &state.config;
     if !new.sessions.is_empty() {
-        state.sessions.replace(new.sessions.iter().cloned());
+        match new.session_list() {
+            Ok(sessions) => state.sessions.replace(sessions),
+            Err(e) => tracing::error!(error = %e, "sessions not applied; the current ones stay"),
+        }
     } else if !old.sessions.is_empty() {
         tracing::warn!("the reloaded configuration lists no sessions; keeping the current ones");
     }

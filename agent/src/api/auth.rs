@@ -1,33 +1,57 @@
 //! Sessions: every call except health and reflection must carry metadata
-//! `authorization: OAuth <session-uuid>` naming a configured session.
+//! `authorization: OAuth <session-uuid>` naming a configured session that has not expired.
 //!
-//! With no session configured, the agent makes one on first start and keeps it in
-//! `<data-dir>/session` (mode 0600), where vmbackupctl on the same host finds it.
+//! A configured session may carry an expiry (`{ id, expires }` in `sessions`); past it the
+//! session is refused with UNAUTHENTICATED saying it expired, until a reload drops or
+//! renews it. With no session configured, the agent makes one on first start and keeps it
+//! in `<data-dir>/session` (mode 0600, never expires), where vmbackupctl on the same host
+//! finds it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use tonic::{Request, Status};
+
+use crate::config::{Session, format_rfc3339};
 
 /// Name of the session file under the data directory.
 pub const SESSION_FILE: &str = "session";
 
-/// The set of accepted session uuids; cheap to clone, shared by every call.
+/// The accepted session uuids and their expiries; cheap to clone, shared by every call.
 #[derive(Debug, Clone, Default)]
-pub struct Sessions(Arc<RwLock<HashSet<String>>>);
+pub struct Sessions(Arc<RwLock<HashMap<String, Option<SystemTime>>>>);
+
+/// Why a session is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a configured session.
+    Unknown,
+    /// Configured, but its expiry has passed.
+    Expired(SystemTime),
+}
 
 impl Sessions {
     /// Sessions from the configuration.
-    pub fn new(sessions: impl IntoIterator<Item = String>) -> Self {
-        Self(Arc::new(RwLock::new(sessions.into_iter().collect())))
+    pub fn new(sessions: impl IntoIterator<Item = Session>) -> Self {
+        Self(Arc::new(RwLock::new(sessions.into_iter().map(|s| (s.id, s.expires)).collect())))
     }
 
-    /// Whether `token` is a valid session.
+    /// Whether `token` is a valid session at `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<(), Refused> {
+        match self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(token) {
+            None => Err(Refused::Unknown),
+            Some(Some(expires)) if *expires <= now => Err(Refused::Expired(*expires)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether `token` is a valid session now.
     pub fn accepts(&self, token: &str) -> bool {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(token)
+        self.verify(token, SystemTime::now()).is_ok()
     }
 
     /// Whether no session is configured.
@@ -36,14 +60,14 @@ impl Sessions {
     }
 
     /// Replaces the accepted sessions (a reload).
-    /// Adds a session.
-    pub fn replace(&self, tokens: impl IntoIterator<Item = String>) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokens.into_iter().collect();
+    pub fn replace(&self, sessions: impl IntoIterator<Item = Session>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            sessions.into_iter().map(|s| (s.id, s.expires)).collect();
     }
 
-    /// Accepts one more session.
+    /// Accepts one more session, which never expires.
     pub fn insert(&self, token: String) {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token);
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token, None);
     }
 
     /// Interceptor checking the `authorization` metadata of each call.
@@ -58,7 +82,11 @@ impl Sessions {
         let token = value
             .strip_prefix("OAuth ")
             .ok_or_else(|| unauthenticated("authorization metadata must be \"OAuth <session-uuid>\""))?;
-        if self.accepts(token.trim()) { Ok(request) } else { Err(unauthenticated("unknown session")) }
+        match self.verify(token.trim(), SystemTime::now()) {
+            Ok(()) => Ok(request),
+            Err(Refused::Unknown) => Err(unauthenticated("unknown session")),
+            Err(Refused::Expired(at)) => Err(unauthenticated(&format!("session expired at {}", format_rfc3339(at)))),
+        }
     }
 }
 
@@ -106,7 +134,7 @@ mod tests {
 
     #[test]
     fn interceptor_accepts_only_known_oauth_sessions() {
-        let s = Sessions::new(["abc".to_string()]);
+        let s = Sessions::new([Session { id: "abc".into(), expires: None }]);
         let with = |v: &str| {
             let mut r = Request::new(());
             r.metadata_mut().insert("authorization", v.parse().expect("ascii"));
@@ -116,5 +144,19 @@ mod tests {
         assert_eq!(s.check(with("OAuth abd")).expect_err("wrong").code(), tonic::Code::Unauthenticated);
         assert_eq!(s.check(with("Bearer abc")).expect_err("scheme").code(), tonic::Code::Unauthenticated);
         assert_eq!(s.check(Request::new(())).expect_err("missing").code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn an_expired_session_is_refused_and_says_so() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_798_761_600);
+        let s = Sessions::new([Session { id: "abc".into(), expires: Some(at) }]);
+        assert_eq!(s.verify("abc", at - std::time::Duration::from_secs(1)), Ok(()));
+        assert_eq!(s.verify("abc", at), Err(Refused::Expired(at)));
+        let past = Sessions::new([Session { id: "old".into(), expires: Some(SystemTime::UNIX_EPOCH) }]);
+        let mut r = Request::new(());
+        r.metadata_mut().insert("authorization", "OAuth old".parse().expect("ascii"));
+        let e = past.check(r).expect_err("expired");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("session expired at 1970-01-01T00:00:00Z"), "{}", e.message());
     }
 }
