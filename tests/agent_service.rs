@@ -166,10 +166,11 @@ async fn vm_layouts_register_query_and_unregister() {
         common::channel(&agent.url()).await,
         common::Auth(token.clone()),
     );
+    // Under the test's directory, a volume root; the files need not exist yet.
     let vol = |uuid: &str, kind: &str, device_id: i32, format: &str| pb::VolumeSpec {
         uuid: uuid.into(),
         name: format!("{kind}-{device_id}"),
-        install_path: format!("/images/{uuid}.{format}"),
+        install_path: dir.path().join(format!("images/{uuid}.{format}")).display().to_string(),
         format: format.into(),
         r#type: kind.into(),
         device_id,

@@ -221,8 +221,11 @@ async fn a_failed_commit_closes_the_store_session_and_gc_is_not_held_back() {
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a_dir).expect("a");
     std::fs::create_dir_all(&b_dir).expect("b");
-    let a = start_agent(&a_dir, AgentOptions::default());
-    let b = start_agent(&b_dir, AgentOptions::default());
+    // Both agents read the one image beside their directories.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("[volumes]\nroots = [{:?}]\n", dir.path().display().to_string())).expect("config");
+    let a = start_agent(&a_dir, AgentOptions { config: Some(config.clone()), ..Default::default() });
+    let b = start_agent(&b_dir, AgentOptions { config: Some(config), ..Default::default() });
     let (bs_a, bs_b) = (add_storage(&a, &store, "s").await, add_storage(&b, &store, "s").await);
     let v = common::one_volume_vm("5d0e6bb3a7a44f0e8e0d0f6f21d9b0c1", "6a3c1f0e2b7d4c5e9f8a1b2c3d4e5f60", &img, "raw");
     let resource = "33333333333333333333333333333333";

@@ -122,6 +122,8 @@ fn backups_leave_from_the_address_inside_the_backup_cidr() {
             "--no-embedded-store".into(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
+            "--volume-root".into(),
+            dir.path().display().to_string(),
         ],
         agent_data.clone(),
         dir.path().join("agent.log"),

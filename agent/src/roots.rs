@@ -9,7 +9,7 @@
 //!
 //! | root | what is accepted beneath it |
 //! |---|---|
-//! | `roots` (directories) | regular files and block devices, or paths that do not exist yet |
+//! | `roots` (directories) | volumes that are regular files or block devices (or do not exist yet), and new files |
 //! | `device_roots` | existing block devices only (so `/dev` admits `/dev/vg/lv`, not `/dev/shm/x`) |
 //!
 //! A root's last component may end in `*`: `/zstack_ps*` stands for every directory of `/`
@@ -69,8 +69,9 @@ impl VolumeRoots {
         }
         for root in expand(&self.dirs) {
             if beneath(&resolved, &root) {
+                // Whether a new file may replace what is there is the creator's call.
                 match &meta {
-                    Some(m) if !m.is_file() && !is_block => {
+                    Some(m) if access == Access::Volume && !m.is_file() && !is_block => {
                         refusal.get_or_insert(format!("{shown}{via} is not a regular file or a block device"));
                     }
                     _ => return Ok(resolved),
