@@ -1,8 +1,9 @@
 //! Volume roots with a real agent: a volume outside `[volumes] roots` is refused with
 //! INVALID_ARGUMENT naming the field and the path, and is never opened (a FIFO there would
 //! block the agent); a restore target outside them, through a symlinked parent or a `..`
-//! out of them, is refused and nothing appears there; a reload that narrows the roots
-//! stops backups and reverts of paths registered earlier.
+//! out of them, is refused and nothing appears there; a qcow2 image inside the roots whose
+//! backing file lies outside is refused before its data is read; a reload that narrows the
+//! roots stops backups and reverts of paths registered earlier.
 
 mod common;
 
@@ -116,6 +117,23 @@ async fn volumes_outside_the_roots_are_refused_before_they_are_opened() {
     let listed = vms.query_vm(pb::QueryVmRequest::default()).await.expect("query").into_inner();
     assert!(listed.inventories.is_empty(), "{listed:?}");
     assert_eq!(common::chunks_uploaded(&store).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_whose_backing_file_lies_outside_the_roots_is_not_read() {
+    let d = dirs();
+    let base = d.outside.join("base.raw");
+    std::fs::write(&base, common::pseudo_random(9, 1 << 20)).expect("base");
+    let top = d.images.join("top.qcow2");
+    let (b, t) = (base.display().to_string(), top.display().to_string());
+    common::run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", &t, "1M"]);
+    let store = start_store(&d.outside, "store");
+    let agent = agent(&d);
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let vm = common::one_volume_vm(VM, ROOT, &top, "qcow2");
+    assert_refused(c.create_vm_backup(backup(&bs, Some(vm))).await, "rootVolumeUuid", &base, "its image names");
+    assert_eq!(common::chunks_uploaded(&store).await, 0, "the backing file's data was sent");
 }
 
 /// Backs up `images/root.raw` once; returns the storage and the group.

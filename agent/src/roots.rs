@@ -15,7 +15,9 @@
 //! A root's last component may end in `*`: `/zstack_ps*` stands for every directory of `/`
 //! whose name starts with `zstack_ps`, each resolved on its own (mounts come and go, so
 //! roots are resolved at each check, never cached). Callers check before anything is opened
-//! and then use the resolved path where they create files.
+//! and then use the resolved path where they create files. A backup also judges every file
+//! a volume's image names (qcow2 backing chain, external data file) once the image is open
+//! and before any guest data is read.
 
 use std::ffi::OsString;
 use std::os::unix::fs::FileTypeExt;

@@ -65,6 +65,9 @@ pub struct BackupRequest {
     pub user_tags: Vec<String>,
     /// Unix seconds until which the store must refuse to delete the group (0: no lock).
     pub retain_until: u64,
+    /// The volume roots when the job started: every file a volume's image names (backing
+    /// chain, data file) must lie beneath them before its data is read.
+    pub roots: Arc<crate::roots::VolumeRoots>,
 }
 
 /// One volume being backed up.
@@ -196,7 +199,7 @@ async fn open_volumes(
     chunk_size: u32,
     previous: std::collections::HashMap<String, (String, VolumeIndex)>,
 ) -> Result<Vec<Arc<VolumeJob>>> {
-    let (vm, dirty, job) = (req.vm.clone(), req.dirty.clone(), job.clone());
+    let (vm, dirty, job, roots) = (req.vm.clone(), req.dirty.clone(), job.clone(), req.roots.clone());
     blocking(move || {
         vm.volumes
             .iter()
@@ -206,6 +209,11 @@ async fn open_volumes(
                     volume::open(std::path::Path::new(&v.install_path), format, &volume::Limits::default())
                         .map_err(|e| AgentError::from(e).with_field("volumes"))?,
                 );
+                for file in source.files().iter().skip(1) {
+                    roots.check(file, crate::roots::Access::Volume).map_err(|why| {
+                        AgentError::invalid("rootVolumeUuid", format!("volume {}: its image names {why}", v.uuid))
+                    })?;
+                }
                 let index = VolumeIndex::new(
                     uuid_bytes(&v.uuid),
                     source.virtual_size(),

@@ -101,6 +101,7 @@ impl Ops {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 now.saturating_add(s)
             }),
+            roots: self.live.roots(),
         };
         let (registry, j) = (self.registry.clone(), job.clone());
         self.jobs

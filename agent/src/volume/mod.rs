@@ -84,6 +84,10 @@ pub trait VolumeSource: Send + Sync + std::fmt::Debug {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
     /// Reads guest bytes at `offset` into `buf` (zeros for holes and zero clusters).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Every file the volume's data comes from: its own, then (qcow2) its external data
+    /// file and its backing chain, as the images name them. An image can name any file,
+    /// so callers judge these before reading guest data.
+    fn files(&self) -> Vec<PathBuf>;
 }
 
 /// Bounds on what an untrusted image may make the reader allocate or follow.

@@ -87,4 +87,8 @@ impl VolumeSource for RawVolume {
         }
         self.file.read_exact_at(buf, offset).map_err(|e| Error::io(&self.path, Some(offset), "reading", e))
     }
+
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
+    }
 }

@@ -344,6 +344,13 @@ impl VolumeSource for Qcow2Volume {
         self.size
     }
 
+    fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.path.clone()];
+        out.extend(self.data_file.as_ref().map(|d| d.path.clone()));
+        out.extend(self.backing.as_ref().map(|b| b.files()).unwrap_or_default());
+        out
+    }
+
     fn format(&self) -> VolumeFormat {
         VolumeFormat::Qcow2
     }
