@@ -114,11 +114,15 @@ impl Target {
         let mut partial = path.as_os_str().to_owned();
         partial.push(".vmbackup-partial");
         let partial = PathBuf::from(partial);
+        // Never through a symlink planted where the partial file goes: it could lead out of
+        // the volume roots the target was checked against.
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .write(true)
             .read(true)
             .create(true)
             .truncate(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&partial)
             .map_err(|e| Error::io(&partial, None, "creating the restore target", e))?;
         if let Some(meta) = &existing {
@@ -205,4 +209,18 @@ pub(crate) fn check_range(target: &Target, size: u64, offset: u64, len: u64) -> 
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_where_the_partial_file_goes_is_not_followed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (target, elsewhere) = (d.path().join("t.raw"), d.path().join("elsewhere"));
+        std::os::unix::fs::symlink(&elsewhere, d.path().join("t.raw.vmbackup-partial")).expect("symlink");
+        assert!(create(&target, VolumeFormat::Raw, 4096, Mode::Create).is_err());
+        assert!(!elsewhere.exists(), "the restore followed the symlink");
+    }
 }
