@@ -83,7 +83,7 @@ impl VolumeRoots {
         Err(refusal.unwrap_or_else(|| format!("{shown}{via} is not under a volume root ({})", self.describe())))
     }
 
-    /// The roots for a message: `/a, /b* (block devices under /dev)`.
+    /// The roots for a message: `/a, /b*, block devices under /dev`.
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
         parts.extend(self.devices.iter().map(|d| format!("block devices under {}", d.display())));
