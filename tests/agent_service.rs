@@ -75,7 +75,12 @@ async fn the_embedded_store_takes_backups_in_process_and_restores_them_identical
     let mut c = storage_client(&agent, Some(common::session(&agent))).await;
     let local = c.query_backup_storage(pb::QueryBackupStorageRequest::default()).await.expect("q").into_inner();
     let (bs, url) = (local.inventories[0].uuid.clone(), local.inventories[0].url.clone());
-    let mut store = vmbackup_proto::store::v1::image_store_client::ImageStoreClient::new(common::channel(&url).await);
+    // The embedded store answers gRPC callers with its own admin token only.
+    let token = std::fs::read_to_string(agent.data_dir.join("store/admin.token")).expect("embedded store token");
+    let mut store = vmbackup_proto::store::v1::image_store_client::ImageStoreClient::with_interceptor(
+        common::channel(&url).await,
+        common::Auth(Some(format!("Bearer {}", token.trim()))),
+    );
     let status = |r: tonic::Response<spb::StatusReply>| r.into_inner();
 
     let vm = common::one_volume_vm("7a8b9c0d1e2f30415263748596a7b8c9", "8b9c0d1e2f30415263748596a7b8c9da", &img, "raw");
