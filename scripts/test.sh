@@ -20,6 +20,33 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
+# A real single-node Ceph for the RADOS and S3 backend tests (tests/common/ceph.rs starts
+# mon, mgr, OSD and radosgw itself, in a temporary directory), the ceph/rados/radosgw-admin
+# CLIs, librados-dev to link against librados, and curl to speak S3 (SigV4) to radosgw.
+# Debian 12 has Ceph 16.2. The packages' postinst scripts start no daemon without systemd:
+# deb-systemd-invoke acts only when systemd runs, and invoke-rc.d finds no runlevel.
+# About a minute on a fresh machine; the output is shown only if the install fails.
+ceph_need=()
+command -v ceph-mon >/dev/null 2>&1 || ceph_need+=(ceph-mon)
+command -v ceph-mgr >/dev/null 2>&1 || ceph_need+=(ceph-mgr)
+command -v ceph-osd >/dev/null 2>&1 || ceph_need+=(ceph-osd)
+command -v radosgw >/dev/null 2>&1 || ceph_need+=(radosgw)
+command -v rados >/dev/null 2>&1 || ceph_need+=(ceph-common)
+[ -e /usr/include/rados/librados.h ] || ceph_need+=(librados-dev)
+command -v curl >/dev/null 2>&1 || ceph_need+=(curl)
+if ((${#ceph_need[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${ceph_need[*]} (install them, or run this script as root to install them)" >&2
+    exit 1
+  fi
+  echo "installing ${ceph_need[*]}" >&2
+  apt-get update -qq
+  if ! out="$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${ceph_need[@]}" 2>&1)"; then
+    echo "$out" >&2
+    exit 1
+  fi
+fi
+
 # A real QEMU system emulator (TCG, no KVM) for the live-VM tests. Debian's
 # qemu-system-x86 cannot be installed beside the machine's newer qemu-utils, so its
 # packages are unpacked into a folder of their own, with the libraries they need.
