@@ -110,8 +110,8 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
-    fn tails(&self) -> String {
-        format!("{}{}", tail(&self.out, 40), tail(&self.log, 60))
+    fn tails(&self, lines: usize) -> String {
+        format!("{}{}", tail(&self.out, lines), tail(&self.log, lines))
     }
 }
 
@@ -184,9 +184,18 @@ pub fn run_with_deadline(program: &str, args: &[&str], deadline: Duration) -> Ru
     }
 }
 
-/// A free TCP port on 127.0.0.1 (free when picked; the daemon binds it right after).
+/// A free TCP port on 127.0.0.1 (free when picked; the daemon binds it right after), never
+/// one handed out before in this test process, so clusters started at once cannot collide.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A random secret usable as an S3 key (hex).
@@ -581,16 +590,27 @@ impl CephCluster {
 
     /// The tails of every daemon's output and log.
     pub fn tails(&self) -> String {
+        self.tails_first(None)
+    }
+
+    /// The tails of every daemon's output and log, the daemon named `first` (e.g.
+    /// `radosgw`) first and longest.
+    fn tails_first(&self, first: Option<&str>) -> String {
+        let all: Vec<&Proc> = [&self.mon, &self.mgr, &self.osd].into_iter().chain(self.rgw.as_ref()).collect();
         let mut s = String::new();
-        for p in [&self.mon, &self.mgr, &self.osd].into_iter().chain(self.rgw.as_ref()) {
-            s.push_str(&p.tails());
+        for p in all.iter().filter(|p| Some(p.name) == first) {
+            s.push_str(&p.tails(80));
+        }
+        for p in all.iter().filter(|p| Some(p.name) != first) {
+            s.push_str(&p.tails(20));
         }
         s
     }
 
     /// Runs a Ceph tool with a deadline; panics with its output and the daemons' logs.
     fn tool(&mut self, program: &str, args: &[&str]) -> String {
-        let r = run_with_deadline(program, args, self.opts.client_timeout * 3);
+        // Only a guard against a hang: the client timeouts make tools fail sooner.
+        let r = run_with_deadline(program, args, (self.opts.client_timeout * 3).max(Duration::from_secs(60)));
         if !r.ok() {
             self.kill_all();
             panic!(
@@ -616,11 +636,11 @@ impl CephCluster {
                     && let Ok(Some(status)) = c.try_wait()
                 {
                     p.child = None;
-                    dead = Some(format!("{} exited ({status})", p.name));
+                    dead = Some((p.name, format!("{} exited ({status})", p.name)));
                 }
             }
-            if let Some(dead) = dead {
-                let tails = self.tails();
+            if let Some((name, dead)) = dead {
+                let tails = self.tails_first(Some(name));
                 self.kill_all();
                 panic!("Ceph test cluster: {dead} while waiting for {what}\n{tails}");
             }
@@ -754,6 +774,8 @@ mon warn on insecure global id reclaim allowed = false
 
 [client]
 keyring = {d}/admin.keyring
+# One socket per client handle: many clients (CLI runs, librados handles) run at once.
+admin socket = {d}/run/$cluster-$name.$pid.$cctid.asok
 # A dead OSD or monitor is an error after {t} s, not a call that blocks.
 rados osd op timeout = {t}
 rados mon op timeout = {t}
@@ -773,6 +795,7 @@ osd data = {d}/osd/$cluster-$id
 {store}
 [{RGW_NAME}]
 keyring = {d}/rgw/keyring
+admin socket = {d}/run/$cluster-$name.asok
 rgw data = {d}/rgw
 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
 "
