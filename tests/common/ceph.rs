@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 /// How the OSD stores objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ObjectStore {
-    /// In RAM: fastest, but everything is lost when the OSD process dies.
+    /// In RAM: fastest, but everything is lost when the OSD process dies, and a killed OSD
+    /// cannot be started again ([`CephCluster::start_osd`] refuses).
     Memstore,
     /// On a sparse 10 GiB file in the cluster directory: survives `kill -9` of the OSD.
     Bluestore,
@@ -456,14 +457,22 @@ impl CephCluster {
         self.rgw.as_ref().and_then(Proc::pid)
     }
 
-    /// Kills the OSD with SIGKILL (a crash: nothing is flushed).
+    /// Kills the OSD with SIGKILL (a crash: nothing is flushed). The monitor keeps showing it
+    /// `up` (no other OSD reports it, and beacons are only checked after 15 minutes); clients
+    /// see it as ops that time out.
     pub fn stop_osd(&mut self) {
         self.osd.kill();
     }
 
-    /// Starts the OSD again on its data and waits until the pool accepts a write. With
-    /// memstore its objects are gone; with bluestore they are back.
+    /// Starts the OSD again on its data and waits until the pool accepts a write; its
+    /// objects are back. Bluestore only: a memstore OSD killed with SIGKILL loses its whole
+    /// store (pools included), boots empty and its placement groups never become active.
     pub fn start_osd(&mut self) {
+        assert_eq!(
+            self.opts.objectstore,
+            ObjectStore::Bluestore,
+            "a memstore OSD cannot come back after kill -9: start the cluster with ObjectStore::Bluestore"
+        );
         self.osd.spawn();
         self.wait_pool_writable();
     }
