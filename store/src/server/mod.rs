@@ -48,6 +48,7 @@ const DOWNLOADS_AHEAD: usize = 2;
 pub struct StoreService {
     store: Arc<ChunkStore>,
     access: Arc<Access>,
+    grants: guard::Grants,
     gc_margin: Duration,
     runs: Arc<crate::metrics::RunMetrics>,
 }
@@ -62,7 +63,13 @@ impl StoreService {
 
     /// Serves an opened store to the callers `access` knows.
     pub fn with_store(store: ChunkStore, access: Arc<Access>) -> Self {
-        Self { store: Arc::new(store), access, gc_margin: crate::gc::DEFAULT_MARGIN, runs: Arc::default() }
+        Self {
+            store: Arc::new(store),
+            access,
+            grants: guard::Grants::default(),
+            gc_margin: crate::gc::DEFAULT_MARGIN,
+            runs: Arc::default(),
+        }
     }
 
     /// Who may call this store (reloadable).
@@ -358,6 +365,7 @@ impl ImageStore for StoreService {
         let uuid = r.into_inner().group_uuid;
         let id = uuid.clone();
         let res = self.run(move |s| s.delete_group(&id)).await;
+        self.grants.clear();
         audit(&p, "delete group", &uuid, &res);
         res?;
         Ok(Response::new(pb::DeleteGroupReply {}))
