@@ -193,6 +193,11 @@ impl ChunkStore {
         &self.counters
     }
 
+    /// Where the store is: `fs` or `s3://bucket/prefix`.
+    pub fn backend_description(&self) -> String {
+        self.backend.describe()
+    }
+
     /// Total and available bytes.
     pub fn capacity(&self) -> Result<(u64, u64)> {
         self.backend.capacity()

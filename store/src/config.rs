@@ -8,6 +8,21 @@
 //! cert = "/etc/vmbackup/store.crt"
 //! key = "/etc/vmbackup/store.key"
 //! ```
+//!
+//! An S3 bucket instead of `data_dir` (which then keeps only the local admin token; the
+//! store's identity `store.json` is in the bucket):
+//!
+//! ```toml
+//! backend = "s3"                   # "fs" (default) or "s3"
+//! [s3]
+//! endpoint = "https://rgw.example:443"
+//! bucket = "vmbackup"
+//! prefix = "site-a"                # optional key prefix
+//! region = "us-east-1"             # the default
+//! access_key_id = "AKIA…"          # or AWS_ACCESS_KEY_ID
+//! secret_access_key_file = "/etc/vmbackup/s3.secret"   # or AWS_SECRET_ACCESS_KEY
+//! allow_http = false               # true to accept an http:// endpoint
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +51,78 @@ pub struct StoreConfig {
     pub dedup_scope: crate::chunk_store::DedupScope,
     /// Every new group is locked against deletion for this many seconds (0: no default).
     pub default_retention_seconds: u64,
+    /// Where chunks, indexes and manifests are kept.
+    pub backend: BackendKind,
+    /// The bucket, when `backend = "s3"`.
+    pub s3: Option<S3Config>,
+}
+
+/// Which backend holds the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A local directory, `data_dir`.
+    #[default]
+    Fs,
+    /// An S3 bucket, `[s3]`.
+    S3,
+}
+
+/// The `[s3]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://host:port` of the S3 server (path-style requests).
+    pub endpoint: String,
+    /// Bucket name; the bucket must exist.
+    pub bucket: String,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// Signing region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Access key id (else `AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (else `AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Accept a plain `http://` endpoint.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl S3Config {
+    /// The backend settings, with credentials from the file or the environment. Errors
+    /// name the file or variable, never a secret.
+    pub fn settings(&self) -> Result<crate::backend::s3::S3Settings, String> {
+        let access_key_id = match &self.access_key_id {
+            Some(k) => k.clone(),
+            None => std::env::var("AWS_ACCESS_KEY_ID")
+                .map_err(|_| "[s3] access_key_id is not set and AWS_ACCESS_KEY_ID is not in the environment".to_string())?,
+        };
+        let secret_access_key = match &self.secret_access_key_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("[s3] reading secret_access_key_file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("AWS_SECRET_ACCESS_KEY").map_err(|_| {
+                "[s3] secret_access_key_file is not set and AWS_SECRET_ACCESS_KEY is not in the environment".to_string()
+            })?,
+        };
+        Ok(crate::backend::s3::S3Settings {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            region: self.region.clone(),
+            access_key_id,
+            secret_access_key,
+            allow_http: self.allow_http,
+        })
+    }
 }
 
 impl Default for StoreConfig {
@@ -50,6 +137,8 @@ impl Default for StoreConfig {
             auth: crate::access::AuthConfig::default(),
             dedup_scope: crate::chunk_store::DedupScope::default(),
             default_retention_seconds: 0,
+            backend: BackendKind::Fs,
+            s3: None,
         }
     }
 }
@@ -72,5 +161,18 @@ mod tests {
         assert!(c.tls.cert.is_some() && c.tls.key.is_some(), "the shipped config serves TLS");
         assert!(!c.auth.principals.is_empty(), "the shipped config names principals");
         assert!(StoreConfig::from_toml("chunk = 1").is_err());
+    }
+
+    #[test]
+    fn s3_section_parses_with_defaults() {
+        let c = StoreConfig::from_toml(
+            "backend = \"s3\"\n[s3]\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"b\"\nallow_http = true\n",
+        )
+        .expect("parses");
+        assert_eq!(c.backend, BackendKind::S3);
+        let s3 = c.s3.expect("section");
+        assert_eq!(s3.region, "us-east-1");
+        assert!(s3.allow_http && s3.prefix.is_empty());
+        assert!(StoreConfig::from_toml("[s3]\nendpoint = \"x\"\nbucket = \"b\"\nsecret = \"s\"\n").is_err());
     }
 }

@@ -46,6 +46,33 @@ pub fn validate_chunk_size(size: u32) -> Result<(), String> {
 }
 
 impl StoreIdentity {
+    /// A new identity: a fresh uuid, this build's layout version, `chunk_size`.
+    pub fn new(chunk_size: u32) -> Self {
+        StoreIdentity {
+            format_version: FORMAT_VERSION,
+            store_uuid: uuid::Uuid::new_v4().simple().to_string(),
+            chunk_size,
+        }
+    }
+
+    /// Parses and checks an identity read from `what` (a path or object key, for errors).
+    pub fn from_json(bytes: &[u8], what: &str) -> Result<Self, crate::error::StoreError> {
+        use crate::error::{ErrorKind, StoreError};
+        let id: StoreIdentity =
+            serde_json::from_slice(bytes).map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("{what}: {e}")))?;
+        if id.format_version != FORMAT_VERSION {
+            return Err(StoreError::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{what}: format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                    id.format_version
+                ),
+            ));
+        }
+        validate_chunk_size(id.chunk_size).map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("{what}: {e}")))?;
+        Ok(id)
+    }
+
     /// Reads `store.json` under `dir`, creating it (and `dir`) on first start.
     ///
     /// `chunk_size` applies only to a new store; an existing store keeps its own.
@@ -54,11 +81,7 @@ impl StoreIdentity {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 validate_chunk_size(chunk_size).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 std::fs::create_dir_all(dir)?;
-                let id = StoreIdentity {
-                    format_version: FORMAT_VERSION,
-                    store_uuid: uuid::Uuid::new_v4().simple().to_string(),
-                    chunk_size,
-                };
+                let id = StoreIdentity::new(chunk_size);
                 let json = serde_json::to_vec_pretty(&id).map_err(io::Error::other)?;
                 durable::write_atomic(&dir.join("store.json"), &json)?;
                 Ok(id)

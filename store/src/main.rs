@@ -8,7 +8,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vmbackup_store::access::Access;
 use vmbackup_store::chunk_store::ChunkStore;
-use vmbackup_store::config::StoreConfig;
+use vmbackup_store::backend::s3::S3Backend;
+use vmbackup_store::config::{BackendKind, StoreConfig};
 use vmbackup_store::daemon::systemd;
 use vmbackup_store::server::{self, StoreService};
 
@@ -85,11 +86,25 @@ async fn run() -> anyhow::Result<()> {
     let margin = std::time::Duration::from_secs(config.gc_safety_margin_seconds);
     let (chunk_size, scope) = (config.chunk_size, config.dedup_scope);
     let retention = std::time::Duration::from_secs(config.default_retention_seconds);
-    let store = tokio::task::spawn_blocking(move || {
-        ChunkStore::open(&dir, chunk_size).map(|s| s.with_dedup_scope(scope).with_default_retention(Some(retention)))
-    })
-    .await?
-    .with_context(|| format!("opening store at {}", config.data_dir.display()))?;
+    let store = match config.backend {
+        BackendKind::Fs => tokio::task::spawn_blocking(move || ChunkStore::open(&dir, chunk_size))
+            .await?
+            .with_context(|| format!("opening store at {}", config.data_dir.display()))?,
+        BackendKind::S3 => {
+            let section = config.s3.clone().ok_or_else(|| anyhow::anyhow!("backend = \"s3\" needs an [s3] section"))?;
+            let settings = section.settings().map_err(|e| anyhow::anyhow!(e))?;
+            // One line: the cause chain joined, so a bad bucket, key or endpoint reads at a glance.
+            tokio::task::spawn_blocking(move || {
+                let backend = S3Backend::connect(&settings)?;
+                let identity = backend.open_or_create_identity(chunk_size)?;
+                Ok::<_, vmbackup_store::error::StoreError>(ChunkStore::with_backend(Arc::new(backend), identity))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("opening the S3 store: {}", e.full_message().replace('\n', " ")))?
+        }
+    }
+    .with_dedup_scope(scope)
+    .with_default_retention(Some(retention));
     let access = Arc::new(
         Access::new(&config.auth, &config.data_dir).map_err(|e| anyhow::anyhow!("[auth] configuration: {e}"))?,
     );
@@ -110,6 +125,7 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
+        backend = %service.store().backend_description(),
         store_uuid = %service.identity().store_uuid,
         dedup_scope = config.dedup_scope.as_str(),
         "vmbackup-store ready"

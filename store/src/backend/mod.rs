@@ -6,6 +6,7 @@
 //! harmless (HEAD-then-PUT is safe); indexes and manifests have unique names.
 
 pub mod fs;
+pub mod s3;
 
 use std::time::SystemTime;
 
@@ -80,4 +81,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn mark_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
     /// Whether `namespace` has uploaded `digest`.
     fn is_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
+    /// Where the store is, for Status and logs: `fs` or `s3://bucket/prefix` (no secrets).
+    fn describe(&self) -> String {
+        "fs".into()
+    }
 }

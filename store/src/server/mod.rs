@@ -201,6 +201,7 @@ impl ImageStore for StoreService {
             roles: p.roles.iter().map(|r| r.as_str().to_string()).collect(),
             namespace: p.namespace.clone().unwrap_or_else(|| "*".into()),
             dedup_scope: self.store.dedup_scope().as_str().to_string(),
+            backend: self.store.backend_description(),
         }))
     }
 

@@ -1,0 +1,202 @@
+//! vmbackup-store on the `s3` backend, over a real single-node Ceph with radosgw: an agent
+//! backs up and restores through it, an incremental uploads only the changed chunk, the
+//! objects are really in the bucket, a restarted store keeps its identity (which lives in
+//! the bucket) and serves its groups, GC removes exactly the unused chunk, and bad
+//! configuration (missing bucket, wrong secret, unreachable endpoint) is one clear line and
+//! a quick non-zero exit. One cluster serves the whole file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::ceph::{CephCluster, CephOptions};
+use common::{AgentOptions, Daemon, run_tool, start_agent, store_client};
+use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::store::v1 as spb;
+
+const VM: &str = "7a1f0e8a7b2d4e6f8a9b0c1d2e3f4a5b";
+const ROOT: &str = "8b2a1f9b8c3e4d7a9b0c1e2f3a4b5c6d";
+const BUCKET: &str = "vmbackup-test";
+const PREFIX: &str = "site-a";
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn qemu_io(img: &Path, cmd: &str) {
+    run_tool("qemu-io", &["-f", "raw", "-c", cmd, &p(img)]);
+}
+
+/// A store config over `bucket` at `endpoint`, with the secret in a file.
+fn s3_config(dir: &Path, name: &str, endpoint: &str, bucket: &str, key: &str, secret: &str) -> PathBuf {
+    let secret_file = dir.join(format!("{name}.secret"));
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret file");
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "backend = \"s3\"\n[s3]\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"{PREFIX}\"\n\
+             access_key_id = \"{key}\"\nsecret_access_key_file = \"{}\"\nallow_http = true\n",
+            secret_file.display()
+        ),
+    )
+    .expect("config");
+    config
+}
+
+/// Keys under `prefix` in the bucket (ListObjectsV2 through the harness's signed curl).
+fn bucket_keys(c: &CephCluster, prefix: &str) -> Vec<String> {
+    let q = prefix.replace('/', "%2F");
+    let (code, body) = c.s3("GET", &format!("/{BUCKET}?list-type=2&max-keys=1000&prefix={q}"), None, &[]);
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("<IsTruncated>true"), "more keys than one page: {body}");
+    body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string())).collect()
+}
+
+async fn status(store: &Daemon) -> spb::StatusReply {
+    store_client(store).await.status(spb::StatusRequest {}).await.expect("status").into_inner()
+}
+
+/// Runs the store binary with `config` and expects it to fail quickly with one line
+/// containing every `needle`.
+fn expect_refused(dir: &Path, name: &str, config: &Path, needles: &[&str]) {
+    let started = Instant::now();
+    let out = Command::new(common::bin("vmbackup-store"))
+        .args(["--config", &p(config), "--data-dir", &p(&dir.join(name)), "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run vmbackup-store");
+    let took = started.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{name}: the store started: {text}");
+    assert!(took < Duration::from_secs(12), "{name}: took {took:?}: {text}");
+    let line = text.lines().find(|l| l.contains("opening the S3 store")).unwrap_or_else(|| panic!("{name}: {text}"));
+    for n in needles {
+        assert!(line.contains(n), "{name}: {n:?} not in {line:?}");
+    }
+    assert!(!text.contains("wrong-secret") && !text.contains("s3-secret-"), "{name}: a secret was printed: {text}");
+    eprintln!("{name}: refused in {:.1}s: {line}", took.as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config() {
+    let file_start = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let cluster = CephCluster::start(
+        &dir.join("ceph"),
+        CephOptions { rgw: true, client_timeout: Duration::from_secs(5), ..Default::default() },
+    );
+    let (code, body) = cluster.s3("PUT", &format!("/{BUCKET}"), None, &[]);
+    assert_eq!(code, 200, "create bucket: {}", String::from_utf8_lossy(&body));
+    let rgw = cluster.rgw_url().to_string();
+    eprintln!("cluster with rgw up in {:.1}s", file_start.elapsed().as_secs_f64());
+
+    // (d) bad configuration: one line each, quickly, nothing secret.
+    let (key, secret) = (cluster.s3_access_key.clone(), cluster.s3_secret_key.clone());
+    let missing = s3_config(dir, "missing", &rgw, "no-such-bucket", &key, &secret);
+    expect_refused(dir, "missing", &missing, &["no-such-bucket", "does not exist"]);
+    let wrong = s3_config(dir, "wrong", &rgw, BUCKET, &key, "wrong-secret");
+    expect_refused(dir, "wrong", &wrong, &[BUCKET, "403"]);
+    let unreachable = s3_config(dir, "unreachable", "http://127.0.0.1:9", BUCKET, &key, &secret);
+    expect_refused(dir, "unreachable", &unreachable, &["127.0.0.1:9"]);
+    let plain = dir.join("plain.toml");
+    std::fs::write(
+        &plain,
+        std::fs::read_to_string(&missing).expect("read").replace("allow_http = true", "allow_http = false"),
+    )
+    .expect("write");
+    expect_refused(dir, "plain", &plain, &["allow_http"]);
+    assert!(bucket_keys(&cluster, &format!("{PREFIX}/")).is_empty(), "a refused start wrote nothing");
+
+    // (a) backup, incremental, restore.
+    let config = s3_config(dir, "store", &rgw, BUCKET, &key, &secret);
+    let mut store = common::start_store_with_config(dir, "store", Some(&config));
+    let st = status(&store).await;
+    assert_eq!(st.backend, format!("s3://{BUCKET}/{PREFIX}"));
+    assert_eq!(st.available_capacity, u64::MAX, "S3 has no capacity: unbounded");
+    let uuid = st.store_uuid.clone();
+    let img = dir.join("root.raw");
+    run_tool("qemu-img", &["create", "-q", "-f", "raw", &p(&img), "4M"]);
+    qemu_io(&img, "write -P 0x31 0 64k");
+    qemu_io(&img, "write -P 0x34 64k 64k");
+    qemu_io(&img, "write -P 0x35 1M 192k");
+    let agent = start_agent(dir, AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s3").await;
+    let vm = common::one_volume_vm(VM, ROOT, &img, "raw");
+    let create = |name: &str| pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs.clone(),
+        name: name.into(),
+        vm: Some(vm.clone()),
+        ..Default::default()
+    };
+    let mut c = common::backup_client(&agent).await;
+    let a = c.create_vm_backup(create("a")).await.expect("backup a").into_inner().inventories;
+    let first = common::chunks_uploaded(&store).await;
+    assert_eq!(first, 5, "two 64 KiB chunks and three of 0x35");
+    let chunk_keys = bucket_keys(&cluster, &format!("{PREFIX}/chunks/"));
+    assert_eq!(chunk_keys.len(), 5, "{chunk_keys:?}");
+    assert!(chunk_keys.iter().all(|k| k.len() == PREFIX.len() + "/chunks/".len() + 5 + 64), "{chunk_keys:?}");
+    let all = bucket_keys(&cluster, &format!("{PREFIX}/"));
+    for want in [format!("{PREFIX}/store.json"), format!("{PREFIX}/groups/{}.json", a[0].group_uuid)] {
+        assert!(all.contains(&want), "{want} not in {all:?}");
+    }
+    assert!(all.iter().any(|k| k.starts_with(&format!("{PREFIX}/indexes/"))), "{all:?}");
+    let local: Vec<_> = std::fs::read_dir(&store.data_dir).expect("data dir").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(local, vec![std::ffi::OsString::from("admin.token")], "data_dir keeps only the admin token");
+
+    qemu_io(&img, "write -P 0x32 0 64k");
+    let b = c.create_vm_backup(create("b")).await.expect("backup b").into_inner().inventories;
+    assert_eq!(common::chunks_uploaded(&store).await - first, 1, "the incremental uploads only the changed chunk");
+    assert_eq!(bucket_keys(&cluster, &format!("{PREFIX}/chunks/")).len(), 6);
+
+    // (b) the store killed and started again over the same bucket: same uuid, same groups,
+    // and the agent restores through it.
+    store.kill();
+    store.restart();
+    let st = status(&store).await;
+    assert_eq!(st.store_uuid, uuid, "the identity lives in the bucket");
+    assert_eq!(st.group_count, 2);
+    let out = dir.join("restored.raw");
+    c.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: b[0].group_uuid.clone(),
+        backup_storage_uuid: bs.clone(),
+        targets: vec![pb::RestoreTarget { volume_uuid: ROOT.into(), install_path: p(&out), format: "raw".into() }],
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    assert!(std::fs::read(&out).expect("restored") == std::fs::read(&img).expect("image"), "restore differs");
+    let cmp = Command::new("qemu-img").args(["compare", &p(&img), &p(&out)]).output().expect("qemu-img compare");
+    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+
+    // (c) delete a; GC removes exactly the chunk only a used; b verifies clean.
+    c.delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: a[0].group_uuid.clone(), ..Default::default() })
+        .await
+        .expect("delete a");
+    let mut sc = store_client(&store).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let gc = sc
+        .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: Some(0) })
+        .await
+        .expect("gc")
+        .into_inner();
+    assert_eq!((gc.chunks_removed, gc.chunks_kept), (1, 5), "{gc:?}");
+    let left = bucket_keys(&cluster, &format!("{PREFIX}/chunks/"));
+    assert_eq!(left.len(), 5, "{left:?}");
+    assert_eq!(chunk_keys.iter().filter(|k| !left.contains(k)).count(), 1, "only a's own chunk went");
+    let v = sc
+        .verify(spb::VerifyRequest { group_uuids: vec![b[0].group_uuid.clone()] })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty() && v.chunks_checked == 5, "{v:?}");
+    assert_eq!(status(&store).await.group_count, 1);
+    drop(agent);
+    drop(store);
+    eprintln!("s3_store: whole test {:.1}s", file_start.elapsed().as_secs_f64());
+}
