@@ -20,7 +20,27 @@
 //! | `bad/` | chunks verify found damaged, moved aside | Verify |
 //! | `tmp/` | writes in progress, emptied at start | every write |
 //!
-//! Invariants: every write is temp + fsync + rename + directory fsync (never torn); a
+//! ## Data model on S3 (`backend = "s3"`; see [`backend::s3`])
+//!
+//! | key under `<prefix>/` | what | written |
+//! |---|---|---|
+//! | `store.json` | identity, as above | once, create-only PUT (`If-None-Match: *`), so two first starts agree |
+//! | `chunks/<4 hex>/<64 hex>` | chunk blobs | upload, create-only PUT (412: already present) |
+//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
+//! | `groups/<uuid>.json` | group manifests, written last | CommitGroup |
+//! | `group-meta/<uuid>.json` | namespace and retention lock | CommitGroup, SetRetention |
+//! | `meta/verify-state.json` | damaged groups | Verify |
+//! | `owners/<ns>/<4 hex>/<64 hex>` | empty: the namespace uploaded the chunk | upload (namespace scope) |
+//! | `bad/<64 hex>` | damaged chunks (copy, then delete) | Verify |
+//!
+//! A PUT is atomic, so there is no `tmp/`. "Last touched" is the later of the object's
+//! LastModified and an in-memory record of this server's touches; sessions are in memory
+//! too. This is exactly as safe as the fs backend for **one store server per bucket**; the
+//! table below holds for that server. Several servers over one bucket need sessions,
+//! heartbeats, touch records and a GC lease kept in the bucket: the next slice of issue
+//! 16, not built yet (run one server per bucket or prefix until then).
+//!
+//! Invariants: every write (fs backend) is temp + fsync + rename + directory fsync (never torn); a
 //! stored chunk's plaintext hashes to its name (checked on every upload from another
 //! process; the agent's embedded store takes the chunks the agent itself encoded from
 //! plaintext it hashed without a second check, `insert_own_chunk`); every chunk a committed

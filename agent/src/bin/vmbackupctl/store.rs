@@ -43,6 +43,7 @@ pub(crate) async fn run_store(
             t.set_header([
                 "YOU ARE",
                 "STORE UUID",
+                "BACKEND",
                 "GROUPS",
                 "SESSIONS",
                 "CHUNK SIZE",
@@ -54,6 +55,7 @@ pub(crate) async fn run_store(
             t.add_row([
                 format!("{} ({}; namespace {})", r.principal, r.roles.join(","), r.namespace),
                 r.store_uuid,
+                r.backend,
                 r.group_count.to_string(),
                 r.open_sessions.to_string(),
                 bytes(i64::from(r.chunk_size)),
