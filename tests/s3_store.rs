@@ -123,7 +123,9 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
     run_tool("qemu-img", &["create", "-q", "-f", "raw", &p(&img), "4M"]);
     qemu_io(&img, "write -P 0x31 0 64k");
     qemu_io(&img, "write -P 0x34 64k 64k");
-    qemu_io(&img, "write -P 0x35 1M 192k");
+    for (i, byte) in [0x35, 0x36, 0x37].iter().enumerate() {
+        qemu_io(&img, &format!("write -P {byte:#x} {}M 64k", i + 1));
+    }
     let agent = start_agent(dir, AgentOptions::default());
     let bs = common::add_storage(&agent, &store, "s3").await;
     let vm = common::one_volume_vm(VM, ROOT, &img, "raw");
@@ -137,7 +139,7 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
     let mut c = common::backup_client(&agent).await;
     let a = c.create_vm_backup(create("a")).await.expect("backup a").into_inner().inventories;
     let first = common::chunks_uploaded(&store).await;
-    assert_eq!(first, 5, "two 64 KiB chunks and three of 0x35");
+    assert_eq!(first, 5, "five different 64 KiB chunks");
     let chunk_keys = bucket_keys(&cluster, &format!("{PREFIX}/chunks/"));
     assert_eq!(chunk_keys.len(), 5, "{chunk_keys:?}");
     assert!(chunk_keys.iter().all(|k| k.len() == PREFIX.len() + "/chunks/".len() + 5 + 64), "{chunk_keys:?}");
