@@ -148,7 +148,8 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
         assert!(all.contains(&want), "{want} not in {all:?}");
     }
     assert!(all.iter().any(|k| k.starts_with(&format!("{PREFIX}/indexes/"))), "{all:?}");
-    let local: Vec<_> = std::fs::read_dir(&store.data_dir).expect("data dir").flatten().map(|e| e.file_name()).collect();
+    let local: Vec<_> =
+        std::fs::read_dir(&store.data_dir).expect("data dir").flatten().map(|e| e.file_name()).collect();
     assert_eq!(local, vec![std::ffi::OsString::from("admin.token")], "data_dir keeps only the admin token");
 
     qemu_io(&img, "write -P 0x32 0 64k");

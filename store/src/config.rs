@@ -101,8 +101,9 @@ impl S3Config {
     pub fn settings(&self) -> Result<crate::backend::s3::S3Settings, String> {
         let access_key_id = match &self.access_key_id {
             Some(k) => k.clone(),
-            None => std::env::var("AWS_ACCESS_KEY_ID")
-                .map_err(|_| "[s3] access_key_id is not set and AWS_ACCESS_KEY_ID is not in the environment".to_string())?,
+            None => std::env::var("AWS_ACCESS_KEY_ID").map_err(|_| {
+                "[s3] access_key_id is not set and AWS_ACCESS_KEY_ID is not in the environment".to_string()
+            })?,
         };
         let secret_access_key = match &self.secret_access_key_file {
             Some(p) => std::fs::read_to_string(p)

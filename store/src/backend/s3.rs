@@ -220,13 +220,8 @@ impl S3Backend {
         } else {
             format!("s3://{}/{prefix}", settings.bucket)
         };
-        let backend = Self {
-            client: Arc::new(client),
-            runtime: Some(runtime),
-            prefix,
-            describe,
-            touched: Mutex::default(),
-        };
+        let backend =
+            Self { client: Arc::new(client), runtime: Some(runtime), prefix, describe, touched: Mutex::default() };
         backend.check(endpoint, &settings.bucket)?;
         Ok(backend)
     }
@@ -243,11 +238,22 @@ impl S3Backend {
                 ErrorKind::Io,
                 format!("{at}: no answer within {}s (is the endpoint reachable?)", START_CHECK_TIMEOUT.as_secs()),
             )),
-            Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::new(
-                ErrorKind::NotFound,
-                format!("{at}: the bucket does not exist (404 NoSuchBucket); create it first"),
-            )),
-            Ok(Err(e)) => Err(StoreError::new(ErrorKind::Io, format!("{at}: {}", one_line(&e)))),
+            Ok(Err(e)) => {
+                let text = one_line(&e);
+                let (status, code) = (between(&text, "status code: ", ":"), between(&text, "<Code>", "</Code>"));
+                let msg = match (status, code) {
+                    (_, Some("NoSuchBucket")) => "the bucket does not exist (404 NoSuchBucket); create it first".into(),
+                    (Some(s), Some(c)) if s.starts_with("403") => {
+                        format!("credentials refused ({s} {c}); check access_key_id and the secret")
+                    }
+                    (Some(s), Some(c)) => format!("refused: {s} {c}"),
+                    (Some(s), None) => format!("refused: {s}"),
+                    _ => text,
+                };
+                let kind =
+                    if matches!(e, object_store::Error::NotFound { .. }) { ErrorKind::NotFound } else { ErrorKind::Io };
+                Err(StoreError::new(kind, format!("{at}: {msg}")))
+            }
             Ok(Ok(_)) => Ok(()),
         }
     }
@@ -281,11 +287,7 @@ impl S3Backend {
     }
 
     fn key(&self, rest: &str) -> ObjPath {
-        if self.prefix.is_empty() {
-            ObjPath::from(rest)
-        } else {
-            ObjPath::from(format!("{}/{rest}", self.prefix))
-        }
+        if self.prefix.is_empty() { ObjPath::from(rest) } else { ObjPath::from(format!("{}/{rest}", self.prefix)) }
     }
 
     fn chunk_key(&self, d: &Digest) -> ObjPath {
@@ -390,6 +392,13 @@ impl S3Backend {
     }
 }
 
+/// The text between `start` and the next `end` in `s`.
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(s[from..from + len].trim())
+}
+
 /// An object_store error as one line (its Display may hold a multi-line response body).
 fn one_line(e: &object_store::Error) -> String {
     let mut s = e.to_string();
@@ -475,11 +484,7 @@ impl Backend for S3Backend {
     }
 
     fn list_objects(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        Ok(self
-            .list(Self::dir(kind))?
-            .into_iter()
-            .map(|(name, _, modified)| ObjectInfo { name, modified })
-            .collect())
+        Ok(self.list(Self::dir(kind))?.into_iter().map(|(name, _, modified)| ObjectInfo { name, modified }).collect())
     }
 
     fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()> {
