@@ -65,7 +65,7 @@ pub fn run(data: &[u8]) {
     let s = &fixture.store;
     let ns = if data.first().is_some_and(|b| b & 1 == 1) { "tenant-a" } else { "tenant-b" };
     let owner = SessionOwner { principal: ns.into(), namespace: ns.into() };
-    let (session, _) = s.sessions().open("fuzz", owner, Duration::ZERO);
+    let (session, _) = s.sessions().open("fuzz", owner, Duration::ZERO).expect("open session");
     let mut rest = data.get(1..).unwrap_or_default();
     while rest.len() >= 3 {
         let kind = rest[0];
@@ -141,5 +141,5 @@ pub fn run(data: &[u8]) {
             }
         }
     }
-    s.sessions().close(&session);
+    s.sessions().close(&session).expect("close session");
 }

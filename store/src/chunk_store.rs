@@ -136,6 +136,13 @@ impl ChunkStore {
         }
     }
 
+    /// Coordinates with the other store servers over the same bucket: sessions, reuse
+    /// journals and GC go through `shared` (see [`crate::shared`]).
+    pub fn with_shared(mut self, shared: Arc<crate::shared::Shared>) -> Self {
+        self.sessions = Sessions::shared(shared);
+        self
+    }
+
     /// Sets how far deduplication reaches.
     pub fn with_dedup_scope(mut self, scope: DedupScope) -> Self {
         self.dedup = scope;
@@ -158,12 +165,10 @@ impl ChunkStore {
         self.dedup
     }
 
-    /// Whether `d` is stored and, in the per-namespace scope, was uploaded by `namespace`.
-    pub(crate) fn has_chunk_for(&self, namespace: &str, d: &Digest) -> Result<bool> {
-        if self.dedup == DedupScope::Namespace && !self.backend.is_owner(namespace, d)? {
-            return Ok(false);
-        }
-        self.backend.has_chunk(d)
+    /// Whether a stored `d` counts for `namespace`: always in the store scope, and in the
+    /// per-namespace scope when that namespace uploaded it.
+    pub(crate) fn visible_to(&self, namespace: &str, d: &Digest) -> Result<bool> {
+        Ok(self.dedup == DedupScope::Store || self.backend.is_owner(namespace, d)?)
     }
 
     /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`.
@@ -216,21 +221,62 @@ impl ChunkStore {
     /// session.
     pub fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
         let owner = self.sessions.touch(session)?;
+        let asked: Vec<Digest> = digests.iter().filter(|d| !d.is_zero_chunk()).copied().collect();
+        if let Some(shared) = self.sessions.shared_protocol() {
+            return self.missing_shared(shared, session, &owner, &asked);
+        }
         let mut missing = Vec::new();
         let mut present = 0u64;
-        for d in digests {
-            if d.is_zero_chunk() {
-                continue;
-            }
+        for d in &asked {
             let _guard = self.shard_lock(d);
-            let visible = self.dedup == DedupScope::Store || self.backend.is_owner(&owner.namespace, d)?;
-            if visible && self.backend.touch_chunk(d)? {
+            if self.visible_to(&owner.namespace, d)? && self.backend.touch_chunk(d)? {
                 present += 1;
             } else {
                 missing.push(*d);
             }
         }
         bump(&self.counters.chunks_reported_present, present);
+        Ok(missing)
+    }
+
+    /// MissingChunks over a shared bucket: which are present (looked up concurrently),
+    /// journal those, then read the fence; a present chunk a running GC may delete is
+    /// reported missing (see [`crate::shared`]).
+    fn missing_shared(
+        &self,
+        shared: &crate::shared::Shared,
+        session: &str,
+        owner: &SessionOwner,
+        asked: &[Digest],
+    ) -> Result<Vec<Digest>> {
+        let found = self.backend.has_chunks(asked)?;
+        let mut present = Vec::new();
+        let mut missing = Vec::new();
+        for (d, here) in asked.iter().zip(found) {
+            let visible = here && self.visible_to(&owner.namespace, d)?;
+            if visible { present.push(*d) } else { missing.push(*d) }
+        }
+        if !present.is_empty() {
+            shared.journal(session, &present)?;
+            let fence = shared.fence()?;
+            let before = present.len();
+            present.retain(|d| {
+                if fence.holds(d) {
+                    missing.push(*d);
+                    false
+                } else {
+                    true
+                }
+            });
+            if present.len() < before {
+                tracing::info!(
+                    fenced = before - present.len(),
+                    epoch = fence.epoch,
+                    "chunks a running GC may delete reported missing"
+                );
+            }
+        }
+        bump(&self.counters.chunks_reported_present, u64::try_from(present.len()).unwrap_or(u64::MAX));
         Ok(missing)
     }
 
@@ -245,7 +291,7 @@ impl ChunkStore {
             bump(&self.counters.chunks_rejected, 1);
             return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
         }
-        self.store_chunk(&owner, digest, blob_bytes)
+        self.store_chunk(session, &owner, digest, blob_bytes)
     }
 
     /// Stores a chunk that this process encoded itself from plaintext whose digest it
@@ -257,15 +303,22 @@ impl ChunkStore {
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
-        self.store_chunk(&owner, digest, blob_bytes)
+        self.store_chunk(session, &owner, digest, blob_bytes)
     }
 
     /// Writes a chunk durably under its shard lock and counts it; the caller has checked it.
     /// In the per-namespace scope a chunk is "new" when it is new to the session's
     /// namespace, so the reply says nothing about other namespaces.
-    fn store_chunk(&self, owner: &SessionOwner, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
-        let _guard = self.shard_lock(digest);
-        let mut new = self.backend.put_chunk(digest, blob_bytes)?;
+    fn store_chunk(&self, session: &str, owner: &SessionOwner, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
+        // Locally, uploads and GC's sweep meet at the shard lock; across servers, at the
+        // journal and the fence.
+        let mut new = match self.sessions.shared_protocol() {
+            Some(shared) => self.put_chunk_shared(shared, session, digest, blob_bytes)?,
+            None => {
+                let _guard = self.shard_lock(digest);
+                self.backend.put_chunk(digest, blob_bytes)?
+            }
+        };
         if self.dedup == DedupScope::Namespace {
             new |= self.backend.mark_owner(&owner.namespace, digest)?;
         }
@@ -276,6 +329,42 @@ impl ChunkStore {
             bump(&self.counters.chunks_already_present, 1);
         }
         Ok(new)
+    }
+
+    /// Uploads a chunk over a shared bucket. A new object needs nothing more; one that was
+    /// already there is journaled, then the fence is read, and while a running GC may
+    /// delete it the upload waits (200 ms steps) until GC deleted it (the next create
+    /// succeeds) or kept it (see [`crate::shared`]).
+    fn put_chunk_shared(
+        &self,
+        shared: &crate::shared::Shared,
+        session: &str,
+        digest: &Digest,
+        blob_bytes: &[u8],
+    ) -> Result<bool> {
+        let started = std::time::Instant::now();
+        loop {
+            if self.backend.put_chunk(digest, blob_bytes)? {
+                return Ok(true);
+            }
+            shared.journal(session, std::slice::from_ref(digest))?;
+            let fence = shared.fence()?;
+            if !fence.holds(digest) {
+                return Ok(false);
+            }
+            if started.elapsed() > shared.lease_ttl * 4 + shared.margin() {
+                return Err(StoreError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "chunk {digest} is held by garbage collection {} for too long; retry the upload",
+                        fence.epoch
+                    ),
+                ));
+            }
+            tracing::debug!(chunk = %digest, epoch = fence.epoch, "upload waits for a running GC");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            self.sessions.touch(session)?;
+        }
     }
 
     /// A chunk's blob.

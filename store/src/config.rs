@@ -89,6 +89,14 @@ pub struct S3Config {
     /// Accept a plain `http://` endpoint.
     #[serde(default)]
     pub allow_http: bool,
+    /// Lifetime of the GC lease in the bucket: how long after a GC holder dies the next
+    /// GC may run (it is renewed every third of this while its holder lives).
+    #[serde(default = "default_lease_seconds")]
+    pub gc_lease_seconds: u64,
+}
+
+fn default_lease_seconds() -> u64 {
+    crate::shared::DEFAULT_LEASE_TTL.as_secs()
 }
 
 fn default_region() -> String {

@@ -49,46 +49,34 @@ pub fn cutoff(gc_start: SystemTime, oldest_session: Option<SystemTime>, margin: 
     base.checked_sub(margin).unwrap_or(SystemTime::UNIX_EPOCH).max(SystemTime::UNIX_EPOCH)
 }
 
+/// What the mark phase found: committed groups, the indexes they name, their chunks.
+#[derive(Debug, Default)]
+pub(crate) struct Marked {
+    /// Manifest object names (`<uuid>.json`) of the groups marked.
+    pub groups: HashSet<String>,
+    /// Index object names those groups name.
+    pub indexes: HashSet<String>,
+    /// Chunks those indexes name.
+    pub chunks: HashSet<Digest>,
+}
+
 impl ChunkStore {
-    /// Runs one GC; a second concurrent run is refused.
+    /// Runs one GC; a second concurrent run is refused (over a shared bucket, on any
+    /// server: see [`crate::shared`]).
     pub fn garbage_collect(&self, margin: Duration) -> Result<GcReport> {
         let _running = self
             .gc_running
             .try_lock()
             .map_err(|_| StoreError::new(ErrorKind::Conflict, "garbage collection is already running"))?;
+        if let Some(shared) = self.sessions().shared_protocol() {
+            return self.shared_garbage_collect(shared, margin);
+        }
         let timer = Instant::now();
         let start = SystemTime::now();
-        let cut = cutoff(start, self.sessions().oldest_start(), margin);
+        let cut = cutoff(start, self.sessions().oldest_start()?, margin);
 
-        // Mark.
-        let mut named_indexes = HashSet::new();
-        let mut marked: HashSet<Digest> = HashSet::new();
-        let mut groups = HashSet::new();
-        for group in self.list_groups()? {
-            groups.insert(format!("{}.json", group.manifest.group_uuid));
-            for v in &group.manifest.volumes {
-                named_indexes.insert(v.index_name.clone());
-                let bytes = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
-                    Ok(b) => b,
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        tracing::error!(group = %group.manifest.group_uuid, index = %v.index_name, "index of a committed group is missing");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let ix = VolumeIndex::decode(&bytes, index::MAX_CHUNKS).map_err(|e| {
-                    StoreError::new(
-                        ErrorKind::Corrupt,
-                        format!("index {}: {e}; GC stopped before deleting anything", v.index_name),
-                    )
-                })?;
-                for d in ix.referenced() {
-                    if marked.insert(*d) {
-                        self.backend.touch_chunk(d)?;
-                    }
-                }
-            }
-        }
+        let mut marked = Marked::default();
+        self.mark_committed(&mut marked, true)?;
 
         // Sweep.
         let mut report = GcReport::default();
@@ -113,22 +101,62 @@ impl ChunkStore {
             }
             Ok(())
         })?;
-        for o in self.backend.list_objects(ObjectKind::Index)? {
-            if !named_indexes.contains(&o.name) && o.modified < cut {
-                self.backend.delete_object(ObjectKind::Index, &o.name)?;
-                report.indexes_removed += 1;
-            }
-        }
-        // Metas of commits interrupted before their manifest (a live commit writes its
-        // meta after its session started, so after the cutoff).
-        for o in self.backend.list_objects(ObjectKind::GroupMeta)? {
-            if !groups.contains(&o.name) && o.modified < cut {
-                self.backend.delete_object(ObjectKind::GroupMeta, &o.name)?;
-            }
-        }
+        report.indexes_removed = self.remove_unreferenced(&marked, cut)?;
         report.seconds = timer.elapsed().as_secs_f64();
         tracing::info!(?report, "garbage collection finished");
         Ok(report)
+    }
+
+    /// Marks every chunk named by a committed group not yet in `marked.groups`; with
+    /// `touch`, touches each (the local sweep's rule).
+    pub(crate) fn mark_committed(&self, marked: &mut Marked, touch: bool) -> Result<()> {
+        for group in self.list_groups()? {
+            if !marked.groups.insert(format!("{}.json", group.manifest.group_uuid)) {
+                continue;
+            }
+            for v in &group.manifest.volumes {
+                marked.indexes.insert(v.index_name.clone());
+                let bytes = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        tracing::error!(group = %group.manifest.group_uuid, index = %v.index_name, "index of a committed group is missing");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let ix = VolumeIndex::decode(&bytes, index::MAX_CHUNKS).map_err(|e| {
+                    StoreError::new(
+                        ErrorKind::Corrupt,
+                        format!("index {}: {e}; GC stopped before deleting anything", v.index_name),
+                    )
+                })?;
+                for d in ix.referenced() {
+                    if marked.chunks.insert(*d) && touch {
+                        self.backend.touch_chunk(d)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes index objects no marked group names and group metas without a manifest,
+    /// older than the cutoff (a live commit writes both after its session started, so
+    /// after the cutoff). Returns how many indexes went.
+    pub(crate) fn remove_unreferenced(&self, marked: &Marked, cut: SystemTime) -> Result<u64> {
+        let mut removed = 0;
+        for o in self.backend.list_objects(ObjectKind::Index)? {
+            if !marked.indexes.contains(&o.name) && o.modified < cut {
+                self.backend.delete_object(ObjectKind::Index, &o.name)?;
+                removed += 1;
+            }
+        }
+        for o in self.backend.list_objects(ObjectKind::GroupMeta)? {
+            if !marked.groups.contains(&o.name) && o.modified < cut {
+                self.backend.delete_object(ObjectKind::GroupMeta, &o.name)?;
+            }
+        }
+        Ok(removed)
     }
 }
 

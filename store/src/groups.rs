@@ -109,8 +109,9 @@ impl ChunkStore {
                     ),
                 ));
             }
-            for d in ix.referenced() {
-                if checked.insert(*d) && !self.has_chunk_for(namespace, d)? {
+            let todo: Vec<_> = ix.referenced().filter(|d| checked.insert(**d)).copied().collect();
+            for (d, here) in todo.iter().zip(self.backend.has_chunks(&todo)?) {
+                if !here || !self.visible_to(namespace, d)? {
                     return Err(StoreError::new(
                         ErrorKind::InvalidArgument,
                         format!("chunk {d} of volume backup {} is not in the store", v.volume_backup_uuid),

@@ -73,4 +73,5 @@ pub mod identity;
 pub mod metrics;
 pub mod server;
 pub mod sessions;
+pub mod shared;
 pub mod verify;

@@ -12,6 +12,7 @@ use vmbackup_store::chunk_store::ChunkStore;
 use vmbackup_store::config::{BackendKind, StoreConfig};
 use vmbackup_store::daemon::systemd;
 use vmbackup_store::server::{self, StoreService};
+use vmbackup_store::shared::Shared;
 
 /// vmbackup Image Storage: a content-addressed chunk store served over gRPC.
 #[derive(Debug, Parser)]
@@ -94,10 +95,16 @@ async fn run() -> anyhow::Result<()> {
             let section = config.s3.clone().ok_or_else(|| anyhow::anyhow!("backend = \"s3\" needs an [s3] section"))?;
             let settings = section.settings().map_err(|e| anyhow::anyhow!(e))?;
             // One line: the cause chain joined, so a bad bucket, key or endpoint reads at a glance.
+            let lease = std::time::Duration::from_secs(section.gc_lease_seconds);
             tokio::task::spawn_blocking(move || {
-                let backend = S3Backend::connect(&settings)?;
+                let backend = Arc::new(S3Backend::connect(&settings)?);
                 let identity = backend.open_or_create_identity(chunk_size)?;
-                Ok::<_, vmbackup_store::error::StoreError>(ChunkStore::with_backend(Arc::new(backend), identity))
+                // Any number of servers may share the bucket: sessions and GC coordinate there.
+                let shared = Shared::new(backend.clone()).with_lease_ttl(lease);
+                shared.set_margin(margin);
+                Ok::<_, vmbackup_store::error::StoreError>(
+                    ChunkStore::with_backend(backend, identity).with_shared(Arc::new(shared)),
+                )
             })
             .await?
             .map_err(|e| anyhow::anyhow!("opening the S3 store: {}", e.full_message().replace('\n', " ")))?

@@ -3,19 +3,25 @@
 //! sweeps only chunks last touched before the start of the oldest open session (minus a
 //! margin), and those chunks were touched after the session started.
 //!
-//! Sessions live in memory: a store restart ends them all, and clients open new ones (their
-//! next MissingChunks touches what they reuse again).
+//! On a local store, sessions live in memory: a store restart ends them all, and clients
+//! open new ones (their next MissingChunks touches what they reuse again). Over a shared
+//! bucket ([`crate::shared`]) each is also a record in the bucket: renewed while in use,
+//! adopted by any server that is asked about it, and never used past the expiry last
+//! written there.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{ErrorKind, Result, StoreError};
+use crate::shared::{SessionRecord, Shared};
 
 /// Default lifetime of a session without KeepAlive.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Longest lifetime a client may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// Shortest lifetime of a session recorded in a shared bucket (renewals cost a request).
+pub const MIN_SHARED_TTL: Duration = Duration::from_secs(30);
 
 /// Who opened a session: the principal that alone may use it, and the namespace its
 /// commits go to.
@@ -41,20 +47,45 @@ struct Session {
     started: SystemTime,
     last_seen: Instant,
     ttl: Duration,
+    /// Over a shared bucket: the expiry last written to its record; never used past it.
+    recorded_until: Option<SystemTime>,
+}
+
+impl Session {
+    fn alive(&self, now: Instant, wall: SystemTime) -> bool {
+        now.duration_since(self.last_seen) <= self.ttl && self.recorded_until.is_none_or(|t| wall < t)
+    }
+
+    fn record(&self, server: &str) -> SessionRecord {
+        let mut r = SessionRecord::new(&self.client, &self.owner, server, self.started, self.ttl);
+        r.expires_ms = crate::shared::unix_ms(SystemTime::now() + self.ttl);
+        r
+    }
 }
 
 /// The open sessions of a store.
 #[derive(Debug, Default)]
 pub struct Sessions {
     open: Mutex<HashMap<String, Session>>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl Sessions {
+    /// Sessions recorded in a shared bucket.
+    pub fn shared(shared: Arc<Shared>) -> Self {
+        Self { open: Mutex::default(), shared: Some(shared) }
+    }
+
+    /// The shared-bucket protocol, when the store has one.
+    pub fn shared_protocol(&self) -> Option<&Shared> {
+        self.shared.as_deref()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         let mut map = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
+        let (now, wall) = (Instant::now(), SystemTime::now());
         map.retain(|id, s| {
-            let alive = now.duration_since(s.last_seen) <= s.ttl;
+            let alive = s.alive(now, wall);
             if !alive {
                 tracing::info!(session = %id, client = %s.client, "session expired");
             }
@@ -63,48 +94,122 @@ impl Sessions {
         map
     }
 
-    /// Opens a session; `ttl` zero means [`DEFAULT_TTL`]. Returns its id and TTL.
-    pub fn open(&self, client: &str, owner: SessionOwner, ttl: Duration) -> (String, Duration) {
-        let ttl = if ttl.is_zero() { DEFAULT_TTL } else { ttl.min(MAX_TTL) };
+    /// Opens a session; `ttl` zero means [`DEFAULT_TTL`]. Returns its id and TTL. Over a
+    /// shared bucket its record is written before it is usable.
+    pub fn open(&self, client: &str, owner: SessionOwner, ttl: Duration) -> Result<(String, Duration)> {
+        let mut ttl = if ttl.is_zero() { DEFAULT_TTL } else { ttl.min(MAX_TTL) };
+        if self.shared.is_some() {
+            ttl = ttl.max(MIN_SHARED_TTL);
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let s = Session {
+        let mut s = Session {
             client: client.chars().take(256).collect(),
             owner,
             started: SystemTime::now(),
             last_seen: Instant::now(),
             ttl,
+            recorded_until: None,
         };
+        if let Some(shared) = &self.shared {
+            let rec = s.record(shared.server_id());
+            shared.write_session(&id, &rec)?;
+            s.recorded_until = Some(rec.expires());
+        }
         self.lock().insert(id.clone(), s);
-        (id, ttl)
+        Ok((id, ttl))
     }
 
-    /// Checks a session is open and renews it; returns its owner.
+    /// Checks a session is open and renews it; returns its owner. Over a shared bucket a
+    /// session opened on another server is adopted from its record, and the record is
+    /// renewed when less than two thirds of the TTL is left.
     pub fn touch(&self, id: &str) -> Result<SessionOwner> {
-        match self.lock().get_mut(id) {
-            Some(s) => {
-                s.last_seen = Instant::now();
-                Ok(s.owner.clone())
-            }
-            None => Err(StoreError::new(
+        let not_open = || {
+            StoreError::new(
                 ErrorKind::NotFound,
                 format!("session {id:?} is not open (closed, expired or the store restarted)"),
-            )),
+            )
+        };
+        let renew = {
+            let mut map = self.lock();
+            match map.get_mut(id) {
+                Some(s) => {
+                    s.last_seen = Instant::now();
+                    let due = s
+                        .recorded_until
+                        .is_some_and(|t| t.duration_since(SystemTime::now()).unwrap_or_default() < s.ttl * 2 / 3);
+                    if !due {
+                        return Ok(s.owner.clone());
+                    }
+                    Some(s.clone())
+                }
+                None => None,
+            }
+        };
+        let Some(shared) = &self.shared else { return Err(not_open()) };
+        let (mut s, opened_on) = match renew {
+            // A record deleted meanwhile means the session was closed on another server.
+            Some(s) => match shared.load_session(id)? {
+                Some(old) => (s, old.server),
+                None => {
+                    self.lock().remove(id);
+                    return Err(not_open());
+                }
+            },
+            None => {
+                let rec = shared.load_session(id)?.ok_or_else(not_open)?;
+                if rec.expires() <= SystemTime::now() {
+                    return Err(not_open());
+                }
+                tracing::info!(session = %id, opened_on = %rec.server, "session adopted from the bucket");
+                let s = Session {
+                    client: rec.client.clone(),
+                    owner: rec.owner(),
+                    started: rec.started(),
+                    last_seen: Instant::now(),
+                    ttl: rec.ttl(),
+                    recorded_until: Some(rec.expires()),
+                };
+                (s, rec.server)
+            }
+        };
+        let rec = s.record(&opened_on);
+        shared.write_session(id, &rec)?;
+        s.recorded_until = Some(rec.expires());
+        let owner = s.owner.clone();
+        self.lock().insert(id.to_string(), s);
+        Ok(owner)
+    }
+
+    /// The owner of an open session (None if it is not open), without renewing it. Over a
+    /// shared bucket a session unknown here is looked up in the bucket.
+    pub fn owner(&self, id: &str) -> Result<Option<SessionOwner>> {
+        if let Some(o) = self.lock().get(id).map(|s| s.owner.clone()) {
+            return Ok(Some(o));
+        }
+        let Some(shared) = &self.shared else { return Ok(None) };
+        if crate::shared::sessions::check_session_id(id).is_err() {
+            return Ok(None);
+        }
+        Ok(shared.load_session(id)?.filter(|r| r.expires() > SystemTime::now()).map(|r| r.owner()))
+    }
+
+    /// Closes a session (unknown is fine: closing is idempotent); over a shared bucket its
+    /// record and journal go too.
+    pub fn close(&self, id: &str) -> Result<()> {
+        self.lock().remove(id);
+        match &self.shared {
+            Some(shared) if crate::shared::sessions::check_session_id(id).is_ok() => shared.delete_session(id),
+            _ => Ok(()),
         }
     }
 
-    /// The owner of an open session (None if it is not open), without renewing it.
-    pub fn owner(&self, id: &str) -> Option<SessionOwner> {
-        self.lock().get(id).map(|s| s.owner.clone())
-    }
-
-    /// Closes a session (unknown is fine: closing is idempotent).
-    pub fn close(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    /// Start of the oldest open session.
-    pub fn oldest_start(&self) -> Option<SystemTime> {
-        self.lock().values().map(|s| s.started).min()
+    /// Start of the oldest open session (over a shared bucket: of any server).
+    pub fn oldest_start(&self) -> Result<Option<SystemTime>> {
+        let local = self.lock().values().map(|s| s.started).min();
+        match &self.shared {
+            Some(shared) => Ok(shared.oldest_live_start()?.into_iter().chain(local).min()),
+            None => Ok(local),
+        }
     }
 
     /// Number of open sessions.
@@ -120,16 +225,16 @@ mod tests {
     #[test]
     fn sessions_open_renew_expire_and_close() {
         let s = Sessions::default();
-        let (a, ttl) = s.open("host-a", SessionOwner::local(), Duration::ZERO);
+        let (a, ttl) = s.open("host-a", SessionOwner::local(), Duration::ZERO).expect("open");
         assert_eq!(ttl, DEFAULT_TTL);
-        let (b, _) = s.open("host-b", SessionOwner::local(), Duration::from_millis(30));
-        assert!(s.oldest_start().is_some());
+        let (b, _) = s.open("host-b", SessionOwner::local(), Duration::from_millis(30)).expect("open");
+        assert!(s.oldest_start().expect("local").is_some());
         s.touch(&a).expect("open");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(s.touch(&b).expect_err("expired").kind(), ErrorKind::NotFound);
         assert_eq!(s.count(), 1);
-        s.close(&a);
-        s.close(&a);
-        assert!(s.oldest_start().is_none());
+        s.close(&a).expect("close");
+        s.close(&a).expect("closing twice is fine");
+        assert!(s.oldest_start().expect("local").is_none());
     }
 }

@@ -55,7 +55,7 @@ fn upload_group(s: &ChunkStore, session: &str, chunks: &[Vec<u8>]) -> (String, V
 #[test]
 fn upload_commit_download_round_trip() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let chunks = vec![chunk(1), chunk(2), chunk(1)];
     let (group, manifest) = upload_group(&s, &session, &chunks);
     s.commit_group(&session, &manifest, 0).expect("commit");
@@ -79,7 +79,7 @@ fn upload_commit_download_round_trip() {
 #[test]
 fn poisoned_and_malformed_uploads_store_nothing() {
     let (dir, s) = store();
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let real = chunk(3);
     let claimed = Digest::of(&chunk(4));
     let e = s.insert_chunk(&session, &claimed, &blob::encode(&real, 1).expect("encode")).expect_err("poison");
@@ -111,7 +111,7 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn commit_needs_every_chunk_and_index() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let (group, manifest) = upload_group(&s, &session, &[chunk(5)]);
     let mut m = GroupManifest::decode(&manifest).expect("decode");
 
@@ -142,12 +142,12 @@ fn commit_needs_every_chunk_and_index() {
 #[test]
 fn gc_removes_exactly_the_unreferenced_chunks() {
     let (_d, s) = store();
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let (keep, manifest) = upload_group(&s, &session, &[chunk(10), chunk(11)]);
     s.commit_group(&session, &manifest, 0).expect("commit");
     let (gone, manifest) = upload_group(&s, &session, &[chunk(11), chunk(12)]);
     s.commit_group(&session, &manifest, 0).expect("commit");
-    s.sessions().close(&session);
+    s.sessions().close(&session).expect("close session");
     s.delete_group(&gone).expect("delete");
     std::thread::sleep(Duration::from_millis(20));
     let r = s.garbage_collect(Duration::ZERO).expect("gc");
@@ -161,15 +161,15 @@ fn gc_removes_exactly_the_unreferenced_chunks() {
 fn gc_never_sweeps_what_an_open_session_reuses() {
     let (_d, s) = store();
     // An old, unreferenced chunk: uploaded by a session whose group was deleted.
-    let (old_session, _) = s.sessions().open("old", SessionOwner::local(), Duration::ZERO);
+    let (old_session, _) = s.sessions().open("old", SessionOwner::local(), Duration::ZERO).expect("open session");
     let (old_group, manifest) = upload_group(&s, &old_session, &[chunk(20)]);
     s.commit_group(&old_session, &manifest, 0).expect("commit");
-    s.sessions().close(&old_session);
+    s.sessions().close(&old_session).expect("close session");
     s.delete_group(&old_group).expect("delete");
     std::thread::sleep(Duration::from_millis(20));
 
     // A new session learns it is present (so will not upload it) ...
-    let (session, _) = s.sessions().open("new", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("new", SessionOwner::local(), Duration::ZERO).expect("open session");
     assert!(s.missing(&session, &[Digest::of(&chunk(20))]).expect("missing").is_empty());
     // ... GC runs meanwhile ...
     let r = s.garbage_collect(Duration::ZERO).expect("gc");
@@ -184,7 +184,7 @@ fn gc_never_sweeps_what_an_open_session_reuses() {
 #[test]
 fn verify_quarantines_a_corrupted_chunk_and_flags_its_group() {
     let (dir, s) = store();
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let (group, manifest) = upload_group(&s, &session, &[chunk(30), chunk(31)]);
     s.commit_group(&session, &manifest, 0).expect("commit");
     let victim = Digest::of(&chunk(31));
@@ -203,7 +203,7 @@ fn verify_quarantines_a_corrupted_chunk_and_flags_its_group() {
     assert!(s.get_group(&group).expect("group").damaged);
 
     // Uploading the chunk again repairs the group; a verify clears the flag.
-    let (session, _) = s.sessions().open("repair", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("repair", SessionOwner::local(), Duration::ZERO).expect("open session");
     assert_eq!(s.missing(&session, &[victim]).expect("missing"), vec![victim]);
     s.insert_chunk(&session, &victim, &blob::encode(&chunk(31), 1).expect("encode")).expect("re-upload");
     let r = s.verify(std::slice::from_ref(&group)).expect("verify");
@@ -290,7 +290,7 @@ fn concurrent_verifies_of_different_groups_keep_both_damage_marks() {
         both: Condvar::new(),
     };
     let s = ChunkStore::with_backend(Arc::new(backend), identity);
-    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO);
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
     let (removed, manifest) = upload_group(&s, &session, &[chunk(40), chunk(41)]);
     s.commit_group(&session, &manifest, 0).expect("commit");
     let (corrupted, manifest) = upload_group(&s, &session, &[chunk(42), chunk(43)]);

@@ -25,7 +25,7 @@ fn owner(ns: &str) -> SessionOwner {
 }
 
 fn session(s: &ChunkStore, ns: &str) -> String {
-    s.sessions().open("test", owner(ns), Duration::ZERO).0
+    s.sessions().open("test", owner(ns), Duration::ZERO).expect("open session").0
 }
 
 /// Uploads one chunk of `seed` bytes (if missing) and an index naming it; returns the

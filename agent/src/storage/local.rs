@@ -113,8 +113,12 @@ impl super::seam::Store for LocalStore {
     }
 
     async fn open_session(&self, client: &str) -> Result<OpenedSession> {
-        let (id, ttl) =
-            self.store.sessions().open(client, vmbackup_store::sessions::SessionOwner::local(), Duration::ZERO);
+        // The embedded store is a local directory: sessions are in memory, no I/O.
+        let (id, ttl) = self
+            .store
+            .sessions()
+            .open(client, vmbackup_store::sessions::SessionOwner::local(), Duration::ZERO)
+            .map_err(|e| error(&self.location, "OpenSession", e))?;
         Ok(OpenedSession { id, ttl })
     }
 
@@ -123,8 +127,7 @@ impl super::seam::Store for LocalStore {
     }
 
     async fn close_session(&self, session: &str) -> Result<()> {
-        self.store.sessions().close(session);
-        Ok(())
+        self.store.sessions().close(session).map_err(|e| error(&self.location, "CloseSession", e))
     }
 
     async fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {

@@ -52,6 +52,10 @@ pub struct ObjectInfo {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Whether a chunk is stored.
     fn has_chunk(&self, digest: &Digest) -> Result<bool>;
+    /// Which of `digests` are stored, in order. Object stores look them up concurrently.
+    fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        digests.iter().map(|d| self.has_chunk(d)).collect()
+    }
     /// Stores a chunk durably unless present; returns whether it was written.
     fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool>;
     /// A stored chunk's blob (NotFound if absent).

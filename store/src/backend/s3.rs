@@ -20,24 +20,13 @@
 //! present; `put_object` itself replaces, as the trait says, because group metas and
 //! `meta/` objects are rewritten.
 //!
-//! ## "Touched" without mtime, and why this slice is for ONE server per bucket
+//! ## "Touched" without mtime, and many servers over one bucket
 //!
-//! S3 cannot change an object's time. The backend keeps, in memory, the last time this
-//! process wrote or touched each chunk: `touch_chunk` is a HEAD (is it there?) plus a
-//! record of "now"; `chunk_touched` and `for_each_chunk` report the later of that record
-//! and the object's `LastModified`. For one store server this is exactly as safe as the fs
-//! backend's mtime: GC's cutoff comes from the open sessions, which also live only in
-//! memory, so a restart loses the sessions and the touch records together, and clients
-//! open new sessions whose MissingChunks/uploads touch (and record) again after the new
-//! cutoff. Every chunk written or touched by this process carries a local-clock time, so
-//! the server's clock only matters for chunks this process never saw, and those no live
-//! session depends on. The records cost about 64 bytes per chunk touched since start.
-//!
-//! Several servers over one bucket would each see only their own sessions and records: a
-//! GC on one could sweep a chunk another server's live session was just told is present.
-//! That needs the bucket protocol of the next slice (sessions and heartbeats as objects,
-//! a GC lease, touch records in the bucket). Until then, run one store server per bucket
-//! (or per prefix).
+//! S3 cannot change an object's time, so a chunk's "last touched" is its `LastModified`
+//! and `touch_chunk` only checks that it is there. That is enough because, over a bucket,
+//! the store never relies on touches: sessions, reuse journals and GC follow the shared
+//! protocol of [`crate::shared`] (this backend is its [`SharedObjects`]), so any number of
+//! store servers may serve one bucket and prefix.
 //!
 //! ## Capacity
 //!
@@ -54,12 +43,11 @@
 //! [`RETRY_TIMEOUT`]), each has a [`REQUEST_TIMEOUT`]; a 4xx error names the object key
 //! and the status. Credentials are never logged.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -70,6 +58,7 @@ use vmbackup_proto::Digest;
 use super::{Backend, ChunkInfo, ObjectInfo, ObjectKind};
 use crate::error::{ErrorKind, Result, StoreError};
 use crate::identity::StoreIdentity;
+use crate::shared::{Listed, SharedObjects};
 
 /// Longest time one request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -77,6 +66,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest time a request is retried (5xx, transport errors) before it fails.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests kept in flight by one batch lookup (MissingChunks, commit checks).
+pub const LOOKUPS_IN_FLIGHT: usize = 32;
 /// Longest time the check at start may take before the store refuses to start.
 pub const START_CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -115,10 +106,11 @@ impl std::fmt::Debug for S3Settings {
 /// A store in an S3 bucket.
 pub struct S3Backend {
     client: Arc<AmazonS3>,
+    /// The same bucket without retries: GC's chunk deletes (see [`crate::shared`]).
+    client_once: Arc<AmazonS3>,
     runtime: Option<tokio::runtime::Runtime>,
     prefix: String,
     describe: String,
-    touched: Mutex<HashMap<Digest, SystemTime>>,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -184,31 +176,8 @@ impl S3Backend {
             return Err(invalid(format!("[s3] prefix {prefix:?} is not a plain key prefix")));
         }
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = AmazonS3Builder::new()
-            .with_endpoint(endpoint)
-            .with_bucket_name(&settings.bucket)
-            .with_region(if settings.region.is_empty() { "us-east-1" } else { &settings.region })
-            .with_access_key_id(&settings.access_key_id)
-            .with_secret_access_key(&settings.secret_access_key)
-            .with_virtual_hosted_style_request(false)
-            .with_allow_http(settings.allow_http)
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
-                    base: 2.0,
-                },
-                max_retries: 8,
-                retry_timeout: RETRY_TIMEOUT,
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(settings.allow_http)
-                    .with_timeout(REQUEST_TIMEOUT)
-                    .with_connect_timeout(CONNECT_TIMEOUT),
-            )
-            .build()
-            .map_err(|e| invalid(format!("[s3] configuration: {e}")))?;
+        let client = build_client(settings, endpoint, 8)?;
+        let client_once = build_client(settings, endpoint, 0)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-backend")
@@ -220,8 +189,13 @@ impl S3Backend {
         } else {
             format!("s3://{}/{prefix}", settings.bucket)
         };
-        let backend =
-            Self { client: Arc::new(client), runtime: Some(runtime), prefix, describe, touched: Mutex::default() };
+        let backend = Self {
+            client: Arc::new(client),
+            client_once: Arc::new(client_once),
+            runtime: Some(runtime),
+            prefix,
+            describe,
+        };
         backend.check(endpoint, &settings.bucket)?;
         Ok(backend)
     }
@@ -368,28 +342,60 @@ impl S3Backend {
 
     /// Every object under `dir` (paginated LIST): (last path segment, size, LastModified).
     fn list(&self, dir: &str) -> Result<Vec<(String, u64, SystemTime)>> {
-        let (client, k) = (self.client.clone(), self.key(dir));
+        Ok(self
+            .list_keys(&format!("{dir}/"))?
+            .into_iter()
+            .map(|l| (l.key.rsplit('/').next().unwrap_or_default().to_string(), l.size, l.modified))
+            .collect())
+    }
+
+    /// Every object whose key (relative to the prefix) starts with `rel`, which ends in `/`.
+    fn list_keys(&self, rel: &str) -> Result<Vec<Listed>> {
+        let (client, k) = (self.client.clone(), self.key(rel.trim_end_matches('/')));
         let key = k.clone();
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
         self.block(async move {
             client
                 .list(Some(&k))
-                .map_ok(|m| {
-                    let name = m.location.filename().unwrap_or_default().to_string();
-                    (name, m.size, SystemTime::from(m.last_modified))
+                .map_ok(|m| Listed {
+                    key: m.location.as_ref().strip_prefix(strip.as_str()).unwrap_or(m.location.as_ref()).to_string(),
+                    size: m.size,
+                    modified: SystemTime::from(m.last_modified),
                 })
                 .try_collect::<Vec<_>>()
                 .await
         })?
         .map_err(|e| s3_error("LIST", key.as_ref(), e))
     }
+}
 
-    fn record_touch(&self, d: &Digest) {
-        self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*d, SystemTime::now());
-    }
-
-    fn recorded(&self, d: &Digest) -> Option<SystemTime> {
-        self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(d).copied()
-    }
+/// An S3 client for the settings, retrying 5xx and transport errors `max_retries` times.
+fn build_client(settings: &S3Settings, endpoint: &str, max_retries: usize) -> Result<AmazonS3> {
+    AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_bucket_name(&settings.bucket)
+        .with_region(if settings.region.is_empty() { "us-east-1" } else { &settings.region })
+        .with_access_key_id(&settings.access_key_id)
+        .with_secret_access_key(&settings.secret_access_key)
+        .with_virtual_hosted_style_request(false)
+        .with_allow_http(settings.allow_http)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries,
+            retry_timeout: RETRY_TIMEOUT,
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_allow_http(settings.allow_http)
+                .with_timeout(REQUEST_TIMEOUT)
+                .with_connect_timeout(CONNECT_TIMEOUT),
+        )
+        .build()
+        .map_err(|e| StoreError::new(ErrorKind::InvalidArgument, format!("[s3] configuration: {e}")))
 }
 
 /// The text between `start` and the next `end` in `s`.
@@ -419,11 +425,29 @@ impl Backend for S3Backend {
         Ok(self.head(&self.chunk_key(digest))?.is_some())
     }
 
+    fn has_chunks(&self, digests: &[Digest]) -> Result<Vec<bool>> {
+        let keys: Vec<ObjPath> = digests.iter().map(|d| self.chunk_key(d)).collect();
+        let client = self.client.clone();
+        self.block(async move {
+            futures::stream::iter(keys)
+                .map(|k| {
+                    let client = client.clone();
+                    async move {
+                        match client.head(&k).await {
+                            Ok(_) => Ok(true),
+                            Err(object_store::Error::NotFound { .. }) => Ok(false),
+                            Err(e) => Err(s3_error("HEAD", k.as_ref(), e)),
+                        }
+                    }
+                })
+                .buffered(LOOKUPS_IN_FLIGHT)
+                .try_collect::<Vec<bool>>()
+                .await
+        })?
+    }
+
     fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool> {
-        let new = self.put_create(&self.chunk_key(digest), blob.to_vec())?;
-        // Present or new, the chunk is in use now (a second upload is a touch).
-        self.record_touch(digest);
-        Ok(new)
+        self.put_create(&self.chunk_key(digest), blob.to_vec())
     }
 
     fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
@@ -431,33 +455,23 @@ impl Backend for S3Backend {
     }
 
     fn touch_chunk(&self, digest: &Digest) -> Result<bool> {
-        if self.head(&self.chunk_key(digest))?.is_none() {
-            return Ok(false);
-        }
-        self.record_touch(digest);
-        Ok(true)
+        Ok(self.head(&self.chunk_key(digest))?.is_some())
     }
 
     fn chunk_touched(&self, digest: &Digest) -> Result<Option<SystemTime>> {
-        let Some(modified) = self.head(&self.chunk_key(digest))? else {
-            return Ok(None);
-        };
-        Ok(Some(self.recorded(digest).map_or(modified, |r| r.max(modified))))
+        self.head(&self.chunk_key(digest))
     }
 
     fn for_each_chunk(&self, f: &mut dyn FnMut(ChunkInfo) -> Result<()>) -> Result<()> {
-        for (name, size, modified) in self.list("chunks")? {
+        for (name, size, touched) in self.list("chunks")? {
             let Some(digest) = parse_hex_digest(&name) else { continue };
-            let touched = self.recorded(&digest).map_or(modified, |r| r.max(modified));
             f(ChunkInfo { digest, size, touched })?;
         }
         Ok(())
     }
 
     fn delete_chunk(&self, digest: &Digest) -> Result<()> {
-        self.delete(&self.chunk_key(digest))?;
-        self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(digest);
-        Ok(())
+        self.delete(&self.chunk_key(digest))
     }
 
     fn quarantine_chunk(&self, digest: &Digest) -> Result<()> {
@@ -505,6 +519,45 @@ impl Backend for S3Backend {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+}
+
+impl SharedObjects for S3Backend {
+    fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let key = self.key(key);
+        let (client, k) = (self.client.clone(), key.clone());
+        self.block(async move { client.put(&k, PutPayload::from(bytes)).await })?
+            .map(|_| ())
+            .map_err(|e| s3_error("PUT", key.as_ref(), e))
+    }
+
+    fn put_create(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {
+        S3Backend::put_create(self, &self.key(key), bytes)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        S3Backend::get(self, &self.key(key))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        self.list_keys(prefix)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        S3Backend::delete(self, &self.key(key))
+    }
+
+    fn chunk_modified(&self, digest: &Digest) -> Result<Option<SystemTime>> {
+        self.head(&self.chunk_key(digest))
+    }
+
+    fn delete_chunk_once(&self, digest: &Digest) -> Result<()> {
+        let key = self.chunk_key(digest);
+        let (client, k) = (self.client_once.clone(), key.clone());
+        match self.block(async move { client.delete(&k).await })? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_error("DELETE", key.as_ref(), e)),
+        }
     }
 }
 

@@ -58,9 +58,11 @@ impl Grants {
 impl StoreService {
     /// PERMISSION_DENIED unless `p` opened session `id` (or is an admin). An unknown
     /// session is left to the call, which answers NOT_FOUND.
-    #[allow(clippy::result_large_err)]
-    pub(super) fn own_session(&self, p: &Principal, id: &str) -> Result<(), Status> {
-        match self.store.sessions().owner(id) {
+    pub(super) async fn own_session(&self, p: &Principal, id: &str) -> Result<(), Status> {
+        let session = id.to_string();
+        // Over a shared bucket a session unknown here is looked up there (I/O).
+        let owner = self.run(move |s| s.sessions().owner(&session)).await?;
+        match owner {
             Some(o) if o.principal != p.name && !p.has(Role::Admin) => {
                 tracing::warn!(target: "audit", principal = %p.name, session = %id, owner = %o.principal, "denied: another principal's session");
                 Err(Status::permission_denied(format!("session {id} belongs to another principal")))

@@ -98,7 +98,7 @@ impl StoreService {
         crate::metrics::store_registry(self.store.clone(), &self.runs)
     }
 
-    async fn run<T: Send + 'static>(
+    pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ChunkStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Status> {
@@ -210,7 +210,8 @@ impl ImageStore for StoreService {
         let peer = r.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let r = r.into_inner();
         let owner = SessionOwner { principal: p.name.clone(), namespace: p.home().to_string() };
-        let (id, ttl) = self.store.sessions().open(&r.client, owner, Duration::from_secs(u64::from(r.ttl_seconds)));
+        let (client, ttl) = (r.client.clone(), Duration::from_secs(u64::from(r.ttl_seconds)));
+        let (id, ttl) = self.run(move |s| s.sessions().open(&client, owner, ttl)).await?;
         tracing::info!(session = %id, client = %r.client, principal = %p.name, namespace = %p.home(), peer = %peer, "session opened");
         Ok(Response::new(pb::OpenSessionReply {
             session_id: id,
@@ -220,8 +221,9 @@ impl ImageStore for StoreService {
 
     async fn keep_alive(&self, r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::KeepAliveReply>, Status> {
         let p = self.admit(&r, Role::Writer, "keep a session alive").await?;
-        self.own_session(&p, &r.get_ref().session_id)?;
-        self.store.sessions().touch(&r.get_ref().session_id).map_err(|e| status(&e))?;
+        self.own_session(&p, &r.get_ref().session_id).await?;
+        let id = r.get_ref().session_id.clone();
+        self.run(move |s| s.sessions().touch(&id)).await?;
         Ok(Response::new(pb::KeepAliveReply {}))
     }
 
@@ -230,8 +232,9 @@ impl ImageStore for StoreService {
         r: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionReply>, Status> {
         let p = self.admit(&r, Role::Writer, "close a session").await?;
-        self.own_session(&p, &r.get_ref().session_id)?;
-        self.store.sessions().close(&r.get_ref().session_id);
+        self.own_session(&p, &r.get_ref().session_id).await?;
+        let id = r.get_ref().session_id.clone();
+        self.run(move |s| s.sessions().close(&id)).await?;
         Ok(Response::new(pb::CloseSessionReply {}))
     }
 
@@ -241,7 +244,7 @@ impl ImageStore for StoreService {
     ) -> Result<Response<pb::MissingChunksReply>, Status> {
         let p = self.admit(&r, Role::Writer, "ask which chunks are missing").await?;
         let r = r.into_inner();
-        self.own_session(&p, &r.session_id)?;
+        self.own_session(&p, &r.session_id).await?;
         let ds = digests(&r.digests, "digests")?;
         let missing = self.run(move |s| s.missing(&r.session_id, &ds)).await?;
         Ok(Response::new(pb::MissingChunksReply { missing: missing.into_iter().map(|d| d.0.to_vec()).collect() }))
@@ -259,7 +262,7 @@ impl ImageStore for StoreService {
         let mut checked_session = String::new();
         while let Some(msg) = stream.message().await? {
             if msg.session_id != checked_session {
-                self.own_session(&p, &msg.session_id)?;
+                self.own_session(&p, &msg.session_id).await?;
                 checked_session.clone_from(&msg.session_id);
             }
             let digest = Digest::from_slice(&msg.digest)
@@ -316,7 +319,7 @@ impl ImageStore for StoreService {
     async fn put_index(&self, r: Request<pb::PutIndexRequest>) -> Result<Response<pb::PutIndexReply>, Status> {
         let p = self.admit(&r, Role::Writer, "upload indexes").await?;
         let r = r.into_inner();
-        self.own_session(&p, &r.session_id)?;
+        self.own_session(&p, &r.session_id).await?;
         let d = self.run(move |s| s.put_index(&r.session_id, &r.name, &r.data)).await?;
         Ok(Response::new(pb::PutIndexReply { digest: d.to_hex() }))
     }
@@ -332,7 +335,7 @@ impl ImageStore for StoreService {
     async fn commit_group(&self, r: Request<pb::CommitGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
         let p = self.admit(&r, Role::Writer, "commit groups").await?;
         let r = r.into_inner();
-        self.own_session(&p, &r.session_id)?;
+        self.own_session(&p, &r.session_id).await?;
         let g = self
             .run(move |s| {
                 let m = s.commit_group(&r.session_id, &r.manifest, r.retain_until)?;
