@@ -31,29 +31,11 @@ fn qemu_io(img: &Path, cmd: &str) {
 
 /// A store config over `bucket` at `endpoint`, with the secret in a file.
 fn s3_config(dir: &Path, name: &str, endpoint: &str, bucket: &str, key: &str, secret: &str) -> PathBuf {
-    let secret_file = dir.join(format!("{name}.secret"));
-    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret file");
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "backend = \"s3\"\n[s3]\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"{PREFIX}\"\n\
-             access_key_id = \"{key}\"\nsecret_access_key_file = \"{}\"\nallow_http = true\n",
-            secret_file.display()
-        ),
-    )
-    .expect("config");
-    config
+    common::ceph::store_config(dir, name, endpoint, bucket, PREFIX, (key, secret), "", "")
 }
 
-/// Keys under `prefix` in the bucket (ListObjectsV2 through the harness's signed curl).
 fn bucket_keys(c: &CephCluster, prefix: &str) -> Vec<String> {
-    let q = prefix.replace('/', "%2F");
-    let (code, body) = c.s3("GET", &format!("/{BUCKET}?list-type=2&max-keys=1000&prefix={q}"), None, &[]);
-    let body = String::from_utf8_lossy(&body).to_string();
-    assert_eq!(code, 200, "{body}");
-    assert!(!body.contains("<IsTruncated>true"), "more keys than one page: {body}");
-    body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string())).collect()
+    c.bucket_keys(BUCKET, prefix)
 }
 
 async fn status(store: &Daemon) -> spb::StatusReply {

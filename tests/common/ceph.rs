@@ -547,6 +547,22 @@ impl CephCluster {
         self.s3_as(&self.s3_access_key, &self.s3_secret_key, method, path, body, headers)
     }
 
+    /// Keys under `prefix` in `bucket` (one ListObjectsV2 page; more than 1000 fails).
+    pub fn bucket_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let q = prefix.replace('/', "%2F");
+        let (code, body) = self.s3("GET", &format!("/{bucket}?list-type=2&max-keys=1000&prefix={q}"), None, &[]);
+        let body = String::from_utf8_lossy(&body).to_string();
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("<IsTruncated>true"), "more keys than one page: {body}");
+        body.split("<Key>").skip(1).filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string())).collect()
+    }
+
+    /// An object's bytes (None when absent).
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let (code, body) = self.s3("GET", &format!("/{bucket}/{key}"), None, &[]);
+        (code == 200).then_some(body)
+    }
+
     /// Like [`CephCluster::s3`], signed with other keys.
     pub fn s3_as(
         &self,
@@ -809,4 +825,33 @@ rgw data = {d}/rgw
 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
 "
     )
+}
+
+/// A vmbackup-store config over `bucket`/`prefix` at `endpoint`, with the secret in a file
+/// beside it, plus `extra` top-level lines (written before the `[s3]` section) and
+/// `s3_extra` lines inside it.
+#[allow(clippy::too_many_arguments)]
+pub fn store_config(
+    dir: &Path,
+    name: &str,
+    endpoint: &str,
+    bucket: &str,
+    prefix: &str,
+    (key, secret): (&str, &str),
+    extra: &str,
+    s3_extra: &str,
+) -> PathBuf {
+    let secret_file = dir.join(format!("{name}.secret"));
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret file");
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "backend = \"s3\"\n{extra}\n[s3]\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\n\
+             access_key_id = \"{key}\"\nsecret_access_key_file = \"{}\"\nallow_http = true\n{s3_extra}\n",
+            secret_file.display()
+        ),
+    )
+    .expect("config");
+    config
 }

@@ -134,7 +134,29 @@ fn s3_error(what: &str, key: &str, e: object_store::Error) -> StoreError {
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => ErrorKind::Conflict,
         _ => ErrorKind::Io,
     };
-    StoreError::new(kind, format!("S3 {what} {key}")).with_source(e)
+    StoreError::new(kind, format!("S3 {what} {key}: {}", brief(&e)))
+}
+
+/// An object_store error in a few words: the HTTP status and S3 error code when the
+/// server answered, else the innermost cause (e.g. "Connection refused"), and how many
+/// retries were spent. Its own Display repeats the URL and the cause chain several times.
+fn brief(e: &object_store::Error) -> String {
+    let text = one_line(e);
+    let mut innermost = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(c) = next {
+        innermost = c.to_string();
+        next = c.source();
+    }
+    let mut out = match (between(&text, "status code: ", ":"), between(&text, "<Code>", "</Code>")) {
+        (Some(status), Some(code)) => format!("{status} {code}"),
+        (Some(status), None) => status.to_string(),
+        _ => innermost.split_whitespace().collect::<Vec<_>>().join(" "),
+    };
+    if let Some(n) = between(&text, "after ", " retries") {
+        out.push_str(&format!(", after {n} retries"));
+    }
+    out
 }
 
 fn parse_hex_digest(name: &str) -> Option<Digest> {
