@@ -41,6 +41,7 @@ fn chunk_count(c: &CephCluster) -> usize {
 #[derive(Clone)]
 struct Host {
     c: common::BackupClient,
+    s: common::StorageClient,
     bs: String,
 }
 
@@ -83,6 +84,15 @@ impl Host {
         .expect("restore");
         let cmp = std::process::Command::new("qemu-img").args(["compare", &p(img), &p(out)]).output().expect("compare");
         assert!(cmp.status.success(), "{group} restored differs: {}", String::from_utf8_lossy(&cmp.stdout));
+    }
+
+    async fn reconnect(&self) -> Result<String, tonic::Status> {
+        let mut s = self.s.clone();
+        let r = s.reconnect_backup_storage(pb::ReconnectBackupStorageRequest {
+            uuid: self.bs.clone(),
+            ..Default::default()
+        });
+        Ok(r.await?.into_inner().inventory.expect("inventory").status)
     }
 
     async fn delete(&self, group: &str) {
@@ -166,10 +176,12 @@ async fn two_servers_share_one_bucket_through_gc_kills_and_outages() {
     let h1 = Host {
         bs: common::add_storage(&agent1, &store_a, "bucket via a").await,
         c: common::backup_client(&agent1).await,
+        s: common::storage_client(&agent1, Some(common::session(&agent1))).await,
     };
     let h2 = Host {
         bs: common::add_storage(&agent2, &store_b, "bucket via b").await,
         c: common::backup_client(&agent2).await,
+        s: common::storage_client(&agent2, Some(common::session(&agent2))).await,
     };
     eprintln!("cluster, two stores, two agents up in {:.1}s", t0.elapsed().as_secs_f64());
 
@@ -262,7 +274,14 @@ async fn two_servers_share_one_bucket_through_gc_kills_and_outages() {
     eprintln!("backup with radosgw down failed after {:.1}s: {}", stopped.elapsed().as_secs_f64(), err.message());
     assert!(stopped.elapsed() < Duration::from_secs(120), "no hang");
     assert!(err.message().contains("S3 ") && err.message().len() < 400, "one clear line: {}", err.message());
+    let asked = Instant::now();
+    let down = h2.reconnect().await.expect_err("reconnect with radosgw down");
+    eprintln!("reconnect with radosgw down: {:.1}s: {}", asked.elapsed().as_secs_f64(), down.message());
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    assert!(down.message().contains("does not answer"), "{}", down.message());
+    assert!(asked.elapsed() < Duration::from_secs(20), "a quick answer, not a hang");
     cluster.start_rgw();
+    assert_eq!(h2.reconnect().await.expect("reconnect with radosgw back"), "Connected");
     assert_eq!(groups(&store_b).await, groups_before, "nothing of the failed backup is visible");
     let g4 = h2.backup(&img3, "after outage", (None, None)).await.expect("retry after radosgw is back");
     h1.restore_equals(&g4, &dir.join("r4.raw"), &img3).await;

@@ -126,6 +126,9 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
     assert_eq!(first, 5, "five different 64 KiB chunks");
     let chunk_keys = bucket_keys(&cluster, &format!("{PREFIX}/chunks/"));
     assert_eq!(chunk_keys.len(), 5, "{chunk_keys:?}");
+    let objects = status(&store).await.objects.expect("an admin sees the stored objects");
+    assert_eq!((objects.chunks, objects.indexes), (5, 1), "{objects:?}");
+    assert!(objects.chunk_bytes > 0 && objects.counted_at > 0, "{objects:?}");
     assert!(chunk_keys.iter().all(|k| k.len() == PREFIX.len() + "/chunks/".len() + 5 + 64), "{chunk_keys:?}");
     let all = bucket_keys(&cluster, &format!("{PREFIX}/"));
     for want in [format!("{PREFIX}/store.json"), format!("{PREFIX}/groups/{}.json", a[0].group_uuid)] {

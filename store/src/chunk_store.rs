@@ -54,6 +54,24 @@ impl DedupScope {
     }
 }
 
+/// Objects in the backend, as counted by [`ChunkStore::stored_objects`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredObjects {
+    /// Chunk objects.
+    pub chunks: u64,
+    /// Their blob bytes.
+    pub chunk_bytes: u64,
+    /// Index objects.
+    pub indexes: u64,
+    /// Sessions recorded in a shared bucket (else open here).
+    pub sessions: u64,
+    /// When counted.
+    pub counted_at: std::time::SystemTime,
+}
+
+/// How long a count of stored objects is reused.
+pub const OBJECT_COUNT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Monotonic counters since the store opened.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -95,6 +113,8 @@ pub struct ChunkStore {
     /// Idle chunk decoders, one per check running at once at most (each keeps a zstd
     /// context and a chunk-sized buffer, so checks allocate nothing per chunk).
     decoders: Mutex<Vec<blob::Decoder>>,
+    /// The last count of stored objects, and how long it took.
+    object_count: Mutex<Option<(StoredObjects, std::time::Duration)>>,
 }
 
 /// A group as stored.
@@ -133,6 +153,7 @@ impl ChunkStore {
             default_retention: None,
             meta_lock: Mutex::new(()),
             decoders: Mutex::default(),
+            object_count: Mutex::default(),
         }
     }
 
@@ -201,6 +222,39 @@ impl ChunkStore {
     /// Where the store is: `fs` or `s3://bucket/prefix`.
     pub fn backend_description(&self) -> String {
         self.backend.describe()
+    }
+
+    /// Checks quickly that the backend answers.
+    pub fn probe(&self) -> Result<()> {
+        self.backend.probe()
+    }
+
+    /// Counts what the backend holds. A count that took more than a second (over S3 a
+    /// count lists every chunk key) is reused while younger than [`OBJECT_COUNT_MAX_AGE`].
+    pub fn stored_objects(&self) -> Result<StoredObjects> {
+        let now = std::time::SystemTime::now();
+        let cached = *self.object_count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = |(c, took): &(StoredObjects, std::time::Duration)| {
+            *took > std::time::Duration::from_secs(1)
+                && now.duration_since(c.counted_at).is_ok_and(|a| a < OBJECT_COUNT_MAX_AGE)
+        };
+        if let Some((c, _)) = cached.filter(fresh) {
+            return Ok(c);
+        }
+        let timer = std::time::Instant::now();
+        let mut c = StoredObjects { chunks: 0, chunk_bytes: 0, indexes: 0, sessions: 0, counted_at: now };
+        self.backend.for_each_chunk(&mut |i| {
+            c.chunks += 1;
+            c.chunk_bytes += i.size;
+            Ok(())
+        })?;
+        c.indexes = u64::try_from(self.backend.list_objects(ObjectKind::Index)?.len()).unwrap_or(u64::MAX);
+        c.sessions = match self.sessions.shared_protocol() {
+            Some(shared) => u64::try_from(shared.all_sessions()?.len()).unwrap_or(u64::MAX),
+            None => u64::try_from(self.sessions.count()).unwrap_or(u64::MAX),
+        };
+        *self.object_count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((c, timer.elapsed()));
+        Ok(c)
     }
 
     /// Total and available bytes.

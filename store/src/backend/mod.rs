@@ -85,6 +85,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn mark_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
     /// Whether `namespace` has uploaded `digest`.
     fn is_owner(&self, namespace: &str, digest: &Digest) -> Result<bool>;
+    /// Checks, quickly, that the backend answers (Status runs it first, so an unreachable
+    /// bucket is an error within seconds, never a hang).
+    fn probe(&self) -> Result<()> {
+        Ok(())
+    }
     /// Where the store is, for Status and logs: `fs` or `s3://bucket/prefix` (no secrets).
     fn describe(&self) -> String {
         "fs".into()

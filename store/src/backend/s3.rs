@@ -66,6 +66,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest time a request is retried (5xx, transport errors) before it fails.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time the reachability probe of Status waits.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests kept in flight by one batch lookup (MissingChunks, commit checks).
 pub const LOOKUPS_IN_FLIGHT: usize = 32;
 /// Longest time the check at start may take before the store refuses to start.
@@ -537,6 +539,19 @@ impl Backend for S3Backend {
 
     fn is_owner(&self, namespace: &str, digest: &Digest) -> Result<bool> {
         Ok(self.head(&self.owner_key(namespace, digest)?)?.is_some())
+    }
+
+    fn probe(&self) -> Result<()> {
+        let (client, key) = (self.client_once.clone(), self.key("store.json"));
+        let k = key.clone();
+        match self.block(async move { tokio::time::timeout(PROBE_TIMEOUT, client.head(&k)).await })? {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(s3_error("HEAD", key.as_ref(), e)),
+            Err(_) => Err(StoreError::new(
+                ErrorKind::Io,
+                format!("S3 HEAD {key}: no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            )),
+        }
     }
 
     fn describe(&self) -> String {

@@ -6,6 +6,7 @@
 //! checked and written a few at a time per stream and downloads read a few chunks ahead,
 //! so memory stays bounded by a handful of chunks per stream.
 
+use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,11 +38,12 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
 /// Most digests one MissingChunks or DownloadChunks request may name.
 pub const MAX_DIGESTS_PER_REQUEST: usize = 16384;
-/// Uploaded chunks being checked and written at once, per stream.
-const UPLOADS_IN_FLIGHT: usize = 4;
-/// Chunks read ahead of a download stream: the next one is ready when the network takes
-/// the current one; more would only hold memory (up to a chunk each, per stream).
-const DOWNLOADS_AHEAD: usize = 2;
+/// Blob bytes being checked and written, or read ahead, at once per stream: enough requests
+/// in flight that one stream reaches an object store's throughput rather than one
+/// request's latency, bounded in bytes so large chunks cannot multiply memory.
+pub const IN_FLIGHT_BYTES: u64 = 32 << 20;
+/// Most chunks in flight per stream, whatever their size.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// State shared by every request of one store server.
 #[derive(Debug)]
@@ -149,7 +151,8 @@ fn group_info(g: crate::chunk_store::StoredGroup) -> pb::GroupInfo {
 type Settled = Result<Result<(bool, u64), StoreError>, tokio::task::JoinError>;
 
 #[allow(clippy::result_large_err)]
-fn settle(res: Settled, reply: &mut pb::UploadChunksReply) -> Result<(), Status> {
+/// Counts a finished upload into the reply; returns its blob bytes.
+fn settle(res: Settled, reply: &mut pb::UploadChunksReply) -> Result<u64, Status> {
     let (new, len) = res.map_err(|e| Status::internal(format!("upload task failed: {e}")))?.map_err(|e| status(&e))?;
     if new {
         reply.chunks_stored += 1;
@@ -157,7 +160,7 @@ fn settle(res: Settled, reply: &mut pb::UploadChunksReply) -> Result<(), Status>
     } else {
         reply.chunks_already_present += 1;
     }
-    Ok(())
+    Ok(len)
 }
 
 #[tonic::async_trait]
@@ -165,10 +168,18 @@ impl ImageStore for StoreService {
     async fn status(&self, r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let p = self.access.authenticate(&r).await?;
         let who = p.clone();
-        let (capacity, groups) = self
+        let backend = self.store.backend_description();
+        // A backend that does not answer is UNAVAILABLE within seconds (agents then mark the
+        // backup storage Disconnected), not a call that waits on retries.
+        self.run(|s| s.probe()).await.map_err(|e| {
+            Status::unavailable(format!("the store's backend {backend} does not answer: {}", e.message().trim()))
+        })?;
+        let admin = p.has(Role::Admin);
+        let (capacity, groups, objects) = self
             .run(move |s| {
                 let visible = s.list_groups()?.iter().filter(|g| who.sees(&g.meta.namespace)).count();
-                Ok((s.capacity()?, visible))
+                let objects = if admin { Some(s.stored_objects()?) } else { None };
+                Ok((s.capacity()?, visible, objects))
             })
             .await?;
         let c = self.store.counters();
@@ -202,6 +213,13 @@ impl ImageStore for StoreService {
             namespace: p.namespace.clone().unwrap_or_else(|| "*".into()),
             dedup_scope: self.store.dedup_scope().as_str().to_string(),
             backend: self.store.backend_description(),
+            objects: objects.map(|o| pb::StoredObjects {
+                chunks: o.chunks,
+                chunk_bytes: o.chunk_bytes,
+                indexes: o.indexes,
+                sessions: o.sessions,
+                counted_at: o.counted_at.duration_since(std::time::SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            }),
         }))
     }
 
@@ -258,6 +276,7 @@ impl ImageStore for StoreService {
         let mut stream = r.into_inner();
         let mut reply = pb::UploadChunksReply::default();
         let mut in_flight = tokio::task::JoinSet::new();
+        let mut bytes_in_flight = 0u64;
         let mut index = 0usize;
         let mut checked_session = String::new();
         while let Some(msg) = stream.message().await? {
@@ -268,14 +287,13 @@ impl ImageStore for StoreService {
             let digest = Digest::from_slice(&msg.digest)
                 .map_err(|e| Status::invalid_argument(format!("chunk {index} of the stream: {e}")))?;
             let store = self.store.clone();
-            in_flight.spawn_blocking(move || {
-                let len = u64::try_from(msg.blob.len()).unwrap_or(u64::MAX);
-                store.insert_chunk(&msg.session_id, &digest, &msg.blob).map(|new| (new, len))
-            });
-            while in_flight.len() >= UPLOADS_IN_FLIGHT {
-                if let Some(res) = in_flight.join_next().await {
-                    settle(res, &mut reply)?;
-                }
+            let len = u64::try_from(msg.blob.len()).unwrap_or(u64::MAX);
+            bytes_in_flight += len;
+            in_flight
+                .spawn_blocking(move || store.insert_chunk(&msg.session_id, &digest, &msg.blob).map(|new| (new, len)));
+            while in_flight.len() >= MAX_IN_FLIGHT || bytes_in_flight >= IN_FLIGHT_BYTES {
+                let Some(res) = in_flight.join_next().await else { break };
+                bytes_in_flight -= settle(res, &mut reply)?;
             }
             index += 1;
         }
@@ -296,17 +314,26 @@ impl ImageStore for StoreService {
         if !p.has(Role::Admin) {
             self.check_download(&p, &r.get_ref().index_name, &ds).await?;
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOADS_AHEAD);
+        // Reads run ahead of the network, as many at once as fit the byte budget at this
+        // store's chunk size (blobs are never larger than a chunk plus framing).
+        let ahead = usize::try_from(IN_FLIGHT_BYTES / u64::from(self.identity().chunk_size.max(1)))
+            .unwrap_or(1)
+            .clamp(1, MAX_IN_FLIGHT);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let store = self.store.clone();
         tokio::spawn(async move {
-            for d in ds {
+            let reads = futures::stream::iter(ds).map(move |d| {
                 let s = store.clone();
-                let read = tokio::task::spawn_blocking(move || s.get_chunk(&d)).await;
-                let item = match read {
-                    Ok(Ok(blob)) => Ok(pb::Chunk { digest: d.0.to_vec(), blob: blob.into() }),
-                    Ok(Err(e)) => Err(status(&e)),
-                    Err(e) => Err(Status::internal(format!("read task failed: {e}"))),
-                };
+                async move {
+                    match tokio::task::spawn_blocking(move || s.get_chunk(&d)).await {
+                        Ok(Ok(blob)) => Ok(pb::Chunk { digest: d.0.to_vec(), blob: blob.into() }),
+                        Ok(Err(e)) => Err(status(&e)),
+                        Err(e) => Err(Status::internal(format!("read task failed: {e}"))),
+                    }
+                }
+            });
+            let mut reads = std::pin::pin!(reads.buffered(ahead));
+            while let Some(item) = reads.next().await {
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     return;

@@ -49,6 +49,7 @@ pub(crate) async fn run_store(
                 "CHUNK SIZE",
                 "TOTAL",
                 "AVAILABLE",
+                "STORED",
                 "CHUNKS UPLOADED",
                 "VERSION",
             ]);
@@ -59,8 +60,12 @@ pub(crate) async fn run_store(
                 r.group_count.to_string(),
                 r.open_sessions.to_string(),
                 bytes(i64::from(r.chunk_size)),
-                bytes(i64::try_from(r.total_capacity).unwrap_or(i64::MAX)),
-                bytes(i64::try_from(r.available_capacity).unwrap_or(i64::MAX)),
+                capacity(r.total_capacity),
+                capacity(r.available_capacity),
+                r.objects.map_or_else(
+                    || "-".to_string(),
+                    |o| format!("{} chunks, {}; {} indexes", o.chunks, bytes(to_i64(o.chunk_bytes)), o.indexes),
+                ),
                 counters.chunks_uploaded.to_string(),
                 r.server_version,
             ]);
@@ -178,4 +183,13 @@ fn spinner(json: bool, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A capacity; an object store reports none ("unbounded").
+fn capacity(n: u64) -> String {
+    if n == u64::MAX { "unbounded".into() } else { bytes(to_i64(n)) }
 }
