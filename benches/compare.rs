@@ -26,118 +26,12 @@ mod common;
 mod corpus;
 #[path = "support/measure.rs"]
 mod measure;
+#[path = "support/samples.rs"]
+mod samples;
 
 use std::path::Path;
-use std::time::Instant;
 
-use measure::Cost;
-use vmbackup_proto::agent::v1 as pb;
-
-fn du(p: &Path) -> f64 {
-    fn walk(p: &Path) -> u64 {
-        match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => {
-                std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| walk(&e.path())).sum()).unwrap_or(0)
-            }
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                m.blocks() * 512
-            }
-            Err(_) => 0,
-        }
-    }
-    walk(p) as f64 / 1048576.0
-}
-
-/// One measured operation of one tool on one corpus.
-struct Sample {
-    tool: &'static str,
-    corpus: &'static str,
-    op: &'static str,
-    secs: f64,
-    cpu: f64,
-    /// Peak RSS: one figure, or vmbackup's agent and store.
-    peak: String,
-    stored_mib: f64,
-}
-
-#[derive(Default)]
-struct Samples(Vec<Sample>);
-
-impl Samples {
-    fn push(&mut self, tool: &'static str, corpus: &'static str, op: &'static str, secs: f64, cost: Cost, repo: &Path) {
-        let peak = cost.peak_mib.to_string();
-        self.0.push(Sample { tool, corpus, op, secs, cpu: cost.cpu, peak, stored_mib: du(repo) });
-    }
-}
-
-/// Times a command run through the rusage wrapper.
-fn timed(program: &str, args: &[&str], env: &[(&str, &str)], dir: Option<&Path>) -> (f64, Cost) {
-    let t = Instant::now();
-    let cost = measure::run(program, args, env, dir);
-    (t.elapsed().as_secs_f64(), cost)
-}
-
-/// `sync <file>`: fsync of the restored file, so every restore ends with its data on disk.
-fn sync_file(p: &Path) -> (f64, Cost) {
-    timed("sync", &[&p.display().to_string()], &[], None)
-}
-
-/// A restore and the sync after it, as one operation.
-fn with_sync((secs, cost): (f64, Cost), (s2, c2): (f64, Cost)) -> (f64, Cost) {
-    (secs + s2, Cost { cpu: cost.cpu + c2.cpu, peak_mib: cost.peak_mib.max(c2.peak_mib) })
-}
-
-async fn vmbackup(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path, format: &str) {
-    let s = |p: &Path| p.display().to_string();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
-    let agent = common::start_agent(dir.path(), common::AgentOptions::default());
-    let bs = common::add_storage(&agent, &store, "bench").await;
-    let mut c = common::backup_client(&agent).await;
-    let root = "edc07fe8d8a335ec8aa00f23b88fc1c6";
-    let tags = vec!["volumeLiveBackup::parallelismDegree::4".to_string()];
-    let chunks = store.data_dir.join("chunks");
-    // Each operation: CPU of both daemons, and the peak of each since the operation began.
-    let begin = || {
-        measure::reset_peak(agent.pid());
-        measure::reset_peak(store.pid());
-        (Instant::now(), measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()))
-    };
-    let end = |out: &mut Samples, op: &'static str, (t, cpu0): (Instant, f64)| {
-        let secs = t.elapsed().as_secs_f64();
-        let cpu = measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()) - cpu0;
-        let peak = format!("{} / {}", measure::peak_rss_mib(agent.pid()), measure::peak_rss_mib(store.pid()));
-        out.0.push(Sample { tool: "vmbackup", corpus, op, secs, cpu, peak, stored_mib: du(&chunks) });
-    };
-    let mut group = String::new();
-    for (op, img) in [("full", v1), ("incremental", v2)] {
-        let req = pb::CreateVmBackupRequest {
-            root_volume_uuid: root.into(),
-            backup_storage_uuid: bs.clone(),
-            name: op.into(),
-            system_tags: tags.clone(),
-            vm: Some(common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", root, img, format)),
-            ..Default::default()
-        };
-        let started = begin();
-        let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
-        end(out, op, started);
-        group = inv[0].group_uuid.clone();
-    }
-    let restored = dir.path().join("restored.raw");
-    let started = begin();
-    c.restore_vm_backup(pb::RestoreVmBackupRequest {
-        group_uuid: group,
-        backup_storage_uuid: bs,
-        targets: vec![pb::RestoreTarget { volume_uuid: root.into(), install_path: s(&restored), format: "raw".into() }],
-        system_tags: tags,
-        ..Default::default()
-    })
-    .await
-    .expect("restore");
-    end(out, "restore", started);
-}
+use samples::{Samples, sync_file, timed, with_sync};
 
 fn restic(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path, work: &Path) {
     let s = |p: &Path| p.display().to_string();
@@ -206,56 +100,6 @@ fn qemu_img(out: &mut Samples, corpus: &'static str, v1: &Path, v2: &Path) {
     out.push("qemu-img convert", corpus, "restore", secs, cost, dir.path());
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Medians per (tool, corpus, operation), in the order first measured, then vmbackup's
-/// speed-up over every other tool.
-fn report(samples: &Samples, sizes: &[(&str, u64)]) {
-    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
-    for s in &samples.0 {
-        if !keys.contains(&(s.tool, s.corpus, s.op)) {
-            keys.push((s.tool, s.corpus, s.op));
-        }
-    }
-    let of = |k: &(&str, &str, &str)| -> Vec<&Sample> {
-        samples.0.iter().filter(|s| (s.tool, s.corpus, s.op) == *k).collect()
-    };
-    let mib_of = |corpus: &str| sizes.iter().find(|(c, _)| *c == corpus).map_or(0, |(_, m)| *m) as f64;
-    let med_secs = |k: &(&str, &str, &str)| median(of(k).iter().map(|s| s.secs).collect());
-    let rounds = of(&keys[0]).len();
-    println!("\nmedian of {rounds} rounds; restores are timed until the file is on disk");
-    println!(
-        "{:<17} {:<10} {:<12} {:>7} {:>7} {:>9} {:>14} {:>7}",
-        "tool", "corpus", "operation", "seconds", "MiB/s", "MiB/CPU-s", "peak RSS MiB", "stored"
-    );
-    for k in &keys {
-        let secs = med_secs(k);
-        let cpu = median(of(k).iter().map(|s| s.cpu).collect());
-        let all = of(k);
-        let last = all.last().expect("a sample");
-        println!(
-            "{:<17} {:<10} {:<12} {secs:>7.2} {:>7.0} {:>9.0} {:>14} {:>7.0}",
-            k.0,
-            k.1,
-            k.2,
-            mib_of(k.1) / secs,
-            mib_of(k.1) / cpu.max(0.001),
-            last.peak,
-            last.stored_mib
-        );
-    }
-    println!("\nvmbackup's speed-up (their median seconds / ours)");
-    for k in keys.iter().filter(|k| k.0 != "vmbackup") {
-        let ours = ("vmbackup", k.1, k.2);
-        if keys.contains(&ours) {
-            println!("vs {:<16} {:<10} {:<12} {:>6.2}x", k.0, k.1, k.2, med_secs(k) / med_secs(&ours));
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() {
     measure::wrapper_main();
@@ -285,9 +129,9 @@ async fn main() {
         eprintln!("round {round} of {rounds}");
         for (corpus, a, b) in [("synthetic", &v1, &v2), ("real", &e1, &e2)] {
             if wanted("vmbackup") {
-                vmbackup(&mut samples, corpus, a, b, "raw").await;
+                samples::vmbackup(&mut samples, "vmbackup", corpus, (a, b, "raw"), None, &|| None).await;
                 if corpus == "synthetic" {
-                    vmbackup(&mut samples, "qcow2", &q1, &q2, "qcow2").await;
+                    samples::vmbackup(&mut samples, "vmbackup", "qcow2", (&q1, &q2, "qcow2"), None, &|| None).await;
                 }
             }
             if wanted("restic") {
@@ -301,5 +145,5 @@ async fn main() {
             }
         }
     }
-    report(&samples, &[("synthetic", mib), ("qcow2", mib), ("real", real_mib)]);
+    samples::report(&samples, &[("synthetic", mib), ("qcow2", mib), ("real", real_mib)]);
 }

@@ -22,6 +22,7 @@
 //! access_key_id = "AKIA…"          # or AWS_ACCESS_KEY_ID
 //! secret_access_key_file = "/etc/vmbackup/s3.secret"   # or AWS_SECRET_ACCESS_KEY
 //! allow_http = false               # true to accept an http:// endpoint
+//! gc_lease_seconds = 60            # GC lease lifetime (see crate::shared)
 //! ```
 
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! A durable, content-addressed chunk store that backups land in, and its gRPC server.
 //!
 //! The library API is the chunk store: [`chunk_store`], [`gc`], [`verify`], [`backend`],
-//! [`sessions`], [`identity`], [`error`], and the store's edge ([`server`], [`config`],
+//! [`sessions`], [`shared`], [`identity`], [`error`], and the store's edge ([`server`], [`config`],
 //! [`metrics`]). [`daemon`] is process plumbing (logging, systemd, TLS, malloc arenas, the
 //! `/metrics` server) that the vmbackup-store and vmbackup-agent binaries share; it is not
 //! part of that API and the chunk store does not use it.
@@ -33,13 +33,13 @@
 //! | `owners/<ns>/<4 hex>/<64 hex>` | empty: the namespace uploaded the chunk | upload (namespace scope) |
 //! | `bad/<64 hex>` | damaged chunks (copy, then delete) | Verify |
 //!
-//! A PUT is atomic, so there is no `tmp/`. "Last touched" is the later of the object's
-//! LastModified and an in-memory record of this server's touches; sessions are in memory
-//! too. This is exactly as safe as the fs backend for **one store server per bucket**; the
-//! table below holds for that server. Several servers over one bucket need sessions,
-//! heartbeats, touch records and a GC lease kept in the bucket: the next slice of issue
-//! 16, not built yet (run one server per bucket or prefix until then).
+//! | `sessions/<id>.json`, `journal/<id>/…` | open sessions and the chunks they rely on | OpenSession, MissingChunks ([`shared`]) |
+//! | `gc/lease-<epoch>.json`, `gc/fence-…`, `gc/doomed-…` | the GC lease and what that GC may delete | GC ([`shared`]) |
 //!
+//! A PUT is atomic, so there is no `tmp/`. Any number of store servers may serve one bucket:
+//! they coordinate only through these objects, by the protocol of [`shared`] (its module
+//! doc has the race table for servers over one bucket; the table below is for one process).
+
 //! Invariants: every write (fs backend) is temp + fsync + rename + directory fsync (never torn); a
 //! stored chunk's plaintext hashes to its name (checked on every upload from another
 //! process; the agent's embedded store takes the chunks the agent itself encoded from

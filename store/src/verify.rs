@@ -3,7 +3,8 @@
 //! store's group state (`group_state.rs`, `meta/verify-state.json`), which group
 //! reads report.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use vmbackup_proto::Digest;
@@ -12,6 +13,9 @@ use vmbackup_proto::index::{self, VolumeIndex};
 use crate::backend::ObjectKind;
 use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, Result, StoreError};
+
+/// Chunks read and checked at once by a verify.
+pub const VERIFY_WORKERS: usize = 8;
 
 /// What a verify found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -51,6 +55,38 @@ impl ChunkStore {
         }
     }
 
+    /// Checks `ds` on up to [`VERIFY_WORKERS`] threads (an object store's latency is then
+    /// paid once per batch of reads, not per chunk), at most one blob held per thread.
+    fn check_chunks(&self, ds: &[Digest]) -> Result<Vec<Check>> {
+        let workers = VERIFY_WORKERS.min(ds.len()).max(1);
+        let next = AtomicUsize::new(0);
+        let mut out = vec![Check::Missing; ds.len()];
+        let done: Vec<Result<Vec<(usize, Check)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(d) = ds.get(i) else { return Ok(mine) };
+                            mine.push((i, self.check_chunk(d)?));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::new(ErrorKind::Io, "a verify thread panicked"))))
+                .collect()
+        });
+        for r in done {
+            for (i, c) in r? {
+                out[i] = c;
+            }
+        }
+        Ok(out)
+    }
+
     /// Verifies the chunks of `groups` (all chunks of the store when empty) and records
     /// which groups are damaged.
     pub fn verify(&self, groups: &[String]) -> Result<VerifyReport> {
@@ -70,61 +106,57 @@ impl ChunkStore {
         let mut report = VerifyReport::default();
         let mut bad: HashSet<Digest> = HashSet::new();
         let mut good: HashSet<Digest> = HashSet::new();
-        if groups.is_empty() {
-            // Every stored chunk, referenced or not.
+        // The selected groups' indexes, read once (None: missing or undecodable).
+        let mut indexes: HashMap<&str, Option<VolumeIndex>> = HashMap::new();
+        for v in selected.iter().flat_map(|g| &g.manifest.volumes) {
+            if indexes.contains_key(v.index_name.as_str()) {
+                continue;
+            }
+            let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
+                Ok(b) => VolumeIndex::decode(&b, index::MAX_CHUNKS).ok(),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            indexes.insert(&v.index_name, ix);
+        }
+        // What to read: every stored chunk, or every chunk the selected groups name.
+        let todo: Vec<Digest> = if groups.is_empty() {
             let mut stored = Vec::new();
             self.backend.for_each_chunk(&mut |c| {
                 stored.push(c.digest);
                 Ok(())
             })?;
-            for d in stored {
-                report.chunks_checked += 1;
-                match self.check_chunk(&d)? {
-                    Check::Good => {
-                        good.insert(d);
-                    }
-                    Check::Bad => {
-                        bad.insert(d);
-                    }
-                    // Deleted since the listing (GC): only a group naming it makes it damage.
-                    Check::Missing => {}
+            stored
+        } else {
+            let mut seen = HashSet::new();
+            indexes.values().flatten().flat_map(|ix| ix.referenced()).filter(|d| seen.insert(**d)).copied().collect()
+        };
+        for (d, check) in todo.iter().zip(self.check_chunks(&todo)?) {
+            report.chunks_checked += 1;
+            match check {
+                Check::Good => {
+                    good.insert(*d);
                 }
+                Check::Bad => {
+                    bad.insert(*d);
+                }
+                // Gone since the listing (GC): bad only if a group names it (below).
+                Check::Missing => {}
             }
         }
+        // A group is damaged when an index is unreadable or a chunk it names is not good
+        // (bad, or missing: reported among the bad chunks).
         let mut damaged = Vec::new();
         for g in &selected {
             let mut group_bad = false;
             for v in &g.manifest.volumes {
-                let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
-                    Ok(b) => VolumeIndex::decode(&b, index::MAX_CHUNKS).ok(),
-                    Err(e) if e.kind() == ErrorKind::NotFound => None,
-                    Err(e) => return Err(e),
-                };
-                let Some(ix) = ix else {
+                let Some(ix) = &indexes[v.index_name.as_str()] else {
                     group_bad = true;
                     continue;
                 };
-                for d in ix.referenced() {
-                    if good.contains(d) {
-                        continue;
-                    }
-                    if bad.contains(d) {
-                        group_bad = true;
-                        continue;
-                    }
-                    // A full scan already read every stored chunk: one it did not see is missing.
-                    let check = if groups.is_empty() {
-                        Check::Missing
-                    } else {
-                        report.chunks_checked += 1;
-                        self.check_chunk(d)?
-                    };
-                    if check == Check::Good {
-                        good.insert(*d);
-                    } else {
-                        bad.insert(*d);
-                        group_bad = true;
-                    }
+                for d in ix.referenced().filter(|d| !good.contains(*d)) {
+                    bad.insert(*d);
+                    group_bad = true;
                 }
             }
             if group_bad {

@@ -2,6 +2,8 @@
 //! `store/fuzz/regressions/` (crashes the fuzzer found, kept after their fix) and on
 //! hand-made hostile request streams, in the ordinary test run.
 
+#[path = "../fuzz/bucket_harness.rs"]
+mod bucket_harness;
 #[path = "../fuzz/harness.rs"]
 mod harness;
 
@@ -71,4 +73,32 @@ fn hostile_request_streams_run_clean() {
     input.extend(frame(6, b"some plaintext"));
     input.extend(frame(5, b"another plaintext"));
     harness::run(&input);
+}
+
+#[test]
+fn hostile_bucket_objects_are_refused_cleanly() {
+    use vmbackup_store::shared::{DIGESTS_HEADER, encode_digests};
+    let d = vmbackup_proto::Digest::of(b"x");
+    let mut inputs: Vec<Vec<u8>> = Vec::new();
+    let list = encode_digests([&d, &d]);
+    for cut in [0, 1, DIGESTS_HEADER.len(), DIGESTS_HEADER.len() + 31, list.len()] {
+        inputs.push([&[0u8][..], &list[..cut]].concat());
+    }
+    for json in [
+        &b"{}"[..],
+        b"{\"client\":\"x\",\"principal\":\"p\",\"namespace\":\"n\",\"server\":\"s\",\"startedMs\":18446744073709551615,\"ttlMs\":18446744073709551615,\"expiresMs\":18446744073709551615}",
+        b"[1,2,3]",
+        b"{\"holder\":\"h\",\"expiresMs\":-1,\"phase\":\"running\"}",
+        b"\xff\xfe",
+    ] {
+        inputs.push([&[1u8][..], json].concat());
+        inputs.push([&[2u8][..], json].concat());
+    }
+    for input in &inputs {
+        bucket_harness::run(input);
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions-bucket");
+    for entry in std::fs::read_dir(&dir).into_iter().flatten() {
+        bucket_harness::run(&std::fs::read(entry.expect("entry").path()).expect("input"));
+    }
 }

@@ -547,6 +547,16 @@ impl CephCluster {
         self.s3_as(&self.s3_access_key, &self.s3_secret_key, method, path, body, headers)
     }
 
+    /// Requests radosgw has served since it started (its `rgw.req` performance counter,
+    /// read through its admin socket).
+    pub fn rgw_requests(&self) -> u64 {
+        let asok = self.dir.join(format!("run/ceph-{RGW_NAME}.asok")).display().to_string();
+        let r = run_with_deadline("ceph", &["--admin-daemon", &asok, "perf", "dump"], Duration::from_secs(20));
+        assert!(r.ok(), "perf dump of radosgw: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("perf dump is JSON");
+        v["rgw"]["req"].as_u64().unwrap_or_else(|| panic!("no rgw.req counter in {}", r.stdout))
+    }
+
     /// Keys under `prefix` in `bucket` (one ListObjectsV2 page; more than 1000 fails).
     pub fn bucket_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let q = prefix.replace('/', "%2F");

@@ -261,8 +261,13 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A time read from a bucket object: a value past what `SystemTime` holds (a damaged or
+/// hostile object) becomes a far-future time instead of a panic.
 pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .filter(|t| t.checked_add(Duration::from_secs(1 << 32)).is_some())
+        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40))
 }
 
 #[cfg(test)]
