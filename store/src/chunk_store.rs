@@ -467,7 +467,16 @@ impl ChunkStore {
                     format!("index {name} already exists with other contents; indexes are written once"),
                 ));
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => self.backend.put_object(ObjectKind::Index, name, bytes)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if !self.backend.create_object(ObjectKind::Index, name, bytes)?
+                    && self.backend.get_object(ObjectKind::Index, name)? != bytes
+                {
+                    return Err(StoreError::new(
+                        ErrorKind::Conflict,
+                        format!("index {name} was just written with other contents; indexes are written once"),
+                    ));
+                }
+            }
             Err(e) => return Err(e),
         }
         Ok(vmbackup_proto::index::index_digest(bytes))

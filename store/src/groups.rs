@@ -63,7 +63,16 @@ impl ChunkStore {
         let meta = GroupMeta { namespace: owner.namespace.clone(), retain_until: retain_until.max(default_lock) };
         let meta_json = serde_json::to_vec(&meta).map_err(|e| StoreError::new(ErrorKind::Io, e.to_string()))?;
         self.backend.put_object(ObjectKind::GroupMeta, &name, &meta_json)?;
-        self.backend.put_object(ObjectKind::Manifest, &name, manifest_bytes)?;
+        if !self.backend.create_object(ObjectKind::Manifest, &name, manifest_bytes)? {
+            // Another commit of this group won the race (another server, or a retry).
+            let existing = self.backend.get_object(ObjectKind::Manifest, &name)?;
+            if existing != manifest_bytes {
+                return Err(StoreError::new(
+                    ErrorKind::Conflict,
+                    format!("group {} is already committed", manifest.group_uuid),
+                ));
+            }
+        }
         tracing::info!(
             target: "audit",
             principal = %owner.principal,

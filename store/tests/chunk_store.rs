@@ -259,6 +259,9 @@ impl Backend for MetaWritesMeet {
         }
         self.inner.put_object(kind, name, bytes)
     }
+    fn create_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<bool> {
+        self.inner.create_object(kind, name, bytes)
+    }
     fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {
         self.inner.get_object(kind, name)
     }
@@ -338,4 +341,39 @@ fn concurrent_verifies_of_different_groups_keep_both_damage_marks() {
     let file = std::fs::read(dir.path().join("meta").join("verify-state.json")).expect("marks file");
     let json: serde_json::Value = serde_json::from_slice(&file).expect("marks are JSON");
     assert_eq!(json, serde_json::json!({ "damagedGroups": both }), "both marks on disk");
+}
+
+/// Two store processes over one directory (as two servers over one bucket) commit the same
+/// group uuid with different manifests at the same moment: the manifest is created once,
+/// never replaced, so exactly one commit wins and the other is a conflict, many times over.
+#[test]
+fn racing_commits_of_one_group_never_overwrite_each_other() {
+    let (dir, a) = store();
+    let b = Arc::new(ChunkStore::open(dir.path(), CS).expect("second store over the same directory"));
+    let a = Arc::new(a);
+    for round in 0..20u8 {
+        let (sa, _) = a.sessions().open("a", SessionOwner::local(), Duration::ZERO).expect("open session");
+        let (sb, _) = b.sessions().open("b", SessionOwner::local(), Duration::ZERO).expect("open session");
+        let (_, manifest) = upload_group(&a, &sa, &[chunk(round)]);
+        let mut theirs = GroupManifest::decode(&manifest).expect("decode");
+        theirs.name = "other".into();
+        let theirs = theirs.encode().expect("encode");
+        let barrier = Arc::new(Barrier::new(2));
+        let race = |s: Arc<ChunkStore>, session: String, m: Vec<u8>| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.commit_group(&session, &m, 0).map(|_| m)
+            })
+        };
+        let ta = race(a.clone(), sa, manifest.clone());
+        let tb = race(b.clone(), sb, theirs.clone());
+        let results = [ta.join().expect("a"), tb.join().expect("b")];
+        let won: Vec<&Vec<u8>> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: exactly one commit wins: {results:?}");
+        let lost = results.iter().find_map(|r| r.as_ref().err()).expect("one loses");
+        assert_eq!(lost.kind(), ErrorKind::Conflict, "{lost}");
+        let group = GroupManifest::decode(won[0]).expect("decode").group_uuid;
+        assert_eq!(&a.get_group(&group).expect("get").bytes, won[0], "the winner's manifest is the stored one");
+    }
 }

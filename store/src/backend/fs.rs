@@ -103,7 +103,8 @@ impl FsBackend {
     }
 
     /// Writes `bytes` to `dest` via tmp/: fsync, rename, fsync of the directory.
-    fn write_durably(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+    /// Writes `bytes` to a new file in `tmp/` and fsyncs it; the guard removes it.
+    fn write_tmp(&self, bytes: &[u8]) -> Result<(PathBuf, RemoveOnDrop)> {
         let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let write = || -> io::Result<()> {
@@ -112,6 +113,11 @@ impl FsBackend {
             f.sync_all()
         };
         write().map_err(|e| StoreError::io(format!("writing {}", tmp.display()), e))?;
+        Ok((tmp, guard))
+    }
+
+    fn write_durably(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        let (tmp, guard) = self.write_tmp(bytes)?;
         fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("renaming into {}", dest.display()), e))?;
         guard.disarm();
         let dir = dest.parent().unwrap_or(&self.root);
@@ -241,6 +247,20 @@ impl Backend for FsBackend {
     fn put_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
         let dest = self.object_path(kind, name)?;
         self.write_durably(&dest, bytes)
+    }
+
+    fn create_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<bool> {
+        let dest = self.object_path(kind, name)?;
+        let (tmp, _guard) = self.write_tmp(bytes)?;
+        // A hard link never replaces: EEXIST means another writer created it first.
+        match fs::hard_link(&tmp, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(StoreError::io(format!("creating {}", dest.display()), e)),
+        }
+        let dir = dest.parent().unwrap_or(&self.root);
+        sync_dir(dir).map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))?;
+        Ok(true)
     }
 
     fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {

@@ -1,9 +1,10 @@
 //! Where chunks, indexes and manifests are kept: a small trait that a local directory
 //! ([`fs::FsBackend`]) implements and an object store can implement too.
 //!
-//! The contract is what an object store can give: no rename, no directories, and no
-//! trustworthy conditional create. Chunks are content-addressed, so writing one twice is
-//! harmless (HEAD-then-PUT is safe); indexes and manifests have unique names.
+//! The contract is what an object store can give: no rename, no directories, and a
+//! conditional create (`If-None-Match: *` on S3, a hard link on a directory). Chunks are
+//! content-addressed, so writing one twice is harmless; indexes and manifests are created
+//! once and never replaced.
 
 pub mod fs;
 pub mod s3;
@@ -72,6 +73,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn quarantine_chunk(&self, digest: &Digest) -> Result<()>;
     /// Writes a named object atomically and durably (replacing one of that name).
     fn put_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Creates a named object atomically and durably unless one of that name exists (never
+    /// replacing it); returns whether it was created. Manifests and indexes are written so.
+    fn create_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<bool>;
     /// Reads a named object (NotFound if absent).
     fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>>;
     /// Lists objects of a kind.

@@ -15,10 +15,10 @@
 //!
 //! A PUT is atomic on S3 (an object is either absent or complete), so there is no `tmp/`.
 //! Chunks and owner marks are written with `If-None-Match: *` (RGW 16.2 answers 412 to a
-//! second PUT of the key, which is "already present"). Manifests are written only after
-//! the chunk store has checked that none of that name exists and every chunk they name is
-//! present; `put_object` itself replaces, as the trait says, because group metas and
-//! `meta/` objects are rewritten.
+//! second PUT of the key, which is "already present"). Manifests and indexes are created
+//! the same way (`create_object`), manifests only after every chunk they name is confirmed
+//! present, so two servers committing one group cannot overwrite each other; `put_object`
+//! replaces, as the trait says, because group metas and `meta/` objects are rewritten.
 //!
 //! ## "Touched" without mtime, and many servers over one bucket
 //!
@@ -515,6 +515,10 @@ impl Backend for S3Backend {
         self.block(async move { client.put(&k, payload).await })?
             .map(|_| ())
             .map_err(|e| s3_error("PUT", key.as_ref(), e))
+    }
+
+    fn create_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<bool> {
+        self.put_create(&self.object_key(kind, name)?, bytes.to_vec())
     }
 
     fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {
