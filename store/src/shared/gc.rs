@@ -2,6 +2,8 @@
 //! lists, and the run itself (steps 1–8 of the [module doc](super)).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use vmbackup_proto::Digest;
@@ -48,44 +50,65 @@ pub fn newest_lease(listed: &[Listed]) -> Option<(u64, SystemTime)> {
     listed.iter().filter_map(|l| Some((epoch_of(&l.key, "lease", ".json")?, l.modified))).max_by_key(|(e, _)| *e)
 }
 
-/// A lease this server holds.
+/// A lease this server holds. While a run uses it, [`HeldLease::renew_until_stopped`]
+/// renews it every third of its TTL on a thread of its own, so no step of the run (a long
+/// LIST, many journals) can outlast it unnoticed.
 #[derive(Debug)]
 pub struct HeldLease<'a> {
     shared: &'a Shared,
     /// Its epoch.
     pub epoch: u64,
-    expires: SystemTime,
-    renewed: Instant,
+    /// The expiry last written.
+    expires: Mutex<SystemTime>,
+    stop: AtomicBool,
 }
 
 impl HeldLease<'_> {
-    fn write(&mut self, phase: &str) -> Result<()> {
+    fn write(&self, phase: &str) -> Result<()> {
         let expires = SystemTime::now() + self.shared.lease_ttl;
         let lease = Lease { holder: self.shared.server.clone(), expires_ms: unix_ms(expires), phase: phase.into() };
         let json = serde_json::to_vec(&lease).map_err(|e| StoreError::new(ErrorKind::Io, e.to_string()))?;
         self.shared.objects.put(&lease_key(self.epoch), json)?;
-        self.expires = expires;
-        self.renewed = Instant::now();
+        *self.expires.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = expires;
         Ok(())
     }
 
-    /// Renews when a third of the TTL has passed; fails once the lease may have expired
-    /// (another server may hold the next one): the run must stop deleting.
-    pub fn keep(&mut self) -> Result<()> {
-        if SystemTime::now() + Duration::from_secs(1) >= self.expires {
+    /// Renews the lease every third of its TTL until [`Self::stop`]; a failed renewal is
+    /// logged and retried, and [`Self::keep`] stops the run if the expiry comes near.
+    pub fn renew_until_stopped(&self) {
+        let step = Duration::from_millis(50);
+        let mut since = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(step);
+            if since.elapsed() >= self.shared.lease_ttl / 3 {
+                match self.write("running") {
+                    Ok(()) => since = Instant::now(),
+                    Err(e) => tracing::warn!(epoch = self.epoch, error = %e, "could not renew the GC lease"),
+                }
+            }
+        }
+    }
+
+    /// Ends [`Self::renew_until_stopped`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Fails once the lease may have expired (another server may then hold the next one):
+    /// the run must stop deleting.
+    pub fn keep(&self) -> Result<()> {
+        let expires = *self.expires.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if SystemTime::now() + Duration::from_secs(1) >= expires {
             return Err(StoreError::new(
                 ErrorKind::Conflict,
                 format!("GC lease {} expired before it could be renewed; this run stops", self.epoch),
             ));
         }
-        if self.renewed.elapsed() >= self.shared.lease_ttl / 3 {
-            self.write("running")?;
-        }
         Ok(())
     }
 
     /// Marks the lease released (kept as the newest epoch, so epochs never repeat).
-    pub fn release(mut self) -> Result<()> {
+    pub fn release(self) -> Result<()> {
         self.write("released")
     }
 }
@@ -119,7 +142,6 @@ impl Shared {
                 n + 1
             }
         };
-        let mut held = HeldLease { shared: self, epoch: next, expires: SystemTime::now(), renewed: Instant::now() };
         let lease = Lease {
             holder: self.server.clone(),
             expires_ms: unix_ms(SystemTime::now() + self.lease_ttl),
@@ -132,9 +154,13 @@ impl Shared {
                 format!("garbage collection is already running (another server took lease {next})"),
             ));
         }
-        held.expires = from_unix_ms(lease.expires_ms);
         tracing::info!(epoch = next, server = %self.server, "GC lease taken");
-        Ok(held)
+        Ok(HeldLease {
+            shared: self,
+            epoch: next,
+            expires: Mutex::new(from_unix_ms(lease.expires_ms)),
+            stop: AtomicBool::new(false),
+        })
     }
 
     /// Removes leases, fences and doomed lists of epochs before `epoch`.
@@ -155,8 +181,32 @@ impl Shared {
 impl ChunkStore {
     /// One GC run over a shared bucket (steps 1–8 of the module doc).
     pub(crate) fn shared_garbage_collect(&self, shared: &Shared, margin: Duration) -> Result<GcReport> {
+        let lease = shared.acquire_lease()?;
+        let run = std::thread::scope(|scope| {
+            scope.spawn(|| lease.renew_until_stopped());
+            let run = self.shared_gc_run(shared, &lease, margin);
+            lease.stop();
+            run
+        });
+        match run {
+            Ok(report) => {
+                lease.release()?;
+                Ok(report)
+            }
+            Err(e) => {
+                // Leave the fence for the lease's lifetime only: release now if we still can.
+                if lease.keep().is_ok() {
+                    let _ = shared.objects.delete(&doomed_key(lease.epoch));
+                    let _ = shared.objects.delete(&fence_key(lease.epoch));
+                    let _ = lease.release();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn shared_gc_run(&self, shared: &Shared, lease: &HeldLease<'_>, margin: Duration) -> Result<GcReport> {
         let timer = Instant::now();
-        let mut lease = shared.acquire_lease()?;
         let epoch = lease.epoch;
         let cut = cutoff(SystemTime::now(), shared.oldest_live_start()?, margin);
 
@@ -217,7 +267,6 @@ impl ChunkStore {
         report.indexes_removed = self.remove_unreferenced(&marked, cut)?;
         let dead = shared.remove_dead_sessions()?;
         shared.remove_old_epochs(epoch)?;
-        lease.release()?;
         report.seconds = timer.elapsed().as_secs_f64();
         tracing::info!(?report, epoch, dead_sessions = dead, "shared garbage collection finished");
         Ok(report)
