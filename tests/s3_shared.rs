@@ -13,12 +13,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::ceph::{CephCluster, CephOptions};
-use common::{AgentOptions, Daemon, run_tool, start_agent, store_client};
-use vmbackup_proto::agent::v1 as pb;
+use common::host::{Host, gc, groups, status, verify_clean};
+use common::{AgentOptions, run_tool, start_agent, store_client};
 use vmbackup_proto::store::v1 as spb;
 
-const VM: &str = "5d0c3b2a19f84e7d8c6b5a4f3e2d1c0b";
-const ROOT: &str = "6e1d4c3b2a0f4e8d9c7b6a5f4e3d2c1b";
 const BUCKET: &str = "vmbackup-shared";
 const PREFIX: &str = "pool-1";
 /// Chunks of the 16 MiB images at the stores' 64 KiB chunk size.
@@ -35,102 +33,6 @@ fn random_image(path: &Path, seed: u64) {
 
 fn chunk_count(c: &CephCluster) -> usize {
     c.bucket_keys(BUCKET, &format!("{PREFIX}/chunks/")).len()
-}
-
-/// One host: its agent's client and the bucket as its backup storage.
-#[derive(Clone)]
-struct Host {
-    c: common::BackupClient,
-    s: common::StorageClient,
-    bs: String,
-}
-
-impl Host {
-    async fn backup(
-        &self,
-        img: &Path,
-        name: &str,
-        limits: (Option<i64>, Option<i64>),
-    ) -> Result<String, tonic::Status> {
-        let r = self
-            .c
-            .clone()
-            .create_vm_backup(pb::CreateVmBackupRequest {
-                root_volume_uuid: ROOT.into(),
-                backup_storage_uuid: self.bs.clone(),
-                name: name.into(),
-                vm: Some(common::one_volume_vm(VM, ROOT, img, "raw")),
-                volume_read_bandwidth: limits.0,
-                network_write_bandwidth: limits.1,
-                ..Default::default()
-            })
-            .await?;
-        Ok(r.into_inner().inventories[0].group_uuid.clone())
-    }
-
-    /// Imports the store's groups, then restores `group` to `out` and checks it equals `img`.
-    async fn restore_equals(&self, group: &str, out: &Path, img: &Path) {
-        let mut c = self.c.clone();
-        c.sync_vm_backup(pb::SyncVmBackupRequest { image_store_uuid: self.bs.clone(), ..Default::default() })
-            .await
-            .expect("sync");
-        c.restore_vm_backup(pb::RestoreVmBackupRequest {
-            group_uuid: group.into(),
-            backup_storage_uuid: self.bs.clone(),
-            targets: vec![pb::RestoreTarget { volume_uuid: ROOT.into(), install_path: p(out), format: "raw".into() }],
-            ..Default::default()
-        })
-        .await
-        .expect("restore");
-        let cmp = std::process::Command::new("qemu-img").args(["compare", &p(img), &p(out)]).output().expect("compare");
-        assert!(cmp.status.success(), "{group} restored differs: {}", String::from_utf8_lossy(&cmp.stdout));
-    }
-
-    async fn reconnect(&self) -> Result<String, tonic::Status> {
-        let mut s = self.s.clone();
-        let r = s.reconnect_backup_storage(pb::ReconnectBackupStorageRequest {
-            uuid: self.bs.clone(),
-            ..Default::default()
-        });
-        Ok(r.await?.into_inner().inventory.expect("inventory").status)
-    }
-
-    async fn delete(&self, group: &str) {
-        self.c
-            .clone()
-            .delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: group.into(), ..Default::default() })
-            .await
-            .expect("delete");
-    }
-}
-
-async fn gc(store: &Daemon) -> Result<spb::GarbageCollectReply, tonic::Status> {
-    store_client(store)
-        .await
-        .garbage_collect(spb::GarbageCollectRequest { safety_margin_seconds: Some(0) })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// Verifies every chunk of the store and every group; nothing may be bad.
-async fn verify_clean(store: &Daemon, when: &str) {
-    let v = store_client(store)
-        .await
-        .verify(spb::VerifyRequest { group_uuids: vec![] })
-        .await
-        .expect("verify")
-        .into_inner();
-    assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty(), "{when}: {v:?}");
-    eprintln!("{when}: verify clean, {} chunks", v.chunks_checked);
-}
-
-async fn status(store: &Daemon) -> spb::StatusReply {
-    store_client(store).await.status(spb::StatusRequest {}).await.expect("status").into_inner()
-}
-
-async fn groups(store: &Daemon) -> Vec<String> {
-    let r = store_client(store).await.list_groups(spb::ListGroupsRequest::default()).await.expect("list");
-    r.into_inner().groups.into_iter().map(|g| g.group_uuid).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,16 +75,8 @@ async fn two_servers_share_one_bucket_through_gc_kills_and_outages() {
         start_agent(&home, AgentOptions { config: Some(cfg), ..Default::default() })
     };
     let (agent1, agent2) = (host("h1"), host("h2"));
-    let h1 = Host {
-        bs: common::add_storage(&agent1, &store_a, "bucket via a").await,
-        c: common::backup_client(&agent1).await,
-        s: common::storage_client(&agent1, Some(common::session(&agent1))).await,
-    };
-    let h2 = Host {
-        bs: common::add_storage(&agent2, &store_b, "bucket via b").await,
-        c: common::backup_client(&agent2).await,
-        s: common::storage_client(&agent2, Some(common::session(&agent2))).await,
-    };
+    let h1 = Host::new(&agent1, &store_a, "bucket via a").await;
+    let h2 = Host::new(&agent2, &store_b, "bucket via b").await;
     eprintln!("cluster, two stores, two agents up in {:.1}s", t0.elapsed().as_secs_f64());
 
     // (1) A backup through A restores through B; an incremental through B uploads only the

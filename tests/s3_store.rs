@@ -42,29 +42,6 @@ async fn status(store: &Daemon) -> spb::StatusReply {
     store_client(store).await.status(spb::StatusRequest {}).await.expect("status").into_inner()
 }
 
-/// Runs the store binary with `config` and expects it to fail quickly with one line
-/// containing every `needle`.
-fn expect_refused(dir: &Path, name: &str, config: &Path, needles: &[&str], secrets: &[&str]) {
-    let started = Instant::now();
-    let out = Command::new(common::bin("vmbackup-store"))
-        .args(["--config", &p(config), "--data-dir", &p(&dir.join(name)), "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .output()
-        .expect("run vmbackup-store");
-    let took = started.elapsed();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{name}: the store started: {text}");
-    assert!(took < Duration::from_secs(12), "{name}: took {took:?}: {text}");
-    let line = text.lines().find(|l| l.contains("opening the S3 store")).unwrap_or_else(|| panic!("{name}: {text}"));
-    for n in needles {
-        assert!(line.contains(n), "{name}: {n:?} not in {line:?}");
-    }
-    for s in secrets {
-        assert!(!text.contains(s), "{name}: a secret was printed: {text}");
-    }
-    eprintln!("{name}: refused in {:.1}s: {line}", took.as_secs_f64());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config() {
     let file_start = Instant::now();
@@ -82,18 +59,32 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
     // (d) bad configuration: one line each, quickly, nothing secret.
     let (key, secret) = (cluster.s3_access_key.clone(), cluster.s3_secret_key.clone());
     let missing = s3_config(dir, "missing", &rgw, "no-such-bucket", &key, &secret);
-    expect_refused(dir, "missing", &missing, &["no-such-bucket", "does not exist"], &[&secret]);
+    common::ceph::expect_refused(
+        dir,
+        "opening the S3 store",
+        "missing",
+        &missing,
+        &["no-such-bucket", "does not exist"],
+        &[&secret],
+    );
     let wrong = s3_config(dir, "wrong", &rgw, BUCKET, &key, "wrong-secret");
-    expect_refused(dir, "wrong", &wrong, &[BUCKET, "403"], &["wrong-secret"]);
+    common::ceph::expect_refused(dir, "opening the S3 store", "wrong", &wrong, &[BUCKET, "403"], &["wrong-secret"]);
     let unreachable = s3_config(dir, "unreachable", "http://127.0.0.1:9", BUCKET, &key, &secret);
-    expect_refused(dir, "unreachable", &unreachable, &["127.0.0.1:9"], &[&secret]);
+    common::ceph::expect_refused(
+        dir,
+        "opening the S3 store",
+        "unreachable",
+        &unreachable,
+        &["127.0.0.1:9"],
+        &[&secret],
+    );
     let plain = dir.join("plain.toml");
     std::fs::write(
         &plain,
         std::fs::read_to_string(&missing).expect("read").replace("allow_http = true", "allow_http = false"),
     )
     .expect("write");
-    expect_refused(dir, "plain", &plain, &["allow_http"], &[&secret]);
+    common::ceph::expect_refused(dir, "opening the S3 store", "plain", &plain, &["allow_http"], &[&secret]);
     assert!(bucket_keys(&cluster, &format!("{PREFIX}/")).is_empty(), "a refused start wrote nothing");
 
     // (a) backup, incremental, restore.

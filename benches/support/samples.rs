@@ -98,7 +98,11 @@ pub async fn vmbackup(
     let s = |p: &Path| p.display().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::start_store_with(dir.path(), "store", store_config, 4 << 20);
-    let agent = common::start_agent(dir.path(), common::AgentOptions::default());
+    // The corpus lives outside the agent's directory: make its folder a volume root.
+    let corpus_dir = v1.parent().unwrap_or(Path::new("/"));
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", corpus_dir.display())).expect("agent config");
+    let agent = common::start_agent(dir.path(), common::AgentOptions { config: Some(cfg), ..Default::default() });
     let bs = common::add_storage(&agent, &store, "bench").await;
     let mut c = common::backup_client(&agent).await;
     let root = "edc07fe8d8a335ec8aa00f23b88fc1c6";

@@ -24,6 +24,19 @@
 //! allow_http = false               # true to accept an http:// endpoint
 //! gc_lease_seconds = 60            # GC lease lifetime (see crate::shared)
 //! ```
+//!
+//! A Ceph pool instead, through librados (loaded at run time):
+//!
+//! ```toml
+//! backend = "rados"
+//! [rados]
+//! pool = "vmbackup"                # must exist
+//! conf = "/etc/ceph/ceph.conf"     # the default
+//! client = "client.admin"          # the default; a client with rwx on the pool suffices
+//! keyring = "/etc/ceph/ceph.client.admin.keyring"   # else the conf's
+//! prefix = "vmbackup."             # RADOS namespace prefix (the default)
+//! timeout_seconds = 30             # every monitor and OSD operation
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,6 +69,8 @@ pub struct StoreConfig {
     pub backend: BackendKind,
     /// The bucket, when `backend = "s3"`.
     pub s3: Option<S3Config>,
+    /// The pool, when `backend = "rados"`.
+    pub rados: Option<RadosConfig>,
 }
 
 /// Which backend holds the store.
@@ -67,6 +82,63 @@ pub enum BackendKind {
     Fs,
     /// An S3 bucket, `[s3]`.
     S3,
+    /// A Ceph RADOS pool, `[rados]`.
+    Rados,
+}
+
+/// The `[rados]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RadosConfig {
+    /// ceph.conf with the monitors.
+    #[serde(default = "default_ceph_conf")]
+    pub conf: PathBuf,
+    /// cephx client name.
+    #[serde(default = "default_ceph_client")]
+    pub client: String,
+    /// Keyring file (else the one ceph.conf names).
+    pub keyring: Option<PathBuf>,
+    /// Pool name; it must exist.
+    pub pool: String,
+    /// Prefix of the store's RADOS namespaces, so several stores can share a pool.
+    #[serde(default = "default_rados_prefix")]
+    pub prefix: String,
+    /// Timeout of the connection and of every monitor and OSD operation.
+    #[serde(default = "default_rados_timeout")]
+    pub timeout_seconds: u64,
+    /// Lifetime of the GC lease in the pool (see `[s3] gc_lease_seconds`).
+    #[serde(default = "default_lease_seconds")]
+    pub gc_lease_seconds: u64,
+}
+
+fn default_ceph_conf() -> PathBuf {
+    PathBuf::from("/etc/ceph/ceph.conf")
+}
+
+fn default_ceph_client() -> String {
+    "client.admin".into()
+}
+
+fn default_rados_prefix() -> String {
+    "vmbackup.".into()
+}
+
+fn default_rados_timeout() -> u64 {
+    30
+}
+
+impl RadosConfig {
+    /// The backend settings.
+    pub fn settings(&self) -> crate::backend::rados::RadosSettings {
+        crate::backend::rados::RadosSettings {
+            conf: self.conf.clone(),
+            client: self.client.clone(),
+            keyring: self.keyring.clone(),
+            pool: self.pool.clone(),
+            prefix: self.prefix.clone(),
+            timeout: std::time::Duration::from_secs(self.timeout_seconds.max(1)),
+        }
+    }
 }
 
 /// The `[s3]` section.
@@ -149,6 +221,7 @@ impl Default for StoreConfig {
             default_retention_seconds: 0,
             backend: BackendKind::Fs,
             s3: None,
+            rados: None,
         }
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vmbackup_store::access::Access;
+use vmbackup_store::backend::rados::RadosBackend;
 use vmbackup_store::backend::s3::S3Backend;
 use vmbackup_store::chunk_store::ChunkStore;
 use vmbackup_store::config::{BackendKind, StoreConfig};
@@ -108,6 +109,23 @@ async fn run() -> anyhow::Result<()> {
             })
             .await?
             .map_err(|e| anyhow::anyhow!("opening the S3 store: {}", e.full_message().replace('\n', " ")))?
+        }
+        BackendKind::Rados => {
+            let section =
+                config.rados.clone().ok_or_else(|| anyhow::anyhow!("backend = \"rados\" needs a [rados] section"))?;
+            let lease = std::time::Duration::from_secs(section.gc_lease_seconds);
+            tokio::task::spawn_blocking(move || {
+                let backend = Arc::new(RadosBackend::connect(&section.settings())?);
+                let identity = backend.open_or_create_identity(chunk_size)?;
+                // Any number of servers and agents may share the pool.
+                let shared = Shared::new(backend.clone()).with_lease_ttl(lease);
+                shared.set_margin(margin);
+                Ok::<_, vmbackup_store::error::StoreError>(
+                    ChunkStore::with_backend(backend, identity).with_shared(Arc::new(shared)),
+                )
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("opening the RADOS store: {}", e.full_message().replace('\n', " ")))?
         }
     }
     .with_dedup_scope(scope)

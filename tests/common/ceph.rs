@@ -865,3 +865,33 @@ pub fn store_config(
     .expect("config");
     config
 }
+
+/// Runs the store binary with `config` and expects it to fail within 12 s with one line
+/// containing `marker` and every `needle`, and no `secret` anywhere in its output.
+pub fn expect_refused(dir: &Path, marker: &str, name: &str, config: &Path, needles: &[&str], secrets: &[&str]) {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(super::bin("vmbackup-store"))
+        .args([
+            "--config",
+            &config.display().to_string(),
+            "--data-dir",
+            &dir.join(name).display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run vmbackup-store");
+    let took = started.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{name}: the store started: {text}");
+    assert!(took < std::time::Duration::from_secs(12), "{name}: took {took:?}: {text}");
+    let line = text.lines().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("{name}: {text}"));
+    for n in needles {
+        assert!(line.contains(n), "{name}: {n:?} not in {line:?}");
+    }
+    for s in secrets {
+        assert!(!text.contains(s), "{name}: a secret was printed: {text}");
+    }
+    eprintln!("{name}: refused in {:.1}s: {line}", took.as_secs_f64());
+}

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod ceph;
+pub mod host;
 pub mod qemu_vm;
 pub mod qsd;
 pub mod store_calls;

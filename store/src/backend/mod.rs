@@ -7,6 +7,7 @@
 //! once and never replaced.
 
 pub mod fs;
+pub mod rados;
 pub mod s3;
 
 use std::time::SystemTime;

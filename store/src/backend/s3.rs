@@ -161,7 +161,8 @@ fn brief(e: &object_store::Error) -> String {
     out
 }
 
-fn parse_hex_digest(name: &str) -> Option<Digest> {
+/// A chunk object's name (64 hex digits) as its digest.
+pub(crate) fn parse_hex_digest(name: &str) -> Option<Digest> {
     if name.len() != 64 {
         return None;
     }
