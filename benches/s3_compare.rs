@@ -6,7 +6,8 @@
 //!
 //! Per operation: seconds, MiB/s, MiB per CPU-second (vmbackup: agent and store; restic:
 //! its rusage; radosgw's own CPU is the same server for both and not counted), peak RSS,
-//! and the requests radosgw served (its `rgw.req` counter). Medians of
+//! the requests radosgw served (its `rgw.req` counter) and the CPU seconds radosgw and the
+//! OSD spent (on this machine they share its cores with the tool measured). Medians of
 //! `VMBACKUP_BENCH_ROUNDS` rounds (default 3) with min and max ratios. Reported, never
 //! asserted.
 //!
@@ -31,6 +32,12 @@ use std::time::Duration;
 use common::ceph::{CephCluster, CephOptions, ObjectStore};
 use samples::{Samples, sync_file, timed, with_sync};
 
+/// radosgw's request counter and the CPU seconds of radosgw and the OSD so far.
+fn server_meter(cluster: &CephCluster) -> (u64, f64) {
+    let cpu = [cluster.rgw_pid(), cluster.osd_pid()].into_iter().flatten().map(measure::cpu_seconds).sum();
+    (cluster.rgw_requests(), cpu)
+}
+
 fn make_bucket(cluster: &CephCluster, bucket: &str) {
     let (code, body) = cluster.s3("PUT", &format!("/{bucket}"), None, &[]);
     assert_eq!(code, 200, "create bucket {bucket}: {}", String::from_utf8_lossy(&body));
@@ -54,19 +61,21 @@ fn restic(out: &mut Samples, cluster: &CephCluster, round: usize, (v1, v2): (&Pa
     for (op, img) in [("full", v1), ("incremental", v2)] {
         let _ = std::fs::remove_file(&named);
         std::fs::hard_link(img, &named).expect("link");
-        let before = cluster.rgw_requests();
+        let before = server_meter(cluster);
         let (secs, cost) = timed("restic", &["backup", &s(&named)], &env, None);
         out.push("restic s3", "synthetic", op, secs, cost, dir.path().join("none").as_path());
-        out.set_requests(Some(cluster.rgw_requests() - before));
+        let after = server_meter(cluster);
+        out.set_server(Some((after.0 - before.0, after.1 - before.1)));
     }
     let target = dir.path().join("out");
-    let before = cluster.rgw_requests();
+    let before = server_meter(cluster);
     let (secs, cost) = with_sync(
         timed("restic", &["restore", "latest", "--target", &s(&target)], &env, None),
         sync_file(&target.join(named.strip_prefix("/").unwrap_or(&named))),
     );
     out.push("restic s3", "synthetic", "restore", secs, cost, dir.path().join("none").as_path());
-    out.set_requests(Some(cluster.rgw_requests() - before));
+    let after = server_meter(cluster);
+    out.set_server(Some((after.0 - before.0, after.1 - before.1)));
 }
 
 #[tokio::main]
@@ -107,8 +116,8 @@ async fn main() {
             "",
             "",
         );
-        let requests = || Some(cluster.rgw_requests());
-        samples::vmbackup(&mut samples, "vmbackup s3", "synthetic", (&v1, &v2, "raw"), Some(&config), &requests).await;
+        let meter = || Some(server_meter(&cluster));
+        samples::vmbackup(&mut samples, "vmbackup s3", "synthetic", (&v1, &v2, "raw"), Some(&config), &meter).await;
         samples::vmbackup(&mut samples, "vmbackup fs", "synthetic", (&v1, &v2, "raw"), None, &|| None).await;
         restic(&mut samples, &cluster, round, (&v1, &v2), w);
     }

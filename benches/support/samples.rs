@@ -38,8 +38,9 @@ pub struct Sample {
     /// Peak RSS: one figure, or vmbackup's agent and store.
     peak: String,
     stored_mib: f64,
-    /// Requests the object store served during the operation, when measured.
-    requests: Option<u64>,
+    /// Requests the object store served during the operation, and the CPU seconds its
+    /// servers (radosgw, OSD) spent, when measured.
+    server: Option<(u64, f64)>,
 }
 
 #[derive(Default)]
@@ -56,13 +57,13 @@ impl Samples {
         repo: &Path,
     ) {
         let peak = cost.peak_mib.to_string();
-        self.0.push(Sample { tool, corpus, op, secs, cpu: cost.cpu, peak, stored_mib: du(repo), requests: None });
+        self.0.push(Sample { tool, corpus, op, secs, cpu: cost.cpu, peak, stored_mib: du(repo), server: None });
     }
 
-    /// Sets the request count of the last sample.
-    pub fn set_requests(&mut self, n: Option<u64>) {
+    /// Sets the object store's requests and CPU of the last sample.
+    pub fn set_server(&mut self, n: Option<(u64, f64)>) {
         if let Some(s) = self.0.last_mut() {
-            s.requests = n;
+            s.server = n;
         }
     }
 }
@@ -85,15 +86,15 @@ pub fn with_sync((secs, cost): (f64, Cost), (s2, c2): (f64, Cost)) -> (f64, Cost
 }
 
 /// vmbackup's full backup of `v1`, incremental of `v2` and restore, as `tool`, with a
-/// fresh agent and store (4 MiB chunks; `store_config` picks its backend). `requests`
-/// reads the object store's request counter, when there is one.
+/// fresh agent and store (4 MiB chunks; `store_config` picks its backend). `server`
+/// reads the object store's request counter and CPU seconds, when there is one.
 pub async fn vmbackup(
     out: &mut Samples,
     tool: &'static str,
     corpus: &'static str,
     (v1, v2, format): (&Path, &Path, &str),
     store_config: Option<&Path>,
-    requests: &dyn Fn() -> Option<u64>,
+    server: &dyn Fn() -> Option<(u64, f64)>,
 ) {
     let s = |p: &Path| p.display().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -112,14 +113,14 @@ pub async fn vmbackup(
     let begin = || {
         measure::reset_peak(agent.pid());
         measure::reset_peak(store.pid());
-        (Instant::now(), measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()), requests())
+        (Instant::now(), measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()), server())
     };
-    let end = |out: &mut Samples, op: &'static str, (t, cpu0, req0): (Instant, f64, Option<u64>)| {
+    let end = |out: &mut Samples, op: &'static str, (t, cpu0, server0): (Instant, f64, Option<(u64, f64)>)| {
         let secs = t.elapsed().as_secs_f64();
         let cpu = measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()) - cpu0;
         let peak = format!("{} / {}", measure::peak_rss_mib(agent.pid()), measure::peak_rss_mib(store.pid()));
-        let requests = req0.zip(requests()).map(|(a, b)| b.saturating_sub(a));
-        out.0.push(Sample { tool, corpus, op, secs, cpu, peak, stored_mib: du(&chunks), requests });
+        let server = server0.zip(server()).map(|(a, b)| (b.0.saturating_sub(a.0), b.1 - a.1));
+        out.0.push(Sample { tool, corpus, op, secs, cpu, peak, stored_mib: du(&chunks), server });
     };
     let mut group = String::new();
     for (op, img) in [("full", v1), ("incremental", v2)] {
@@ -172,17 +173,19 @@ pub fn report(samples: &Samples, sizes: &[(&str, u64)]) {
     let rounds = of(&keys[0]).len();
     println!("\nmedian of {rounds} rounds; restores are timed until the file is on disk");
     println!(
-        "{:<17} {:<10} {:<12} {:>7} {:>7} {:>9} {:>14} {:>7} {:>9}",
-        "tool", "corpus", "operation", "seconds", "MiB/s", "MiB/CPU-s", "peak RSS MiB", "stored", "requests"
+        "{:<17} {:<10} {:<12} {:>7} {:>7} {:>9} {:>14} {:>7} {:>9} {:>12}",
+        "tool", "corpus", "operation", "seconds", "MiB/s", "MiB/CPU-s", "peak RSS MiB", "stored", "requests", "server CPU-s"
     );
     for k in &keys {
         let secs = med_secs(k);
         let cpu = median(of(k).iter().map(|s| s.cpu).collect());
         let all = of(k);
         let last = all.last().expect("a sample");
-        let requests = last.requests.map_or_else(|| "-".to_string(), |n| n.to_string());
+        let requests = last.server.map_or_else(|| "-".to_string(), |n| n.0.to_string());
+        let server_cpu = of(k).iter().filter_map(|s| s.server.map(|n| n.1)).collect::<Vec<_>>();
+        let server_cpu = if server_cpu.is_empty() { "-".to_string() } else { format!("{:.2}", median(server_cpu)) };
         println!(
-            "{:<17} {:<10} {:<12} {secs:>7.2} {:>7.0} {:>9.0} {:>14} {:>7.0} {requests:>9}",
+            "{:<17} {:<10} {:<12} {secs:>7.2} {:>7.0} {:>9.0} {:>14} {:>7.0} {requests:>9} {server_cpu:>12}",
             k.0,
             k.1,
             k.2,
