@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::ceph::{CephCluster, CephOptions, ObjectStore};
-use common::host::{Host, gc, groups, verify_clean};
-use common::{AgentOptions, run_tool, start_agent};
+use common::host::{Host, gc, groups, start_host_agent, verify_clean};
+use common::run_tool;
 
 const PREFIX: &str = "site-a.";
 /// Chunks of the 16 MiB images at the stores' 64 KiB chunk size.
@@ -91,14 +91,7 @@ async fn two_servers_share_one_pool_through_an_osd_crash() {
     assert_eq!(sa.store_uuid, sb.store_uuid, "one pool, one store");
     assert_eq!(sa.backend, format!("rados://{}/{PREFIX}", cluster.pool));
     assert!(sa.total_capacity > 0 && sa.available_capacity > 0, "{sa:?}");
-    let host = |name: &str| {
-        let home = dir.join(name);
-        std::fs::create_dir_all(&home).expect("home");
-        let cfg = home.join("agent.toml");
-        std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", dir.display())).expect("agent config");
-        start_agent(&home, AgentOptions { config: Some(cfg), ..Default::default() })
-    };
-    let (agent1, agent2) = (host("h1"), host("h2"));
+    let (agent1, agent2) = (start_host_agent(dir, "h1"), start_host_agent(dir, "h2"));
     let h1 = Host::new(&agent1, &store_a, "pool via a").await;
     let h2 = Host::new(&agent2, &store_b, "pool via b").await;
 

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::ceph::{CephCluster, CephOptions};
-use common::host::{Host, gc, groups, status, verify_clean};
-use common::{AgentOptions, run_tool, start_agent, store_client};
+use common::host::{Host, gc, groups, start_host_agent, status, verify_clean};
+use common::{run_tool, store_client};
 use vmbackup_proto::store::v1 as spb;
 
 const BUCKET: &str = "vmbackup-shared";
@@ -67,14 +67,7 @@ async fn two_servers_share_one_bucket_through_gc_kills_and_outages() {
 
     // Two hosts, each with its own agent and its own store server; both may read the
     // images under `dir`.
-    let host = |name: &str| {
-        let home = dir.join(name);
-        std::fs::create_dir_all(&home).expect("home");
-        let cfg = home.join("agent.toml");
-        std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", dir.display())).expect("agent config");
-        start_agent(&home, AgentOptions { config: Some(cfg), ..Default::default() })
-    };
-    let (agent1, agent2) = (host("h1"), host("h2"));
+    let (agent1, agent2) = (start_host_agent(dir, "h1"), start_host_agent(dir, "h2"));
     let h1 = Host::new(&agent1, &store_a, "bucket via a").await;
     let h2 = Host::new(&agent2, &store_b, "bucket via b").await;
     eprintln!("cluster, two stores, two agents up in {:.1}s", t0.elapsed().as_secs_f64());

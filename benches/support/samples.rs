@@ -174,7 +174,16 @@ pub fn report(samples: &Samples, sizes: &[(&str, u64)]) {
     println!("\nmedian of {rounds} rounds; restores are timed until the file is on disk");
     println!(
         "{:<17} {:<10} {:<12} {:>7} {:>7} {:>9} {:>14} {:>7} {:>9} {:>12}",
-        "tool", "corpus", "operation", "seconds", "MiB/s", "MiB/CPU-s", "peak RSS MiB", "stored", "requests", "server CPU-s"
+        "tool",
+        "corpus",
+        "operation",
+        "seconds",
+        "MiB/s",
+        "MiB/CPU-s",
+        "peak RSS MiB",
+        "stored",
+        "requests",
+        "server CPU-s"
     );
     for k in &keys {
         let secs = med_secs(k);

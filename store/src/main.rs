@@ -95,37 +95,24 @@ async fn run() -> anyhow::Result<()> {
         BackendKind::S3 => {
             let section = config.s3.clone().ok_or_else(|| anyhow::anyhow!("backend = \"s3\" needs an [s3] section"))?;
             let settings = section.settings().map_err(|e| anyhow::anyhow!(e))?;
-            // One line: the cause chain joined, so a bad bucket, key or endpoint reads at a glance.
             let lease = std::time::Duration::from_secs(section.gc_lease_seconds);
-            tokio::task::spawn_blocking(move || {
+            open_shared("S3", lease, margin, move || {
                 let backend = Arc::new(S3Backend::connect(&settings)?);
                 let identity = backend.open_or_create_identity(chunk_size)?;
-                // Any number of servers may share the bucket: sessions and GC coordinate there.
-                let shared = Shared::new(backend.clone()).with_lease_ttl(lease);
-                shared.set_margin(margin);
-                Ok::<_, vmbackup_store::error::StoreError>(
-                    ChunkStore::with_backend(backend, identity).with_shared(Arc::new(shared)),
-                )
+                Ok((backend, identity))
             })
             .await?
-            .map_err(|e| anyhow::anyhow!("opening the S3 store: {}", e.full_message().replace('\n', " ")))?
         }
         BackendKind::Rados => {
             let section =
                 config.rados.clone().ok_or_else(|| anyhow::anyhow!("backend = \"rados\" needs a [rados] section"))?;
             let lease = std::time::Duration::from_secs(section.gc_lease_seconds);
-            tokio::task::spawn_blocking(move || {
+            open_shared("RADOS", lease, margin, move || {
                 let backend = Arc::new(RadosBackend::connect(&section.settings())?);
                 let identity = backend.open_or_create_identity(chunk_size)?;
-                // Any number of servers and agents may share the pool.
-                let shared = Shared::new(backend.clone()).with_lease_ttl(lease);
-                shared.set_margin(margin);
-                Ok::<_, vmbackup_store::error::StoreError>(
-                    ChunkStore::with_backend(backend, identity).with_shared(Arc::new(shared)),
-                )
+                Ok((backend, identity))
             })
             .await?
-            .map_err(|e| anyhow::anyhow!("opening the RADOS store: {}", e.full_message().replace('\n', " ")))?
         }
     }
     .with_dedup_scope(scope)
@@ -206,4 +193,32 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Opens a store on a backend that any number of servers may share (a bucket, a pool):
+/// `open` connects and reads the identity; sessions and GC then coordinate through the
+/// backend ([`Shared`]). A failure is one line naming `what`, its causes joined, so a bad
+/// bucket, pool, key or endpoint reads at a glance.
+async fn open_shared<B, F>(
+    what: &'static str,
+    lease: std::time::Duration,
+    margin: std::time::Duration,
+    open: F,
+) -> anyhow::Result<ChunkStore>
+where
+    B: vmbackup_store::backend::Backend + vmbackup_store::shared::SharedObjects + 'static,
+    F: FnOnce() -> Result<(Arc<B>, vmbackup_store::identity::StoreIdentity), vmbackup_store::error::StoreError>
+        + Send
+        + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let (backend, identity) = open()?;
+        let shared = Shared::new(backend.clone()).with_lease_ttl(lease);
+        shared.set_margin(margin);
+        Ok::<_, vmbackup_store::error::StoreError>(
+            ChunkStore::with_backend(backend, identity).with_shared(Arc::new(shared)),
+        )
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("opening the {what} store: {}", e.full_message().replace('\n', " ")))
 }

@@ -90,6 +90,16 @@ impl Host {
     }
 }
 
+/// Starts the agent of host `name` (its data under `dir/name`), allowed to read images
+/// and write restores anywhere under `dir`.
+pub fn start_host_agent(dir: &Path, name: &str) -> Daemon {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).expect("home");
+    let cfg = home.join("agent.toml");
+    std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", dir.display())).expect("agent config");
+    super::start_agent(&home, super::AgentOptions { config: Some(cfg), ..Default::default() })
+}
+
 impl Host {
     /// A host of `agent` with `store` added as its backup storage `name`.
     pub async fn new(agent: &Daemon, store: &Daemon, name: &str) -> Host {
