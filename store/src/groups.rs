@@ -158,6 +158,23 @@ impl ChunkStore {
         Ok(StoredGroup { manifest, bytes, damaged, meta })
     }
 
+    /// How many committed groups `sees` lets a caller see: for a caller who sees every
+    /// namespace a LIST of the manifests alone; otherwise each group's meta is read too
+    /// (never the manifests). Status calls this before every backup, so it stays cheap.
+    pub fn count_groups(&self, all: bool, sees: &dyn Fn(&str) -> bool) -> Result<usize> {
+        let manifests = self.backend.list_objects(ObjectKind::Manifest)?;
+        if all {
+            return Ok(manifests.len());
+        }
+        let mut n = 0;
+        for o in &manifests {
+            if sees(&self.group_meta(&o.name)?.namespace) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Every committed group, oldest first. A manifest that cannot be read is reported in
     /// the log and skipped, so one damaged file does not hide every other group.
     pub fn list_groups(&self) -> Result<Vec<StoredGroup>> {

@@ -589,6 +589,26 @@ impl SharedObjects for S3Backend {
         S3Backend::delete(self, &self.key(key))
     }
 
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<ObjPath> = keys.iter().map(|k| self.key(k)).collect();
+        let client = self.client.clone();
+        // Multi-object DELETE (up to 1000 keys a request); absent keys are fine.
+        let results = self.block(async move {
+            let stream = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+            client.delete_stream(stream).collect::<Vec<_>>().await
+        })?;
+        for r in results {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(s3_error("DELETE", "(batch)", e)),
+            }
+        }
+        Ok(())
+    }
+
     fn chunk_modified(&self, digest: &Digest) -> Result<Option<SystemTime>> {
         self.head(&self.chunk_key(digest))
     }

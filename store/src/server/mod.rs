@@ -177,7 +177,7 @@ impl ImageStore for StoreService {
         let admin = p.has(Role::Admin);
         let (capacity, groups, objects) = self
             .run(move |s| {
-                let visible = s.list_groups()?.iter().filter(|g| who.sees(&g.meta.namespace)).count();
+                let visible = s.count_groups(admin, &|ns| who.sees(ns))?;
                 let objects = if admin { Some(s.stored_objects()?) } else { None };
                 Ok((s.capacity()?, visible, objects))
             })

@@ -12,7 +12,7 @@
 //! | key | what | written by |
 //! |---|---|---|
 //! | `sessions/<id>.json` | [`SessionRecord`]: owner, start, `expiresMs` | open; renewed while in use; deleted at close |
-//! | `journal/<id>/<server>-<n>` | digest list: chunks session `<id>` was told present or found present on upload | before the answer |
+//! | `journal/<id>/<server>-<n>` | digest list: chunks session `<id>` asked about (MissingChunks) or found present on upload | before the answer |
 //! | `gc/lease-<epoch>.json` | [`gc::Lease`]: holder, `expiresMs`, phase | create-only by the GC that wins `<epoch>`; renewed by it alone |
 //! | `gc/fence-<epoch>` | digest list: every chunk GC `<epoch>` may delete | create-only, before any delete |
 //! | `gc/doomed-<epoch>` | digest list: what it will delete (fence minus what is kept) | create-only, before any delete |
@@ -55,7 +55,8 @@
 //! ## Why a chunk a live session relies on is never deleted
 //!
 //! A server, before telling a session a chunk is present (or accepting an upload that
-//! found the chunk there): **writes** the journal entry, **then reads** the fence. GC
+//! found the chunk there): **writes** the journal entry (MissingChunks journals every digest
+//! asked, while it looks them up), **then reads** the fence. GC
 //! **writes** the fence, **then reads** the journals. With S3's read-after-write
 //! consistency, at least one side sees the other's write:
 //! - GC saw the journal: the chunk is kept.
@@ -131,6 +132,10 @@ pub trait SharedObjects: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
     /// Deletes an object (absent is fine), retrying transient failures.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes many objects (absent ones are fine); object stores batch them.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
     /// A chunk's `LastModified` (None when absent).
     fn chunk_modified(&self, digest: &Digest) -> Result<Option<SystemTime>>;
     /// Deletes a chunk with exactly one request, never retried.

@@ -102,10 +102,8 @@ impl Shared {
     pub fn delete_session(&self, id: &str) -> Result<()> {
         check_session_id(id)?;
         self.objects.delete(&format!("sessions/{id}.json"))?;
-        for j in self.objects.list(&format!("journal/{id}/"))? {
-            self.objects.delete(&j.key)?;
-        }
-        Ok(())
+        let journal: Vec<String> = self.objects.list(&format!("journal/{id}/"))?.into_iter().map(|j| j.key).collect();
+        self.objects.delete_many(&journal)
     }
 
     /// Every session record in the bucket, by id (unreadable ones are logged and skipped:
