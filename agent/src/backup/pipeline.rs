@@ -135,21 +135,27 @@ pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
 }
 
 /// Asks the store which chunks it lacks on behalf of every worker: questions that arrive
-/// while a call is out go together in the next one, so a job makes about one MissingChunks
-/// call per round of its workers instead of one per chunk.
+/// while calls are out go together in the next one, so a job makes about one MissingChunks
+/// call per round of its workers instead of one per chunk. Up to [`ASKS_IN_FLIGHT`] calls
+/// are out at once, so over an object store (a call is several round trips) a worker
+/// waits about one call, not the calls queued before its question.
 pub(super) struct Asker {
     tx: mpsc::Sender<(Digest, oneshot::Sender<Result<bool>>)>,
 }
 
 /// Questions answered by one MissingChunks call at most.
 const ASK_BATCH: usize = 256;
+/// MissingChunks calls out at once per job.
+const ASKS_IN_FLIGHT: usize = 4;
 
 impl Asker {
     /// An asker for `session` on `store`; it stops when the last handle is dropped.
     pub(super) fn spawn(store: Arc<dyn Store>, session: String) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Digest, oneshot::Sender<Result<bool>>)>(ASK_BATCH);
+        let slots = Arc::new(tokio::sync::Semaphore::new(ASKS_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let mut batch = vec![first];
                 while batch.len() < ASK_BATCH {
                     match rx.try_recv() {
@@ -157,20 +163,24 @@ impl Asker {
                         Err(_) => break,
                     }
                 }
-                let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
-                match store.missing(&session, &digests).await {
-                    Ok(missing) => {
-                        let missing: HashSet<Digest> = missing.into_iter().collect();
-                        for (d, reply) in batch {
-                            let _ = reply.send(Ok(missing.contains(&d)));
+                let (store, session) = (store.clone(), session.clone());
+                tokio::spawn(async move {
+                    let digests: Vec<Digest> = batch.iter().map(|(d, _)| *d).collect();
+                    match store.missing(&session, &digests).await {
+                        Ok(missing) => {
+                            let missing: HashSet<Digest> = missing.into_iter().collect();
+                            for (d, reply) in batch {
+                                let _ = reply.send(Ok(missing.contains(&d)));
+                            }
+                        }
+                        Err(e) => {
+                            for (_, reply) in batch {
+                                let _ = reply.send(Err(e.detached()));
+                            }
                         }
                     }
-                    Err(e) => {
-                        for (_, reply) in batch {
-                            let _ = reply.send(Err(e.detached()));
-                        }
-                    }
-                }
+                    drop(slot);
+                });
             }
         });
         Self { tx }
