@@ -293,9 +293,9 @@ impl ChunkStore {
         Ok(missing)
     }
 
-    /// MissingChunks over a shared bucket: journal the digests and look them up (both at
-    /// once), then read the fence; a present chunk a running GC may delete is reported
-    /// missing (see [`crate::shared`]).
+    /// MissingChunks over a shared bucket: which are present (looked up concurrently),
+    /// journal those, then read the fence; a present chunk a running GC may delete is
+    /// reported missing (see [`crate::shared`]).
     fn missing_shared(
         &self,
         shared: &crate::shared::Shared,
@@ -303,18 +303,7 @@ impl ChunkStore {
         owner: &SessionOwner,
         asked: &[Digest],
     ) -> Result<Vec<Digest>> {
-        // The journal names every digest asked (a missing one in it is harmless), so it is
-        // written while the lookups run: one round trip fewer per call. It still precedes
-        // the fence read below, which is all the protocol needs.
-        let (found, journaled) = std::thread::scope(|s| {
-            let journal = s.spawn(|| shared.journal(session, asked));
-            let found = self.backend.has_chunks(asked);
-            let journaled =
-                journal.join().unwrap_or_else(|_| Err(StoreError::new(ErrorKind::Io, "the journal writer panicked")));
-            (found, journaled)
-        });
-        let found = found?;
-        journaled?;
+        let found = self.backend.has_chunks(asked)?;
         let mut present = Vec::new();
         let mut missing = Vec::new();
         for (d, here) in asked.iter().zip(found) {
@@ -322,6 +311,10 @@ impl ChunkStore {
             if visible { present.push(*d) } else { missing.push(*d) }
         }
         if !present.is_empty() {
+            // Only what is present: a full backup of new data writes no journal at all
+            // (journaling every digest asked, while looking them up, cost a PUT per call
+            // and made full backups slower on radosgw).
+            shared.journal(session, &present)?;
             let fence = shared.fence()?;
             let before = present.len();
             present.retain(|d| {

@@ -12,7 +12,7 @@
 //! | key | what | written by |
 //! |---|---|---|
 //! | `sessions/<id>.json` | [`SessionRecord`]: owner, start, `expiresMs` | open; renewed while in use; deleted at close |
-//! | `journal/<id>/<server>-<n>` | digest list: chunks session `<id>` asked about (MissingChunks) or found present on upload | before the answer |
+//! | `journal/<id>/<server>-<n>` | digest list: chunks session `<id>` was told present or found present on upload | before the answer |
 //! | `gc/lease-<epoch>.json` | [`gc::Lease`]: holder, `expiresMs`, phase | create-only by the GC that wins `<epoch>`; renewed by it alone |
 //! | `gc/fence-<epoch>` | digest list: every chunk GC `<epoch>` may delete | create-only, before any delete |
 //! | `gc/doomed-<epoch>` | digest list: what it will delete (fence minus what is kept) | create-only, before any delete |
@@ -55,8 +55,7 @@
 //! ## Why a chunk a live session relies on is never deleted
 //!
 //! A server, before telling a session a chunk is present (or accepting an upload that
-//! found the chunk there): **writes** the journal entry (MissingChunks journals every digest
-//! asked, while it looks them up), **then reads** the fence. GC
+//! found the chunk there): **writes** the journal entry, **then reads** the fence. GC
 //! **writes** the fence, **then reads** the journals. With S3's read-after-write
 //! consistency, at least one side sees the other's write:
 //! - GC saw the journal: the chunk is kept.
