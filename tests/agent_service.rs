@@ -155,11 +155,11 @@ async fn reflection_and_health_are_open_and_later_methods_are_unimplemented() {
         .into_inner();
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
-    // A method of a later feature: UNIMPLEMENTED with SYS.1014, never a fake success.
+    // An empty AddCephBackupStorage: the first missing field named, SYS.1007, nothing recorded.
     let mut storages = common::storage_client(&agent, Some(common::session(&agent))).await;
-    let e =
-        storages.add_ceph_backup_storage(pb::AddCephBackupStorageRequest::default()).await.expect_err("not built yet");
-    assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::Unimplemented, "SYS.1014"));
+    let e = storages.add_ceph_backup_storage(pb::AddCephBackupStorageRequest::default()).await.expect_err("empty");
+    assert_eq!((e.code(), zstack_code(&e).as_str()), (tonic::Code::InvalidArgument, "SYS.1007"));
+    assert!(e.message().contains("name"), "{}", e.message());
 }
 
 #[tokio::test(flavor = "multi_thread")]

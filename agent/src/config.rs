@@ -46,6 +46,29 @@ pub struct AgentConfig {
     pub tls: vmbackup_store::daemon::tls::ServerTls,
     /// TLS towards Image Storage servers with `https://` endpoints.
     pub store_tls: vmbackup_store::daemon::tls::ClientTls,
+    /// How the agent reaches Ceph backup storages (pools it writes directly).
+    pub ceph: CephConfig,
+}
+
+/// Client settings for Ceph backup storages; the monitors, pool, client name and keyring
+/// come with each AddCephBackupStorage.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CephConfig {
+    /// ceph.conf read before a storage's own settings, when the file exists (its monitors
+    /// are replaced by the storage's `monUrls`).
+    pub conf: PathBuf,
+    /// Timeout of connecting and of every monitor and OSD operation, seconds: a stopped
+    /// monitor or OSD fails a job within it instead of hanging it.
+    pub timeout_seconds: u64,
+    /// Lifetime of a garbage collection lease in the pool, seconds.
+    pub gc_lease_seconds: u64,
+}
+
+impl Default for CephConfig {
+    fn default() -> Self {
+        Self { conf: PathBuf::from("/etc/ceph/ceph.conf"), timeout_seconds: 30, gc_lease_seconds: 60 }
+    }
 }
 
 /// Host-wide caps, bytes per second; 0 is no cap. Each is shared by all jobs at once, on top
@@ -124,6 +147,7 @@ impl Default for AgentConfig {
             embedded_store: EmbeddedStoreConfig::default(),
             tls: Default::default(),
             store_tls: Default::default(),
+            ceph: CephConfig::default(),
         }
     }
 }

@@ -44,6 +44,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         open_catalog(&config.data_dir).await?,
         config.store_tls.clone(),
         crate::storage::credentials::Credentials::new(&config.data_dir),
+        config.ceph.clone(),
     );
     let sessions = sessions(&config)?;
 
@@ -227,6 +228,7 @@ fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::d
         ("embedded_store", format!("{:?}", old.embedded_store) != format!("{:?}", new.embedded_store)),
         ("tls", format!("{:?}", old.tls) != format!("{:?}", new.tls)),
         ("store_tls", format!("{:?}", old.store_tls) != format!("{:?}", new.store_tls)),
+        ("ceph", old.ceph != new.ceph),
         ("shutdown_grace_seconds", old.shutdown_grace_seconds != new.shutdown_grace_seconds),
     ];
     for (key, changed) in restart_only {

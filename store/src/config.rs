@@ -131,7 +131,8 @@ impl RadosConfig {
     /// The backend settings.
     pub fn settings(&self) -> crate::backend::rados::RadosSettings {
         crate::backend::rados::RadosSettings {
-            conf: self.conf.clone(),
+            conf: Some(self.conf.clone()),
+            mon_host: None,
             client: self.client.clone(),
             keyring: self.keyring.clone(),
             pool: self.pool.clone(),

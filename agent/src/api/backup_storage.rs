@@ -6,8 +6,9 @@ use vmbackup_proto::agent::v1::backup_storage_service_server::BackupStorageServi
 
 use super::{query_params, status, timestamp};
 use crate::catalog::backup_storage::BackupStorageRecord;
-use crate::error::{AgentError, ErrorKind, Result};
-use crate::storage::registry::{NewImageStore, Registry};
+use crate::error::{AgentError, Result};
+use crate::storage::ceph::{CephTarget, DEFAULT_CLIENT, parse_mon_url};
+use crate::storage::registry::{NewCeph, NewImageStore, Registry};
 use crate::validate;
 
 /// The service.
@@ -48,27 +49,107 @@ impl BackupStorageApi {
             };
             (h, p, false)
         };
-        let mut zones =
-            r.attached_zone_uuids.iter().map(|z| validate::uuid("attachedZoneUuids", z)).collect::<Result<Vec<_>>>()?;
-        zones.sort();
-        zones.dedup();
-        // On a storage record, parallelismDegree caps concurrent backups there (ZStack's
-        // meaning); the other tags are about a backup and have no place here.
-        let tags = crate::tags::parse(&r.system_tags)?;
-        if tags.backup_network.is_some() || tags.fs_info.is_some() {
-            return Err(AgentError::invalid(
-                "systemTags",
-                "only volumeLiveBackup::parallelismDegree applies to a storage",
-            ));
-        }
-        let max_backups = tags.parallelism;
+        let zones = zones(&r.attached_zone_uuids)?;
+        let max_backups = storage_tags(&r.system_tags)?;
         let token = crate::storage::credentials::check_token("token", &r.token)?;
         Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups, token })
     }
 }
 
+fn parse_add_ceph(r: &pb::AddCephBackupStorageRequest) -> Result<NewCeph> {
+    let name = validate::name("name", &r.name)?;
+    let description = validate::description("description", &r.description)?;
+    let uuid = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
+    if r.mon_urls.is_empty() {
+        return Err(AgentError::invalid("monUrls", "is required (at least one monitor)"));
+    }
+    if r.mon_urls.len() > 16 {
+        return Err(AgentError::invalid("monUrls", format!("lists {} monitors; at most 16", r.mon_urls.len())));
+    }
+    let mut mons = Vec::new();
+    for raw in &r.mon_urls {
+        let m = parse_mon_url("monUrls", raw)?;
+        if mons.iter().any(|o: &crate::storage::ceph::MonUrl| o.hostname == m.hostname && o.mon_port == m.mon_port) {
+            return Err(AgentError::invalid("monUrls", format!("{}:{} is listed twice", m.hostname, m.mon_port)));
+        }
+        mons.push(m);
+    }
+    let pool = ceph_name("poolName", &r.pool_name)?;
+    let client = match r.ceph_client.trim() {
+        "" => DEFAULT_CLIENT.to_string(),
+        c => {
+            let c = ceph_name("cephClient", c)?;
+            if !c.starts_with("client.") || c.len() == "client.".len() {
+                return Err(AgentError::invalid(
+                    "cephClient",
+                    format!("{c:?} is not a client name such as client.backup"),
+                ));
+            }
+            c
+        }
+    };
+    let keyring = match r.keyring_path.trim() {
+        "" => None,
+        k if k.starts_with('/') && !k.contains('\0') && k.len() <= 4096 => Some(std::path::PathBuf::from(k)),
+        k => {
+            return Err(AgentError::invalid(
+                "keyringPath",
+                format!("{} is not an absolute path", validate::shorten(k)),
+            ));
+        }
+    };
+    if r.import_images {
+        return Err(AgentError::invalid(
+            "importImages",
+            "is not supported: backups already in the pool are found by SyncVmBackup",
+        ));
+    }
+    Ok(NewCeph {
+        uuid,
+        name,
+        description,
+        target: CephTarget { mons, pool, client, keyring },
+        zones: zones(&r.attached_zone_uuids)?,
+        max_backups: storage_tags(&r.system_tags)?,
+    })
+}
+
+/// A pool or client name: what Ceph accepts in both, 1 to 128 characters.
+fn ceph_name(field: &'static str, value: &str) -> Result<String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(AgentError::invalid(field, "is required"));
+    }
+    let ok = v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok || v.starts_with('.') {
+        return Err(AgentError::invalid(
+            field,
+            format!("{} may hold only letters, digits, '.', '_' and '-' (at most 128)", validate::shorten(v)),
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn zones(raw: &[String]) -> Result<Vec<String>> {
+    let mut zones = raw.iter().map(|z| validate::uuid("attachedZoneUuids", z)).collect::<Result<Vec<_>>>()?;
+    zones.sort();
+    zones.dedup();
+    Ok(zones)
+}
+
+/// On a storage record, parallelismDegree caps concurrent backups there (ZStack's meaning);
+/// the other tags are about a backup and have no place here.
+fn storage_tags(system_tags: &[String]) -> Result<Option<u32>> {
+    let tags = crate::tags::parse(system_tags)?;
+    if tags.backup_network.is_some() || tags.fs_info.is_some() {
+        return Err(AgentError::invalid("systemTags", "only volumeLiveBackup::parallelismDegree applies to a storage"));
+    }
+    Ok(tags.parallelism)
+}
+
 /// The seeds' BackupStorageInventory for a record.
 pub fn inventory(r: BackupStorageRecord) -> pb::BackupStorageInventory {
+    let storage_uuid = r.uuid.clone();
     pb::BackupStorageInventory {
         uuid: r.uuid,
         name: r.name,
@@ -85,6 +166,29 @@ pub fn inventory(r: BackupStorageRecord) -> pb::BackupStorageInventory {
         hostname: r.hostname,
         port: u32::from(r.port),
         store_uuid: r.store_uuid,
+        fsid: r.fsid,
+        mons: r
+            .mons
+            .into_iter()
+            .map(|m| pb::CephBackupStorageMonInventory {
+                backup_storage_uuid: storage_uuid.clone(),
+                create_date: timestamp(m.create_date),
+                hostname: m.hostname,
+                last_op_date: timestamp(m.last_op_date),
+                mon_addr: m.mon_addr,
+                mon_port: u32::from(m.mon_port),
+                mon_uuid: m.mon_uuid,
+                // Never kept, never returned.
+                ssh_password: String::new(),
+                ssh_port: u32::from(m.ssh_port),
+                ssh_username: m.ssh_username,
+                status: m.status,
+            })
+            .collect(),
+        pool_name: r.pool_name,
+        pool_available_capacity: r.pool_available_capacity,
+        pool_used_capacity: r.pool_used_capacity,
+        pool_replicated_size: r.pool_replicated_size,
         ..Default::default()
     }
 }
@@ -105,12 +209,10 @@ impl BackupStorageService for BackupStorageApi {
 
     async fn add_ceph_backup_storage(
         &self,
-        _request: Request<pb::AddCephBackupStorageRequest>,
+        request: Request<pb::AddCephBackupStorageRequest>,
     ) -> Result<Response<pb::BackupStorageReply>, Status> {
-        Err(status(&AgentError::new(
-            ErrorKind::Unimplemented,
-            "AddCephBackupStorage is not implemented by this agent version",
-        )))
+        let req = parse_add_ceph(request.get_ref()).map_err(|e| status(&e))?;
+        reply(self.registry.add_ceph(req).await)
     }
 
     async fn delete_backup_storage(

@@ -7,7 +7,7 @@ use super::query::{Field, FieldType, QueryParams, QueryResult, Schema, run_query
 use super::{Catalog, CatalogError};
 
 /// A registered backup storage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackupStorageRecord {
     /// Uuid (32 lowercase hex).
     pub uuid: String,
@@ -42,6 +42,46 @@ pub struct BackupStorageRecord {
     /// Concurrent backups allowed on it (`volumeLiveBackup::parallelismDegree::N` on the
     /// storage record, ZStack's meaning there); None: the agent's default.
     pub max_backups: Option<u32>,
+    /// Ceph only: the cluster's fsid.
+    pub fsid: String,
+    /// Ceph only: the pool backups are written to.
+    pub pool_name: String,
+    /// Ceph only: bytes the pool can still take, from the last probe.
+    pub pool_available_capacity: i64,
+    /// Ceph only: bytes the pool uses, from the last probe.
+    pub pool_used_capacity: i64,
+    /// Ceph only: the pool's replica count.
+    pub pool_replicated_size: i32,
+    /// Ceph only: the cephx client name (`client.admin`).
+    pub ceph_client: String,
+    /// Ceph only: the keyring file (empty: librados's default paths).
+    pub keyring_path: String,
+    /// Ceph only: the monitors, in the order they were given.
+    pub mons: Vec<CephMonRecord>,
+}
+
+/// A monitor of a Ceph backup storage (ZStack's CephBackupStorageMonInventory, without the
+/// SSH password, which the agent never keeps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CephMonRecord {
+    /// Uuid of this monitor record.
+    pub mon_uuid: String,
+    /// Host as given.
+    pub hostname: String,
+    /// Address the monitor is reached at.
+    pub mon_addr: String,
+    /// Monitor port.
+    pub mon_port: u16,
+    /// SSH port of the monUrl (kept for the inventory; the agent never uses SSH).
+    pub ssh_port: u16,
+    /// SSH user of the monUrl (same).
+    pub ssh_username: String,
+    /// `Connected` or `Disconnected`, from the last check.
+    pub status: String,
+    /// Unix milliseconds.
+    pub create_date: i64,
+    /// Unix milliseconds.
+    pub last_op_date: i64,
 }
 
 /// Queryable fields of BackupStorageInventory.
@@ -64,6 +104,11 @@ pub const SCHEMA: Schema = Schema {
         Field { name: "storeUuid", column: "store_uuid", ty: FieldType::Text },
         Field { name: "createDate", column: "create_date", ty: FieldType::Time },
         Field { name: "lastOpDate", column: "last_op_date", ty: FieldType::Time },
+        Field { name: "fsid", column: "fsid", ty: FieldType::Text },
+        Field { name: "poolName", column: "pool_name", ty: FieldType::Text },
+        Field { name: "poolAvailableCapacity", column: "pool_available_capacity", ty: FieldType::Int },
+        Field { name: "poolUsedCapacity", column: "pool_used_capacity", ty: FieldType::Int },
+        Field { name: "poolReplicatedSize", column: "pool_replicated_size", ty: FieldType::Int },
         Field {
             name: "attachedZoneUuids",
             column: "zone_uuid",
@@ -73,7 +118,8 @@ pub const SCHEMA: Schema = Schema {
 };
 
 const COLUMNS: &str = "uuid, name, description, type, url, hostname, port, state, status, total_capacity, \
-                       available_capacity, store_uuid, create_date, last_op_date, max_backups";
+                       available_capacity, store_uuid, create_date, last_op_date, max_backups, fsid, pool_name, \
+                       pool_available_capacity, pool_used_capacity, pool_replicated_size, ceph_client, keyring_path";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
     Ok(BackupStorageRecord {
@@ -93,6 +139,14 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
         last_op_date: row.get(13)?,
         attached_zone_uuids: Vec::new(),
         max_backups: row.get(14)?,
+        fsid: row.get(15)?,
+        pool_name: row.get(16)?,
+        pool_available_capacity: row.get(17)?,
+        pool_used_capacity: row.get(18)?,
+        pool_replicated_size: row.get(19)?,
+        ceph_client: row.get(20)?,
+        keyring_path: row.get(21)?,
+        mons: Vec::new(),
     })
 }
 
@@ -102,7 +156,7 @@ impl Catalog {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"),
             params![
                 r.uuid,
                 r.name,
@@ -118,9 +172,17 @@ impl Catalog {
                 r.store_uuid,
                 r.create_date,
                 r.last_op_date,
-                r.max_backups
+                r.max_backups,
+                r.fsid,
+                r.pool_name,
+                r.pool_available_capacity,
+                r.pool_used_capacity,
+                r.pool_replicated_size,
+                r.ceph_client,
+                r.keyring_path
             ],
         )?;
+        super::ceph::insert_mons(&tx, &r.uuid, &r.mons)?;
         for z in &r.attached_zone_uuids {
             tx.execute(
                 "INSERT OR IGNORE INTO backup_storage_zone (backup_storage_uuid, zone_uuid) VALUES (?1, ?2)",
@@ -141,6 +203,7 @@ impl Catalog {
             None => Ok(None),
             Some(mut r) => {
                 r.attached_zone_uuids = zones(&conn, &r.uuid)?;
+                r.mons = super::ceph::mons(&conn, &r.uuid)?;
                 Ok(Some(r))
             }
         }
@@ -164,6 +227,7 @@ impl Catalog {
         let mut result = run_query(&conn, &SCHEMA, COLUMNS, q, from_row)?;
         for r in &mut result.rows {
             r.attached_zone_uuids = zones(&conn, &r.uuid)?;
+            r.mons = super::ceph::mons(&conn, &r.uuid)?;
         }
         Ok(result)
     }
@@ -217,6 +281,7 @@ impl Catalog {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM volume_backup_ref WHERE backup_storage_uuid = ?1", [uuid])?;
+        tx.execute("DELETE FROM ceph_mon WHERE backup_storage_uuid = ?1", [uuid])?;
         let n = tx.execute("DELETE FROM backup_storage WHERE uuid = ?1", [uuid])?;
         tx.commit()?;
         Ok(n == 1)
@@ -252,7 +317,7 @@ mod tests {
             create_date: total,
             last_op_date: total,
             attached_zone_uuids: vec!["z1".into()],
-            max_backups: None,
+            ..Default::default()
         }
     }
 
@@ -273,6 +338,49 @@ mod tests {
         assert!(c.delete_backup_storage("a").expect("delete"));
         assert!(!c.delete_backup_storage("a").expect("delete again"));
         assert_eq!(query(&c, &[]), vec!["beta"]);
+    }
+
+    #[test]
+    fn ceph_records_keep_their_monitors_and_probe_results() {
+        let c = Catalog::open_in_memory().expect("catalog");
+        let mon = |u: &str, h: &str| CephMonRecord {
+            mon_uuid: u.into(),
+            hostname: h.into(),
+            mon_addr: h.into(),
+            mon_port: 6789,
+            ssh_port: 22,
+            ssh_username: "root".into(),
+            status: "Connected".into(),
+            create_date: 1,
+            last_op_date: 1,
+        };
+        let mut r = record("c", "ceph", 300);
+        r.kind = "Ceph".into();
+        r.fsid = "f-1".into();
+        r.pool_name = "backups".into();
+        r.pool_replicated_size = 3;
+        r.mons = vec![mon("m2", "10.0.0.2"), mon("m1", "10.0.0.1")];
+        c.insert_backup_storage(&r).expect("insert");
+        c.insert_backup_storage(&record("i", "image", 100)).expect("insert image store");
+        assert_eq!(c.get_backup_storage("c").expect("get").expect("exists"), r, "monitors come back in order");
+        assert_eq!(query(&c, &["poolReplicatedSize=3"]), vec!["ceph"]);
+        assert_eq!(query(&c, &["fsid=f-1", "poolName=backups"]), vec!["ceph"]);
+
+        let probe = crate::catalog::CephProbe {
+            capacity: None,
+            pool: Some((10, 20, 2)),
+            mons: vec![("m1".into(), "Disconnected")],
+        };
+        c.update_ceph_probe("c", "Disconnected", &probe, 9).expect("probe");
+        let got = c.get_backup_storage("c").expect("get").expect("exists");
+        assert_eq!((got.status.as_str(), got.total_capacity, got.pool_used_capacity), ("Disconnected", 300, 10));
+        assert_eq!((got.pool_available_capacity, got.pool_replicated_size, got.last_op_date), (20, 2, 9));
+        let st: Vec<(&str, &str, i64)> =
+            got.mons.iter().map(|m| (m.mon_uuid.as_str(), m.status.as_str(), m.last_op_date)).collect();
+        assert_eq!(st, vec![("m2", "Connected", 1), ("m1", "Disconnected", 9)]);
+        assert!(c.delete_backup_storage("c").expect("delete"));
+        let left: i64 = c.conn().query_row("SELECT COUNT(*) FROM ceph_mon", [], |r| r.get(0)).expect("count");
+        assert_eq!(left, 0, "the monitors go with the record");
     }
 
     #[test]

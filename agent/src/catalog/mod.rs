@@ -12,6 +12,8 @@
 //! runtime.
 
 pub mod backup_storage;
+mod ceph;
+pub use ceph::CephProbe;
 pub mod job;
 pub mod query;
 pub mod snapshot_group;
@@ -154,6 +156,28 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX volume_snapshot_group ON volume_snapshot(group_uuid);",
     // 5: a backup storage's own cap on concurrent backups (its parallelismDegree tag).
     "ALTER TABLE backup_storage ADD COLUMN max_backups INTEGER;",
+    // 6: Ceph backup storages: the cluster, the pool, the client identity, the monitors.
+    "ALTER TABLE backup_storage ADD COLUMN fsid TEXT NOT NULL DEFAULT '';
+     ALTER TABLE backup_storage ADD COLUMN pool_name TEXT NOT NULL DEFAULT '';
+     ALTER TABLE backup_storage ADD COLUMN pool_available_capacity INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE backup_storage ADD COLUMN pool_used_capacity INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE backup_storage ADD COLUMN pool_replicated_size INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE backup_storage ADD COLUMN ceph_client TEXT NOT NULL DEFAULT '';
+     ALTER TABLE backup_storage ADD COLUMN keyring_path TEXT NOT NULL DEFAULT '';
+     CREATE TABLE ceph_mon (
+        mon_uuid TEXT PRIMARY KEY,
+        backup_storage_uuid TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        hostname TEXT NOT NULL,
+        mon_addr TEXT NOT NULL,
+        mon_port INTEGER NOT NULL,
+        ssh_port INTEGER NOT NULL,
+        ssh_username TEXT NOT NULL,
+        status TEXT NOT NULL,
+        create_date INTEGER NOT NULL,
+        last_op_date INTEGER NOT NULL
+     );
+     CREATE INDEX ceph_mon_storage ON ceph_mon(backup_storage_uuid);",
 ];
 
 /// The agent's catalog.

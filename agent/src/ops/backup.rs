@@ -77,6 +77,12 @@ impl Ops {
         let paths = vm.volumes.iter().map(|v| (v.uuid.as_str(), v.install_path.as_str()));
         self.check_install_paths("rootVolumeUuid", paths).await?;
         let storage = self.backup_target(&r.storage).await?;
+        if r.tags.fs_info.is_some() && storage.kind == crate::storage::ceph::CEPH_TYPE {
+            return Err(AgentError::invalid(
+                "systemTags",
+                "fsInfo mounts an Image Storage's directory; a Ceph backup storage is written through librados already",
+            ));
+        }
 
         // One operation on a volume at a time.
         let job_name = format!("CreateVmBackup job {group_uuid}");

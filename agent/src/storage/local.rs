@@ -1,7 +1,8 @@
-//! The embedded Image Storage reached in-process: the agent's own chunk store, behind the
-//! same seam as a store across the network, without the gRPC hop. The agent's gRPC server
-//! for the embedded store serves the same [`ChunkStore`] (same sessions, same locks, same
-//! GC), so other clients see exactly what this path writes.
+//! A chunk store reached in-process, behind the same seam as a store across the network,
+//! without a gRPC hop: the agent's embedded Image Storage (a local directory), and Ceph
+//! backup storages (a RADOS pool the agent writes directly, see [`super::ceph`]). The
+//! agent's gRPC server for the embedded store serves the same [`ChunkStore`] (same
+//! sessions, same locks, same GC), so other clients see exactly what this path writes.
 //!
 //! What differs from a remote store, and why it is safe: chunks this process encoded from
 //! plaintext it hashed itself go in without being decoded and hashed a second time
@@ -22,20 +23,27 @@ use vmbackup_store::error::StoreError;
 use super::seam::{ChunkReader, ChunkStream, ChunkWriter, OpenedSession, PutStats, StoreStatus, StoredGroup};
 use crate::error::{AgentError, ErrorKind, Result};
 
-/// Chunks read ahead of a download's consumer.
-const READ_AHEAD: usize = 2;
+/// Chunks read at once for a download (in order): enough to hide an object store's
+/// latency, few enough to bound memory (16 MiB at 4 MiB chunks).
+const READ_AHEAD: usize = 4;
 
-/// The agent's embedded chunk store, in-process.
+/// A chunk store, in-process.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     store: Arc<ChunkStore>,
     location: String,
+    kind: &'static str,
 }
 
 impl LocalStore {
-    /// The store `store`, named `location` in messages (its gRPC URL).
+    /// The embedded Image Storage `store`, named `location` in messages (its gRPC URL).
     pub fn new(store: Arc<ChunkStore>, location: String) -> Self {
-        Self { store, location }
+        Self { store, location, kind: "Image Storage" }
+    }
+
+    /// The store in a Ceph pool, named `location` in messages.
+    pub fn ceph(store: Arc<ChunkStore>, location: String) -> Self {
+        Self { store, location, kind: "Ceph backup storage" }
     }
 
     /// The store's uuid.
@@ -50,14 +58,14 @@ impl LocalStore {
         T: Send + 'static,
     {
         let store = self.store.clone();
-        let location = self.location.clone();
-        tokio::task::spawn_blocking(move || f(&store)).await?.map_err(|e| error(&location, what, e))
+        let (location, kind) = (self.location.clone(), self.kind);
+        tokio::task::spawn_blocking(move || f(&store)).await?.map_err(|e| error(kind, &location, what, e))
     }
 }
 
 /// The agent's error for a failed call of the embedded store: the same kind and message a
 /// client of its gRPC server gets.
-fn error(location: &str, what: &str, e: StoreError) -> AgentError {
+fn error(kind_name: &str, location: &str, what: &str, e: StoreError) -> AgentError {
     use vmbackup_store::error::ErrorKind as K;
     let kind = match e.kind() {
         K::NotFound => ErrorKind::NotFound,
@@ -66,7 +74,7 @@ fn error(location: &str, what: &str, e: StoreError) -> AgentError {
         K::Conflict => ErrorKind::FailedPrecondition,
         K::Io => ErrorKind::Internal,
     };
-    AgentError::new(kind, format!("Image Storage at {location} failed {what}: {}", e.full_message()))
+    AgentError::new(kind, format!("{kind_name} at {location} failed {what}: {}", e.full_message()))
 }
 
 fn group(g: vmbackup_store::chunk_store::StoredGroup) -> StoredGroup {
@@ -81,11 +89,19 @@ impl ChunkReader for LocalStore {
     }
 
     async fn download(&self, _index: &str, digests: &[Digest]) -> Result<ChunkStream> {
-        let (tx, rx) = mpsc::channel::<Result<(Digest, Bytes)>>(READ_AHEAD);
+        let (tx, rx) = mpsc::channel::<Result<(Digest, Bytes)>>(1);
         let (store, digests) = (self.clone(), digests.to_vec());
         tokio::spawn(async move {
-            for d in digests {
-                let item = store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b)));
+            let mut reads =
+                futures::stream::iter(digests)
+                    .map(|d| {
+                        let store = store.clone();
+                        async move {
+                            store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b)))
+                        }
+                    })
+                    .buffered(READ_AHEAD);
+            while let Some(item) = reads.next().await {
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     return;
@@ -113,21 +129,21 @@ impl super::seam::Store for LocalStore {
     }
 
     async fn open_session(&self, client: &str) -> Result<OpenedSession> {
-        // The embedded store is a local directory: sessions are in memory, no I/O.
-        let (id, ttl) = self
-            .store
-            .sessions()
-            .open(client, vmbackup_store::sessions::SessionOwner::local(), Duration::ZERO)
-            .map_err(|e| error(&self.location, "OpenSession", e))?;
+        // A directory keeps sessions in memory; a pool also records them in the pool (I/O).
+        let client = client.to_string();
+        let owner = vmbackup_store::sessions::SessionOwner::local();
+        let (id, ttl) = self.run("OpenSession", move |s| s.sessions().open(&client, owner, Duration::ZERO)).await?;
         Ok(OpenedSession { id, ttl })
     }
 
     async fn keep_alive(&self, session: &str) -> Result<()> {
-        self.store.sessions().touch(session).map(|_| ()).map_err(|e| error(&self.location, "KeepAlive", e))
+        let session = session.to_string();
+        self.run("KeepAlive", move |s| s.sessions().touch(&session).map(|_| ())).await
     }
 
     async fn close_session(&self, session: &str) -> Result<()> {
-        self.store.sessions().close(session).map_err(|e| error(&self.location, "CloseSession", e))
+        let session = session.to_string();
+        self.run("CloseSession", move |s| s.sessions().close(&session)).await
     }
 
     async fn missing(&self, session: &str, digests: &[Digest]) -> Result<Vec<Digest>> {

@@ -5,6 +5,7 @@
 //! mounted store directory ([`fsinfo`]); rate limits and byte counters wrap either ([`metered`]).
 //! The token each storage is called with lives in [`credentials`].
 
+pub mod ceph;
 pub mod credentials;
 pub mod fsinfo;
 pub mod image_store;

@@ -60,6 +60,18 @@ struct Api {
     list_open: unsafe extern "C" fn(Handle, *mut Handle) -> c_int,
     list_next: unsafe extern "C" fn(Handle, *mut *const c_char, *mut *const c_char, *mut *const c_char) -> c_int,
     list_close: unsafe extern "C" fn(Handle),
+    mon_command: unsafe extern "C" fn(
+        Handle,
+        *mut *const c_char,
+        usize,
+        *const c_char,
+        usize,
+        *mut *mut c_char,
+        *mut usize,
+        *mut *mut c_char,
+        *mut usize,
+    ) -> c_int,
+    buffer_free: unsafe extern "C" fn(*mut c_char),
     _lib: libloading::Library,
 }
 
@@ -106,6 +118,8 @@ fn load() -> Result<Api, String> {
         list_open: sym!("rados_nobjects_list_open"),
         list_next: sym!("rados_nobjects_list_next"),
         list_close: sym!("rados_nobjects_list_close"),
+        mon_command: sym!("rados_mon_command"),
+        buffer_free: sym!("rados_buffer_free"),
         _lib: lib,
     })
 }
@@ -175,11 +189,13 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Connects as `client` (e.g. `client.admin`) with the settings of `conf`, the keyring
-    /// given (else the conf's), and `timeout` for the mount and for every monitor and OSD
-    /// operation (a dead cluster is an error then, never a hang).
+    /// Connects as `client` (e.g. `client.admin`) with the settings of `conf` (none: only
+    /// librados's defaults), the monitors of `mon_host` (else the conf's), the keyring given
+    /// (else the conf's or librados's default paths), and `timeout` for the mount and for
+    /// every monitor and OSD operation (a dead cluster is an error then, never a hang).
     pub fn connect(
-        conf: &Path,
+        conf: Option<&Path>,
+        mon_host: Option<&str>,
         client: &str,
         keyring: Option<&Path>,
         timeout: Duration,
@@ -190,15 +206,20 @@ impl Cluster {
         // SAFETY: `h` is a valid out-pointer; a null cluster name means "ceph".
         check(unsafe { (api.create2)(&mut h, std::ptr::null(), name.as_ptr(), 0) }, "create", client)?;
         let cluster = Self { h };
-        let path = cstr(&conf.display().to_string(), "conf path")?;
-        // SAFETY: `cluster.h` is a created, unconnected handle; `path` is NUL-terminated.
-        check(unsafe { (api.conf_read_file)(cluster.h, path.as_ptr()) }, "reading", &conf.display().to_string())?;
+        if let Some(conf) = conf {
+            let path = cstr(&conf.display().to_string(), "conf path")?;
+            // SAFETY: `cluster.h` is a created, unconnected handle; `path` is NUL-terminated.
+            check(unsafe { (api.conf_read_file)(cluster.h, path.as_ptr()) }, "reading", &conf.display().to_string())?;
+        }
         let secs = timeout.as_secs().max(1).to_string();
         let mut settings = vec![
             ("rados_osd_op_timeout", secs.clone()),
             ("rados_mon_op_timeout", secs.clone()),
             ("client_mount_timeout", secs),
         ];
+        if let Some(m) = mon_host {
+            settings.push(("mon_host", m.to_string()));
+        }
         if let Some(k) = keyring {
             settings.push(("keyring", k.display().to_string()));
         }
@@ -210,6 +231,48 @@ impl Cluster {
         // SAFETY: the handle is configured and not yet connected.
         check(unsafe { (api.connect)(cluster.h) }, "connect", client)?;
         Ok(Arc::new(cluster))
+    }
+
+    /// Sends a monitor command (JSON, e.g. `{"prefix":"df","format":"json"}`) and returns
+    /// its output; a refused command is an error carrying the monitor's status text.
+    pub fn mon_command(&self, command: &str) -> Result<Vec<u8>, RadosError> {
+        let api = api()?;
+        let cmd = cstr(command, "monitor command")?;
+        let mut cmds = [cmd.as_ptr()];
+        let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        let (mut st, mut st_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        // SAFETY: `cmds` holds one NUL-terminated command that outlives the call; no input
+        // buffer; the four out-pointers are valid and receive buffers librados allocated.
+        let ret = unsafe {
+            (api.mon_command)(
+                self.h,
+                cmds.as_mut_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut st,
+                &mut st_len,
+            )
+        };
+        let take = |p: *mut c_char, len: usize| -> Vec<u8> {
+            if p.is_null() {
+                return Vec::new();
+            }
+            // SAFETY: librados allocated `len` bytes at `p`; they are copied, then freed once
+            // with rados_buffer_free as librados.h requires.
+            let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
+            // SAFETY: as above; `p` is not used after this.
+            unsafe { (api.buffer_free)(p) };
+            v
+        };
+        let (output, status) = (take(out, out_len), take(st, st_len));
+        if ret < 0 {
+            let status = String::from_utf8_lossy(&status).trim().to_string();
+            return Err(RadosError { op: "mon command", what: format!("{command} ({status})"), errno: -ret });
+        }
+        Ok(output)
     }
 
     /// The cluster's fsid.

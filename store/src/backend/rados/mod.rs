@@ -30,6 +30,7 @@
 //! error within it, never a hung job.
 
 pub mod ffi;
+pub mod report;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,8 +51,10 @@ pub const LOOKUP_THREADS: usize = 16;
 /// Where the pool is and who connects.
 #[derive(Debug, Clone)]
 pub struct RadosSettings {
-    /// ceph.conf (monitors, and the keyring unless given).
-    pub conf: PathBuf,
+    /// ceph.conf (monitors, and the keyring unless given); None: librados's defaults only.
+    pub conf: Option<PathBuf>,
+    /// Monitors (`mon_host` syntax, e.g. `v1:10.0.0.1:6789,v1:10.0.0.2:6789`); None: the conf's.
+    pub mon_host: Option<String>,
     /// Client name, e.g. `client.admin` or `client.vmbackup`.
     pub client: String,
     /// Keyring file (else the conf's).
@@ -70,6 +73,8 @@ pub struct RadosBackend {
     pool: String,
     prefix: String,
     contexts: Mutex<HashMap<String, Arc<IoCtx>>>,
+    /// Whether an OSD map refresh is under way (at most one at a time).
+    refreshing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for RadosBackend {
@@ -102,31 +107,63 @@ impl RadosBackend {
         if settings.prefix.contains(['/', '\0']) {
             return Err(invalid(format!("[rados] prefix {:?} may not contain '/'", settings.prefix)));
         }
-        let cluster = Cluster::connect(&settings.conf, &settings.client, settings.keyring.as_deref(), settings.timeout)
-            .map_err(|e| {
-                StoreError::new(
-                    ErrorKind::Io,
-                    format!("connecting to Ceph as {} with {}: {e}", settings.client, settings.conf.display()),
-                )
-            })?;
+        let cluster = Cluster::connect(
+            settings.conf.as_deref(),
+            settings.mon_host.as_deref(),
+            &settings.client,
+            settings.keyring.as_deref(),
+            settings.timeout,
+        )
+        .map_err(|e| {
+            let mut via = Vec::new();
+            if let Some(m) = &settings.mon_host {
+                via.push(format!("monitors {m}"));
+            }
+            if let Some(c) = &settings.conf {
+                via.push(c.display().to_string());
+            }
+            if let Some(k) = &settings.keyring {
+                via.push(format!("keyring {}", k.display()));
+            }
+            StoreError::new(
+                ErrorKind::Io,
+                format!("connecting to Ceph as {} ({}): {e}", settings.client, via.join(", ")),
+            )
+        })?;
         if !cluster.has_pool(&settings.pool).map_err(rados_error)? {
             return Err(StoreError::new(
                 ErrorKind::NotFound,
                 format!("Ceph pool {:?} does not exist; create it first (ceph osd pool create)", settings.pool),
             ));
         }
-        Ok(Self { cluster, pool: settings.pool.clone(), prefix: settings.prefix.clone(), contexts: Mutex::default() })
+        Ok(Self {
+            cluster,
+            pool: settings.pool.clone(),
+            prefix: settings.prefix.clone(),
+            contexts: Mutex::default(),
+            refreshing: Arc::default(),
+        })
     }
 
-    /// A failed operation as a store error; after a timeout, first fetches the newest OSD
-    /// map so the next operation goes where the OSDs are now.
+    /// A failed operation as a store error. After a timeout it also starts fetching the
+    /// newest OSD map in the background (one fetch at a time), so later operations go where
+    /// the OSDs are now (an OSD that died and came back elsewhere may not have been announced
+    /// to this client yet). The fetch has no timeout in librados and waits as long as the
+    /// monitors are down, so no caller ever waits for it.
     fn fail(&self, e: RadosError) -> StoreError {
-        if e.errno == ETIMEDOUT {
-            match self.cluster.refresh_osdmap() {
-                Ok(()) => tracing::info!(error = %e, "a RADOS operation timed out; fetched the newest OSD map"),
-                Err(r) => {
-                    tracing::warn!(error = %e, refresh = %r, "a RADOS operation timed out; the monitors do not answer either")
+        use std::sync::atomic::Ordering;
+        if e.errno == ETIMEDOUT && !self.refreshing.swap(true, Ordering::AcqRel) {
+            let (cluster, flag) = (Arc::clone(&self.cluster), Arc::clone(&self.refreshing));
+            let what = e.to_string();
+            let spawned = std::thread::Builder::new().name("rados-osdmap".into()).spawn(move || {
+                match cluster.refresh_osdmap() {
+                    Ok(()) => tracing::info!(error = %what, "a RADOS operation timed out; fetched the newest OSD map"),
+                    Err(r) => tracing::warn!(error = %what, refresh = %r, "a RADOS operation timed out; fetching the OSD map failed"),
                 }
+                flag.store(false, Ordering::Release);
+            });
+            if spawned.is_err() {
+                self.refreshing.store(false, Ordering::Release);
             }
         }
         rados_error(e)

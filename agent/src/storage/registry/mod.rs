@@ -9,7 +9,12 @@
 //!   parameters returns the existing record; the same uuid with other parameters is refused.
 //! - Delete never touches the data on the store.
 
-use std::sync::Arc;
+mod ceph;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use ceph::NewCeph;
 
 use crate::catalog::backup_storage::BackupStorageRecord;
 use crate::catalog::{CatalogHandle, now_millis};
@@ -57,12 +62,22 @@ pub struct Registry {
     credentials: Credentials,
     /// The agent's embedded store, reached in-process once it is running.
     local: Arc<std::sync::OnceLock<LocalStore>>,
+    /// How Ceph backup storages are reached.
+    ceph_config: crate::config::CephConfig,
+    /// Ceph backup storages connected so far, by backup storage uuid (a cluster handle is
+    /// costly to set up, and its sessions live in its chunk store).
+    ceph: Arc<Mutex<HashMap<String, ceph::CephOpen>>>,
 }
 
 impl Registry {
     /// A registry over `catalog`, with the storages' tokens in `credentials`.
-    pub fn new(catalog: CatalogHandle, tls: vmbackup_store::daemon::tls::ClientTls, credentials: Credentials) -> Self {
-        Self { catalog, tls, credentials, local: Arc::default() }
+    pub fn new(
+        catalog: CatalogHandle,
+        tls: vmbackup_store::daemon::tls::ClientTls,
+        credentials: Credentials,
+        ceph_config: crate::config::CephConfig,
+    ) -> Self {
+        Self { catalog, tls, credentials, local: Arc::default(), ceph_config, ceph: Arc::default() }
     }
 
     /// Serves the embedded store's records in-process from now on.
@@ -96,6 +111,11 @@ impl Registry {
         record: &BackupStorageRecord,
         source: Option<&super::netbind::SourceAddr>,
     ) -> Result<(Arc<dyn Store>, StoreStatus)> {
+        if record.kind == crate::storage::ceph::CEPH_TYPE {
+            let store = self.ceph_store(record).await?;
+            let status = store.status().await?;
+            return Ok((Arc::new(store), status));
+        }
         if let Some(local) = self.local.get()
             && local.store_uuid() == record.store_uuid
         {
@@ -161,17 +181,6 @@ impl Registry {
 
     /// Records a store that answered with `status` as a new backup storage.
     async fn record_new(&self, req: NewImageStore, url: String, status: StoreStatus) -> Result<BackupStorageRecord> {
-        let store_uuid = status.store_uuid.clone();
-        if let Some(existing) = self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
-            return Err(AgentError::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "the Image Storage at {url} (store {}) is already registered as backup storage {} ({:?})",
-                    status.store_uuid, existing.uuid, existing.name
-                ),
-            ));
-        }
-
         let now = now_millis();
         let record = BackupStorageRecord {
             uuid: req.uuid.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
@@ -190,8 +199,29 @@ impl Registry {
             last_op_date: now,
             attached_zone_uuids: req.zones,
             max_backups: req.max_backups,
+            ..Default::default()
         };
-        if let Some(token) = &req.token {
+        self.insert_new(record, req.token.as_ref()).await
+    }
+
+    /// Records a new backup storage, unless its store is registered already.
+    async fn insert_new(&self, record: BackupStorageRecord, token: Option<&Secret>) -> Result<BackupStorageRecord> {
+        let store_uuid = record.store_uuid.clone();
+        if let Some(existing) = self.catalog.run(move |c| c.find_backup_storage_by_store(&store_uuid)).await? {
+            let at = if record.kind == IMAGE_STORE_TYPE {
+                format!("the Image Storage at {}", record.url)
+            } else {
+                format!("Ceph pool {:?}", record.pool_name)
+            };
+            return Err(AgentError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{at} (store {}) is already registered as backup storage {} ({:?})",
+                    record.store_uuid, existing.uuid, existing.name
+                ),
+            ));
+        }
+        if let Some(token) = token {
             self.credentials.save(&record.uuid, token)?;
         }
         let r = record.clone();
@@ -211,7 +241,7 @@ impl Registry {
                 })
             })
             .await?;
-        tracing::info!(uuid = %record.uuid, name = %record.name, url = %record.url, store_uuid = %record.store_uuid, "backup storage added");
+        tracing::info!(uuid = %record.uuid, name = %record.name, kind = %record.kind, url = %record.url, store_uuid = %record.store_uuid, "backup storage added");
         Ok(record)
     }
 
@@ -220,6 +250,9 @@ impl Registry {
     /// Disconnected).
     pub async fn reconnect(&self, uuid: &str) -> Result<BackupStorageRecord> {
         let record = self.require(uuid).await?;
+        if record.kind == crate::storage::ceph::CEPH_TYPE {
+            return self.reconnect_ceph(record).await;
+        }
         let probe = async {
             if let Some(local) = self.local.get()
                 && local.store_uuid() == record.store_uuid
@@ -284,6 +317,7 @@ impl Registry {
         })
         .await?;
         self.credentials.remove(&record.uuid)?;
+        self.forget_ceph(&record.uuid);
         tracing::info!(uuid = %record.uuid, name = %record.name, ?mode, "backup storage record deleted (data on the store kept)");
         Ok(())
     }
