@@ -1,7 +1,7 @@
 //! Compiles the .proto contracts with a vendored protoc (so `cargo build` works on a machine
 //! without protobuf tooling), writes a descriptor set for gRPC reflection, and derives
-//! proto3-canonical JSON (camelCase names, RFC 3339 timestamps) with pbjson: the JSON form
-//! of every message then uses ZStack's documented field names.
+//! proto3-canonical JSON (camelCase names, RFC 3339 timestamps, every field emitted) with
+//! pbjson: the JSON form of every message then uses ZStack's documented field names.
 
 use std::path::PathBuf;
 
@@ -38,6 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     let descriptors = std::fs::read(&descriptor_path)?;
-    pbjson_build::Builder::new().register_descriptors(&descriptors)?.build(&[".vmbackup"])?;
+    // Every field is emitted, defaults included, as ZStack's inventories show them (an
+    // empty `sshPassword` is a field, not an absence).
+    pbjson_build::Builder::new().register_descriptors(&descriptors)?.emit_fields().build(&[".vmbackup"])?;
     Ok(())
 }

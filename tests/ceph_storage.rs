@@ -4,7 +4,8 @@
 //! keyring) leave nothing; the inventory carries the seed's Ceph fields from the cluster;
 //! backup → restore is identical and an incremental writes one chunk object; SyncVmBackup
 //! after losing the catalog rebuilds equal inventories from the pool; recover moves a backup
-//! ImageStore → Ceph → ImageStore with only missing chunks travelling; an OSD killed
+//! ImageStore → Ceph → ImageStore with only missing chunks travelling; a live backup of a
+//! running VM (over QMP) lands in the pool and restores identical; an OSD killed
 //! mid-backup is a clean error and the retry sends only what the pool lacks; a stopped
 //! monitor is `Disconnected` (with that monitor's status) and fails a backup cleanly; a
 //! `vmbackup-store` over the same pool serves the same store and collects its garbage.
@@ -19,6 +20,10 @@ use common::host::Host;
 use common::{Daemon, run_tool};
 use vmbackup_proto::agent::v1 as pb;
 
+/// The running VM of the live backup, and its disks.
+const LIVE_VM: &str = "7a6b5c4d3e2f40518293a4b5c6d7e8f9";
+const LIVE_ROOT: &str = "8b7c6d5e4f3a41628394a5b6c7d8e9f0";
+const LIVE_DATA: &str = "9c8d7e6f5a4b42738495a6b7c8d9e0f1";
 /// The agent's namespace prefix in the pool.
 const PREFIX: &str = "vmbackup.";
 const MIB: u64 = 1 << 20;
@@ -102,6 +107,22 @@ fn bytes_sent(agent: &Daemon) -> u64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Reconnects until the storage is Connected again after `what` came back (at most 90 s);
+/// returns when the wait began.
+async fn wait_connected(h: &Host, what: &str) -> Instant {
+    let back = Instant::now();
+    loop {
+        match h.reconnect().await {
+            Ok(st) if st == "Connected" => return back,
+            other if back.elapsed() < Duration::from_secs(90) => {
+                eprintln!("{what} not yet back: {other:?}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => panic!("{what} did not come back within 90 s: {other:?}"),
+        }
+    }
 }
 
 /// A raw image of `mib` MiB with `byte` written at each of `at` (MiB offsets, 64 KiB each).
@@ -197,6 +218,60 @@ async fn ceph_backup_storage_end_to_end() {
     assert_eq!(m.mon_uuid.len(), 32);
     assert!(m.create_date.is_some() && m.last_op_date.is_some());
     assert_eq!(add(&s, req.clone()).await.expect("idempotent add").uuid, bs_uuid, "a retried add returns the record");
+    // The JSON form has every field of the seeds' Ceph sample, sshPassword empty.
+    let out = std::process::Command::new(common::bin("vmbackupctl"))
+        .arg("--agent")
+        .arg(agent.url())
+        .arg("--session-file")
+        .arg(agent.data_dir.join("session"))
+        .args(["--json", "storage", "query", &format!("uuid={bs_uuid}")])
+        .output()
+        .expect("run vmbackupctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let json = &v["inventories"][0];
+    for field in [
+        "attachedZoneUuids",
+        "availableCapacity",
+        "createDate",
+        "description",
+        "fsid",
+        "lastOpDate",
+        "mons",
+        "name",
+        "poolAvailableCapacity",
+        "poolName",
+        "poolReplicatedSize",
+        "poolUsedCapacity",
+        "state",
+        "status",
+        "totalCapacity",
+        "type",
+        "url",
+        "uuid",
+    ] {
+        assert!(json.get(field).is_some(), "{field} missing from {json}");
+    }
+    for field in [
+        "backupStorageUuid",
+        "createDate",
+        "hostname",
+        "lastOpDate",
+        "monAddr",
+        "monPort",
+        "monUuid",
+        "sshPassword",
+        "sshPort",
+        "sshUsername",
+        "status",
+    ] {
+        assert!(json["mons"][0].get(field).is_some(), "mons[].{field} missing from {json}");
+    }
+    assert_eq!(
+        (&json["url"], &json["mons"][0]["sshPassword"]),
+        (&serde_json::json!("not used"), &serde_json::json!(""))
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cr3t"));
     let mut second = req.clone();
     second.resource_uuid = String::new();
     second.name = "again".into();
@@ -288,6 +363,65 @@ async fn ceph_backup_storage_end_to_end() {
     hi.restore_equals(&g3, &dir.join("r3.raw"), &img).await;
     store.kill();
 
+    // A live backup of a running VM (qemu-storage-daemon standing in for QEMU, over QMP)
+    // into the pool, restored identical.
+    let (lroot, ldata) = (dir.join("live-root.qcow2"), dir.join("live-data.raw"));
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(&lroot), "8M"]);
+    run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 0x61 0 2M", &p(&lroot)]);
+    std::fs::write(&ldata, common::pseudo_random(41, 3 << 20)).expect("data");
+    let qsd_dir = dir.join("qsd");
+    std::fs::create_dir_all(&qsd_dir).expect("qsd dir");
+    let qsd = common::qsd::BareQsd::start(&qsd_dir, &lroot, &ldata);
+    let before_live = pool_chunks(&cluster);
+    let live_vm = pb::RegisterVmRequest {
+        uuid: LIVE_VM.into(),
+        qmp_socket: p(&qsd.qmp),
+        volumes: vec![
+            common::volume_spec(LIVE_ROOT, "Root", &lroot, "qcow2", 0),
+            common::volume_spec(LIVE_DATA, "Data", &ldata, "raw", 1),
+        ],
+        ..Default::default()
+    };
+    let glive =
+        h.c.clone()
+            .create_vm_backup(pb::CreateVmBackupRequest {
+                root_volume_uuid: LIVE_ROOT.into(),
+                backup_storage_uuid: bs_uuid.clone(),
+                name: "live".into(),
+                vm: Some(live_vm),
+                ..Default::default()
+            })
+            .await
+            .expect("live backup into the pool")
+            .into_inner()
+            .inventories[0]
+            .group_uuid
+            .clone();
+    let live_chunks = pool_chunks(&cluster) - before_live;
+    assert_eq!(live_chunks, 2, "one chunk of each disk");
+    let out = dir.join("live-out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    h.c.clone()
+        .restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: glive.clone(),
+            backup_storage_uuid: bs_uuid.clone(),
+            targets: [LIVE_ROOT, LIVE_DATA]
+                .iter()
+                .map(|v| pb::RestoreTarget {
+                    volume_uuid: (*v).into(),
+                    install_path: p(&out.join(v)),
+                    format: "raw".into(),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("restore the live backup");
+    for (want, v, fmt) in [(&lroot, LIVE_ROOT, "qcow2"), (&ldata, LIVE_DATA, "raw")] {
+        run_tool("qemu-img", &["compare", "-U", "-f", fmt, "-F", "raw", &p(want), &p(&out.join(v))]);
+    }
+    drop(qsd);
+
     // The OSD killed mid-backup: a clean error, no committed group lost; once it is back the
     // retry sends only the chunks the pool lacks.
     let big = dir.join("big.raw");
@@ -309,17 +443,7 @@ async fn ceph_backup_storage_end_to_end() {
     eprintln!("backup with the OSD down failed after {:.1}s: {}", stopped.elapsed().as_secs_f64(), err.message());
     assert!(stopped.elapsed() < Duration::from_secs(90), "no hang");
     cluster.start_osd();
-    let back = Instant::now();
-    loop {
-        match h.reconnect().await {
-            Ok(st) if st == "Connected" => break,
-            other if back.elapsed() < Duration::from_secs(90) => {
-                eprintln!("not yet back: {other:?}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            other => panic!("the pool did not come back within 90 s: {other:?}"),
-        }
-    }
+    let back = wait_connected(&h, "the OSD").await;
     assert_eq!(all_backups(&h.c).await, committed, "no committed backup lost, nothing of the failed one visible");
     let stored = pool_chunks(&cluster) - chunks_before;
     let sent = bytes_sent(&agent);
@@ -355,22 +479,13 @@ async fn ceph_backup_storage_end_to_end() {
     let e = h.backup(&img, "no-mon", (None, None)).await.expect_err("a Disconnected storage takes no backup");
     assert!(e.message().contains("Disconnected"), "{}", e.message());
     cluster.start_mon();
-    let back = Instant::now();
-    loop {
-        match h.reconnect().await {
-            Ok(st) if st == "Connected" => break,
-            other if back.elapsed() < Duration::from_secs(90) => {
-                eprintln!("monitor not yet back: {other:?}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            other => panic!("the monitor did not come back within 90 s: {other:?}"),
-        }
-    }
+    wait_connected(&h, "the monitor").await;
     let inv = query(&s, &[format!("uuid={bs_uuid}")]).await.remove(0);
     assert_eq!(inv.mons[0].status, "Connected");
 
     // A vmbackup-store over the same pool serves the same store, and collects the garbage
-    // of the backups deleted through the agent: the chunk only g3 had. g4's chunks stay:
+    // of the backups deleted through the agent: the chunk only g3 had, and the live
+    // backup's. g4's chunks stay:
     // they are newer than the start of the session the OSD crash left in the pool, which
     // protects them until it expires (the shared-store protocol's rule for a dead writer).
     let config = dir.join("pool-store.toml");
@@ -390,7 +505,7 @@ async fn ceph_backup_storage_end_to_end() {
     assert_eq!(st.store_uuid, query(&s, &[]).await.into_iter().find(|i| i.uuid == bs_uuid).expect("ceph").store_uuid);
     let mut served = common::host::groups(&pool_store).await;
     served.sort();
-    let mut ours = vec![g1.clone(), g2.clone(), g4.clone()];
+    let mut ours = vec![g1.clone(), g2.clone(), g4.clone(), glive.clone()];
     ours.sort();
     assert_eq!(served, ours, "the store serves what the agent wrote");
     let e = s
@@ -401,14 +516,38 @@ async fn ceph_backup_storage_end_to_end() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     h.delete(&g4).await;
     h.delete(&g1).await;
+    h.delete(&glive).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = pool_chunks(&cluster);
     let gc = common::host::gc(&pool_store).await.expect("gc of the pool");
     eprintln!("pool gc: {gc:?}");
     assert_eq!(pool_chunks(&cluster), before - usize::try_from(gc.chunks_removed).expect("count"));
-    assert_eq!((gc.chunks_removed, gc.chunks_kept), (1, 20), "{gc:?}");
+    assert_eq!((gc.chunks_removed, gc.chunks_kept), (1 + live_chunks as u64, 20), "{gc:?}");
     common::host::verify_clean(&pool_store, "after gc").await;
     h.restore_equals(&g2, &dir.join("r5.raw"), &dir.join("r2.raw")).await;
+
+    // The agent collects the pool's garbage itself on a schedule ([ceph]
+    // gc_interval_seconds), under the same lease: once g2 is deleted its four chunks go.
+    std::fs::write(
+        dir.join("h1").join("agent.toml"),
+        format!(
+            "[volumes]\nroots = [\"{}\"]\n[ceph]\nconf = \"{}\"\ntimeout_seconds = 5\ngc_lease_seconds = 10\n\
+             gc_interval_seconds = 2\ngc_safety_margin_seconds = 0\n",
+            dir.display(),
+            dir.join("h1").join("no-ceph.conf").display()
+        ),
+    )
+    .expect("agent config");
+    agent.restart();
+    h.delete(&g2).await;
+    let before = pool_chunks(&cluster);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pool_chunks(&cluster) > before - 4 {
+        assert!(Instant::now() < deadline, "the agent's GC did not remove g2's chunks:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(pool_chunks(&cluster), before - 4, "exactly g2's chunks");
+    assert!(agent.log_text().contains("garbage collected"), "the collection is audited");
     s.clone()
         .delete_backup_storage(pb::DeleteBackupStorageRequest {
             uuid: bs_uuid.clone(),

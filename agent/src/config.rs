@@ -63,11 +63,24 @@ pub struct CephConfig {
     pub timeout_seconds: u64,
     /// Lifetime of a garbage collection lease in the pool, seconds.
     pub gc_lease_seconds: u64,
+    /// How often the agent collects the garbage of its Ceph storages' pools, seconds; 0:
+    /// never (another host or a `vmbackup-store` on the pool does). One collector runs at a
+    /// time per pool, whatever the number of hosts: the others find the lease taken.
+    pub gc_interval_seconds: u64,
+    /// Chunks last used within this many seconds before the oldest open backup session are
+    /// kept by a collection.
+    pub gc_safety_margin_seconds: u64,
 }
 
 impl Default for CephConfig {
     fn default() -> Self {
-        Self { conf: PathBuf::from("/etc/ceph/ceph.conf"), timeout_seconds: 30, gc_lease_seconds: 60 }
+        Self {
+            conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            timeout_seconds: 30,
+            gc_lease_seconds: 60,
+            gc_interval_seconds: 86_400,
+            gc_safety_margin_seconds: 300,
+        }
     }
 }
 

@@ -72,6 +72,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         Some(format!("{} jobs running", jobs.all_running().len()))
     });
     spawn_reloads(state.clone(), reloads, log, shutdown.clone());
+    spawn_ceph_gc(&state, &config.ceph, shutdown.clone());
 
     let (token, jobs, stop) = (shutdown.clone(), state.ops.jobs().clone(), store_stop.clone());
     let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
@@ -88,6 +89,30 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         r
     });
     first_to_end(tasks, &shutdown, &store_stop).await
+}
+
+/// Collects the garbage of the Ceph storages' pools every `gc_interval_seconds` (the first
+/// round one interval after start), until shutdown.
+fn spawn_ceph_gc(state: &State, config: &crate::config::CephConfig, stop: CancellationToken) {
+    if config.gc_interval_seconds == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_secs(config.gc_interval_seconds);
+    let margin = std::time::Duration::from_secs(config.gc_safety_margin_seconds);
+    let registry = state.ops.registry().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = registry.collect_ceph_garbage(margin).await {
+                tracing::warn!(error = %e, "garbage collection of the Ceph storages failed");
+            }
+        }
+    });
 }
 
 /// Opens (creating) the data directory and the catalog in it.

@@ -92,41 +92,94 @@ pub async fn vmbackup(
     out: &mut Samples,
     tool: &'static str,
     corpus: &'static str,
-    (v1, v2, format): (&Path, &Path, &str),
+    imgs: (&Path, &Path, &str),
     store_config: Option<&Path>,
     server: &dyn Fn() -> Option<(u64, f64)>,
 ) {
-    let s = |p: &Path| p.display().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::start_store_with(dir.path(), "store", store_config, 4 << 20);
-    // The corpus lives outside the agent's directory: make its folder a volume root.
-    let corpus_dir = v1.parent().unwrap_or(Path::new("/"));
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", corpus_dir.display())).expect("agent config");
-    let agent = common::start_agent(dir.path(), common::AgentOptions { config: Some(cfg), ..Default::default() });
+    let agent = bench_agent(dir.path(), imgs.0, "");
     let bs = common::add_storage(&agent, &store, "bench").await;
-    let mut c = common::backup_client(&agent).await;
+    let daemons = [agent.pid(), store.pid()];
+    operations(out, (tool, corpus), imgs, &agent, &daemons, &store.data_dir.join("chunks"), &bs, server).await;
+}
+
+/// The same sequence into a Ceph backup storage: a fresh agent writing `pool` directly
+/// (monitor `mon`, `keyring`), no store server in the data path.
+pub async fn vmbackup_ceph(
+    out: &mut Samples,
+    tool: &'static str,
+    corpus: &'static str,
+    imgs: (&Path, &Path, &str),
+    (mon, pool, keyring): (&str, &str, &Path),
+    server: &dyn Fn() -> Option<(u64, f64)>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ceph = format!("[ceph]\nconf = \"{}\"\n", dir.path().join("no-ceph.conf").display());
+    let agent = bench_agent(dir.path(), imgs.0, &ceph);
+    let mut s = common::storage_client(&agent, Some(common::session(&agent))).await;
+    let bs = s
+        .add_ceph_backup_storage(pb::AddCephBackupStorageRequest {
+            name: "bench".into(),
+            mon_urls: vec![mon.into()],
+            pool_name: pool.into(),
+            keyring_path: keyring.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("add ceph storage")
+        .into_inner()
+        .inventory
+        .expect("inventory")
+        .uuid;
+    let nowhere = dir.path().join("none");
+    operations(out, (tool, corpus), imgs, &agent, &[agent.pid()], &nowhere, &bs, server).await;
+}
+
+/// An agent under `dir` whose volume roots include the corpus folder of `v1`, with `extra`
+/// configuration.
+fn bench_agent(dir: &Path, v1: &Path, extra: &str) -> common::Daemon {
+    let corpus_dir = v1.parent().unwrap_or(Path::new("/"));
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n{extra}", corpus_dir.display())).expect("agent config");
+    common::start_agent(dir, common::AgentOptions { config: Some(cfg), ..Default::default() })
+}
+
+/// Full backup, incremental, restore through `agent` to backup storage `bs`, each timed
+/// with the CPU and peak RSS of `daemons`.
+#[allow(clippy::too_many_arguments)]
+async fn operations(
+    out: &mut Samples,
+    (tool, corpus): (&'static str, &'static str),
+    (v1, v2, format): (&Path, &Path, &str),
+    agent: &common::Daemon,
+    daemons: &[u32],
+    chunks: &Path,
+    bs: &str,
+    server: &dyn Fn() -> Option<(u64, f64)>,
+) {
+    let s = |p: &Path| p.display().to_string();
+    let mut c = common::backup_client(agent).await;
     let root = "edc07fe8d8a335ec8aa00f23b88fc1c6";
     let tags = vec!["volumeLiveBackup::parallelismDegree::4".to_string()];
-    let chunks = store.data_dir.join("chunks");
-    // Each operation: CPU of both daemons, and the peak of each since the operation began.
+    let cpu = || daemons.iter().map(|p| measure::cpu_seconds(*p)).sum::<f64>();
+    // Each operation: CPU of the daemons, and the peak of each since the operation began.
     let begin = || {
-        measure::reset_peak(agent.pid());
-        measure::reset_peak(store.pid());
-        (Instant::now(), measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()), server())
+        daemons.iter().for_each(|p| measure::reset_peak(*p));
+        (Instant::now(), cpu(), server())
     };
     let end = |out: &mut Samples, op: &'static str, (t, cpu0, server0): (Instant, f64, Option<(u64, f64)>)| {
         let secs = t.elapsed().as_secs_f64();
-        let cpu = measure::cpu_seconds(agent.pid()) + measure::cpu_seconds(store.pid()) - cpu0;
-        let peak = format!("{} / {}", measure::peak_rss_mib(agent.pid()), measure::peak_rss_mib(store.pid()));
+        let cpu = cpu() - cpu0;
+        let peak = daemons.iter().map(|p| measure::peak_rss_mib(*p).to_string()).collect::<Vec<_>>().join(" / ");
         let server = server0.zip(server()).map(|(a, b)| (b.0.saturating_sub(a.0), b.1 - a.1));
-        out.0.push(Sample { tool, corpus, op, secs, cpu, peak, stored_mib: du(&chunks), server });
+        out.0.push(Sample { tool, corpus, op, secs, cpu, peak, stored_mib: du(chunks), server });
     };
     let mut group = String::new();
     for (op, img) in [("full", v1), ("incremental", v2)] {
         let req = pb::CreateVmBackupRequest {
             root_volume_uuid: root.into(),
-            backup_storage_uuid: bs.clone(),
+            backup_storage_uuid: bs.to_string(),
             name: op.into(),
             system_tags: tags.clone(),
             vm: Some(common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", root, img, format)),
@@ -137,11 +190,11 @@ pub async fn vmbackup(
         end(out, op, started);
         group = inv[0].group_uuid.clone();
     }
-    let restored = dir.path().join("restored.raw");
+    let restored = agent.data_dir.parent().unwrap_or(Path::new("/tmp")).join("restored.raw");
     let started = begin();
     c.restore_vm_backup(pb::RestoreVmBackupRequest {
         group_uuid: group,
-        backup_storage_uuid: bs,
+        backup_storage_uuid: bs.to_string(),
         targets: vec![pb::RestoreTarget { volume_uuid: root.into(), install_path: s(&restored), format: "raw".into() }],
         system_tags: tags,
         ..Default::default()

@@ -51,6 +51,11 @@ impl LocalStore {
         &self.store.identity().store_uuid
     }
 
+    /// Collects garbage (a Ceph pool: under the pool's GC lease, whichever host holds it).
+    pub async fn garbage_collect(&self, margin: Duration) -> Result<vmbackup_store::gc::GcReport> {
+        self.run("GarbageCollect", move |s| s.garbage_collect(margin)).await
+    }
+
     /// Runs `f` on the chunk store on a blocking thread; its error names this store and `what`.
     async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T>
     where

@@ -138,6 +138,33 @@ enum StorageCommand {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Register a Ceph pool the agent writes directly (a Ceph backup storage).
+    AddCeph {
+        /// Name of the backup storage.
+        #[arg(long)]
+        name: String,
+        /// Monitor, `host[:port]` or ZStack's `user:password@host/?monPort=6789` (repeatable).
+        #[arg(long = "mon", required = true)]
+        mons: Vec<String>,
+        /// Pool the backups go to (it must exist).
+        #[arg(long)]
+        pool: String,
+        /// cephx client (default client.admin).
+        #[arg(long, default_value = "")]
+        client: String,
+        /// Keyring file holding the client's key (default: the host's /etc/ceph files).
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Uuid for the new record (makes a retried add return the same record).
+        #[arg(long, default_value = "")]
+        resource_uuid: String,
+        /// Zone the storage is attached to (repeatable).
+        #[arg(long = "zone")]
+        zones: Vec<String>,
+    },
     /// List every backup storage.
     List,
     /// Query backup storages with ZStack conditions, e.g. `status=Connected name~=%nfs%`.
@@ -292,6 +319,30 @@ async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> any
                 ..Default::default()
             };
             let r = client.add_image_store_backup_storage(request).await.map_err(rpc_error)?.into_inner();
+            print_storages(json, &r, r.inventory.iter().cloned().collect())
+        }
+        StorageCommand::AddCeph {
+            name,
+            mons,
+            pool,
+            client: ceph_client,
+            keyring,
+            description,
+            resource_uuid,
+            zones,
+        } => {
+            let request = pb::AddCephBackupStorageRequest {
+                name,
+                description,
+                mon_urls: mons,
+                pool_name: pool,
+                resource_uuid,
+                attached_zone_uuids: zones,
+                ceph_client,
+                keyring_path: keyring.map(|k| k.display().to_string()).unwrap_or_default(),
+                ..Default::default()
+            };
+            let r = client.add_ceph_backup_storage(request).await.map_err(rpc_error)?.into_inner();
             print_storages(json, &r, r.inventory.iter().cloned().collect())
         }
         StorageCommand::List => {

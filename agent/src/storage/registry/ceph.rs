@@ -122,6 +122,41 @@ impl Registry {
         self.remember_ceph(record, open)
     }
 
+    /// Collects the garbage of every Ceph backup storage's pool once. A pool whose lease
+    /// another collector holds is skipped (it is being collected); a pool that cannot be
+    /// reached is logged and tried at the next round.
+    pub async fn collect_ceph_garbage(&self, margin: std::time::Duration) -> Result<()> {
+        let q =
+            crate::catalog::query::QueryParams { conditions: vec![format!("type={CEPH_TYPE}")], ..Default::default() };
+        let records = self.catalog.run(move |c| c.query_backup_storages(&q)).await?.rows;
+        for record in records {
+            let outcome = match self.ceph_store(&record).await {
+                Ok(store) => store.garbage_collect(margin).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(r) => tracing::info!(
+                    target: "audit",
+                    principal = "agent",
+                    storage = %record.uuid,
+                    pool = %record.pool_name,
+                    chunks_removed = r.chunks_removed,
+                    bytes_removed = r.bytes_removed,
+                    chunks_kept = r.chunks_kept,
+                    seconds = r.seconds,
+                    "garbage collected"
+                ),
+                Err(e) if e.kind() == ErrorKind::FailedPrecondition => {
+                    tracing::info!(storage = %record.uuid, pool = %record.pool_name, reason = %e, "garbage collection skipped: another collector runs");
+                }
+                Err(e) => {
+                    tracing::warn!(storage = %record.uuid, pool = %record.pool_name, error = %e, "garbage collection failed; trying again next round");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// AddCephBackupStorage.
     pub async fn add_ceph(&self, req: NewCeph) -> Result<BackupStorageRecord> {
         if let Some(uuid) = &req.uuid
