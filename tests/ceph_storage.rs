@@ -15,7 +15,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::ceph::{CephCluster, CephOptions, ObjectStore};
+use common::ceph::CephCluster;
 use common::host::Host;
 use common::{Daemon, run_tool};
 use vmbackup_proto::agent::v1 as pb;
@@ -36,9 +36,7 @@ fn p(path: &Path) -> String {
 
 /// Chunk objects in the pool.
 fn pool_chunks(c: &CephCluster) -> usize {
-    let r = c.rados(&["-p", &c.pool, "--namespace", &format!("{PREFIX}chunks"), "ls"]);
-    assert!(r.ok(), "rados ls: {}", r.stderr);
-    r.stdout.lines().filter(|l| !l.trim().is_empty()).count()
+    c.namespace_objects(&format!("{PREFIX}chunks"))
 }
 
 /// An agent of host `name` whose Ceph client reads no ceph.conf (the monitors come from
@@ -138,23 +136,13 @@ async fn ceph_backup_storage_end_to_end() {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut cluster = CephCluster::start(
-        &dir.join("ceph"),
-        CephOptions {
-            objectstore: ObjectStore::Bluestore,
-            client_timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    );
-    eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
+    let mut cluster = CephCluster::start_crashable(dir);
     let mut agent = start_ceph_agent(dir, "h1");
     let s = common::storage_client(&agent, Some(common::session(&agent))).await;
     let mon = format!("root:s3cr3t-pw@127.0.0.1/?monPort={}", cluster.mon_v1.port());
 
     // Refused adds: one clear error each, nothing recorded.
-    let bad_key = dir.join("bad.keyring");
-    std::fs::write(&bad_key, "[client.admin]\n\tkey = AQBKx0JmAAAAABAAy5bFjUvBbfJ2nC0RzCbNdA==\n").expect("keyring");
-    std::fs::set_permissions(&bad_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let bad_key = CephCluster::wrong_keyring(dir);
     let open_key = dir.join("open.keyring");
     std::fs::copy(&cluster.keyring, &open_key).expect("copy keyring");
     std::fs::set_permissions(&open_key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");

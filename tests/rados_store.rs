@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::ceph::{CephCluster, CephOptions, ObjectStore};
+use common::ceph::CephCluster;
 use common::host::{Host, gc, groups, start_host_agent, verify_clean};
 use common::run_tool;
 
@@ -41,9 +41,7 @@ fn rados_config(dir: &Path, name: &str, conf: &Path, keyring: &Path, pool: &str)
 
 /// Chunk objects in the pool (`rados ls` in the chunks namespace).
 fn pool_chunks(c: &CephCluster) -> usize {
-    let r = c.rados(&["-p", &c.pool, "--namespace", &format!("{PREFIX}chunks"), "ls"]);
-    assert!(r.ok(), "rados ls: {}", r.stderr);
-    r.stdout.lines().filter(|l| !l.trim().is_empty()).count()
+    c.namespace_objects(&format!("{PREFIX}chunks"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -51,15 +49,7 @@ async fn two_servers_share_one_pool_through_an_osd_crash() {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut cluster = CephCluster::start(
-        &dir.join("ceph"),
-        CephOptions {
-            objectstore: ObjectStore::Bluestore,
-            client_timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    );
-    eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
+    let mut cluster = CephCluster::start_crashable(dir);
 
     // Bad configuration: one line each, quickly.
     let missing = rados_config(dir, "missing", &cluster.conf, &cluster.keyring, "no-such-pool");
@@ -71,8 +61,7 @@ async fn two_servers_share_one_pool_through_an_osd_crash() {
         &["no-such-pool", "does not exist"],
         &[],
     );
-    let bad_key = dir.join("bad.keyring");
-    std::fs::write(&bad_key, "[client.admin]\n\tkey = AQBKx0JmAAAAABAAy5bFjUvBbfJ2nC0RzCbNdA==\n").expect("keyring");
+    let bad_key = CephCluster::wrong_keyring(dir);
     let wrong = rados_config(dir, "wrong", &cluster.conf, &bad_key, &cluster.pool);
     common::ceph::expect_refused(dir, "opening the RADOS store", "wrong", &wrong, &["client.admin", "connect"], &[]);
     let dead_conf = dir.join("dead.conf");

@@ -243,6 +243,37 @@ pub struct CephCluster {
 }
 
 impl CephCluster {
+    /// A cluster whose OSD can be killed and come back with its objects (bluestore on a
+    /// file), with 5 s client timeouts, in `dir/ceph`; prints how long the start took.
+    pub fn start_crashable(dir: &Path) -> CephCluster {
+        let t0 = Instant::now();
+        let cluster = CephCluster::start(
+            &dir.join("ceph"),
+            CephOptions {
+                objectstore: ObjectStore::Bluestore,
+                client_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        );
+        eprintln!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
+        cluster
+    }
+
+    /// Objects in RADOS namespace `ns` of the pool (`rados ls`).
+    pub fn namespace_objects(&self, ns: &str) -> usize {
+        let r = self.rados(&["-p", &self.pool, "--namespace", ns, "ls"]);
+        assert!(r.ok(), "rados ls: {}", r.stderr);
+        r.stdout.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+
+    /// A keyring (mode 0600) in `dir` with a well-formed but wrong key for client.admin.
+    pub fn wrong_keyring(dir: &Path) -> PathBuf {
+        let path = dir.join("wrong.keyring");
+        std::fs::write(&path, "[client.admin]\n\tkey = AQBKx0JmAAAAABAAy5bFjUvBbfJ2nC0RzCbNdA==\n").expect("keyring");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        path
+    }
+
     /// Bootstraps and starts a cluster in `dir` (which should be empty) and waits until the
     /// pool accepts a write, the manager is active and (with `rgw`) radosgw answers an
     /// authenticated request. Panics with the daemons' log tails if any step fails.

@@ -78,12 +78,7 @@ impl FsBackend {
     }
 
     fn object_dir(&self, kind: ObjectKind) -> PathBuf {
-        self.root.join(match kind {
-            ObjectKind::Index => "indexes",
-            ObjectKind::Manifest => "groups",
-            ObjectKind::Meta => "meta",
-            ObjectKind::GroupMeta => "group-meta",
-        })
+        self.root.join(kind.dir())
     }
 
     fn owner_path(&self, namespace: &str, d: &Digest) -> Result<PathBuf> {

@@ -30,6 +30,19 @@ pub enum ObjectKind {
     GroupMeta,
 }
 
+impl ObjectKind {
+    /// The top-level directory (fs), key prefix (S3) or namespace suffix (RADOS) of this
+    /// kind: one layout across backends.
+    pub fn dir(self) -> &'static str {
+        match self {
+            ObjectKind::Index => "indexes",
+            ObjectKind::Manifest => "groups",
+            ObjectKind::Meta => "meta",
+            ObjectKind::GroupMeta => "group-meta",
+        }
+    }
+}
+
 /// A stored chunk as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkInfo {

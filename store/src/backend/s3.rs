@@ -301,16 +301,7 @@ impl S3Backend {
                 format!("object name {name:?} is not a plain file name"),
             ));
         }
-        Ok(self.key(&format!("{}/{name}", Self::dir(kind))))
-    }
-
-    fn dir(kind: ObjectKind) -> &'static str {
-        match kind {
-            ObjectKind::Index => "indexes",
-            ObjectKind::Manifest => "groups",
-            ObjectKind::Meta => "meta",
-            ObjectKind::GroupMeta => "group-meta",
-        }
+        Ok(self.key(&format!("{}/{name}", kind.dir())))
     }
 
     fn owner_key(&self, namespace: &str, d: &Digest) -> Result<ObjPath> {
@@ -527,7 +518,7 @@ impl Backend for S3Backend {
     }
 
     fn list_objects(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        Ok(self.list(Self::dir(kind))?.into_iter().map(|(name, _, modified)| ObjectInfo { name, modified }).collect())
+        Ok(self.list(kind.dir())?.into_iter().map(|(name, _, modified)| ObjectInfo { name, modified }).collect())
     }
 
     fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()> {

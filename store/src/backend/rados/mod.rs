@@ -216,15 +216,6 @@ impl RadosBackend {
         format!("{}/{hex}", &hex[..4])
     }
 
-    fn object_dir(kind: ObjectKind) -> &'static str {
-        match kind {
-            ObjectKind::Index => "indexes",
-            ObjectKind::Manifest => "groups",
-            ObjectKind::Meta => "meta",
-            ObjectKind::GroupMeta => "group-meta",
-        }
-    }
-
     fn check_name(name: &str) -> Result<()> {
         if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
             return Err(StoreError::new(
@@ -315,17 +306,17 @@ impl Backend for RadosBackend {
 
     fn put_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<()> {
         Self::check_name(name)?;
-        self.ctx(Self::object_dir(kind))?.write_full(name, bytes).map_err(|e| self.fail(e))
+        self.ctx(kind.dir())?.write_full(name, bytes).map_err(|e| self.fail(e))
     }
 
     fn create_object(&self, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<bool> {
         Self::check_name(name)?;
-        self.ctx(Self::object_dir(kind))?.create_exclusive(name, bytes).map_err(|e| self.fail(e))
+        self.ctx(kind.dir())?.create_exclusive(name, bytes).map_err(|e| self.fail(e))
     }
 
     fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {
         Self::check_name(name)?;
-        let dir = Self::object_dir(kind);
+        let dir = kind.dir();
         self.ctx(dir)?
             .read(name)
             .map_err(|e| self.fail(e))?
@@ -333,7 +324,7 @@ impl Backend for RadosBackend {
     }
 
     fn list_objects(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>> {
-        let ctx = self.ctx(Self::object_dir(kind))?;
+        let ctx = self.ctx(kind.dir())?;
         let mut out = Vec::new();
         for name in ctx.list().map_err(|e| self.fail(e))? {
             if let Some((_, modified)) = ctx.stat(&name).map_err(|e| self.fail(e))? {
@@ -346,7 +337,7 @@ impl Backend for RadosBackend {
 
     fn delete_object(&self, kind: ObjectKind, name: &str) -> Result<()> {
         Self::check_name(name)?;
-        self.ctx(Self::object_dir(kind))?.remove(name).map_err(|e| self.fail(e))
+        self.ctx(kind.dir())?.remove(name).map_err(|e| self.fail(e))
     }
 
     fn capacity(&self) -> Result<(u64, u64)> {
