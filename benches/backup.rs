@@ -28,11 +28,7 @@ use vmbackup_proto::agent::v1 as pb;
 async fn main() {
     let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let corpus = tempfile::tempdir().expect("tempdir");
-    let v1 = corpus.path().join("v1.raw");
-    let v2 = corpus.path().join("v2.raw");
-    corpus::prefault_free_memory();
-    corpus::make_volume(&v1, mib, 0);
-    corpus::make_volume(&v2, mib, 1);
+    let (v1, v2) = corpus::two_versions(corpus.path(), mib);
     println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
     println!(
         "{:<12} {:>3} {:>10} {:>12} {:>10} {:>10} {:>12}",

@@ -109,10 +109,7 @@ async fn main() {
     let only = std::env::var("VMBACKUP_BENCH_TOOLS").unwrap_or_default();
     let wanted = |t: &str| only.is_empty() || only.split(',').any(|o| o == t);
     let work = tempfile::tempdir().expect("tempdir");
-    let (v1, v2) = (work.path().join("v1.raw"), work.path().join("v2.raw"));
-    corpus::prefault_free_memory();
-    corpus::make_volume(&v1, mib, 0);
-    corpus::make_volume(&v2, mib, 1);
+    let (v1, v2) = corpus::two_versions(work.path(), mib);
     let (q1, q2) = (work.path().join("v1.qcow2"), work.path().join("v2.qcow2"));
     corpus::to_qcow2(&v1, &q1);
     corpus::to_qcow2(&v2, &q2);

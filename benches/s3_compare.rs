@@ -85,10 +85,7 @@ async fn main() {
     let rounds: usize = std::env::var("VMBACKUP_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
-    let (v1, v2) = (w.join("v1.raw"), w.join("v2.raw"));
-    corpus::prefault_free_memory();
-    corpus::make_volume(&v1, mib, 0);
-    corpus::make_volume(&v2, mib, 1);
+    let (v1, v2) = corpus::two_versions(w, mib);
     let cluster = CephCluster::start(
         &w.join("ceph"),
         CephOptions {
