@@ -292,15 +292,22 @@ mod tests {
 
     #[test]
     fn zstack_and_plain_mon_urls() {
-        assert_eq!(parse_mon_url("monUrls", "root:pw@10.0.0.1").unwrap(), mon("10.0.0.1", 6789, "root", 22));
         assert_eq!(
-            parse_mon_url("monUrls", "root:p@ss:w@rd@ceph-1:2222/?monPort=6790").unwrap(),
+            parse_mon_url("monUrls", "root:pw@10.0.0.1").expect("root:pw@10.0.0.1"),
+            mon("10.0.0.1", 6789, "root", 22)
+        );
+        assert_eq!(
+            parse_mon_url("monUrls", "root:p@ss:w@rd@ceph-1:2222/?monPort=6790")
+                .expect("root:p@ss:w@rd@ceph-1:2222/?monPort=6790"),
             mon("ceph-1", 6790, "root", 2222)
         );
-        assert_eq!(parse_mon_url("monUrls", "10.0.0.2:3300").unwrap(), mon("10.0.0.2", 3300, "", 0));
-        assert_eq!(parse_mon_url("monUrls", "mon.example.com").unwrap(), mon("mon.example.com", 6789, "", 0));
-        assert_eq!(parse_mon_url("monUrls", "[fd00::1]:6789").unwrap(), mon("fd00::1", 6789, "", 0));
-        assert_eq!(parse_mon_url("monUrls", "fd00::1").unwrap(), mon("fd00::1", 6789, "", 0));
+        assert_eq!(parse_mon_url("monUrls", "10.0.0.2:3300").expect("10.0.0.2:3300"), mon("10.0.0.2", 3300, "", 0));
+        assert_eq!(
+            parse_mon_url("monUrls", "mon.example.com").expect("mon.example.com"),
+            mon("mon.example.com", 6789, "", 0)
+        );
+        assert_eq!(parse_mon_url("monUrls", "[fd00::1]:6789").expect("[fd00::1]:6789"), mon("fd00::1", 6789, "", 0));
+        assert_eq!(parse_mon_url("monUrls", "fd00::1").expect("fd00::1"), mon("fd00::1", 6789, "", 0));
     }
 
     #[test]
@@ -330,6 +337,6 @@ mod tests {
             client: DEFAULT_CLIENT.into(),
             keyring: None,
         };
-        assert_eq!(t.mon_host().unwrap(), "v1:127.0.0.1:6789,v2:127.0.0.2:3300");
+        assert_eq!(t.mon_host().expect("mon_host"), "v1:127.0.0.1:6789,v2:127.0.0.2:3300");
     }
 }
