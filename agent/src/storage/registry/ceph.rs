@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use vmbackup_store::backend::rados::RadosBackend;
+use vmbackup_store::backend::rados::report::ClusterReport;
 
 use super::{CONNECTED, DISCONNECTED, Registry};
 use crate::catalog::backup_storage::{BackupStorageRecord, CephMonRecord};
@@ -59,6 +60,20 @@ fn target_of(r: &BackupStorageRecord) -> CephTarget {
         client: r.ceph_client.clone(),
         keyring: (!r.keyring_path.is_empty()).then(|| r.keyring_path.clone().into()),
     }
+}
+
+/// The cluster's raw (total, available) bytes as the catalog keeps them.
+fn capacity_of(r: &ClusterReport) -> (i64, i64) {
+    (i64::try_from(r.total_bytes).unwrap_or(i64::MAX), i64::try_from(r.available_bytes).unwrap_or(i64::MAX))
+}
+
+/// The pool's (used, available, replicas) as the catalog keeps them.
+fn pool_of(r: &ClusterReport) -> (i64, i64, i32) {
+    (
+        i64::try_from(r.pool_used_bytes).unwrap_or(i64::MAX),
+        i64::try_from(r.pool_available_bytes).unwrap_or(i64::MAX),
+        i32::try_from(r.pool_replicated_size).unwrap_or(i32::MAX),
+    )
 }
 
 fn status_name(up: bool) -> &'static str {
@@ -179,6 +194,8 @@ impl Registry {
         }
         let (open, probe) = self.open_ceph(req.target.clone()).await?;
         let report = probe.report?;
+        let ((total_capacity, available_capacity), (pool_used, pool_available, replicas)) =
+            (capacity_of(&report), pool_of(&report));
         let now = now_millis();
         let mons = req
             .target
@@ -205,8 +222,8 @@ impl Registry {
             url: CEPH_URL.to_string(),
             state: "Enabled".to_string(),
             status: CONNECTED.to_string(),
-            total_capacity: i64::try_from(report.total_bytes).unwrap_or(i64::MAX),
-            available_capacity: i64::try_from(report.available_bytes).unwrap_or(i64::MAX),
+            total_capacity,
+            available_capacity,
             store_uuid: open.store.store_uuid().to_string(),
             create_date: now,
             last_op_date: now,
@@ -214,9 +231,9 @@ impl Registry {
             max_backups: req.max_backups,
             fsid: report.fsid,
             pool_name: req.target.pool.clone(),
-            pool_available_capacity: i64::try_from(report.pool_available_bytes).unwrap_or(i64::MAX),
-            pool_used_capacity: i64::try_from(report.pool_used_bytes).unwrap_or(i64::MAX),
-            pool_replicated_size: i32::try_from(report.pool_replicated_size).unwrap_or(i32::MAX),
+            pool_available_capacity: pool_available,
+            pool_used_capacity: pool_used,
+            pool_replicated_size: replicas,
             ceph_client: req.target.client.clone(),
             keyring_path: req.target.keyring.as_ref().map(|k| k.display().to_string()).unwrap_or_default(),
             mons,
@@ -240,35 +257,25 @@ impl Registry {
             }
             None => self.open_ceph(target.clone()).await,
         };
-        let (probe, failure) = match outcome {
-            Ok((open, probe)) => {
+        // What the cluster reported, each monitor's state, and why the storage is down.
+        let (report, up, failure) = match outcome {
+            Ok((open, Probe { report, mons })) => {
                 let kept = self.remember_ceph(&record, open).err();
-                let failure = match (&probe.report, kept) {
-                    (_, Some(e)) => Some(e),
-                    (Err(e), None) => Some(AgentError::new(e.kind(), e.message().to_string())),
-                    (Ok(_), None) => None,
-                };
-                (probe, failure)
+                match report {
+                    Ok(r) => (Some(r), mons, kept),
+                    Err(e) => (None, mons, kept.or(Some(e))),
+                }
             }
             Err(e) => {
                 let t = target.clone();
                 let probe = tokio::task::spawn_blocking(move || t.probe(None)).await?;
-                (probe, Some(e))
+                (None, probe.mons, Some(e))
             }
         };
-        let mons = record.mons.iter().zip(&probe.mons).map(|(m, up)| (m.mon_uuid.clone(), status_name(*up))).collect();
         let facts = crate::catalog::CephProbe {
-            capacity: probe.report.as_ref().ok().map(|r| {
-                (i64::try_from(r.total_bytes).unwrap_or(i64::MAX), i64::try_from(r.available_bytes).unwrap_or(i64::MAX))
-            }),
-            pool: probe.report.as_ref().ok().map(|r| {
-                (
-                    i64::try_from(r.pool_used_bytes).unwrap_or(i64::MAX),
-                    i64::try_from(r.pool_available_bytes).unwrap_or(i64::MAX),
-                    i32::try_from(r.pool_replicated_size).unwrap_or(i32::MAX),
-                )
-            }),
-            mons,
+            capacity: report.as_ref().map(capacity_of),
+            pool: report.as_ref().map(pool_of),
+            mons: record.mons.iter().zip(&up).map(|(m, u)| (m.mon_uuid.clone(), status_name(*u))).collect(),
         };
         let status = status_name(failure.is_none());
         let (u, now) = (record.uuid.clone(), now_millis());
@@ -276,7 +283,7 @@ impl Registry {
         match failure {
             None => self.require(&record.uuid).await,
             Some(e) => {
-                let monitors = mon_summary(&target, &probe.mons);
+                let monitors = mon_summary(&target, &up);
                 tracing::warn!(uuid = %record.uuid, pool = %record.pool_name, %monitors, error = %e, "Ceph backup storage disconnected");
                 Err(AgentError::new(e.kind(), format!("{} (monitors: {monitors})", e.message())))
             }
