@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Chunk blobs are bytes::Bytes: a received blob is a slice of the receive buffer, not
     // a copy of it, and a blob to send is moved into the message without one.
     config.bytes(BYTES_FIELDS);
+    // `prost::Name` on every message: the agent's REST edge finds a reply's descriptor by it.
+    config.enable_type_names();
     tonic_prost_build::configure().file_descriptor_set_path(&descriptor_path).compile_with_config(
         config,
         PROTOS,

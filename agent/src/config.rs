@@ -48,6 +48,24 @@ pub struct AgentConfig {
     pub store_tls: vmbackup_store::daemon::tls::ClientTls,
     /// How the agent reaches Ceph backup storages (pools it writes directly).
     pub ceph: CephConfig,
+    /// ZStack's REST API (`zstack/v1/...`) beside gRPC.
+    pub rest: RestConfig,
+}
+
+/// The REST listener: the same sessions and TLS as the gRPC listener, on its own address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestConfig {
+    /// Listen address; absent: no REST listener.
+    pub listen: Option<SocketAddr>,
+    /// How long the result of a finished API job stays at its `api-jobs` location, seconds.
+    pub job_ttl_seconds: u64,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        Self { listen: None, job_ttl_seconds: 3600 }
+    }
 }
 
 /// Client settings for Ceph backup storages; the monitors, pool, client name and keyring
@@ -161,6 +179,7 @@ impl Default for AgentConfig {
             tls: Default::default(),
             store_tls: Default::default(),
             ceph: CephConfig::default(),
+            rest: RestConfig::default(),
         }
     }
 }

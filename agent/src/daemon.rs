@@ -64,6 +64,9 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         serve_metrics(addr, &state, store_stop.clone()).await?;
     }
+    if let Some(addr) = config.rest.listen {
+        start_rest(addr, &state, &mut tasks, store_stop.clone()).await?;
+    }
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "vmbackup-agent ready");
     let router = crate::api::router(&state, tls)?;
     vmbackup_store::daemon::systemd::ready(&format!("serving on {}", config.listen));
@@ -174,6 +177,21 @@ async fn start_embedded_store(
     Ok(())
 }
 
+/// Serves ZStack's REST API on `addr` until `stop` (with the gRPC listener's TLS).
+async fn start_rest(
+    addr: std::net::SocketAddr,
+    state: &State,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = crate::rest::tls::server_config(&state.config.tls, addr).context("TLS configuration of the REST API")?;
+    let l = TcpListener::bind(addr).await.with_context(|| format!("binding the REST API on {addr}"))?;
+    tracing::info!(rest_listen = %l.local_addr()?, tls = tls.is_some(), "REST API at /zstack/v1/");
+    let state = state.clone();
+    tasks.spawn(async move { crate::rest::serve(l, state, tls, stop).await.context("REST API server") });
+    Ok(())
+}
+
 /// Serves `/metrics` on `addr` until `stop`.
 async fn serve_metrics(addr: std::net::SocketAddr, state: &State, stop: CancellationToken) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
@@ -254,6 +272,7 @@ fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::d
         ("tls", format!("{:?}", old.tls) != format!("{:?}", new.tls)),
         ("store_tls", format!("{:?}", old.store_tls) != format!("{:?}", new.store_tls)),
         ("ceph", old.ceph != new.ceph),
+        ("rest", old.rest != new.rest),
         ("shutdown_grace_seconds", old.shutdown_grace_seconds != new.shutdown_grace_seconds),
     ];
     for (key, changed) in restart_only {

@@ -1,6 +1,7 @@
 //! # vmbackup-agent: the backup agent of a KVM host
 //!
-//! The control plane calls the agent over gRPC (ZStack's backup API, [`api`]). Every call
+//! The control plane calls the agent over gRPC (ZStack's backup API, [`api`]) or ZStack's
+//! REST URLs ([`rest`], which runs each call on the gRPC edge's services). Every call
 //! runs as one operation of the core ([`ops`]), which drives the engines ([`backup`]) over
 //! the parts: volumes ([`volume`]), the local state in SQLite ([`catalog`]), the places
 //! backups live behind one seam ([`storage`]) and QEMU ([`qemu`]). The agent can embed one
@@ -14,6 +15,7 @@
 //! | layer | modules | what |
 //! |---|---|---|
 //! | daemon | [`daemon`] | process: listeners, embedded store, reload, shutdown |
+//! | REST edge | [`rest`] | ZStack's URLs, envelopes, API jobs and JSON, over the gRPC services in process |
 //! | edges | [`api`] | gRPC: parse requests into domain values, render inventories, errors and progress |
 //! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
 //! | engines | [`backup`] | backup, restore, recover, delete and sync data paths |
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod qemu;
+pub mod rest;
 pub mod roots;
 pub mod storage;
 pub mod tags;

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["backup"],
     &["ops"],
     &["api"],
+    &["rest"],
     &["daemon"],
 ];
 

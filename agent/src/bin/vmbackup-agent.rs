@@ -29,6 +29,9 @@ struct Args {
     /// Prometheus /metrics address (overrides the config file).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// ZStack REST API listen address (overrides `rest.listen`).
+    #[arg(long)]
+    rest_listen: Option<std::net::SocketAddr>,
     /// One more volume root (repeatable), added to `[volumes] roots` of the config file.
     #[arg(long = "volume-root", value_name = "DIR")]
     volume_roots: Vec<PathBuf>,
@@ -56,6 +59,9 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(m) = args.metrics_listen {
         config.metrics_listen = Some(m);
+    }
+    if let Some(r) = args.rest_listen {
+        config.rest.listen = Some(r);
     }
     config.volumes.roots.extend(args.volume_roots.iter().cloned());
     config.volume_roots().map_err(anyhow::Error::msg).context("--volume-root")?;
