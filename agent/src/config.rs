@@ -127,6 +127,9 @@ pub struct VolumesConfig {
     pub roots: Vec<PathBuf>,
     /// Directories beneath which only existing block devices are volumes.
     pub device_roots: Vec<PathBuf>,
+    /// Directories (and their subdirectories) holding running VMs' QMP sockets: a
+    /// CreateVmBackup of a root volume no registered VM has finds its VM there.
+    pub qmp_dirs: Vec<PathBuf>,
 }
 
 impl Default for VolumesConfig {
@@ -136,6 +139,7 @@ impl Default for VolumesConfig {
         Self {
             roots: vec![PathBuf::from("/var/lib/libvirt/images"), PathBuf::from("/zstack_ps*")],
             device_roots: vec![PathBuf::from("/dev")],
+            qmp_dirs: vec![PathBuf::from("/var/lib/libvirt/qemu"), PathBuf::from("/run/vmbackup/qmp")],
         }
     }
 }

@@ -29,6 +29,7 @@ struct Values {
     max_backups_per_storage: u32,
     caps: HostCaps,
     roots: Arc<VolumeRoots>,
+    qmp_dirs: Arc<Vec<std::path::PathBuf>>,
 }
 
 /// The live settings.
@@ -69,6 +70,7 @@ impl Live {
             max_backups_per_storage: config.max_backups_per_storage.max(1),
             caps: caps(&HostCaps::default(), &config.limits),
             roots: Arc::new(roots(config)),
+            qmp_dirs: Arc::new(config.volumes.qmp_dirs.clone()),
         }))
     }
 
@@ -83,6 +85,12 @@ impl Live {
         v.max_backups_per_storage = config.max_backups_per_storage.max(1);
         v.caps = caps(&v.caps, &config.limits);
         v.roots = Arc::new(roots(config));
+        v.qmp_dirs = Arc::new(config.volumes.qmp_dirs.clone());
+    }
+
+    /// Where running VMs' QMP sockets are looked for.
+    pub fn qmp_dirs(&self) -> Arc<Vec<std::path::PathBuf>> {
+        self.read().qmp_dirs
     }
 
     /// Reader workers of a job without a parallelism tag.

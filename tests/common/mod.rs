@@ -133,6 +133,13 @@ impl Daemon {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
     }
 
+    /// `http://<addr>` of the agent's REST listener (from its latest `rest_listen=` line).
+    pub fn rest_url(&self) -> String {
+        let text = read(&self.log);
+        let line = text.lines().rfind(|l| l.contains("rest_listen=")).expect("no rest_listen in the log");
+        format!("http://{}", log_field(line, "rest_listen").expect("address"))
+    }
+
     /// The whole log so far.
     pub fn log_text(&self) -> String {
         read(&self.log)
@@ -239,6 +246,8 @@ pub fn start_agent(dir: &Path, opts: AgentOptions) -> Daemon {
         "--data-dir".to_string(),
         data.display().to_string(),
         "--metrics-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--rest-listen".to_string(),
         "127.0.0.1:0".to_string(),
         "--volume-root".to_string(),
         dir.display().to_string(),

@@ -25,6 +25,12 @@ pub struct QemuVm {
 impl QemuVm {
     /// Starts a VM on `root` (qcow2, device `disk0`) and `data` (raw, `disk1`).
     pub fn start(dir: &Path, root: &Path, data: &Path) -> QemuVm {
+        Self::start_with(dir, root, data, dir.join("vm-qmp.sock"), &[])
+    }
+
+    /// [`QemuVm::start`] with the agent's QMP socket at `qmp` and `extra` arguments
+    /// (`-uuid`, `-name`).
+    pub fn start_with(dir: &Path, root: &Path, data: &Path, qmp: PathBuf, extra: &[&str]) -> QemuVm {
         let base = PathBuf::from(
             std::env::var("VMBACKUP_QEMU_SYSTEM_DIR").unwrap_or_else(|_| "/opt/vmbackup-test/qemu-system".into()),
         );
@@ -34,7 +40,7 @@ impl QemuVm {
             "{} not found: run scripts/test.sh as root once (it unpacks Debian's qemu-system-x86 there)",
             program.display()
         );
-        let (qmp, test_monitor) = (dir.join("vm-qmp.sock"), dir.join("vm-test.sock"));
+        let test_monitor = dir.join("vm-test.sock");
         let child = Command::new(&program)
             .args(["-L", &p(&base.join("usr/share/qemu")), "-L", &p(&base.join("usr/share/seabios"))])
             .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64"])
@@ -48,6 +54,7 @@ impl QemuVm {
             .args(["-mon", "chardev=m0,mode=control"])
             .args(["-chardev", &format!("socket,id=m1,path={},server=on,wait=off", p(&test_monitor))])
             .args(["-mon", "chardev=m1,mode=control"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

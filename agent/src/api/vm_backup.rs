@@ -41,7 +41,9 @@ fn parse_create(r: pb::CreateVmBackupRequest) -> Result<CreateBackup> {
     let resource = validate::optional_uuid("resourceUuid", &r.resource_uuid)?;
     let volume_read_bandwidth = bandwidth("volumeReadBandwidth", r.volume_read_bandwidth)?;
     let network_write_bandwidth = bandwidth("networkWriteBandwidth", r.network_write_bandwidth)?;
-    bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?;
+    let volume_write_bandwidth = bandwidth("volumeWriteBandwidth", r.volume_write_bandwidth)?;
+    // A backup reads nothing from its storage: networkReadBandwidth is checked, and limits
+    // nothing.
     bandwidth("networkReadBandwidth", r.network_read_bandwidth)?;
     let tags = tags::parse(&r.system_tags)?;
     let vm = r.vm.as_ref().map(super::vm::parse_vm).transpose()?;
@@ -53,6 +55,7 @@ fn parse_create(r: pb::CreateVmBackupRequest) -> Result<CreateBackup> {
         resource,
         volume_read_bandwidth,
         network_write_bandwidth,
+        volume_write_bandwidth,
         tags,
         system_tags: r.system_tags,
         user_tags: r.user_tags,

@@ -47,6 +47,9 @@ pub struct BackupRequest {
     pub description: Option<String>,
     /// Reader workers.
     pub parallelism: usize,
+    /// Bytes per second at which a live backup merges the guest's writes back into its
+    /// disks (volumeWriteBandwidth, and the host's cap); None: unlimited.
+    pub merge_speed: Option<u64>,
     /// volumeReadBandwidth (+ host cap).
     pub read_limit: Throttle,
     /// networkWriteBandwidth (+ host cap).
@@ -102,7 +105,8 @@ pub async fn run(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Res
     let tag = req.group_uuid.chars().take(12).collect::<String>();
     let previous = incremental::previous_group(registry.catalog(), &req).await;
     let new_bitmap = incremental::bitmap_name(&req.group_uuid);
-    let snapshot = crate::qemu::live::LiveSnapshot::take(qmp, &req.vm.volumes, &tag, Some(&new_bitmap)).await?;
+    let mut snapshot = crate::qemu::live::LiveSnapshot::take(qmp, &req.vm.volumes, &tag, Some(&new_bitmap)).await?;
+    snapshot.limit_merge(req.merge_speed);
     job.set_message("live backup: disks frozen by a QEMU snapshot");
     let mut req = req;
     if let Some(prev) = &previous {

@@ -45,6 +45,7 @@ pub struct Job {
     pub counters: Arc<Counters>,
     record: Mutex<JobRecord>,
     message: Mutex<String>,
+    group: Mutex<Option<String>>,
     tx: watch::Sender<Progress>,
 }
 
@@ -52,6 +53,17 @@ impl Job {
     /// A span for everything the job logs: its uuid and kind on every line.
     pub fn span(&self) -> tracing::Span {
         tracing::info_span!("job", id = %self.uuid, kind = %self.kind)
+    }
+
+    /// Names the backup group the job reads or writes (a restore, a recover), so a delete
+    /// of the group finds it.
+    pub fn set_group(&self, group: &str) {
+        *self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(group.to_string());
+    }
+
+    fn uses_group(&self, group: &str) -> bool {
+        self.uuid == group
+            || self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_deref() == Some(group)
     }
 
     /// Sets the progress message.
@@ -157,6 +169,7 @@ impl Jobs {
             counters: Arc::default(),
             record: Mutex::new(record.clone()),
             message: Mutex::new(String::new()),
+            group: Mutex::new(None),
             tx,
         });
         let first = job.snapshot(JobState::Running, 0.0, None, None);
@@ -249,6 +262,12 @@ impl Jobs {
     /// The running job with this uuid.
     pub fn running(&self, uuid: &str) -> Option<Arc<Job>> {
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(uuid).cloned()
+    }
+
+    /// The running jobs that use backup group `group`: its backup, and restores and
+    /// recovers of it.
+    pub fn using_group(&self, group: &str) -> Vec<Arc<Job>> {
+        self.all_running().into_iter().filter(|j| j.uses_group(group)).collect()
     }
 
     /// Every running job (for shutdown and status lines).

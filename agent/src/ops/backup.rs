@@ -18,6 +18,9 @@ use crate::tags::SystemTags;
 use crate::throttle::{ByteRate, Throttle};
 use crate::validate::DeleteMode;
 
+/// How long an Enforcing delete waits for the jobs it cancelled to end.
+const ENFORCING_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A validated CreateVmBackup.
 #[derive(Debug, Clone)]
 pub struct CreateBackup {
@@ -35,6 +38,8 @@ pub struct CreateBackup {
     pub volume_read_bandwidth: Option<Arc<ByteRate>>,
     /// networkWriteBandwidth.
     pub network_write_bandwidth: Option<Arc<ByteRate>>,
+    /// volumeWriteBandwidth: a live backup merges the guest's writes back at this rate.
+    pub volume_write_bandwidth: Option<Arc<ByteRate>>,
     /// The parsed system tags.
     pub tags: SystemTags,
     /// System tags as given, recorded in the manifest.
@@ -70,9 +75,16 @@ impl Ops {
 
         let group_uuid = r.resource.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         if let Some(done) = self.committed_or_joined(&group_uuid).await? {
+            same_request(&r, &done)?;
             return Ok(done);
         }
-        let vm = self.vm_of_root(&r.root_volume).await?;
+        let vm = match self.vm_of_root(&r.root_volume).await {
+            Err(e) if e.kind() == ErrorKind::NotFound && r.vm.is_none() => {
+                self.discover_vm(&r.root_volume).await?;
+                self.vm_of_root(&r.root_volume).await?
+            }
+            found => found?,
+        };
         // Recorded paths are judged by today's roots: a narrowed configuration stops them.
         let paths = vm.volumes.iter().map(|v| (v.uuid.as_str(), v.install_path.as_str()));
         self.check_install_paths("rootVolumeUuid", paths).await?;
@@ -95,6 +107,11 @@ impl Ops {
             name: r.name,
             description: r.description,
             parallelism,
+            merge_speed: [r.volume_write_bandwidth.as_ref(), caps.volume_write.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|l| l.bytes_per_second())
+                .min(),
             read_limit,
             network_limit,
             source,
@@ -185,14 +202,32 @@ impl Ops {
     /// DeleteVmBackup: removes a group from `storages` (every storage holding it when empty).
     /// Permissive refuses while a job works on the group; Enforcing cancels it first.
     pub async fn delete_backup(&self, group: &str, storages: &[String], mode: DeleteMode) -> Result<()> {
-        if let Some(job) = self.jobs.running(group) {
-            if mode == DeleteMode::Permissive {
-                return Err(AgentError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("job {} is using backup group {group}; wait for it or use deleteMode Enforcing", job.uuid),
-                ));
-            }
+        let users = self.jobs.using_group(group);
+        if let Some(job) = users.first()
+            && mode == DeleteMode::Permissive
+        {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "{} job {} is using backup group {group}; wait for it or use deleteMode Enforcing",
+                    job.kind, job.uuid
+                ),
+            ));
+        }
+        // Enforcing: every job on the group is cancelled and has ended before anything goes.
+        for job in &users {
             job.cancel.cancel();
+        }
+        for job in &users {
+            if let Ok(progress) = self.jobs.watch(&job.uuid).await {
+                let ended = tokio::time::timeout(ENFORCING_WAIT, progress.for_each(|_| async {})).await;
+                if ended.is_err() {
+                    return Err(AgentError::new(
+                        ErrorKind::Timeout,
+                        format!("{} job {} did not stop within {ENFORCING_WAIT:?} of its cancel", job.kind, job.uuid),
+                    ));
+                }
+            }
         }
         backup::lifecycle::delete_group(&self.registry, group, storages).await
     }
@@ -233,10 +268,38 @@ impl Ops {
             ));
         }
         let job = self.jobs.start("RecoverVmBackup", Some(job_uuid), Some(dst.to_string())).await?;
+        job.set_group(group);
         let (registry, j) = (self.registry.clone(), job.clone());
         let (g, s, d) = (group.to_string(), src.to_string(), dst.to_string());
         self.jobs.run(job, async move { backup::recover::run(&registry, &j, &g, &s, &d, network).await }).await?;
         let g = group.to_string();
         Ok(self.catalog().run(move |c| c.group_volume_backups(&g)).await?)
     }
+}
+
+/// A retried create names the group it made: the same root volume, name and backup
+/// storage. Anything else under that resourceUuid is another request, refused rather than
+/// answered with a group it did not ask for.
+fn same_request(r: &CreateBackup, records: &[VolumeBackupRecord]) -> Result<()> {
+    let group = r.resource.as_deref().unwrap_or_default();
+    let differs = |what: &str, had: &str| {
+        AgentError::new(
+            ErrorKind::AlreadyExists,
+            format!("resourceUuid {group} is backup group of another request ({what} {had}); use a new resourceUuid"),
+        )
+        .with_field("resourceUuid")
+    };
+    let Some(root) = records.iter().find(|b| b.kind == VolumeKind::Root) else {
+        return Ok(());
+    };
+    if root.volume_uuid != r.root_volume {
+        return Err(differs("rootVolumeUuid", &root.volume_uuid));
+    }
+    if !root.name.starts_with(&format!("{}-", r.name)) {
+        return Err(differs("name of", &root.name));
+    }
+    if !root.refs.iter().any(|s| s.backup_storage_uuid == r.storage) {
+        return Err(differs("not on backupStorageUuid", &r.storage));
+    }
+    Ok(())
 }

@@ -84,6 +84,7 @@ impl Ops {
         };
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
         let job = self.jobs.start("RestoreVmBackup", r.resource, Some(r.storage.clone())).await?;
+        job.set_group(&r.group);
         let (registry, j, job_uuid) = (self.registry.clone(), job.clone(), job.uuid.clone());
         let opts = RestoreOptions { network_limit, write_limit, parallelism, source };
         let bs = r.storage;

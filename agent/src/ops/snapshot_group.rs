@@ -130,7 +130,7 @@ async fn merge_back(qmp: Option<&Qmp>, s: &SnapshotRecord) -> Result<()> {
             };
             let top = live::node_for(&nodes, &s.overlay_path).ok_or_else(|| missing(&s.overlay_path))?;
             let base = live::node_for(&nodes, &s.install_path).ok_or_else(|| missing(&s.install_path))?;
-            live::merge_live(qmp, &top, &base, &format!("merge-{}", &s.uuid[..12])).await
+            live::merge_live(qmp, &top, &base, &format!("merge-{}", &s.uuid[..12]), None).await
         }
         None if Path::new(&s.overlay_path).exists() => live::merge_offline(Path::new(&s.overlay_path)).await,
         None => Err(AgentError::new(
@@ -208,11 +208,12 @@ impl Ops {
     /// forgotten once all are.
     pub async fn delete_snapshot_group(&self, uuid: &str) -> Result<Vec<SnapshotOutcome>> {
         let u = uuid.to_string();
-        let group = self
-            .catalog()
-            .run(move |c| c.get_snapshot_group(&u))
-            .await?
-            .ok_or_else(|| AgentError::not_found("snapshot group", uuid).with_field("uuid"))?;
+        // A group that no longer exists is deleted already (ZStack's
+        // successIfResourceNotExisting): a retried delete succeeds with nothing to report.
+        let Some(group) = self.catalog().run(move |c| c.get_snapshot_group(&u)).await? else {
+            tracing::info!(group = %uuid, "snapshot group does not exist; nothing to delete");
+            return Ok(Vec::new());
+        };
         let v = group.vm_uuid.clone();
         let vm = self.catalog().run(move |c| c.get_vm(&v)).await?;
         let live: Vec<SnapshotRecord> = group.snapshots.iter().filter(|s| !s.deleted).cloned().collect();

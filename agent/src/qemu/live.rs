@@ -58,6 +58,7 @@ struct Frozen {
 pub struct LiveSnapshot {
     qmp: Arc<Qmp>,
     frozen: Vec<Frozen>,
+    merge_speed: Option<u64>,
 }
 
 /// [`connect_if_running`] for a VM that may have no QMP socket registered.
@@ -153,7 +154,13 @@ impl LiveSnapshot {
         }
         detach_unused(&qmp, &mut frozen).await;
         tracing::info!(disks = frozen.len(), "live snapshot taken; guest writes go to the overlays");
-        Ok(Self { qmp, frozen })
+        Ok(Self { qmp, frozen, merge_speed: None })
+    }
+
+    /// Limits the merge back of each overlay to `bytes_per_second` (`block-commit`'s
+    /// `speed`): the guest's disk is written at no more than that while it runs.
+    pub fn limit_merge(&mut self, bytes_per_second: Option<u64>) {
+        self.merge_speed = bytes_per_second;
     }
 
     /// Merges every overlay back and deletes it; offline with `qemu-img commit` when QEMU
@@ -249,7 +256,7 @@ impl LiveSnapshot {
     async fn merge_all(&self) -> Result<()> {
         let mut first = None;
         for (i, f) in self.frozen.iter().enumerate().filter(|(_, f)| f.attached) {
-            let merged = match commit_live(&self.qmp, f, i).await {
+            let merged = match commit_live(&self.qmp, f, i, self.merge_speed).await {
                 Ok(()) => Ok(()),
                 Err(_) if !qemu_alive(&self.qmp).await => commit_offline(f).await,
                 Err(e) => Err(e),
@@ -341,15 +348,20 @@ async fn qemu_alive(qmp: &Qmp) -> bool {
     qmp.execute("query-version", Value::Null).await.is_ok()
 }
 
-async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize) -> Result<()> {
-    merge_live(qmp, &f.overlay_node, &f.base_node, &format!("{}-commit{i}", f.overlay_node)).await
+async fn commit_live(qmp: &Qmp, f: &Frozen, i: usize, speed: Option<u64>) -> Result<()> {
+    merge_live(qmp, &f.overlay_node, &f.base_node, &format!("{}-commit{i}", f.overlay_node), speed).await
 }
 
 /// Merges the active overlay `top` into `base` on a running QEMU (an active
-/// `block-commit`: READY, then `block-job-complete`); `job_id` names the block job.
-pub async fn merge_live(qmp: &Qmp, top: &str, base: &str, job_id: &str) -> Result<()> {
+/// `block-commit`: READY, then `block-job-complete`); `job_id` names the block job, and
+/// `speed` (bytes per second) limits how fast it writes `base`.
+pub async fn merge_live(qmp: &Qmp, top: &str, base: &str, job_id: &str, speed: Option<u64>) -> Result<()> {
     let mut events = qmp.events();
-    qmp.execute("block-commit", json!({ "job-id": job_id, "device": top, "top-node": top, "base-node": base })).await?;
+    let mut args = json!({ "job-id": job_id, "device": top, "top-node": top, "base-node": base });
+    if let Some(speed) = speed {
+        args["speed"] = json!(speed);
+    }
+    qmp.execute("block-commit", args).await?;
     let is_job = |e: &super::qmp::Event| e.data["device"].as_str() == Some(job_id);
     let ev = qmp
         .wait_event(&mut events, COMMIT_TIMEOUT, "the overlay merge", |e| {

@@ -46,9 +46,13 @@ impl Failure {
         Self { code: s.code(), error: Box::new(error) }
     }
 
-    /// `{"error": {...}}`.
+    /// `{"error": {...}}`, with `cause` null when there is none (as ZStack writes it).
     pub fn body(&self) -> Value {
-        serde_json::json!({ "error": json::render(self.error.as_ref()) })
+        let mut error = json::render(self.error.as_ref());
+        if let Value::Object(m) = &mut error {
+            m.entry("cause").or_insert(Value::Null);
+        }
+        serde_json::json!({ "error": error })
     }
 }
 
@@ -103,9 +107,20 @@ pub fn check(api: Api, request: &Value) -> Result<(), Failure> {
 }
 
 fn decode<T: DeserializeOwned>(v: Value) -> Result<T, Failure> {
-    // The proto's deserializer names the field: "unknown field `x`, expected one of ..." or
-    // "invalid type: ... for field ...".
-    serde_json::from_value(v).map_err(|e| Failure::of(&AgentError::invalid("params", e.to_string())))
+    let e = match serde_json::from_value::<T>(v.clone()) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    // An unknown field is named by the message already ("unknown field `x`, ..."); a
+    // mistyped one is found by decoding each field alone (every proto3 field may be absent).
+    let culprit = match &v {
+        Value::Object(m) => m.iter().find_map(|(k, val)| {
+            let alone = Value::Object(std::iter::once((k.clone(), val.clone())).collect());
+            serde_json::from_value::<T>(alone).err().map(|e| format!("{k}: {e}"))
+        }),
+        _ => None,
+    };
+    Err(Failure::of(&AgentError::invalid("params", culprit.unwrap_or_else(|| e.to_string()))))
 }
 
 async fn call<Req, Rep, Fut>(request: Value, f: impl FnOnce(Request<Req>) -> Fut) -> Result<Value, Failure>

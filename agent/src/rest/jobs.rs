@@ -116,6 +116,8 @@ impl ApiJobs {
 /// POSTs a job's result to `url`, with `X-Job-UUID` and `X-Job-Success`, until a 2xx
 /// answer or [`WEBHOOK_ATTEMPTS`] tries (1 s, 2 s, 4 s apart).
 pub async fn deliver(url: String, job: String, success: bool, body: Value) {
+    // reqwest is built without a default TLS provider (the workspace picks ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
         Ok(c) => c,
         Err(e) => {
