@@ -183,7 +183,7 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     assert_eq!(some["total"], 1);
     assert_eq!(some["inventories"][0].as_object().map(|o| o.len()), Some(2), "{some}");
     let (status, bad) = rest.send("GET", "backup-storage?q=colour=red", None, &[]).await;
-    assert_eq!(status, 400, "{bad}");
+    assert_eq!(status, 503, "{bad}");
     assert_eq!(bad["error"]["code"], "SYS.1007");
 
     // CreateVmBackup with the seed's body: the VM is found by its root volume.

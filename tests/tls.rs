@@ -104,6 +104,9 @@ async fn agent_api_over_tls_and_mutual_tls() {
     if let Ok(ch) = plain {
         assert!(list(ch, &token).await.is_err(), "plaintext must not reach a TLS server");
     }
+    // The REST listener serves the same TLS.
+    assert_eq!(rest_status(&agent, Some(&p.ca), None).await, Ok(200));
+    assert!(rest_status(&agent, None, None).await.is_err(), "a REST client without the CA must not get through");
     drop(agent);
 
     // Mutual TLS: no client certificate, refused; with one signed by the CA, accepted.
@@ -129,6 +132,32 @@ async fn agent_api_over_tls_and_mutual_tls() {
     assert!(anonymous, "mutual TLS must refuse a client without a certificate");
     let ch = tls_channel(&url, Some(&p.ca), Some((&p.client_cert, &p.client_key))).await.expect("mtls connect");
     assert_eq!(list(ch, &token).await.expect("query over mutual TLS"), 0);
+    let identity = format!("{}{}", p.client_cert, p.client_key);
+    assert_eq!(rest_status(&agent, Some(&p.ca), Some(&identity)).await, Ok(200));
+    assert!(rest_status(&agent, Some(&p.ca), None).await.is_err(), "REST over mutual TLS needs a client certificate");
+}
+
+/// GET zstack/v1/backup-storage over https, trusting `ca`, with the client `identity`
+/// (certificate and key PEM): the HTTP status, or why no answer came.
+async fn rest_status(agent: &common::Daemon, ca: Option<&Path>, identity: Option<&str>) -> Result<u16, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = agent.rest_url().replacen("http://", "https://", 1);
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let cert = reqwest::Certificate::from_pem(&std::fs::read(ca).expect("ca")).expect("ca pem");
+        b = b.tls_certs_only([cert]);
+    }
+    if let Some(id) = identity {
+        b = b.identity(reqwest::Identity::from_pem(id.as_bytes()).expect("identity"));
+    }
+    let client = b.build().map_err(|e| e.to_string())?;
+    let r = client
+        .get(format!("{url}/zstack/v1/backup-storage"))
+        .header("Authorization", format!("OAuth {}", common::session(agent)))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(r.status().as_u16())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -158,7 +158,7 @@ async fn run_query(rest: &Rest, route: &routes::Route, query: &[(String, String)
     };
     match calls::invoke(&rest.state, route.api, request).await {
         Ok(reply) => json_response(StatusCode::OK, &query::reply(reply, &fields)),
-        Err(f) if f.code == tonic::Code::InvalidArgument => failure_response(&f),
+        // A query that ran and failed (a condition on an unknown field too) is ZStack's 503.
         Err(f) => json_response(StatusCode::SERVICE_UNAVAILABLE, &f.body()),
     }
 }
