@@ -134,7 +134,7 @@ async fn add_query_reconnect_delete_and_survive_restart() {
         .await
         .expect_err("store is down");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    assert_eq!(zstack_code(&e), "BS.1003");
+    assert_eq!(zstack_code(&e), "SYS.1006", "ZStack's OPERATION_ERROR: the store is unreachable");
     assert_eq!(query(&mut c, &["status=Disconnected"]).await, ["alpha"]);
 
     // Back up: Connected, capacities and lastOpDate refreshed.

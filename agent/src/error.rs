@@ -47,7 +47,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => ("ID.1001", "Invalid session"),
             ErrorKind::Unimplemented => ("SYS.1014", "The operation is not implemented"),
             ErrorKind::Timeout => ("SYS.1001", "A message or a operation timeout"),
-            ErrorKind::Cancelled => ("SYS.1006", "The operation was cancelled"),
+            ErrorKind::Cancelled => ("SYS.1017", "The operation was cancelled"),
             ErrorKind::ResourceExhausted => ("SYS.1006", "Out of resources"),
             ErrorKind::Internal => ("SYS.1000", "An internal error happened"),
         }
@@ -89,7 +89,7 @@ impl AgentError {
         self
     }
 
-    /// Overrides the ZStack code (e.g. `BS.1003`) and its description.
+    /// Overrides the ZStack code (e.g. `SYS.1016`) and its description.
     pub fn with_code(mut self, code: &'static str, description: &'static str) -> Self {
         self.code = Some((code, description));
         self

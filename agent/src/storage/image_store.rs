@@ -137,9 +137,9 @@ impl ImageStoreClient {
             }
         };
         let channel = connected.map_err(|e| {
-            AgentError::new(ErrorKind::Unavailable, format!("cannot reach Image Storage at {url}"))
-                .with_code("BS.1003", "Backup storage is unreachable")
-                .with_source(e)
+            // ZStack's OPERATION_ERROR, as its own disconnected backup storages answer
+            // (BS.1003 is its allocation error, not reachability).
+            AgentError::new(ErrorKind::Unavailable, format!("cannot reach Image Storage at {url}")).with_source(e)
         })?;
         let inner = PbClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
