@@ -187,8 +187,11 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     assert_eq!(bad["error"]["code"], "SYS.1007");
 
     // CreateVmBackup with the seed's body: the VM is found by its root volume.
-    let create =
-        json!({"params": {"backupStorageUuid": bs, "name": "backup-1", "description": "a critical volume backup"}});
+    let create = json!({
+        "params": {"backupStorageUuid": bs, "name": "backup-1", "description": "a critical volume backup"},
+        "systemTags": [],
+        "userTags": ["nightly"],
+    });
     let job = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
     let path = format!("volumes/{ROOT}/vm-backups");
     let (status, accepted) = rest.send("POST", &path, Some(&create), &[("X-Job-UUID", job)]).await;
@@ -227,6 +230,12 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     assert!(failed["error"]["details"].as_str().is_some_and(|d| d.contains("another request")), "{failed}");
     let (_, backups) = rest.send("GET", "volume-backups?replyWithCount=true", None, &[]).await;
     assert_eq!(backups["total"], 2, "no second group was made: {backups}");
+    // userTags are kept, returned and queryable (also by ZStack's __userTag__).
+    assert_eq!(by_volume(ROOT)["userTags"], json!(["nightly"]), "{created}");
+    let (_, tagged) = rest.send("GET", "volume-backups?q=__userTag__=nightly&count=true", None, &[]).await;
+    assert_eq!(tagged["total"], 2, "{tagged}");
+    let (_, untagged) = rest.send("GET", "volume-backups?q=userTags=weekly", None, &[]).await;
+    assert_eq!(untagged["inventories"], json!([]));
     let (_, sorted) = rest.send("GET", "volume-backups?sort=-size&limit=1", None, &[]).await;
     assert_eq!(sorted["inventories"][0]["volumeUuid"], ROOT, "{sorted}");
 

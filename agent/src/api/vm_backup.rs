@@ -137,6 +137,8 @@ pub fn inventory(r: VolumeBackupRecord) -> pb::VolumeBackupInventory {
                 last_op_date: timestamp(s.last_op_date),
             })
             .collect(),
+        system_tags: r.system_tags,
+        user_tags: r.user_tags,
     }
 }
 

@@ -75,6 +75,8 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
             storage_uuid,
             status: if g.damaged { BackupStatus::Damaged } else { BackupStatus::Ready },
             when: manifest.created,
+            system_tags: &manifest.system_tags,
+            user_tags: &manifest.user_tags,
         };
         let records =
             manifest.volumes.iter().map(|v| super::volume_record(v, &committed)).collect::<Result<Vec<_>>>()?;

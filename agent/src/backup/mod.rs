@@ -341,6 +341,8 @@ async fn put_indexes(
         storage_uuid: &req.storage.uuid,
         status: BackupStatus::Ready,
         when: now,
+        system_tags: &manifest.system_tags,
+        user_tags: &manifest.user_tags,
     };
     let records = manifest.volumes.iter().map(|e| volume_record(e, &committed)).collect::<Result<Vec<_>>>()?;
     let bytes = manifest.encode().map_err(|e| AgentError::new(ErrorKind::Internal, format!("manifest: {e}")))?;
@@ -361,6 +363,10 @@ pub(crate) struct Committed<'a> {
     pub status: BackupStatus,
     /// Unix milliseconds.
     pub when: i64,
+    /// The group's systemTags.
+    pub system_tags: &'a [String],
+    /// The group's userTags.
+    pub user_tags: &'a [String],
 }
 
 /// The catalog record of one committed volume backup, from its manifest entry.
@@ -401,6 +407,8 @@ pub(crate) fn volume_record(e: &VolumeEntry, c: &Committed<'_>) -> Result<Volume
             create_date: c.when,
             last_op_date: c.when,
         }],
+        system_tags: c.system_tags.to_vec(),
+        user_tags: c.user_tags.to_vec(),
     })
 }
 

@@ -178,6 +178,17 @@ const MIGRATIONS: &[&str] = &[
         last_op_date INTEGER NOT NULL
      );
      CREATE INDEX ceph_mon_storage ON ceph_mon(backup_storage_uuid);",
+    // 7: the tags a volume backup was created with (its group's systemTags and userTags).
+    "CREATE TABLE volume_backup_user_tag (
+        volume_backup_uuid TEXT NOT NULL REFERENCES volume_backup(uuid) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (volume_backup_uuid, tag)
+     );
+     CREATE TABLE volume_backup_system_tag (
+        volume_backup_uuid TEXT NOT NULL REFERENCES volume_backup(uuid) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (volume_backup_uuid, tag)
+     );",
 ];
 
 /// The agent's catalog.

@@ -52,9 +52,17 @@ pub struct VolumeBackupRecord {
     pub last_op_date: i64,
     /// Storages holding it.
     pub refs: Vec<StorageRef>,
+    /// The systemTags its group was created with.
+    pub system_tags: Vec<String>,
+    /// The userTags its group was created with.
+    pub user_tags: Vec<String>,
 }
 
-/// Queryable fields of VolumeBackupInventory.
+const USER_TAGS: &str = "volume_backup_user_tag";
+const SYSTEM_TAGS: &str = "volume_backup_system_tag";
+
+/// Queryable fields of VolumeBackupInventory; the tags also under ZStack's own query names,
+/// `__userTag__` and `__systemTag__`.
 pub const SCHEMA: Schema = Schema {
     table: "volume_backup",
     key: "uuid",
@@ -75,6 +83,26 @@ pub const SCHEMA: Schema = Schema {
             name: "backupStorageUuid",
             column: "backup_storage_uuid",
             ty: FieldType::TextList { table: "volume_backup_ref", fk: "volume_backup_uuid" },
+        },
+        Field {
+            name: "userTags",
+            column: "tag",
+            ty: FieldType::TextList { table: USER_TAGS, fk: "volume_backup_uuid" },
+        },
+        Field {
+            name: "__userTag__",
+            column: "tag",
+            ty: FieldType::TextList { table: USER_TAGS, fk: "volume_backup_uuid" },
+        },
+        Field {
+            name: "systemTags",
+            column: "tag",
+            ty: FieldType::TextList { table: SYSTEM_TAGS, fk: "volume_backup_uuid" },
+        },
+        Field {
+            name: "__systemTag__",
+            column: "tag",
+            ty: FieldType::TextList { table: SYSTEM_TAGS, fk: "volume_backup_uuid" },
         },
     ],
 };
@@ -97,7 +125,17 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeBackupRecord> {
         create_date: r.get(10)?,
         last_op_date: r.get(11)?,
         refs: Vec::new(),
+        system_tags: Vec::new(),
+        user_tags: Vec::new(),
     })
+}
+
+/// The tags of `table` (`volume_backup_user_tag` or `volume_backup_system_tag`).
+fn tags(conn: &rusqlite::Connection, table: &str, uuid: &str) -> Result<Vec<String>, CatalogError> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT tag FROM {table} WHERE volume_backup_uuid = ?1 ORDER BY rowid"))?;
+    let rows = stmt.query_map([uuid], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn refs(conn: &rusqlite::Connection, uuid: &str) -> Result<Vec<StorageRef>, CatalogError> {
@@ -140,6 +178,15 @@ impl Catalog {
                     b.last_op_date
                 ],
             )?;
+            for (table, list) in [(USER_TAGS, &b.user_tags), (SYSTEM_TAGS, &b.system_tags)] {
+                tx.execute(&format!("DELETE FROM {table} WHERE volume_backup_uuid = ?1"), [&b.uuid])?;
+                for t in list {
+                    tx.execute(
+                        &format!("INSERT OR IGNORE INTO {table} (volume_backup_uuid, tag) VALUES (?1, ?2)"),
+                        params![b.uuid, t],
+                    )?;
+                }
+            }
             for r in &b.refs {
                 tx.execute(
                     "INSERT OR REPLACE INTO volume_backup_ref (volume_backup_uuid, backup_storage_uuid, install_path, status, create_date, last_op_date)
@@ -223,6 +270,8 @@ impl Catalog {
         let mut result = run_query(&conn, &SCHEMA, COLUMNS, q, from_row)?;
         for r in &mut result.rows {
             r.refs = refs(&conn, &r.uuid)?;
+            r.user_tags = tags(&conn, USER_TAGS, &r.uuid)?;
+            r.system_tags = tags(&conn, SYSTEM_TAGS, &r.uuid)?;
         }
         Ok(result)
     }
