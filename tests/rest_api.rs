@@ -271,6 +271,31 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     assert!(std::fs::read(&r_data).expect("data") == std::fs::read(&then_data).expect("then data"));
     assert_eq!(vm.image_files(), [p(&data), p(&root)], "no overlay left in the VM's chain");
 
+    // AddImageStoreBackupStorage, then the seed's Recover (its action name in lower case).
+    let store = common::start_store_with(dir.path(), "second", None, 4 << 20);
+    let add = json!({"params": {"name": "second", "url": store.url(), "token": common::store_token(&store)}});
+    let added = rest.call("POST", "backup-storage/image-store", Some(&add)).await;
+    let bs2 = added["inventory"]["uuid"].as_str().expect("uuid").to_string();
+    assert!(!added.to_string().contains(&common::store_token(&store)), "the token is never returned: {added}");
+    let recover = json!({"recovervmbackupfromimagestorebackupstorage": {
+        "srcBackupStorageUuid": bs, "dstBackupStorageUuid": bs2}, "systemTags": [], "userTags": []});
+    let recovered = rest.call("PUT", &format!("vm-backups/{group}/actions"), Some(&recover)).await;
+    let refs = |v: &Value| -> Vec<String> {
+        let mut r: Vec<String> = v["backupStorageRefs"]
+            .as_array()
+            .expect("refs")
+            .iter()
+            .map(|r| r["backupStorageUuid"].as_str().expect("bs").to_string())
+            .collect();
+        r.sort();
+        r
+    };
+    let mut both = vec![bs.clone(), bs2.clone()];
+    both.sort();
+    for inv in recovered["inventories"].as_array().expect("inventories") {
+        assert_eq!(refs(inv), both, "{recovered}");
+    }
+
     // The snapshot-group calls, on the VM the backup registered.
     let sg = rest
         .call("POST", "volume-snapshots/group", Some(&json!({"params": {"rootVolumeUuid": ROOT, "name": "test"}})))
@@ -278,9 +303,9 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     let sg_uuid = sg["inventory"]["uuid"].as_str().expect("group uuid").to_string();
     assert_eq!(sg["inventory"]["snapshotCount"], 2, "{sg}");
     assert_eq!(sg["inventory"]["vmInstanceUuid"], VM.replace('-', ""));
-    let refs = sg["inventory"]["volumeSnapshotRefs"].as_array().expect("refs");
-    assert_eq!(refs[0]["deviceId"], 0);
-    assert_eq!(refs[0]["snapshotDeleted"], false, "false fields are present: {sg}");
+    let snaps = sg["inventory"]["volumeSnapshotRefs"].as_array().expect("refs");
+    assert_eq!(snaps[0]["deviceId"], 0);
+    assert_eq!(snaps[0]["snapshotDeleted"], false, "false fields are present: {sg}");
     let updated = rest
         .call(
             "PUT",
@@ -297,17 +322,27 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     let again = rest.call("DELETE", &format!("volume-snapshots/group/{sg_uuid}?deleteMode=Permissive"), None).await;
     assert_eq!(again, json!({"results": []}), "deleting a group that is gone succeeds");
 
-    // ReconnectBackupStorage, then DeleteVmBackup with the seed's query string.
+    // ReconnectBackupStorage; DeleteVmBackup from one storage, then DeleteBackupStorage of
+    // it, then DeleteVmBackup from the last one: each with the seed's query string.
     let reconnected =
         rest.call("PUT", &format!("backup-storage/{bs}/actions"), Some(&json!({"reconnectBackupStorage": {}}))).await;
     assert_eq!(reconnected["inventory"]["status"], "Connected");
+    assert!(is_zstack_date(&reconnected["inventory"]["lastOpDate"]), "{reconnected}");
+    let gone =
+        rest.call("DELETE", &format!("vm-backups/{group}?backupStorageUuids={bs2}&deleteMode=Permissive"), None).await;
+    assert_eq!(gone, json!({}));
+    let (_, left) = rest.send("GET", &format!("volume-backups?q=groupUuid={group}"), None, &[]).await;
+    assert!(left["inventories"].as_array().is_some_and(|l| l.len() == 2 && l.iter().all(|i| refs(i) == [bs.clone()])));
+    let dropped = rest.call("DELETE", &format!("backup-storage/{bs2}?deleteMode=Permissive"), None).await;
+    assert_eq!(dropped, json!({}));
+    let (_, none) = rest.send("GET", &format!("backup-storage/{bs2}"), None, &[]).await;
+    assert_eq!(none["inventories"], json!([]));
     let gone =
         rest.call("DELETE", &format!("vm-backups/{group}?backupStorageUuids={bs}&deleteMode=Permissive"), None).await;
     assert_eq!(gone, json!({}));
     let (_, left) = rest.send("GET", "volume-backups", None, &[]).await;
     assert_eq!(left["inventories"], json!([]));
 }
-
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_sessions_envelopes_and_urls_get_zstack_error_bodies() {
     let dir = tempfile::tempdir().expect("tempdir");
