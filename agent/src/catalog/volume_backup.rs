@@ -84,28 +84,17 @@ pub const SCHEMA: Schema = Schema {
             column: "backup_storage_uuid",
             ty: FieldType::TextList { table: "volume_backup_ref", fk: "volume_backup_uuid" },
         },
-        Field {
-            name: "userTags",
-            column: "tag",
-            ty: FieldType::TextList { table: USER_TAGS, fk: "volume_backup_uuid" },
-        },
-        Field {
-            name: "__userTag__",
-            column: "tag",
-            ty: FieldType::TextList { table: USER_TAGS, fk: "volume_backup_uuid" },
-        },
-        Field {
-            name: "systemTags",
-            column: "tag",
-            ty: FieldType::TextList { table: SYSTEM_TAGS, fk: "volume_backup_uuid" },
-        },
-        Field {
-            name: "__systemTag__",
-            column: "tag",
-            ty: FieldType::TextList { table: SYSTEM_TAGS, fk: "volume_backup_uuid" },
-        },
+        tag_field("userTags", USER_TAGS),
+        tag_field("__userTag__", USER_TAGS),
+        tag_field("systemTags", SYSTEM_TAGS),
+        tag_field("__systemTag__", SYSTEM_TAGS),
     ],
 };
+
+/// A tag list field named `name`, held in `table`.
+const fn tag_field(name: &'static str, table: &'static str) -> Field {
+    Field { name, column: "tag", ty: FieldType::TextList { table, fk: "volume_backup_uuid" } }
+}
 
 const COLUMNS: &str =
     "uuid, group_uuid, volume_uuid, name, description, type, state, status, size, metadata, create_date, last_op_date";
