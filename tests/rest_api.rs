@@ -230,6 +230,32 @@ async fn the_seeds_rest_calls_back_up_an_unregistered_vm_and_answer_as_zstack_do
     assert!(failed["error"]["details"].as_str().is_some_and(|d| d.contains("another request")), "{failed}");
     let (_, backups) = rest.send("GET", "volume-backups?replyWithCount=true", None, &[]).await;
     assert_eq!(backups["total"], 2, "no second group was made: {backups}");
+    // DeleteVmBackup while a backup of the group runs: Permissive refuses, Enforcing cancels
+    // it and waits; nothing of that group is left, and the VM's chain is flat again.
+    let slow = "2c3d4e5f60718293a4b5c6d7e8f90a1b";
+    // The guest writes, so this incremental has chunks to read (slowly).
+    assert_eq!(vm.guest_io("disk0", "write -P 0x5a 0 64k"), "");
+    assert_eq!(vm.guest_io("disk1", "write -P 0x5b 0 64k"), "");
+    let slow_create = json!({"params": {"backupStorageUuid": bs, "name": "slow", "resourceUuid": slow,
+        "volumeReadBandwidth": 1_048_576}});
+    let (_, slow_job) = rest.send("POST", &path, Some(&slow_create), &[]).await;
+    let mut grpc = common::backup_client(&agent).await;
+    if tokio::time::timeout(Duration::from_secs(30), common::wait_until_read(&mut grpc, slow, 1)).await.is_err() {
+        panic!("slow backup: {:?}", rest.poll(slow_job["location"].as_str().expect("location")).await);
+    }
+    let (_, accepted) = rest.send("DELETE", &format!("vm-backups/{slow}?deleteMode=Permissive"), None, &[]).await;
+    let (status, refused) = rest.poll(accepted["location"].as_str().expect("location")).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(refused["error"]["details"].as_str().is_some_and(|d| d.contains("is using backup group")), "{refused}");
+    let enforced = rest.call("DELETE", &format!("vm-backups/{slow}?deleteMode=Enforcing"), None).await;
+    assert_eq!(enforced, json!({}));
+    let (status, cancelled) = rest.poll(slow_job["location"].as_str().expect("location")).await;
+    assert_eq!(status, 503, "{cancelled}");
+    assert_eq!(cancelled["error"]["code"], "SYS.1017", "{cancelled}");
+    let (_, none) = rest.send("GET", &format!("volume-backups?q=groupUuid={slow}"), None, &[]).await;
+    assert_eq!(none["inventories"], json!([]));
+    assert_eq!(vm.image_files(), [p(&data), p(&root)], "no overlay left in the VM's chain");
+
     // userTags are kept, returned and queryable (also by ZStack's __userTag__).
     assert_eq!(by_volume(ROOT)["userTags"], json!(["nightly"]), "{created}");
     let (_, tagged) = rest.send("GET", "volume-backups?q=__userTag__=nightly&count=true", None, &[]).await;

@@ -130,6 +130,9 @@ pub struct VolumesConfig {
     /// Directories (and their subdirectories) holding running VMs' QMP sockets: a
     /// CreateVmBackup of a root volume no registered VM has finds its VM there.
     pub qmp_dirs: Vec<PathBuf>,
+    /// Where a found VM's disks name their volume uuids, tried before ZStack's convention:
+    /// absolute paths where `*` is any run within one component and `{uuid}` the uuid.
+    pub volume_path_patterns: Vec<String>,
 }
 
 impl Default for VolumesConfig {
@@ -140,6 +143,7 @@ impl Default for VolumesConfig {
             roots: vec![PathBuf::from("/var/lib/libvirt/images"), PathBuf::from("/zstack_ps*")],
             device_roots: vec![PathBuf::from("/dev")],
             qmp_dirs: vec![PathBuf::from("/var/lib/libvirt/qemu"), PathBuf::from("/run/vmbackup/qmp")],
+            volume_path_patterns: Vec::new(),
         }
     }
 }

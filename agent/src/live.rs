@@ -30,6 +30,7 @@ struct Values {
     caps: HostCaps,
     roots: Arc<VolumeRoots>,
     qmp_dirs: Arc<Vec<std::path::PathBuf>>,
+    volume_path_patterns: Arc<Vec<String>>,
 }
 
 /// The live settings.
@@ -71,6 +72,7 @@ impl Live {
             caps: caps(&HostCaps::default(), &config.limits),
             roots: Arc::new(roots(config)),
             qmp_dirs: Arc::new(config.volumes.qmp_dirs.clone()),
+            volume_path_patterns: Arc::new(config.volumes.volume_path_patterns.clone()),
         }))
     }
 
@@ -86,6 +88,12 @@ impl Live {
         v.caps = caps(&v.caps, &config.limits);
         v.roots = Arc::new(roots(config));
         v.qmp_dirs = Arc::new(config.volumes.qmp_dirs.clone());
+        v.volume_path_patterns = Arc::new(config.volumes.volume_path_patterns.clone());
+    }
+
+    /// Patterns naming the volume uuid in a found VM's disk paths.
+    pub fn volume_path_patterns(&self) -> Arc<Vec<String>> {
+        self.read().volume_path_patterns
     }
 
     /// Where running VMs' QMP sockets are looked for.

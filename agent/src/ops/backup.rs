@@ -229,6 +229,14 @@ impl Ops {
                 }
             }
         }
+        if !users.is_empty() {
+            let g = group.to_string();
+            if self.catalog().run(move |c| c.group_volume_backups(&g)).await?.is_empty() {
+                // The cancelled backup never committed: nothing of the group is left.
+                tracing::info!(group = %group, "backup cancelled before it committed; nothing to delete");
+                return Ok(());
+            }
+        }
         backup::lifecycle::delete_group(&self.registry, group, storages).await
     }
 

@@ -46,7 +46,8 @@ impl Ops {
     /// device order, and its QMP socket is recorded so the backup is live.
     pub async fn discover_vm(&self, root: &str) -> Result<VmRecord> {
         let dirs = self.live.qmp_dirs();
-        let found = discover::find(&dirs, root).await.ok_or_else(|| {
+        let patterns = self.live.volume_path_patterns();
+        let found = discover::find(&dirs, &patterns, root).await.ok_or_else(|| {
             let where_ = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
             AgentError::new(
                 ErrorKind::NotFound,

@@ -4,9 +4,12 @@
 //! The agent looks at the QMP sockets in configured directories (`volumes.qmp_dirs`, each
 //! searched two levels deep, as libvirt keeps one directory per domain), asks each QEMU for
 //! its disks (`query-block`) and its identity (`query-uuid`, `query-name`), and names each
-//! disk's volume by ZStack's install-path convention: `.../vol-<uuid>/<uuid>.<ext>`, or
-//! a file named `<uuid>.<ext>` (the uuid as 32 hex digits or dashed). Disks without a
-//! volume uuid in their path (an ISO, a config drive) are not volumes of the VM.
+//! disk's volume by the configured patterns (`volumes.volume_path_patterns`, e.g.
+//! `/vols/*/disk-{uuid}.img`: `*` is any run of characters within one path component,
+//! `{uuid}` the volume uuid), else by ZStack's install-path convention:
+//! `.../vol-<uuid>/<uuid>.<ext>`, or a file named `<uuid>.<ext>` (the uuid as 32 hex
+//! digits or dashed). Disks without a volume uuid in their path (an ISO, a config drive)
+//! are not volumes of the VM.
 //!
 //! A QMP monitor serves one client at a time: a socket that another client holds (libvirt
 //! keeps its own monitor) does not answer within [`PROBE_TIMEOUT`] and is passed over. Give
@@ -55,6 +58,48 @@ fn as_uuid(s: &str) -> Option<String> {
     (!u.is_nil()).then(|| u.simple().to_string())
 }
 
+/// The volume uuid in `path` by the first of `patterns` that matches it, else by ZStack's
+/// convention ([`volume_uuid_of`]).
+pub fn volume_uuid_by(patterns: &[String], path: &str) -> Option<String> {
+    patterns.iter().find_map(|p| match_pattern(p, path)).or_else(|| volume_uuid_of(path))
+}
+
+/// The uuid `{uuid}` stands for when `path` matches `pattern`, component by component.
+pub fn match_pattern(pattern: &str, path: &str) -> Option<String> {
+    let (pat, got): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
+    if pat.len() != got.len() {
+        return None;
+    }
+    let mut found = None;
+    for (p, g) in pat.iter().zip(&got) {
+        if !match_component(p.as_bytes(), g.as_bytes(), &mut found) {
+            return None;
+        }
+    }
+    found.and_then(|u: String| as_uuid(&u))
+}
+
+fn match_component(p: &[u8], g: &[u8], found: &mut Option<String>) -> bool {
+    if let Some(rest) = p.strip_prefix(b"{uuid}") {
+        // 32 hex digits, or 36 with dashes.
+        for len in [32, 36] {
+            if g.len() >= len
+                && g[..len].iter().all(|b| b.is_ascii_hexdigit() || (len == 36 && *b == b'-'))
+                && match_component(rest, &g[len..], found)
+            {
+                *found = Some(String::from_utf8_lossy(&g[..len]).into_owned());
+                return true;
+            }
+        }
+        return false;
+    }
+    match p.first() {
+        None => g.is_empty(),
+        Some(b'*') => (0..=g.len()).any(|i| match_component(&p[1..], &g[i..], found)),
+        Some(c) => g.first() == Some(c) && match_component(&p[1..], &g[1..], found),
+    }
+}
+
 /// The volume uuid of an install path by ZStack's convention, or None.
 pub fn volume_uuid_of(path: &str) -> Option<String> {
     let p = Path::new(path);
@@ -95,8 +140,9 @@ fn collect(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The disks of a `query-block` reply that are volumes.
-pub fn disks_of(query_block: &Value) -> Vec<FoundDisk> {
+/// The disks of a `query-block` reply that are volumes (named by `patterns`, else by
+/// ZStack's convention).
+pub fn disks_of(query_block: &Value, patterns: &[String]) -> Vec<FoundDisk> {
     let Some(devices) = query_block.as_array() else { return Vec::new() };
     devices
         .iter()
@@ -108,29 +154,29 @@ pub fn disks_of(query_block: &Value) -> Vec<FoundDisk> {
                 "raw" => VolumeFormat::Raw,
                 _ => return None,
             };
-            Some(FoundDisk { volume_uuid: volume_uuid_of(&path)?, path, format })
+            Some(FoundDisk { volume_uuid: volume_uuid_by(patterns, &path)?, path, format })
         })
         .collect()
 }
 
-async fn probe(socket: &Path) -> Option<FoundVm> {
+async fn probe(socket: &Path, patterns: &[String]) -> Option<FoundVm> {
     let run = async {
         let qmp = Qmp::connect(socket, PROBE_TIMEOUT).await.ok()?;
         let blocks = qmp.execute("query-block", Value::Null).await.ok()?;
         let uuid = qmp.execute("query-uuid", Value::Null).await.ok().and_then(|v| v["UUID"].as_str().and_then(as_uuid));
         let name =
             qmp.execute("query-name", Value::Null).await.ok().and_then(|v| v["name"].as_str().map(str::to_string));
-        Some(FoundVm { uuid, name, socket: socket.to_path_buf(), disks: disks_of(&blocks) })
+        Some(FoundVm { uuid, name, socket: socket.to_path_buf(), disks: disks_of(&blocks, patterns) })
     };
     tokio::time::timeout(PROBE_TIMEOUT * 3, run).await.ok().flatten()
 }
 
 /// The running VM, under `dirs`, that has `volume` as one of its disks.
-pub async fn find(dirs: &[PathBuf], volume: &str) -> Option<FoundVm> {
+pub async fn find(dirs: &[PathBuf], patterns: &[String], volume: &str) -> Option<FoundVm> {
     let dirs = dirs.to_vec();
     let candidates = tokio::task::spawn_blocking(move || sockets(&dirs)).await.unwrap_or_default();
     for socket in candidates {
-        match probe(&socket).await {
+        match probe(&socket, patterns).await {
             Some(vm) if vm.disks.iter().any(|d| d.volume_uuid == volume) => return Some(vm),
             Some(_) => {}
             None => tracing::debug!(socket = %socket.display(), "QMP socket did not answer; passed over"),
@@ -161,6 +207,17 @@ mod tests {
     }
 
     #[test]
+    fn configured_patterns_name_volumes_first() {
+        let u = "2ae6b881bb1239cd907d48993e86a2e8";
+        let pats = vec!["/vols/*/disk-{uuid}.img".to_string()];
+        assert_eq!(volume_uuid_by(&pats, &format!("/vols/pool1/disk-{u}.img")).as_deref(), Some(u));
+        assert_eq!(match_pattern(&pats[0], &format!("/vols/a/b/disk-{u}.img")), None, "* stays in one component");
+        assert_eq!(match_pattern(&pats[0], "/vols/pool1/disk-xyz.img"), None);
+        assert_eq!(match_pattern("/v/{uuid}", "/v/2ae6b881-bb12-39cd-907d-48993e86a2e8").as_deref(), Some(u), "dashed");
+        assert_eq!(volume_uuid_by(&pats, &format!("/ps/vol-{u}/{u}.qcow2")).as_deref(), Some(u), "convention");
+    }
+
+    #[test]
     fn query_block_disks_are_the_ones_with_volume_paths() {
         let u = "2ae6b881bb1239cd907d48993e86a2e8";
         let reply = serde_json::json!([
@@ -168,7 +225,7 @@ mod tests {
             {"device": "cd0", "removable": true},
             {"device": "", "inserted": {"file": "/iso/x.iso", "drv": "raw"}},
         ]);
-        let disks = disks_of(&reply);
+        let disks = disks_of(&reply, &[]);
         assert_eq!(disks.len(), 1);
         assert_eq!(disks[0].volume_uuid, u);
         assert_eq!(disks[0].format, VolumeFormat::Qcow2);
