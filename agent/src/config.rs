@@ -50,6 +50,41 @@ pub struct AgentConfig {
     pub ceph: CephConfig,
     /// ZStack's REST API (`zstack/v1/...`) beside gRPC.
     pub rest: RestConfig,
+    /// Retention policies per backup storage (by name or uuid), for PruneVmBackup calls
+    /// that give none.
+    pub retention: std::collections::BTreeMap<String, RetentionConfig>,
+}
+
+/// A backup storage's retention policy (see [`crate::retention`]); 0 turns a rule off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// The newest N backups of each VM.
+    pub keep_last: u32,
+    /// One per hour, for the newest N hours that have backups.
+    pub keep_hourly: u32,
+    /// One per day.
+    pub keep_daily: u32,
+    /// One per ISO week.
+    pub keep_weekly: u32,
+    /// One per month.
+    pub keep_monthly: u32,
+    /// One per year.
+    pub keep_yearly: u32,
+}
+
+impl RetentionConfig {
+    /// As a policy.
+    pub fn policy(&self) -> crate::retention::Policy {
+        crate::retention::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
 }
 
 /// The REST listener: the same sessions and TLS as the gRPC listener, on its own address.
@@ -188,6 +223,7 @@ impl Default for AgentConfig {
             store_tls: Default::default(),
             ceph: CephConfig::default(),
             rest: RestConfig::default(),
+            retention: Default::default(),
         }
     }
 }

@@ -20,7 +20,7 @@
 //! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
 //! | engines | [`backup`] | backup, restore, recover, delete and sync data paths |
 //! | jobs | [`jobs`] | running jobs, progress, cancellation |
-//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
+//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`retention`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
 //!
 //! Across crates: agent -> store -> proto.
 //!
@@ -54,6 +54,7 @@ pub mod model;
 pub mod ops;
 pub mod qemu;
 pub mod rest;
+pub mod retention;
 pub mod roots;
 pub mod storage;
 pub mod tags;

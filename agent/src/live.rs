@@ -31,6 +31,7 @@ struct Values {
     roots: Arc<VolumeRoots>,
     qmp_dirs: Arc<Vec<std::path::PathBuf>>,
     volume_path_patterns: Arc<Vec<String>>,
+    retention: Arc<std::collections::BTreeMap<String, crate::config::RetentionConfig>>,
 }
 
 /// The live settings.
@@ -73,6 +74,7 @@ impl Live {
             roots: Arc::new(roots(config)),
             qmp_dirs: Arc::new(config.volumes.qmp_dirs.clone()),
             volume_path_patterns: Arc::new(config.volumes.volume_path_patterns.clone()),
+            retention: Arc::new(config.retention.clone()),
         }))
     }
 
@@ -89,6 +91,13 @@ impl Live {
         v.roots = Arc::new(roots(config));
         v.qmp_dirs = Arc::new(config.volumes.qmp_dirs.clone());
         v.volume_path_patterns = Arc::new(config.volumes.volume_path_patterns.clone());
+        v.retention = Arc::new(config.retention.clone());
+    }
+
+    /// The configured retention policy of the backup storage named `name` or `uuid`.
+    pub fn retention_of(&self, uuid: &str, name: &str) -> Option<crate::retention::Policy> {
+        let r = self.read().retention;
+        r.get(uuid).or_else(|| r.get(name)).map(crate::config::RetentionConfig::policy)
     }
 
     /// Patterns naming the volume uuid in a found VM's disk paths.

@@ -10,8 +10,21 @@ use std::path::Path;
 /// bottom layer holds the parts (formats of volumes, the catalog, storage clients, QEMU).
 const LAYERS: &[&[&str]] = &[
     &[
-        "model", "volume", "config", "catalog", "error", "validate", "tags", "throttle", "tool", "qemu", "storage",
-        "metrics", "live", "roots",
+        "model",
+        "volume",
+        "config",
+        "catalog",
+        "error",
+        "validate",
+        "tags",
+        "throttle",
+        "tool",
+        "qemu",
+        "storage",
+        "metrics",
+        "live",
+        "roots",
+        "retention",
     ],
     &["jobs"],
     &["backup"],

@@ -1,7 +1,7 @@
 //! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
 //! RestoreVmBackup (to new raw or qcow2 files, or over the VM's own volumes),
-//! RecoverVmBackupFromImageStoreBackupStorage, WatchJob and CancelJob. Each request is
-//! parsed here and runs as one operation of [`Ops`].
+//! RecoverVmBackupFromImageStoreBackupStorage, PruneVmBackup, WatchJob and CancelJob. Each
+//! request is parsed here and runs as one operation of [`Ops`].
 
 use std::pin::Pin;
 
@@ -15,7 +15,9 @@ use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::Result;
 use crate::ops::Ops;
 use crate::ops::backup::CreateBackup;
+use crate::ops::prune::{Prune, PruneOutcome};
 use crate::ops::restore::{Restore, TargetSpec};
+use crate::retention::Policy;
 use crate::throttle::bandwidth;
 use crate::volume::VolumeFormat;
 use crate::{tags, validate};
@@ -82,6 +84,44 @@ fn parse_restore(r: pb::RestoreVmBackupRequest) -> Result<Restore> {
         targets,
         revert: r.revert,
     })
+}
+
+/// Most a keep rule may ask for.
+const MAX_KEEP: u32 = 1_000_000;
+
+fn parse_prune(r: pb::PruneVmBackupRequest) -> Result<Prune> {
+    let storage = validate::uuid("backupStorageUuid", &r.backup_storage_uuid)?;
+    let roots = r.root_volume_uuids.iter().map(|u| validate::uuid("rootVolumeUuids", u)).collect::<Result<Vec<_>>>()?;
+    let policy = r
+        .policy
+        .map(|p| {
+            let rules = [p.keep_last, p.keep_hourly, p.keep_daily, p.keep_weekly, p.keep_monthly, p.keep_yearly];
+            if let Some(n) = rules.iter().find(|n| **n > MAX_KEEP) {
+                return Err(crate::error::AgentError::invalid("policy", format!("keep {n} is above {MAX_KEEP}")));
+            }
+            Ok(Policy {
+                last: p.keep_last,
+                hourly: p.keep_hourly,
+                daily: p.keep_daily,
+                weekly: p.keep_weekly,
+                monthly: p.keep_monthly,
+                yearly: p.keep_yearly,
+            })
+        })
+        .transpose()?;
+    Ok(Prune { storage, roots, policy, dry_run: r.dry_run })
+}
+
+fn prune_decision(o: PruneOutcome) -> pb::PruneDecision {
+    pb::PruneDecision {
+        group_uuid: o.decision.id,
+        root_volume_uuid: o.decision.series,
+        create_date: timestamp(o.decision.time),
+        keep: o.decision.keep,
+        reasons: o.decision.reasons,
+        deleted: o.deleted,
+        error: o.error.as_ref().map(super::error_code),
+    }
 }
 
 /// A revert names volumes only; a new file needs an absolute path and a format.
@@ -229,6 +269,15 @@ impl VmBackupService for VmBackupApi {
         let uuid = validate::uuid("jobUuid", &r.get_ref().job_uuid).map_err(|e| status(&e))?;
         let s = self.ops.jobs().watch(&uuid).await.map_err(|e| status(&e))?;
         Ok(Response::new(Box::pin(s.map(|p| Ok(job_progress(p))))))
+    }
+
+    async fn prune_vm_backup(
+        &self,
+        r: Request<pb::PruneVmBackupRequest>,
+    ) -> Result<Response<pb::PruneVmBackupReply>, Status> {
+        let req = parse_prune(r.into_inner()).map_err(|e| status(&e))?;
+        let outcomes = self.ops.prune_backups(req).await.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::PruneVmBackupReply { decisions: outcomes.into_iter().map(prune_decision).collect() }))
     }
 
     async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobReply>, Status> {

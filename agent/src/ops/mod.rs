@@ -1,5 +1,5 @@
 //! The agent's operations, one core under every API edge: backup, restore (new targets and
-//! revert), recover, delete, sync, snapshot groups and backup storages. An edge (gRPC today)
+//! revert), recover, delete, sync, prune, snapshot groups and backup storages. An edge (gRPC today)
 //! parses its request into the domain values here, calls one operation and renders the
 //! result; nothing here knows a wire type.
 //!
@@ -21,6 +21,7 @@
 pub mod backup;
 mod locks;
 mod paths;
+pub mod prune;
 pub mod restore;
 pub mod snapshot_group;
 mod vm;

@@ -24,6 +24,8 @@ pub enum Api {
     RestoreVmBackup,
     /// GET volume-backups[/{uuid}]
     QueryVolumeBackup,
+    /// PUT vm-backups/backup-storage/{backupStorageUuid}/actions `pruneVmBackup`
+    PruneVmBackup,
     /// POST volume-snapshots/group
     CreateVolumeSnapshotGroup,
     /// DELETE volume-snapshots/group/{uuid}
@@ -84,6 +86,9 @@ pub fn route(method: &str, segments: &[&str]) -> Option<Route> {
         ("PUT", ["vm-backups", "imageStore", uuid, "actions"]) => {
             (SyncVmBackup, Body::Action, one("imageStoreUuid", uuid))
         }
+        ("PUT", ["vm-backups", "backup-storage", uuid, "actions"]) => {
+            (PruneVmBackup, Body::Action, one("backupStorageUuid", uuid))
+        }
         // Recover or restore: the action in the body decides.
         ("PUT", ["vm-backups", group, "actions"]) => (RecoverVmBackup, Body::Action, one("groupUuid", group)),
         ("GET", ["volume-backups"]) => (QueryVolumeBackup, Body::None, vec![]),
@@ -117,6 +122,7 @@ fn actions(api: Api) -> &'static [(&'static str, Api)] {
             ("restoreVmBackup", Api::RestoreVmBackup),
         ],
         Api::UpdateVolumeSnapshotGroup => &[("updateVolumeSnapshotGroup", Api::UpdateVolumeSnapshotGroup)],
+        Api::PruneVmBackup => &[("pruneVmBackup", Api::PruneVmBackup)],
         Api::ReconnectBackupStorage => &[("reconnectBackupStorage", Api::ReconnectBackupStorage)],
         _ => &[],
     }

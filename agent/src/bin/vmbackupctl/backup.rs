@@ -82,6 +82,8 @@ pub(crate) enum BackupCommand {
     Delete(crate::lifecycle::DeleteArgs),
     /// Rebuild the catalog of one backup storage from its groups.
     Sync(crate::lifecycle::SyncArgs),
+    /// Apply a retention policy to a backup storage's groups (per VM); --dry-run lists only.
+    Prune(crate::lifecycle::PruneArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +198,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
         Command::Backup(BackupCommand::Recover(a)) => crate::lifecycle::recover(a, channel, auth, json).await?,
         Command::Backup(BackupCommand::Delete(a)) => crate::lifecycle::delete(a, channel, auth, json).await?,
         Command::Backup(BackupCommand::Sync(a)) => crate::lifecycle::sync(a, channel, auth, json).await?,
+        Command::Backup(BackupCommand::Prune(a)) => crate::lifecycle::prune(a, channel, auth, json).await?,
         Command::Job(JobCommand::Watch { uuid }) => {
             let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
             let last = watch(&mut c, &uuid).await?;

@@ -1,4 +1,4 @@
-//! `vmbackupctl backup restore | recover | delete | sync`: the rest of a backup's life.
+//! `vmbackupctl backup restore | recover | delete | sync | prune`: the rest of a backup's life.
 //! Restores show a progress bar fed by WatchJob; every command prints a table or `--json`.
 
 use anyhow::{Context, bail};
@@ -163,6 +163,92 @@ pub(crate) async fn sync(a: SyncArgs, channel: Channel, auth: Auth, json: bool) 
         println!("{{}}");
     } else {
         println!("catalog of backup storage {storage} rebuilt from its groups");
+    }
+    Ok(())
+}
+
+/// `backup prune`.
+#[derive(Debug, Args)]
+pub(crate) struct PruneArgs {
+    /// Backup storage whose groups the policy applies to.
+    #[arg(long)]
+    storage: String,
+    /// Only this VM's groups (by root volume); repeatable.
+    #[arg(long = "root-volume")]
+    root_volumes: Vec<String>,
+    /// Keep the newest N backups of each VM.
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// Keep one per hour for the newest N hours that have backups.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep one per day for N days.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep one per ISO week for N weeks.
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep one per month for N months.
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep one per year for N years.
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+    /// List what would be deleted and why the rest is kept; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `backup prune`: applies the policy (the storage's configured one when no --keep-* is
+/// given) and prints each group's fate.
+pub(crate) async fn prune(a: PruneArgs, channel: Channel, auth: Auth, json: bool) -> anyhow::Result<()> {
+    let rules = [a.keep_last, a.keep_hourly, a.keep_daily, a.keep_weekly, a.keep_monthly, a.keep_yearly];
+    let policy = rules.iter().any(|n| *n > 0).then_some(pb::RetentionPolicy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+    });
+    let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
+    let req = pb::PruneVmBackupRequest {
+        backup_storage_uuid: a.storage,
+        root_volume_uuids: a.root_volumes,
+        policy,
+        dry_run: a.dry_run,
+        ..Default::default()
+    };
+    let decisions = c.prune_vm_backup(req).await.map_err(crate::rpc_error)?.into_inner().decisions;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&decisions)?);
+        return Ok(());
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header(["GROUP", "ROOT VOLUME", "CREATED (UTC)", "FATE", "WHY"]);
+    for d in &decisions {
+        let created = d
+            .create_date
+            .as_ref()
+            .and_then(|ts| chrono::DateTime::from_timestamp(ts.seconds, 0))
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let fate = match (d.keep, d.deleted, &d.error) {
+            (true, _, _) => "keep",
+            (false, true, _) => "deleted",
+            (false, false, Some(_)) => "delete failed",
+            (false, false, None) => "would delete",
+        };
+        let why = match &d.error {
+            Some(e) => e.details.clone(),
+            None => d.reasons.join(", "),
+        };
+        t.add_row([d.group_uuid.clone(), d.root_volume_uuid.clone(), created, fate.to_string(), why]);
+    }
+    println!("{t}");
+    if let Some(failed) = decisions.iter().find(|d| d.error.is_some()) {
+        bail!("some groups the policy does not keep could not be deleted (first: {})", failed.group_uuid);
     }
     Ok(())
 }
