@@ -18,7 +18,7 @@
 //! | REST edge | [`rest`] | ZStack's URLs, envelopes, API jobs and JSON, over the gRPC services in process |
 //! | edges | [`api`] | gRPC: parse requests into domain values, render inventories, errors and progress |
 //! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
-//! | engines | [`backup`] | backup, restore, recover, delete and sync data paths |
+//! | engines | [`backup`], [`export`] | backup, restore, recover, delete and sync data paths; backups served as NBD disks |
 //! | jobs | [`jobs`] | running jobs, progress, cancellation |
 //! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`live`], [`metrics`], [`retention`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
 //!
@@ -47,6 +47,7 @@ pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod export;
 pub mod jobs;
 pub mod live;
 pub mod metrics;

@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
         "retention",
     ],
     &["jobs"],
-    &["backup"],
+    &["backup", "export"],
     &["ops"],
     &["api"],
     &["rest"],

@@ -1,6 +1,7 @@
 //! VmBackupService: CreateVmBackup, DeleteVmBackup, SyncVmBackup, QueryVolumeBackup,
 //! RestoreVmBackup (to new raw or qcow2 files, or over the VM's own volumes),
-//! RecoverVmBackupFromImageStoreBackupStorage, PruneVmBackup, WatchJob and CancelJob. Each
+//! RecoverVmBackupFromImageStoreBackupStorage, PruneVmBackup, the NBD exports of backups
+//! (ExportVmBackup, QueryVmBackupExport, StopVmBackupExport), WatchJob and CancelJob. Each
 //! request is parsed here and runs as one operation of [`Ops`].
 
 use std::pin::Pin;
@@ -13,8 +14,10 @@ use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupService;
 use super::{job_progress, query_params, status, timestamp};
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::Result;
+use crate::export::ExportInfo;
 use crate::ops::Ops;
 use crate::ops::backup::CreateBackup;
+use crate::ops::export::{DEFAULT_LIFETIME, ExportSpec, MAX_LIFETIME};
 use crate::ops::prune::{Prune, PruneOutcome};
 use crate::ops::restore::{Restore, TargetSpec};
 use crate::retention::Policy;
@@ -110,6 +113,49 @@ fn parse_prune(r: pb::PruneVmBackupRequest) -> Result<Prune> {
         })
         .transpose()?;
     Ok(Prune { storage, roots, policy, dry_run: r.dry_run })
+}
+
+fn parse_export(r: pb::ExportVmBackupRequest) -> Result<ExportSpec> {
+    let group = validate::uuid("groupUuid", &r.group_uuid)?;
+    let volume = validate::uuid("volumeUuid", &r.volume_uuid)?;
+    let storage = validate::uuid("backupStorageUuid", &r.backup_storage_uuid)?;
+    let name = match r.export_name.as_str() {
+        "" => None,
+        n if n.len() > 255 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) => {
+            return Err(crate::error::AgentError::invalid(
+                "exportName",
+                format!("{} is not 1 to 255 of [A-Za-z0-9._-]", validate::shorten(n)),
+            ));
+        }
+        n => Some(n.to_string()),
+    };
+    let lifetime = match r.lifetime_seconds {
+        0 => DEFAULT_LIFETIME,
+        s if u64::from(s) > MAX_LIFETIME.as_secs() => {
+            return Err(crate::error::AgentError::invalid(
+                "lifetimeSeconds",
+                format!("{s} s is longer than {} s", MAX_LIFETIME.as_secs()),
+            ));
+        }
+        s => std::time::Duration::from_secs(u64::from(s)),
+    };
+    Ok(ExportSpec { group, volume, storage, name, lifetime })
+}
+
+/// The inventory of a running export.
+pub fn export_inventory(e: ExportInfo) -> pb::VmBackupExportInventory {
+    pb::VmBackupExportInventory {
+        uri: e.uri(),
+        uuid: e.uuid,
+        group_uuid: e.group_uuid,
+        volume_uuid: e.volume_uuid,
+        backup_storage_uuid: e.storage_uuid,
+        export_name: e.name,
+        socket_path: e.socket.display().to_string(),
+        size: i64::try_from(e.size).unwrap_or(i64::MAX),
+        create_date: timestamp(e.created),
+        expire_date: timestamp(e.expires),
+    }
 }
 
 fn prune_decision(o: PruneOutcome) -> pb::PruneDecision {
@@ -278,6 +324,34 @@ impl VmBackupService for VmBackupApi {
         let req = parse_prune(r.into_inner()).map_err(|e| status(&e))?;
         let outcomes = self.ops.prune_backups(req).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::PruneVmBackupReply { decisions: outcomes.into_iter().map(prune_decision).collect() }))
+    }
+
+    async fn export_vm_backup(
+        &self,
+        r: Request<pb::ExportVmBackupRequest>,
+    ) -> Result<Response<pb::VmBackupExportInventory>, Status> {
+        let spec = parse_export(r.into_inner()).map_err(|e| status(&e))?;
+        let info = self.ops.export_backup(spec).await.map_err(|e| status(&e))?;
+        Ok(Response::new(export_inventory(info)))
+    }
+
+    async fn query_vm_backup_export(
+        &self,
+        _r: Request<pb::QueryVmBackupExportRequest>,
+    ) -> Result<Response<pb::QueryVmBackupExportReply>, Status> {
+        let inventories = self.ops.exports().list().into_iter().map(export_inventory).collect();
+        Ok(Response::new(pb::QueryVmBackupExportReply { inventories }))
+    }
+
+    async fn stop_vm_backup_export(
+        &self,
+        r: Request<pb::StopVmBackupExportRequest>,
+    ) -> Result<Response<pb::StopVmBackupExportReply>, Status> {
+        let uuid = validate::uuid("uuid", &r.get_ref().uuid).map_err(|e| status(&e))?;
+        if !self.ops.exports().stop(&uuid) {
+            return Err(status(&crate::error::AgentError::not_found("export", &uuid).with_field("uuid")));
+        }
+        Ok(Response::new(pb::StopVmBackupExportReply {}))
     }
 
     async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobReply>, Status> {

@@ -19,6 +19,7 @@
 //! check ([`paths`]) comes before anything is opened.
 
 pub mod backup;
+pub mod export;
 mod locks;
 mod paths;
 pub mod prune;
@@ -44,13 +45,14 @@ pub struct Ops {
     live: Arc<Live>,
     runtime_dir: PathBuf,
     locks: VolumeLocks,
+    exports: crate::export::Exports,
 }
 
 impl Ops {
     /// The core over the agent's storages, jobs and reloadable settings; `runtime_dir` is
     /// where the agent may create sockets and mount points (its data directory's `run/`).
     pub fn new(registry: Registry, jobs: Jobs, live: Arc<Live>, runtime_dir: PathBuf) -> Self {
-        Self { registry, jobs, live, runtime_dir, locks: VolumeLocks::default() }
+        Self { registry, jobs, live, runtime_dir, locks: VolumeLocks::default(), exports: Default::default() }
     }
 
     /// Backup storages.
@@ -66,6 +68,11 @@ impl Ops {
     /// The catalog.
     pub fn catalog(&self) -> &CatalogHandle {
         self.registry.catalog()
+    }
+
+    /// Running NBD exports of backups.
+    pub fn exports(&self) -> &crate::export::Exports {
+        &self.exports
     }
 
     /// Settings a reload changes.

@@ -152,7 +152,14 @@ fn authenticate(rest: &Rest, headers: &HeaderMap) -> Result<(), AgentError> {
 }
 
 async fn run_query(rest: &Rest, route: &routes::Route, query: &[(String, String)]) -> Response {
-    let (request, fields) = match query::request(query, route.path_param("uuid")) {
+    let parsed = if route.api.takes_conditions() {
+        query::request(query, route.path_param("uuid"))
+    } else if let Some((k, _)) = query.first() {
+        Err(AgentError::invalid("query", format!("unknown query parameter {k:?}")))
+    } else {
+        Ok((Value::Object(serde_json::Map::new()), Vec::new()))
+    };
+    let (request, fields) = match parsed {
         Ok(r) => r,
         Err(e) => return refuse(&e),
     };

@@ -44,6 +44,12 @@ pub enum Api {
     QueryBackupStorage,
     /// PUT backup-storage/{uuid}/actions `reconnectBackupStorage`
     ReconnectBackupStorage,
+    /// POST vm-backups/{groupUuid}/exports
+    ExportVmBackup,
+    /// GET vm-backup-exports
+    QueryVmBackupExport,
+    /// DELETE vm-backup-exports/{uuid}
+    StopVmBackupExport,
     /// GET api-jobs/{uuid}: the state of an asynchronous call.
     ApiJob,
 }
@@ -51,7 +57,19 @@ pub enum Api {
 impl Api {
     /// Whether the call answers at once (a query) rather than through an API job.
     pub fn is_query(self) -> bool {
-        matches!(self, Api::QueryVolumeBackup | Api::QueryVolumeSnapshotGroup | Api::QueryBackupStorage | Api::ApiJob)
+        matches!(
+            self,
+            Api::QueryVolumeBackup
+                | Api::QueryVolumeSnapshotGroup
+                | Api::QueryBackupStorage
+                | Api::QueryVmBackupExport
+                | Api::ApiJob
+        )
+    }
+
+    /// Whether the query takes ZStack's conditions (`q=`, `limit`, `sort`, ...).
+    pub fn takes_conditions(self) -> bool {
+        self.is_query() && !matches!(self, Api::QueryVmBackupExport | Api::ApiJob)
     }
 }
 
@@ -106,6 +124,9 @@ pub fn route(method: &str, segments: &[&str]) -> Option<Route> {
         ("GET", ["backup-storage"]) => (QueryBackupStorage, Body::None, vec![]),
         ("GET", ["backup-storage", uuid]) => (QueryBackupStorage, Body::None, one("uuid", uuid)),
         ("PUT", ["backup-storage", uuid, "actions"]) => (ReconnectBackupStorage, Body::Action, one("uuid", uuid)),
+        ("POST", ["vm-backups", group, "exports"]) => (ExportVmBackup, Body::Params, one("groupUuid", group)),
+        ("GET", ["vm-backup-exports"]) => (QueryVmBackupExport, Body::None, vec![]),
+        ("DELETE", ["vm-backup-exports", uuid]) => (StopVmBackupExport, Body::None, one("uuid", uuid)),
         ("GET", ["api-jobs", uuid]) => (ApiJob, Body::None, one("uuid", uuid)),
         _ => return None,
     };

@@ -218,6 +218,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
         | Command::Store { .. }
         | Command::Status
         | Command::SnapshotGroup(_)
+        | Command::Export(_)
         | Command::Completions { .. }
         | Command::Man => {}
     }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 mod backup;
+mod export;
 mod lifecycle;
 mod snapshot;
 mod status;
@@ -54,6 +55,9 @@ pub(crate) enum Command {
     /// Volume snapshot groups.
     #[command(subcommand, name = "snapshot-group")]
     SnapshotGroup(snapshot::SnapshotCommand),
+    /// Volume backups served as read-only NBD disks (no restore).
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// The agent and every store it uses, on one screen.
     Status,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -268,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             status::run(&cli.agent, data_dir, channel, auth, cli.json).await
         }
         Command::SnapshotGroup(cmd) => snapshot::run(cmd, channel, auth, cli.json).await,
+        Command::Export(cmd) => export::run(cmd, channel, auth, cli.json).await,
         command @ (Command::Vm(_) | Command::Backup(_) | Command::Job(_)) => {
             backup::run(command, channel, auth, cli.json).await
         }

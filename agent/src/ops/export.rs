@@ -1,0 +1,94 @@
+//! ExportVmBackup: one volume backup of a group served as a read-only NBD disk
+//! ([`crate::export`]) from the moment the call returns.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmbackup_proto::index::VolumeIndex;
+
+use super::Ops;
+use crate::catalog::now_millis;
+use crate::error::{AgentError, ErrorKind, Result};
+use crate::export::ExportInfo;
+use crate::export::disk::BackupDisk;
+use crate::storage::ChunkReader;
+
+/// Default lifetime of an export.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longest lifetime: a week.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
+/// A validated ExportVmBackup.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    /// The backup group.
+    pub group: String,
+    /// The volume whose backup to serve.
+    pub volume: String,
+    /// The backup storage to read.
+    pub storage: String,
+    /// NBD export name (default: the volume uuid).
+    pub name: Option<String>,
+    /// How long it serves.
+    pub lifetime: Duration,
+}
+
+impl Ops {
+    /// Starts serving the backup of `volume` in `group` from `storage`.
+    pub async fn export_backup(&self, spec: ExportSpec) -> Result<ExportInfo> {
+        let g = spec.group.clone();
+        let records = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
+        if records.is_empty() {
+            return Err(AgentError::not_found("backup group", &spec.group).with_field("groupUuid"));
+        }
+        let backup = records.iter().find(|b| b.volume_uuid == spec.volume).ok_or_else(|| {
+            AgentError::invalid(
+                "volumeUuid",
+                format!("backup group {} has no backup of volume {}", spec.group, spec.volume),
+            )
+        })?;
+        let r = backup.refs.iter().find(|r| r.backup_storage_uuid == spec.storage).ok_or_else(|| {
+            AgentError::invalid(
+                "backupStorageUuid",
+                format!("volume backup {} is not on backup storage {}", backup.uuid, spec.storage),
+            )
+        })?;
+        let storage = self.registry.require(&spec.storage).await.map_err(|e| e.with_field("backupStorageUuid"))?;
+        let (store, _) = self.registry.open_store(&storage, None).await?;
+        let reader: Arc<dyn ChunkReader> = store;
+        let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)
+            .map_err(|e| {
+                AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", backup.uuid))
+            })?;
+        let uuid = uuid::Uuid::new_v4().simple().to_string();
+        let dir = self.runtime_dir.join("exports");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| AgentError::new(ErrorKind::Internal, format!("creating {}: {e}", dir.display())))?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        let socket = dir.join(format!("{uuid}.sock"));
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| AgentError::new(ErrorKind::Internal, format!("binding {}: {e}", socket.display())))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AgentError::new(ErrorKind::Internal, format!("chmod {}: {e}", socket.display())))?;
+        let now = now_millis();
+        let info = ExportInfo {
+            uuid,
+            group_uuid: spec.group.clone(),
+            volume_uuid: spec.volume.clone(),
+            storage_uuid: spec.storage.clone(),
+            name: spec.name.clone().unwrap_or_else(|| spec.volume.clone()),
+            socket,
+            size: ix.virtual_size,
+            created: now,
+            expires: now.saturating_add(i64::try_from(spec.lifetime.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let label = format!("volume backup {}", backup.uuid);
+        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label));
+        self.exports.start(info.clone(), disk, listener, spec.lifetime);
+        Ok(info)
+    }
+}
