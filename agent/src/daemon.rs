@@ -55,6 +55,8 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         start_embedded_store(&config, &registry, &mut tasks, store_stop.clone()).await?;
     }
 
+    // Export sockets of a previous process serve nothing any more.
+    let _ = std::fs::remove_dir_all(config.data_dir.join("run").join("exports"));
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
     let live = Arc::new(Live::new(&config));
     let ops = Ops::new(registry, jobs, live, config.data_dir.join("run"));

@@ -113,6 +113,11 @@ impl Throttle {
         }
     }
 
+    /// The tightest limit, bytes per second (None: unlimited).
+    pub fn bytes_per_second(&self) -> Option<u64> {
+        self.limits.iter().map(|l| l.bytes_per_second()).min()
+    }
+
     /// Whether any limit applies.
     pub fn is_limited(&self) -> bool {
         !self.limits.is_empty()

@@ -29,7 +29,7 @@ impl QemuVm {
     }
 
     /// [`QemuVm::start`] with the agent's QMP socket at `qmp` and `extra` arguments
-    /// (`-uuid`, `-name`).
+    /// (`-uuid`, `-name`); a data disk named `*.qcow2` is opened as qcow2.
     pub fn start_with(dir: &Path, root: &Path, data: &Path, qmp: PathBuf, extra: &[&str]) -> QemuVm {
         let base = PathBuf::from(
             std::env::var("VMBACKUP_QEMU_SYSTEM_DIR").unwrap_or_else(|_| "/opt/vmbackup-test/qemu-system".into()),
@@ -41,13 +41,14 @@ impl QemuVm {
             program.display()
         );
         let test_monitor = dir.join("vm-test.sock");
+        let data_driver = if data.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
         let child = Command::new(&program)
             .args(["-L", &p(&base.join("usr/share/qemu")), "-L", &p(&base.join("usr/share/seabios"))])
             .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64"])
             .args(["-blockdev", &format!("driver=file,node-name=f0,filename={}", p(root))])
             .args(["-blockdev", "driver=qcow2,node-name=root0,file=f0"])
             .args(["-blockdev", &format!("driver=file,node-name=f1,filename={}", p(data))])
-            .args(["-blockdev", "driver=raw,node-name=data0,file=f1"])
+            .args(["-blockdev", &format!("driver={data_driver},node-name=data0,file=f1")])
             .args(["-device", "virtio-scsi-pci,id=scsi0"])
             .args(["-device", "scsi-hd,drive=root0,id=disk0", "-device", "scsi-hd,drive=data0,id=disk1"])
             .args(["-chardev", &format!("socket,id=m0,path={},server=on,wait=off", p(&qmp))])

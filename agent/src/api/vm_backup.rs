@@ -77,6 +77,12 @@ fn parse_restore(r: pb::RestoreVmBackupRequest) -> Result<Restore> {
     let tags = tags::parse(&r.system_tags)?;
     let targets =
         r.targets.iter().enumerate().map(|(i, t)| parse_target(i, t, r.revert)).collect::<Result<Vec<_>>>()?;
+    if r.live && !r.revert {
+        return Err(crate::error::AgentError::invalid(
+            "live",
+            "a live restore writes over the VM's own volumes: set revert too",
+        ));
+    }
     Ok(Restore {
         group,
         storage,
@@ -86,6 +92,7 @@ fn parse_restore(r: pb::RestoreVmBackupRequest) -> Result<Restore> {
         tags,
         targets,
         revert: r.revert,
+        live: r.live,
     })
 }
 

@@ -20,6 +20,7 @@
 
 pub mod backup;
 pub mod export;
+mod live_restore;
 mod locks;
 mod paths;
 pub mod prune;

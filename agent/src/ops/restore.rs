@@ -45,6 +45,8 @@ pub struct Restore {
     pub targets: Vec<TargetSpec>,
     /// Over the VM's own volumes.
     pub revert: bool,
+    /// A revert the VM runs from at once (see [`super::live_restore`]).
+    pub live: bool,
 }
 
 impl Ops {
@@ -82,6 +84,12 @@ impl Ops {
                 .collect::<Result<Vec<_>>>()?;
             (self.new_targets_in_roots(targets).await?, None)
         };
+        if r.live
+            && let Some(lease) = lease
+        {
+            let speed = write_limit.bytes_per_second();
+            return self.live_restore(r, targets, lease, speed).await;
+        }
         let records: Vec<VolumeBackupRecord> = targets.iter().map(|t| t.backup.clone()).collect();
         let job = self.jobs.start("RestoreVmBackup", r.resource, Some(r.storage.clone())).await?;
         job.set_group(&r.group);

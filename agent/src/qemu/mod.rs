@@ -5,3 +5,4 @@ pub mod discover;
 pub mod live;
 pub mod nbd;
 pub mod qmp;
+pub mod stream;
