@@ -58,6 +58,19 @@ impl Ops {
         let socket = vm.qmp_socket.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
             AgentError::invalid("live", format!("VM {} has no qmpSocket: a live restore copies through QEMU", vm.uuid))
         })?;
+        for t in &targets {
+            // An overlay is a file put in the volume's place: a block device stays a plain revert.
+            if std::fs::metadata(&t.path).is_ok_and(|m| !m.is_file()) {
+                return Err(AgentError::invalid(
+                    "live",
+                    format!(
+                        "volume {} is a block device ({}): restore it without live",
+                        t.backup.volume_uuid,
+                        t.path.display()
+                    ),
+                ));
+            }
+        }
         let mut overlays = Vec::new();
         for t in &targets {
             let spec = ExportSpec {
