@@ -53,6 +53,9 @@ pub struct AgentConfig {
     /// Retention policies per backup storage (by name or uuid), for PruneVmBackup calls
     /// that give none.
     pub retention: std::collections::BTreeMap<String, RetentionConfig>,
+    /// Encryption keys by name (`[keys.<name>]`), for storages added with
+    /// `backup::encryption::key::<name>`.
+    pub keys: std::collections::BTreeMap<String, crate::keys::KeyConfig>,
 }
 
 /// A backup storage's retention policy (see [`crate::retention`]); 0 turns a rule off.
@@ -224,6 +227,7 @@ impl Default for AgentConfig {
             ceph: CephConfig::default(),
             rest: RestConfig::default(),
             retention: Default::default(),
+            keys: Default::default(),
         }
     }
 }

@@ -45,6 +45,7 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         config.store_tls.clone(),
         crate::storage::credentials::Credentials::new(&config.data_dir),
         config.ceph.clone(),
+        crate::keys::Keys::new(config.keys.clone()),
     );
     let sessions = sessions(&config)?;
 
@@ -262,6 +263,7 @@ fn apply_reload(state: &State, new: &AgentConfig, log: Option<&vmbackup_store::d
         tracing::warn!("the reloaded configuration lists no sessions; keeping the current ones");
     }
     state.ops.live().apply(new);
+    state.ops.registry().keys().reload(new.keys.clone());
     if let Some(log) = log
         && let Err(e) = log.set(&new.log_level)
     {

@@ -6,6 +6,7 @@
 //! | `fsInfo::type::TYPE::url::URL::options::OPTIONS` | write through a mounted filesystem |
 //! | `volumeLiveBackup::parallelismDegree::N` | reader workers of this job (1..=64) |
 //! | `backup::retentionLock::seconds::N` | the store refuses to delete the backup for N seconds after its commit (1..=100 years) |
+//! | `backup::encryption::key::NAME` | on a storage being added: seal everything written there with configured key NAME |
 //!
 //! Tags of other namespaces are ignored (the control plane attaches many); a tag of a known
 //! namespace that is malformed, or given twice, is an INVALID_ARGUMENT naming it.
@@ -22,6 +23,7 @@ const CIDR_PREFIX: &str = "backup::network::cidr::";
 const FS_INFO_PREFIX: &str = "fsInfo::type::";
 const PARALLELISM_PREFIX: &str = "volumeLiveBackup::parallelismDegree::";
 const RETENTION_PREFIX: &str = "backup::retentionLock::seconds::";
+const ENCRYPTION_PREFIX: &str = "backup::encryption::key::";
 /// Longest retention lock a backup may ask for: 100 years.
 pub const MAX_RETENTION_LOCK_SECONDS: u64 = 100 * 366 * 24 * 3600;
 
@@ -47,6 +49,8 @@ pub struct SystemTags {
     pub parallelism: Option<u32>,
     /// `backup::retentionLock::seconds::`
     pub retention_lock: Option<u64>,
+    /// `backup::encryption::key::`
+    pub encryption_key: Option<String>,
 }
 
 fn invalid(tag: &str, what: impl std::fmt::Display) -> AgentError {
@@ -94,6 +98,11 @@ pub fn parse(tags: &[String]) -> Result<SystemTags> {
                 return Err(invalid(tag, format!("retention lock {n} s outside 1..={MAX_RETENTION_LOCK_SECONDS}")));
             }
             set_once(&mut out.retention_lock, n, tag)?;
+        } else if let Some(name) = tag.strip_prefix(ENCRYPTION_PREFIX) {
+            if !crate::keys::valid_name(name) {
+                return Err(invalid(tag, "a key name that is not 1 to 64 of letters, digits, '.', '_' and '-'"));
+            }
+            set_once(&mut out.encryption_key, name.to_string(), tag)?;
         } else if tag.starts_with("backup::") || tag.starts_with("fsInfo::") || tag.starts_with("volumeLiveBackup::") {
             return Err(invalid(tag, "an unknown option"));
         } else {

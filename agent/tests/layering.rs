@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "live",
         "roots",
         "retention",
+        "keys",
     ],
     &["jobs"],
     &["backup", "export"],

@@ -7,14 +7,17 @@
 //! - [`store::v1`]: the agent -> Image Storage gRPC API.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
 //!
-//! The byte formats (digest, chunk blob, volume index, group manifest) are versioned modules
-//! beside these; each documents its layout byte by byte.
+//! The byte formats (digest, chunk blob, volume index, group manifest, key file) are
+//! versioned modules beside these; each documents its layout byte by byte. [`seal`] holds
+//! the client-side encryption they share.
 
 pub mod blob;
 pub mod digest;
 pub mod format_error;
 pub mod index;
+pub mod keyfile;
 pub mod manifest;
+pub mod seal;
 
 pub use digest::Digest;
 pub use format_error::FormatError;

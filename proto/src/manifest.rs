@@ -15,14 +15,33 @@
 //!
 //! `created` is Unix milliseconds. Unknown fields are refused: a newer writer bumps
 //! `formatVersion`, and an older reader says so instead of dropping what it cannot keep.
+//!
+//! **Version 2, sealed** (an encrypted backup storage's, [`GroupManifest::seal`]): what a
+//! person wrote is private: `name`, `description`, `systemTags`, `userTags` and every
+//! volume's `name` are empty in clear and kept, as the JSON document
+//! `{"name", "description", "systemTags", "userTags", "volumeNames": [...]}`, in two fields
+//! that follow `volumes`:
+//!
+//! ```json
+//!  "keyId": "<32 hex>", "sealed": "<hex: nonce ‖ AES-256-GCM ciphertext ‖ tag>"
+//! ```
+//!
+//! The associated data is `vmbackup sealed manifest\0` followed by the compact JSON of the
+//! clear manifest without `sealed`, so the key also vouches for everything left readable:
+//! the group, VM and volume uuids, sizes, dates and the index digests (and through them
+//! every chunk name). Those stay readable because the store needs them: it commits,
+//! lists, verifies and garbage-collects groups by them, and never holds the key.
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::format_error::FormatError;
+use crate::seal::{ChunkKey, KeyId, hex_decode, hex_encode};
 
 /// Format version written by this build.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of a sealed manifest.
+pub const SEALED_FORMAT_VERSION: u32 = 2;
 /// Largest manifest accepted, bytes.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// Most volumes in one group.
@@ -56,6 +75,23 @@ pub struct GroupManifest {
     pub chunk_size: u32,
     /// One entry per volume, root first.
     pub volumes: Vec<VolumeEntry>,
+    /// Sealed manifests: the id of the key that sealed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Sealed manifests: the private fields, sealed, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+}
+
+/// The private fields of a sealed manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Private {
+    name: String,
+    description: String,
+    system_tags: Vec<String>,
+    user_tags: Vec<String>,
+    volume_names: Vec<String>,
 }
 
 /// One volume of a group.
@@ -115,17 +151,45 @@ pub fn is_index_name(name: &str) -> bool {
 }
 
 impl GroupManifest {
+    /// Whether the private fields are sealed (version 2).
+    pub fn is_sealed(&self) -> bool {
+        self.format_version == SEALED_FORMAT_VERSION
+    }
+
     /// Checks every field.
     pub fn validate(&self) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
-            return Err(err(
-                "formatVersion",
-                format!("{} is not supported (this build reads {FORMAT_VERSION})", self.format_version),
-            ));
+        let sealed = match self.format_version {
+            FORMAT_VERSION => false,
+            SEALED_FORMAT_VERSION => true,
+            v => {
+                return Err(err(
+                    "formatVersion",
+                    format!("{v} is not supported (this build reads {FORMAT_VERSION} and {SEALED_FORMAT_VERSION})"),
+                ));
+            }
+        };
+        if sealed {
+            let id = self.key_id.as_deref().ok_or_else(|| err("keyId", "a sealed manifest needs its key id"))?;
+            id.parse::<KeyId>().map_err(|e| err("keyId", e.message))?;
+            let body =
+                self.sealed.as_deref().ok_or_else(|| err("sealed", "a sealed manifest needs its sealed fields"))?;
+            if body.len() > MAX_MANIFEST_BYTES {
+                return Err(err("sealed", "is too long"));
+            }
+            let private_in_clear = !self.name.is_empty()
+                || !self.description.is_empty()
+                || !self.system_tags.is_empty()
+                || !self.user_tags.is_empty()
+                || self.volumes.iter().any(|v| !v.name.is_empty());
+            if private_in_clear {
+                return Err(err("sealed", "names, description and tags of a sealed manifest must be empty in clear"));
+            }
+        } else if self.key_id.is_some() || self.sealed.is_some() {
+            return Err(err("formatVersion", format!("keyId and sealed need formatVersion {SEALED_FORMAT_VERSION}")));
         }
         check_uuid("groupUuid", &self.group_uuid)?;
         check_uuid("vmUuid", &self.vm_uuid)?;
-        check_text("name", &self.name, true)?;
+        check_text("name", &self.name, !sealed)?;
         check_text("description", &self.description, false)?;
         crate::index::check_chunk_size(self.chunk_size).map_err(|e| err("chunkSize", e.message))?;
         if self.volumes.is_empty() || self.volumes.len() > MAX_VOLUMES {
@@ -135,7 +199,7 @@ impl GroupManifest {
         for v in &self.volumes {
             check_uuid("volumeBackupUuid", &v.volume_backup_uuid)?;
             check_uuid("volumeUuid", &v.volume_uuid)?;
-            check_text("volumes.name", &v.name, true)?;
+            check_text("volumes.name", &v.name, !sealed)?;
             if !matches!(v.kind.as_str(), "Root" | "Data") {
                 return Err(err("volumes.type", format!("{:?} is not Root or Data", v.kind)));
             }
@@ -157,6 +221,81 @@ impl GroupManifest {
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
         self.validate()?;
         serde_json::to_vec_pretty(self).map_err(|e| err("json", e.to_string()))
+    }
+
+    /// The associated data of a sealed manifest: everything in clear but `sealed`.
+    fn sealed_aad(&self) -> Result<Vec<u8>, FormatError> {
+        let clear = GroupManifest { sealed: None, ..self.clone() };
+        let mut aad = b"vmbackup sealed manifest\0".to_vec();
+        aad.extend(serde_json::to_vec(&clear).map_err(|e| err("json", e.to_string()))?);
+        Ok(aad)
+    }
+
+    /// This (plain, version 1) manifest with its private fields sealed with `key`.
+    pub fn seal(&self, key: &ChunkKey) -> Result<GroupManifest, FormatError> {
+        self.validate()?;
+        if self.is_sealed() {
+            return Err(err("formatVersion", "the manifest is sealed already"));
+        }
+        let private = Private {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            system_tags: self.system_tags.clone(),
+            user_tags: self.user_tags.clone(),
+            volume_names: self.volumes.iter().map(|v| v.name.clone()).collect(),
+        };
+        let mut clear = GroupManifest {
+            format_version: SEALED_FORMAT_VERSION,
+            name: String::new(),
+            description: String::new(),
+            system_tags: Vec::new(),
+            user_tags: Vec::new(),
+            volumes: self.volumes.iter().map(|v| VolumeEntry { name: String::new(), ..v.clone() }).collect(),
+            key_id: Some(key.id().to_string()),
+            sealed: None,
+            ..self.clone()
+        };
+        let plain = serde_json::to_vec(&private).map_err(|e| err("json", e.to_string()))?;
+        clear.sealed = Some(hex_encode(&key.seal_bytes(&clear.sealed_aad()?, &plain)?));
+        clear.validate()?;
+        Ok(clear)
+    }
+
+    /// The plain (version 1) manifest of a sealed one, opened with `key`: another key, or
+    /// anything altered in clear or sealed, is an error.
+    pub fn unseal(&self, key: &ChunkKey) -> Result<GroupManifest, FormatError> {
+        self.validate()?;
+        if !self.is_sealed() {
+            return Err(err("formatVersion", format!("the manifest is not sealed, but key {} was expected", key.id())));
+        }
+        let id = self.key_id.as_deref().unwrap_or_default();
+        if id != key.id().to_string() {
+            return Err(err("keyId", format!("sealed with key {id}, not with key {}", key.id())));
+        }
+        let sealed = hex_decode(self.sealed.as_deref().unwrap_or_default(), "manifest")?;
+        let plain = key.open_bytes(&self.sealed_aad()?, &sealed, "manifest")?;
+        let private: Private = serde_json::from_slice(&plain).map_err(|e| err("sealed", e.to_string()))?;
+        if private.volume_names.len() != self.volumes.len() {
+            return Err(err("sealed", "the sealed volume names do not match the volumes"));
+        }
+        let open = GroupManifest {
+            format_version: FORMAT_VERSION,
+            name: private.name,
+            description: private.description,
+            system_tags: private.system_tags,
+            user_tags: private.user_tags,
+            volumes: self
+                .volumes
+                .iter()
+                .zip(private.volume_names)
+                .map(|(v, name)| VolumeEntry { name, ..v.clone() })
+                .collect(),
+            key_id: None,
+            sealed: None,
+            ..self.clone()
+        };
+        open.validate()?;
+        Ok(open)
     }
 
     /// Decodes and validates.
@@ -198,7 +337,38 @@ mod tests {
                 stored_bytes: 10,
                 deduplicated_bytes: 20,
             }],
+            key_id: None,
+            sealed: None,
         }
+    }
+
+    #[test]
+    fn sealed_manifests_hide_what_people_wrote_and_open_only_unchanged() {
+        let mut m = sample();
+        m.description = "payroll database".into();
+        m.user_tags = vec!["finance".into()];
+        let key = ChunkKey::new(&[4u8; 32]);
+        let sealed = m.seal(&key).expect("seal");
+        let bytes = sealed.encode().expect("encode");
+        let text = String::from_utf8(bytes.clone()).expect("utf8");
+        for secret in ["payroll", "finance", "backup-1", "Root-Volume-Backup-1"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains(&m.volumes[0].index_digest), "the store still reads index digests");
+        let decoded = GroupManifest::decode(&bytes).expect("decode");
+        assert!(decoded.is_sealed());
+        assert_eq!(decoded.unseal(&key).expect("unseal"), m);
+        let e = decoded.unseal(&ChunkKey::new(&[5u8; 32])).expect_err("other key");
+        assert_eq!(e.field, "keyId");
+        // Anything changed in clear breaks the seal.
+        let mut moved = decoded.clone();
+        moved.volumes[0].index_digest = Digest::of(b"another index").to_hex();
+        assert_eq!(moved.unseal(&key).expect_err("altered").field, "sealed");
+        let mut renamed = decoded.clone();
+        renamed.name = "x".into();
+        assert_eq!(renamed.validate().expect_err("private in clear").field, "sealed");
+        assert_eq!(m.unseal(&key).expect_err("plain").field, "formatVersion");
+        assert_eq!(decoded.seal(&key).expect_err("twice").field, "formatVersion");
     }
 
     #[test]
@@ -218,7 +388,13 @@ mod tests {
     fn invalid_manifests_name_the_field() {
         let mut cases: Vec<(GroupManifest, &str)> = Vec::new();
         let mut m = sample();
+        m.format_version = 3;
+        cases.push((m, "formatVersion"));
+        let mut m = sample();
         m.format_version = 2;
+        cases.push((m, "keyId"));
+        let mut m = sample();
+        m.sealed = Some("00".into());
         cases.push((m, "formatVersion"));
         let mut m = sample();
         m.group_uuid = "../../etc".into();

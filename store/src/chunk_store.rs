@@ -107,6 +107,7 @@ pub struct ChunkStore {
     pub(crate) group_state: GroupState,
     counters: Counters,
     dedup: DedupScope,
+    accept_sealed: bool,
     default_retention: Option<std::time::Duration>,
     /// Serialises load-modify-persist of group metas (retention changes).
     pub(crate) meta_lock: Mutex<()>,
@@ -150,6 +151,7 @@ impl ChunkStore {
             gc_running: Mutex::new(()),
             counters: Counters::default(),
             dedup: DedupScope::Store,
+            accept_sealed: false,
             default_retention: None,
             meta_lock: Mutex::new(()),
             decoders: Mutex::default(),
@@ -168,6 +170,20 @@ impl ChunkStore {
     pub fn with_dedup_scope(mut self, scope: DedupScope) -> Self {
         self.dedup = scope;
         self
+    }
+
+    /// Accepts sealed chunks (the client-side encrypted blobs of [`blob`]) from remote
+    /// writers. Off by default: the store cannot check a sealed blob against its name, so
+    /// a writer could plant an unreadable blob under the name of a chunk another writer
+    /// will skip uploading. Turn it on when every writer of the store is trusted that far.
+    pub fn with_sealed_chunks(mut self, accept: bool) -> Self {
+        self.accept_sealed = accept;
+        self
+    }
+
+    /// Whether sealed chunks are accepted from remote writers.
+    pub fn accepts_sealed(&self) -> bool {
+        self.accept_sealed
     }
 
     /// Locks every new group against deletion for `d` after its commit (None: no default).
@@ -192,8 +208,10 @@ impl ChunkStore {
         Ok(self.dedup == DedupScope::Store || self.backend.is_owner(namespace, d)?)
     }
 
-    /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`.
-    pub fn check_blob(&self, blob_bytes: &[u8], digest: &Digest) -> std::result::Result<(), FormatError> {
+    /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`, or,
+    /// sealed, that its framing, lengths and CRC hold (all a store can check without the
+    /// key); says which.
+    pub fn check_blob(&self, blob_bytes: &[u8], digest: &Digest) -> std::result::Result<blob::Checked, FormatError> {
         let idle = self.decoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let mut decoder = match idle {
             Some(d) => d,
@@ -344,9 +362,23 @@ impl ChunkStore {
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
-        if let Err(e) = self.check_blob(blob_bytes, digest) {
-            bump(&self.counters.chunks_rejected, 1);
-            return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
+        match self.check_blob(blob_bytes, digest) {
+            Err(e) => {
+                bump(&self.counters.chunks_rejected, 1);
+                return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
+            }
+            Ok(blob::Checked::Sealed(key)) if !self.accept_sealed => {
+                bump(&self.counters.chunks_rejected, 1);
+                return Err(StoreError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "chunk {digest} is sealed (client-side encrypted, key {key}) and this store does not accept \
+                         sealed chunks: set accept_sealed_chunks = true in its configuration once every writer \
+                         is trusted not to plant chunks it cannot check"
+                    ),
+                ));
+            }
+            Ok(_) => {}
         }
         self.store_chunk(session, &owner, digest, blob_bytes)
     }

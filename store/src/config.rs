@@ -63,6 +63,10 @@ pub struct StoreConfig {
     pub auth: crate::access::AuthConfig,
     /// How far deduplication reaches: "store" (every namespace) or "namespace".
     pub dedup_scope: crate::chunk_store::DedupScope,
+    /// Accept chunks sealed by agents with client-side encryption. The store cannot check
+    /// such a chunk against its name, so any writer could plant an unreadable chunk under
+    /// a name another writer uses; off until every writer is trusted that far.
+    pub accept_sealed_chunks: bool,
     /// Every new group is locked against deletion for this many seconds (0: no default).
     pub default_retention_seconds: u64,
     /// Where chunks, indexes and manifests are kept.
@@ -219,6 +223,7 @@ impl Default for StoreConfig {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9871))),
             auth: crate::access::AuthConfig::default(),
             dedup_scope: crate::chunk_store::DedupScope::default(),
+            accept_sealed_chunks: false,
             default_retention_seconds: 0,
             backend: BackendKind::Fs,
             s3: None,

@@ -116,6 +116,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     .with_dedup_scope(scope)
+    .with_sealed_chunks(config.accept_sealed_chunks)
     .with_default_retention(Some(retention));
     let access = Arc::new(
         Access::new(&config.auth, &config.data_dir).map_err(|e| anyhow::anyhow!("[auth] configuration: {e}"))?,

@@ -60,6 +60,8 @@ pub fn one_volume_manifest(
             stored_bytes: 0,
             deduplicated_bytes: 0,
         }],
+        key_id: None,
+        sealed: None,
     }
 }
 

@@ -50,9 +50,9 @@ impl BackupStorageApi {
             (h, p, false)
         };
         let zones = zones(&r.attached_zone_uuids)?;
-        let max_backups = storage_tags(&r.system_tags)?;
+        let (max_backups, encryption_key) = storage_tags(&r.system_tags)?;
         let token = crate::storage::credentials::check_token("token", &r.token)?;
-        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups, token })
+        Ok(NewImageStore { uuid, name, description, hostname, port, tls, zones, max_backups, token, encryption_key })
     }
 }
 
@@ -104,13 +104,15 @@ fn parse_add_ceph(r: &pb::AddCephBackupStorageRequest) -> Result<NewCeph> {
             "is not supported: backups already in the pool are found by SyncVmBackup",
         ));
     }
+    let (max_backups, encryption_key) = storage_tags(&r.system_tags)?;
     Ok(NewCeph {
         uuid,
         name,
         description,
         target: CephTarget { mons, pool, client, keyring },
         zones: zones(&r.attached_zone_uuids)?,
-        max_backups: storage_tags(&r.system_tags)?,
+        max_backups,
+        encryption_key,
     })
 }
 
@@ -137,14 +139,18 @@ fn zones(raw: &[String]) -> Result<Vec<String>> {
     Ok(zones)
 }
 
-/// On a storage record, parallelismDegree caps concurrent backups there (ZStack's meaning);
-/// the other tags are about a backup and have no place here.
-fn storage_tags(system_tags: &[String]) -> Result<Option<u32>> {
+/// On a storage record, parallelismDegree caps concurrent backups there (ZStack's meaning)
+/// and backup::encryption::key names the key everything written there is sealed with; the
+/// other tags are about a backup and have no place here.
+fn storage_tags(system_tags: &[String]) -> Result<(Option<u32>, Option<String>)> {
     let tags = crate::tags::parse(system_tags)?;
-    if tags.backup_network.is_some() || tags.fs_info.is_some() {
-        return Err(AgentError::invalid("systemTags", "only volumeLiveBackup::parallelismDegree applies to a storage"));
+    if tags.backup_network.is_some() || tags.fs_info.is_some() || tags.retention_lock.is_some() {
+        return Err(AgentError::invalid(
+            "systemTags",
+            "only volumeLiveBackup::parallelismDegree and backup::encryption::key apply to a storage",
+        ));
     }
-    Ok(tags.parallelism)
+    Ok((tags.parallelism, tags.encryption_key))
 }
 
 /// The seeds' BackupStorageInventory for a record.
@@ -189,6 +195,7 @@ pub fn inventory(r: BackupStorageRecord) -> pb::BackupStorageInventory {
         pool_available_capacity: r.pool_available_capacity,
         pool_used_capacity: r.pool_used_capacity,
         pool_replicated_size: r.pool_replicated_size,
+        encryption_key_id: r.encryption_key_id,
         ..Default::default()
     }
 }

@@ -48,6 +48,12 @@ fn parse_create(r: pb::CreateVmBackupRequest) -> Result<CreateBackup> {
     // nothing.
     bandwidth("networkReadBandwidth", r.network_read_bandwidth)?;
     let tags = tags::parse(&r.system_tags)?;
+    if tags.encryption_key.is_some() {
+        return Err(crate::error::AgentError::invalid(
+            "systemTags",
+            "backup::encryption::key is chosen when a backup storage is added, not per backup",
+        ));
+    }
     let vm = r.vm.as_ref().map(super::vm::parse_vm).transpose()?;
     Ok(CreateBackup {
         root_volume,

@@ -50,6 +50,7 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
 /// Returns (added, removed).
 pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(usize, usize)> {
     let storage = registry.require(storage_uuid).await?;
+    let key = registry.chunk_key(&storage)?;
     let (store, _) = registry.open_store(&storage, None).await?;
     let groups = store.list_groups().await?;
     let catalog = registry.catalog().clone();
@@ -58,14 +59,28 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
     let mut on_store = HashSet::new();
     let mut added = 0;
     for g in groups {
-        let manifest = GroupManifest::decode(&g.manifest).map_err(|e| {
-            AgentError::new(
-                ErrorKind::FailedPrecondition,
-                format!("manifest of group {} on {}: {e}", g.group_uuid, storage.url),
-            )
-        })?;
+        let manifest = GroupManifest::decode(&g.manifest)
+            .and_then(|m| match &key {
+                Some(k) => m.unseal(k),
+                None => Ok(m),
+            })
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("manifest of group {} on {}: {e}", g.group_uuid, storage.url),
+                )
+            })?;
         on_store.insert(manifest.group_uuid.clone());
         if known.contains(&manifest.group_uuid) {
+            continue;
+        }
+        if manifest.is_sealed() {
+            tracing::warn!(
+                group = %manifest.group_uuid,
+                storage = %storage_uuid,
+                key_id = manifest.key_id.as_deref().unwrap_or_default(),
+                "group is sealed and this backup storage has no key; add the storage with its key to list it"
+            );
             continue;
         }
         let committed = super::Committed {

@@ -170,6 +170,7 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
         tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");
         job.set_message(format!("backup network: {src}"));
     }
+    let key = registry.chunk_key(&req.storage)?;
     let (store, status) = registry.open_store(&req.storage, req.source.as_ref()).await?;
     let chunk_size = status.chunk_size;
     let previous = incremental::previous_indexes(registry.catalog(), &*store, &req).await;
@@ -177,8 +178,8 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
     let volumes = open_volumes(&req, job, chunk_size, previous).await?;
 
     let session = Session::open(store.clone(), &format!("vmbackup-agent group {}", req.group_uuid)).await?;
-    write_chunks(&req, job, &session, &volumes, known, chunk_size).await?;
-    let (manifest, records) = put_indexes(&req, &session, &volumes, chunk_size).await?;
+    write_chunks(&req, job, &session, &volumes, known, chunk_size, key.clone()).await?;
+    let (manifest, records) = put_indexes(&req, &session, &volumes, chunk_size, key.as_deref()).await?;
     if job.cancel.is_cancelled() {
         if let Err(e) = session.close().await {
             tracing::warn!(error = %e, "closing the store session of a cancelled backup failed; it expires with its TTL");
@@ -255,6 +256,7 @@ async fn write_chunks(
     volumes: &[Arc<VolumeJob>],
     known: Arc<std::collections::HashSet<vmbackup_proto::Digest>>,
     chunk_size: u32,
+    key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
 ) -> Result<()> {
     let mounted = match &req.fs_info {
         Some(info) => {
@@ -280,6 +282,7 @@ async fn write_chunks(
         read_limit: req.read_limit.clone(),
         job: job.clone(),
         chunk_size,
+        key,
     })
     .await;
     if let Some(m) = mounted {
@@ -299,6 +302,7 @@ async fn put_indexes(
     session: &Session,
     volumes: &[Arc<VolumeJob>],
     chunk_size: u32,
+    key: Option<&vmbackup_proto::seal::ChunkKey>,
 ) -> Result<(Vec<u8>, Vec<VolumeBackupRecord>)> {
     let now = now_millis();
     let mut entries = Vec::new();
@@ -333,6 +337,8 @@ async fn put_indexes(
         created: now,
         chunk_size,
         volumes: entries,
+        key_id: None,
+        sealed: None,
     };
     let committed = Committed {
         group_uuid: &req.group_uuid,
@@ -345,6 +351,12 @@ async fn put_indexes(
         user_tags: &manifest.user_tags,
     };
     let records = manifest.volumes.iter().map(|e| volume_record(e, &committed)).collect::<Result<Vec<_>>>()?;
+    let manifest = match key {
+        Some(k) => {
+            manifest.seal(k).map_err(|e| AgentError::new(ErrorKind::Internal, format!("sealing the manifest: {e}")))?
+        }
+        None => manifest,
+    };
     let bytes = manifest.encode().map_err(|e| AgentError::new(ErrorKind::Internal, format!("manifest: {e}")))?;
     Ok((bytes, records))
 }

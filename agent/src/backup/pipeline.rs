@@ -1,5 +1,5 @@
-//! The chunk workers of one backup job: read, hash, ask, compress, and put through the
-//! storage seam's [`ChunkWriter`].
+//! The chunk workers of one backup job: read, hash, ask, compress (and, on an encrypted
+//! storage, seal), and put through the storage seam's [`ChunkWriter`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use vmbackup_proto::Digest;
 use vmbackup_proto::digest::is_all_zero;
+use vmbackup_proto::seal::ChunkKey;
 
 use super::VolumeJob;
 use crate::error::{AgentError, ErrorKind, Result};
@@ -31,6 +32,8 @@ pub(super) struct Inputs {
     pub read_limit: Throttle,
     pub job: Arc<Job>,
     pub chunk_size: u32,
+    /// The storage's key: chunks are named by keyed BLAKE3 and sealed; None: plain.
+    pub key: Option<Arc<ChunkKey>>,
 }
 
 /// A chunk that holds data somewhere in its range.
@@ -89,7 +92,7 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
 }
 
 pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
-    let Inputs { writer, asker, volumes, known, parallelism, read_limit, job, chunk_size } = inputs;
+    let Inputs { writer, asker, volumes, known, parallelism, read_limit, job, chunk_size, key } = inputs;
     let planning = volumes.clone();
     let counters = job.counters.clone();
     let tasks = Arc::new(tokio::task::spawn_blocking(move || plan(&planning, chunk_size, &counters)).await??);
@@ -111,6 +114,7 @@ pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
             writer: writer.clone(),
             read_limit: read_limit.clone(),
             job: job.clone(),
+            key: key.clone(),
         };
         workers.spawn(w.run());
     }
@@ -205,6 +209,7 @@ struct Worker {
     writer: Arc<Box<dyn ChunkWriter>>,
     read_limit: Throttle,
     job: Arc<Job>,
+    key: Option<Arc<ChunkKey>>,
 }
 impl Worker {
     async fn run(self) -> Result<()> {
@@ -214,7 +219,7 @@ impl Worker {
         let mut spare: Vec<u8> = Vec::new();
         // One zstd context per worker, kept from chunk to chunk.
         let mut encoder =
-            Some(vmbackup_proto::blob::Encoder::new(ZSTD_LEVEL).map_err(|e| {
+            Some(vmbackup_proto::blob::Encoder::with_key(ZSTD_LEVEL, self.key.clone()).map_err(|e| {
                 AgentError::new(ErrorKind::Internal, format!("setting up zstd level {ZSTD_LEVEL}: {e}"))
             })?);
         loop {
@@ -226,12 +231,16 @@ impl Worker {
             let len = usize::try_from(t.len).unwrap_or(usize::MAX);
             self.read_limit.consume(len).await;
             let source = self.volumes[t.volume].source.clone();
+            let key = self.key.clone();
             let mut buf = std::mem::take(&mut spare);
             let (digest, plain) = tokio::task::spawn_blocking(move || -> Result<(Option<Digest>, Vec<u8>)> {
                 // read_at fills the whole buffer, so a reused one needs no zeroing.
                 buf.resize(len, 0);
                 source.read_at(t.offset, &mut buf)?;
-                let digest = (!is_all_zero(&buf)).then(|| Digest::of(&buf));
+                let digest = (!is_all_zero(&buf)).then(|| match &key {
+                    Some(k) => k.digest(&buf),
+                    None => Digest::of(&buf),
+                });
                 Ok((digest, buf))
             })
             .await??;
@@ -253,7 +262,8 @@ impl Worker {
                 continue;
             }
             let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
-            let (blob, plain, enc) = tokio::task::spawn_blocking(move || (enc.encode(&plain), plain, enc)).await?;
+            let (blob, plain, enc) =
+                tokio::task::spawn_blocking(move || (enc.encode_named(&plain, &digest), plain, enc)).await?;
             spare = plain;
             encoder = Some(enc);
             let blob =

@@ -1,6 +1,8 @@
 //! Recover: copy a backup group from one Image Storage to another, sending only the chunks
 //! the destination lacks. The indexes and manifest are copied as they are (same uuids), so
 //! the group appears on the destination, atomically, only when it is complete there.
+//! Chunks and manifests are copied as stored, so between encrypted storages both must use
+//! the same key (sealed bytes stay sealed; nothing is decrypted on the way but to check).
 
 use std::sync::Arc;
 
@@ -34,6 +36,21 @@ pub async fn run(
     network: Throttle,
 ) -> Result<()> {
     let (src_rec, dst_rec) = (registry.require(src).await?, registry.require(dst).await?);
+    let (src_key, dst_key) = (registry.chunk_key(&src_rec)?, registry.chunk_key(&dst_rec)?);
+    if src_key.as_ref().map(|k| k.id()) != dst_key.as_ref().map(|k| k.id()) {
+        let name = |k: &Option<Arc<vmbackup_proto::seal::ChunkKey>>| match k {
+            Some(k) => format!("sealed with key {}", k.id()),
+            None => "not encrypted".to_string(),
+        };
+        return Err(AgentError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "backup storage {src} is {} and {dst} is {}: recover copies backups as stored, so both need the same key",
+                name(&src_key),
+                name(&dst_key)
+            ),
+        ));
+    }
     let (from, src_status) = registry.open_store(&src_rec, None).await?;
     let (to, dst_status) = registry.open_store(&dst_rec, None).await?;
     if src_status.chunk_size != dst_status.chunk_size {
@@ -55,7 +72,13 @@ pub async fn run(
     // A recover reads one store and writes another: the limit applies once per chunk.
     let received = job.counters.count_into(|c| &c.received);
     let reader: Arc<dyn ChunkReader> = Arc::new(Metered::new(from.clone() as Arc<dyn ChunkReader>, network, received));
-    let copy = ChunkCopy { reader, job: job.clone(), chunk_size: src_status.chunk_size, source: src_rec.url.clone() };
+    let copy = ChunkCopy {
+        reader,
+        job: job.clone(),
+        chunk_size: src_status.chunk_size,
+        source: src_rec.url.clone(),
+        key: src_key,
+    };
     let session = Session::open(to, &format!("vmbackup-agent recover {group_uuid}")).await?;
     for v in &manifest.volumes {
         let index_bytes = from.get_index(&v.index_name).await?;
@@ -118,6 +141,7 @@ struct ChunkCopy {
     job: Arc<Job>,
     chunk_size: u32,
     source: String,
+    key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
 }
 
 impl ChunkCopy {
@@ -131,7 +155,11 @@ impl ChunkCopy {
         let mut copied = 0usize;
         while let Some(item) = stream.next().await {
             let (d, b) = item?;
-            let checked = tokio::task::spawn_blocking(move || blob::decode_and_verify(&b, &d, max).map(|_| b)).await?;
+            let key = self.key.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                blob::Decoder::with_key(key).and_then(|mut dec| dec.decode_and_verify(&b, &d, max)).map(|_| b)
+            })
+            .await?;
             let b = checked.map_err(|e| {
                 AgentError::new(
                     ErrorKind::FailedPrecondition,

@@ -19,6 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::seal::ChunkKey;
 
 use crate::catalog::volume_backup::VolumeBackupRecord;
 use crate::error::{AgentError, ErrorKind, Result};
@@ -40,6 +41,8 @@ const DOWNLOAD_BATCH: usize = 16;
 struct Buffers {
     size: usize,
     free: Mutex<Vec<(MmapMut, blob::Decoder)>>,
+    /// The storage's key (chunks are sealed), or None.
+    key: Option<Arc<ChunkKey>>,
 }
 
 impl Buffers {
@@ -51,7 +54,8 @@ impl Buffers {
                 let map = MmapMut::map_anon(self.size).map_err(|e| {
                     AgentError::new(ErrorKind::Internal, format!("allocating a {}-byte chunk buffer: {e}", self.size))
                 })?;
-                let decoder = blob::Decoder::new().map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?;
+                let decoder = blob::Decoder::with_key(self.key.clone())
+                    .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?;
                 Ok((map, decoder))
             }
         }
@@ -100,12 +104,13 @@ pub async fn run(
     opts: RestoreOptions,
 ) -> Result<()> {
     let storage = registry.require(storage_uuid).await?;
+    let key = registry.chunk_key(&storage)?;
     let (store, status) = registry.open_store(&storage, opts.source.as_ref()).await?;
     let received = job.counters.count_into(|c| &c.received);
     let reader: Arc<dyn ChunkReader> =
         Arc::new(Metered::new(store as Arc<dyn ChunkReader>, opts.network_limit.clone(), received));
     let chunk_max = usize::try_from(status.chunk_size).unwrap_or(usize::MAX);
-    let buffers = Arc::new(Buffers { size: chunk_max, free: Mutex::default() });
+    let buffers = Arc::new(Buffers { size: chunk_max, free: Mutex::default(), key });
     for t in targets {
         let r = t.backup.refs.iter().find(|r| r.backup_storage_uuid == storage_uuid).ok_or_else(|| {
             AgentError::invalid(
@@ -117,6 +122,7 @@ pub async fn run(
             .map_err(|e| {
                 AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
             })?;
+        probe(&*reader, &r.install_path, &ix, &buffers, &t.backup.volume_uuid).await?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
         let writer: Arc<Box<dyn VolumeWriter>> =
@@ -146,6 +152,40 @@ pub async fn run(
         tracing::info!(volume_backup = %t.backup.uuid, path = %t.path.display(), "volume restored");
     }
     Ok(())
+}
+
+/// Downloads and checks the volume's first stored chunk before anything is written: a key
+/// that is not the one the backup was sealed with (or a plain backup where a key is
+/// expected) then fails the restore with nothing created or overwritten.
+async fn probe(
+    reader: &dyn ChunkReader,
+    index_name: &str,
+    ix: &VolumeIndex,
+    buffers: &Arc<Buffers>,
+    volume: &str,
+) -> Result<()> {
+    let Some(d) = ix.digests.iter().copied().find(|d| !d.is_zero_chunk()) else { return Ok(()) };
+    let mut stream = reader.download(index_name, &[d]).await?;
+    let (got, blob) = stream.next().await.ok_or_else(|| {
+        AgentError::new(ErrorKind::Unavailable, format!("the store ended the download before chunk {d}"))
+    })??;
+    drop(stream);
+    if got != d {
+        return Err(AgentError::new(
+            ErrorKind::Unavailable,
+            format!("the store sent chunk {got} where {d} was asked for"),
+        ));
+    }
+    let (b, volume) = (buffers.clone(), volume.to_string());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let (mut buf, mut decoder) = b.take()?;
+        let checked = decoder.decode_and_verify_into(&blob, &d, &mut buf).map(|_| ());
+        b.give((buf, decoder));
+        checked.map_err(|e| {
+            AgentError::new(ErrorKind::FailedPrecondition, format!("chunk {d} of volume {volume} cannot be read: {e}"))
+        })
+    })
+    .await?
 }
 
 /// What the download streams of one volume share.

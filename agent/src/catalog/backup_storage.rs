@@ -58,6 +58,11 @@ pub struct BackupStorageRecord {
     pub keyring_path: String,
     /// Ceph only: the monitors, in the order they were given.
     pub mons: Vec<CephMonRecord>,
+    /// Name of the configured key (`[keys.<name>]`) everything written here is sealed
+    /// with; empty: not encrypted.
+    pub encryption_key: String,
+    /// Id of that key when the storage was added; the configured key must still have it.
+    pub encryption_key_id: String,
 }
 
 /// A monitor of a Ceph backup storage (ZStack's CephBackupStorageMonInventory, without the
@@ -109,6 +114,7 @@ pub const SCHEMA: Schema = Schema {
         Field { name: "poolAvailableCapacity", column: "pool_available_capacity", ty: FieldType::Int },
         Field { name: "poolUsedCapacity", column: "pool_used_capacity", ty: FieldType::Int },
         Field { name: "poolReplicatedSize", column: "pool_replicated_size", ty: FieldType::Int },
+        Field { name: "encryptionKeyId", column: "encryption_key_id", ty: FieldType::Text },
         Field {
             name: "attachedZoneUuids",
             column: "zone_uuid",
@@ -119,7 +125,8 @@ pub const SCHEMA: Schema = Schema {
 
 const COLUMNS: &str = "uuid, name, description, type, url, hostname, port, state, status, total_capacity, \
                        available_capacity, store_uuid, create_date, last_op_date, max_backups, fsid, pool_name, \
-                       pool_available_capacity, pool_used_capacity, pool_replicated_size, ceph_client, keyring_path";
+                       pool_available_capacity, pool_used_capacity, pool_replicated_size, ceph_client, keyring_path, \
+                       encryption_key, encryption_key_id";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
     Ok(BackupStorageRecord {
@@ -147,6 +154,8 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BackupStorageRecord> {
         ceph_client: row.get(20)?,
         keyring_path: row.get(21)?,
         mons: Vec::new(),
+        encryption_key: row.get(22)?,
+        encryption_key_id: row.get(23)?,
     })
 }
 
@@ -156,7 +165,7 @@ impl Catalog {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"),
+            &format!("INSERT INTO backup_storage ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"),
             params![
                 r.uuid,
                 r.name,
@@ -179,7 +188,9 @@ impl Catalog {
                 r.pool_used_capacity,
                 r.pool_replicated_size,
                 r.ceph_client,
-                r.keyring_path
+                r.keyring_path,
+                r.encryption_key,
+                r.encryption_key_id
             ],
         )?;
         super::ceph::insert_mons(&tx, &r.uuid, &r.mons)?;

@@ -189,6 +189,9 @@ const MIGRATIONS: &[&str] = &[
         tag TEXT NOT NULL,
         PRIMARY KEY (volume_backup_uuid, tag)
      );",
+    // 8: client-side encryption: the configured key a storage seals with, and its id.
+    "ALTER TABLE backup_storage ADD COLUMN encryption_key TEXT NOT NULL DEFAULT '';
+     ALTER TABLE backup_storage ADD COLUMN encryption_key_id TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The agent's catalog.

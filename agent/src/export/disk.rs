@@ -68,12 +68,21 @@ pub struct BackupDisk {
     cache: Mutex<Cache>,
     /// Names the volume backup in errors.
     label: String,
+    /// The storage's key when its chunks are sealed.
+    key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
 }
 
 impl BackupDisk {
-    /// The disk of the decoded `index`, stored as `index_name` and read through `reader`.
-    pub fn new(index: VolumeIndex, index_name: String, reader: Arc<dyn ChunkReader>, label: String) -> Self {
-        Self { index, index_name, reader, cache: Mutex::default(), label }
+    /// The disk of the decoded `index`, stored as `index_name` and read through `reader`;
+    /// chunks are opened with `key` when the storage seals them.
+    pub fn new(
+        index: VolumeIndex,
+        index_name: String,
+        reader: Arc<dyn ChunkReader>,
+        label: String,
+        key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
+    ) -> Self {
+        Self { index, index_name, reader, cache: Mutex::default(), label, key }
     }
 
     /// Size in bytes.
@@ -190,16 +199,18 @@ impl BackupDisk {
                     format!("the store sent chunk {got} where chunk {d} was asked for"),
                 ));
             }
-            let (d2, label) = (*d, self.label.clone());
-            let plain = tokio::task::spawn_blocking(move || blob::decode_and_verify(&blob, &d2, max))
-                .await
-                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?
-                .map_err(|e| {
-                    AgentError::new(
-                        ErrorKind::FailedPrecondition,
-                        format!("chunk {d2} of {label} is damaged on the store: {e}"),
-                    )
-                })?;
+            let (d2, label, key) = (*d, self.label.clone(), self.key.clone());
+            let plain = tokio::task::spawn_blocking(move || {
+                blob::Decoder::with_key(key).and_then(|mut dec| dec.decode_and_verify(&blob, &d2, max))
+            })
+            .await
+            .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("chunk {d2} of {label} is damaged on the store: {e}"),
+                )
+            })?;
             decoded.insert(*d, Arc::new(plain));
         }
         let mut c = self.lock();

@@ -55,6 +55,7 @@ impl Ops {
             )
         })?;
         let storage = self.registry.require(&spec.storage).await.map_err(|e| e.with_field("backupStorageUuid"))?;
+        let key = self.registry.chunk_key(&storage)?;
         let (store, _) = self.registry.open_store(&storage, None).await?;
         let reader: Arc<dyn ChunkReader> = store;
         let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)
@@ -87,7 +88,7 @@ impl Ops {
             expires: now.saturating_add(i64::try_from(spec.lifetime.as_millis()).unwrap_or(i64::MAX)),
         };
         let label = format!("volume backup {}", backup.uuid);
-        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label));
+        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label, key));
         self.exports.start(info.clone(), disk, listener, spec.lifetime);
         Ok(info)
     }

@@ -219,6 +219,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
         | Command::Status
         | Command::SnapshotGroup(_)
         | Command::Export(_)
+        | Command::Key(_)
         | Command::Completions { .. }
         | Command::Man => {}
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod backup;
 mod export;
+mod key;
 mod lifecycle;
 mod snapshot;
 mod status;
@@ -58,6 +59,9 @@ pub(crate) enum Command {
     /// Volume backups served as read-only NBD disks (no restore).
     #[command(subcommand)]
     Export(export::ExportCommand),
+    /// Encryption key files on this host (no agent needed).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// The agent and every store it uses, on one screen.
     Status,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -141,6 +145,10 @@ enum StorageCommand {
         /// 0600; never shown again).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Seal everything written there with the agent's configured key NAME
+        /// (`[keys.NAME]`); chosen once, when the storage is added.
+        #[arg(long)]
+        encryption_key: Option<String>,
     },
     /// Register a Ceph pool the agent writes directly (a Ceph backup storage).
     AddCeph {
@@ -168,6 +176,9 @@ enum StorageCommand {
         /// Zone the storage is attached to (repeatable).
         #[arg(long = "zone")]
         zones: Vec<String>,
+        /// Seal everything written there with the agent's configured key NAME.
+        #[arg(long)]
+        encryption_key: Option<String>,
     },
     /// List every backup storage.
     List,
@@ -260,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Completions { shell } => return print_completions(*shell),
         Command::Man => return print_man(),
+        Command::Key(cmd) => return key::run(cmd, cli.json),
         Command::Store { store, token_file, command } => {
             return store::run_store(store, token_file, command, cli.json).await;
         }
@@ -280,7 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             run_storage(cmd, BackupStorageServiceClient::with_interceptor(channel, auth), cli.json).await
         }
         // Run above, without a connection to the agent.
-        Command::Completions { .. } | Command::Man | Command::Store { .. } => Ok(()),
+        Command::Completions { .. } | Command::Man | Command::Store { .. } | Command::Key(_) => Ok(()),
     }
 }
 
@@ -301,10 +313,25 @@ fn print_man() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The system tag that binds a storage being added to a configured key.
+fn encryption_tags(key: Option<String>) -> Vec<String> {
+    key.map(|k| format!("backup::encryption::key::{k}")).into_iter().collect()
+}
+
 /// `storage ...`: the backup storage records of the agent.
 async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> anyhow::Result<()> {
     match cmd {
-        StorageCommand::Add { name, hostname, port, url, description, resource_uuid, zones, token_file } => {
+        StorageCommand::Add {
+            name,
+            hostname,
+            port,
+            url,
+            description,
+            resource_uuid,
+            zones,
+            token_file,
+            encryption_key,
+        } => {
             let token = match token_file {
                 Some(p) => std::fs::read_to_string(&p)
                     .with_context(|| format!("reading token file {}", p.display()))?
@@ -321,6 +348,7 @@ async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> any
                 url,
                 resource_uuid,
                 attached_zone_uuids: zones,
+                system_tags: encryption_tags(encryption_key),
                 ..Default::default()
             };
             let r = client.add_image_store_backup_storage(request).await.map_err(rpc_error)?.into_inner();
@@ -335,6 +363,7 @@ async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> any
             description,
             resource_uuid,
             zones,
+            encryption_key,
         } => {
             let request = pb::AddCephBackupStorageRequest {
                 name,
@@ -345,6 +374,7 @@ async fn run_storage(cmd: StorageCommand, mut client: Client, json: bool) -> any
                 attached_zone_uuids: zones,
                 ceph_client,
                 keyring_path: keyring.map(|k| k.display().to_string()).unwrap_or_default(),
+                system_tags: encryption_tags(encryption_key),
                 ..Default::default()
             };
             let r = client.add_ceph_backup_storage(request).await.map_err(rpc_error)?.into_inner();

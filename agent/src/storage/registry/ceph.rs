@@ -34,6 +34,8 @@ pub struct NewCeph {
     pub zones: Vec<String>,
     /// Its cap on concurrent backups (parallelismDegree system tag).
     pub max_backups: Option<u32>,
+    /// The configured key to seal everything written there with.
+    pub encryption_key: Option<String>,
 }
 
 /// A connected pool and the store in it.
@@ -182,7 +184,8 @@ impl Registry {
                 && existing.description == req.description
                 && target_of(&existing) == req.target
                 && existing.attached_zone_uuids == req.zones
-                && existing.max_backups == req.max_backups;
+                && existing.max_backups == req.max_backups
+                && existing.encryption_key == req.encryption_key.clone().unwrap_or_default();
             if same {
                 return Ok(existing);
             }
@@ -214,7 +217,7 @@ impl Registry {
                 last_op_date: now,
             })
             .collect();
-        let record = BackupStorageRecord {
+        let mut record = BackupStorageRecord {
             uuid: req.uuid.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             name: req.name,
             description: req.description,
@@ -239,6 +242,7 @@ impl Registry {
             mons,
             ..Default::default()
         };
+        self.bind_key(&mut record, req.encryption_key.as_deref())?;
         let record = self.insert_new(record, None).await?;
         self.remember_ceph(&record, open)?;
         Ok(record)

@@ -52,6 +52,9 @@ pub struct NewImageStore {
     pub max_backups: Option<u32>,
     /// The API token to present to the store.
     pub token: Option<Secret>,
+    /// The configured key to seal everything written there with (the
+    /// `backup::encryption::key::` tag).
+    pub encryption_key: Option<String>,
 }
 
 /// Backup storage management over the catalog.
@@ -67,6 +70,8 @@ pub struct Registry {
     /// Ceph backup storages connected so far, by backup storage uuid (a cluster handle is
     /// costly to set up, and its sessions live in its chunk store).
     ceph: Arc<Mutex<HashMap<String, ceph::CephOpen>>>,
+    /// Encryption keys of encrypted storages.
+    keys: crate::keys::Keys,
 }
 
 impl Registry {
@@ -76,8 +81,53 @@ impl Registry {
         tls: vmbackup_store::daemon::tls::ClientTls,
         credentials: Credentials,
         ceph_config: crate::config::CephConfig,
+        keys: crate::keys::Keys,
     ) -> Self {
-        Self { catalog, tls, credentials, local: Arc::default(), ceph_config, ceph: Arc::default() }
+        Self { catalog, tls, credentials, local: Arc::default(), ceph_config, ceph: Arc::default(), keys }
+    }
+
+    /// The configured encryption keys.
+    pub fn keys(&self) -> &crate::keys::Keys {
+        &self.keys
+    }
+
+    /// The key everything on `record`'s storage is sealed with; None for a storage without
+    /// encryption. The configured key must still be the one the storage was added with.
+    pub fn chunk_key(&self, record: &BackupStorageRecord) -> Result<Option<Arc<vmbackup_proto::seal::ChunkKey>>> {
+        if record.encryption_key.is_empty() {
+            return Ok(None);
+        }
+        let key = self.keys.get(&record.encryption_key).map_err(|e| {
+            AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("backup storage {} ({:?}) is encrypted: {}", record.uuid, record.name, e.message()),
+            )
+        })?;
+        if key.id().to_string() != record.encryption_key_id {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "backup storage {} ({:?}) is encrypted with key {}, but configured key {:?} is key {}",
+                    record.uuid,
+                    record.name,
+                    record.encryption_key_id,
+                    record.encryption_key,
+                    key.id()
+                ),
+            ));
+        }
+        Ok(Some(key))
+    }
+
+    /// Binds a storage being added to key `name` (unlocking it now, so a wrong passphrase
+    /// fails the add rather than the first backup).
+    pub(super) fn bind_key(&self, record: &mut BackupStorageRecord, name: Option<&str>) -> Result<()> {
+        if let Some(name) = name {
+            let key = self.keys.get(name)?;
+            record.encryption_key = name.to_string();
+            record.encryption_key_id = key.id().to_string();
+        }
+        Ok(())
     }
 
     /// Serves the embedded store's records in-process from now on.
@@ -163,7 +213,8 @@ impl Registry {
                 && existing.port == req.port
                 && existing.url == url
                 && existing.attached_zone_uuids == req.zones
-                && existing.max_backups == req.max_backups;
+                && existing.max_backups == req.max_backups
+                && existing.encryption_key == req.encryption_key.clone().unwrap_or_default();
             if same {
                 return Ok(existing);
             }
@@ -182,7 +233,7 @@ impl Registry {
     /// Records a store that answered with `status` as a new backup storage.
     async fn record_new(&self, req: NewImageStore, url: String, status: StoreStatus) -> Result<BackupStorageRecord> {
         let now = now_millis();
-        let record = BackupStorageRecord {
+        let mut record = BackupStorageRecord {
             uuid: req.uuid.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
             name: req.name,
             description: req.description,
@@ -201,6 +252,7 @@ impl Registry {
             max_backups: req.max_backups,
             ..Default::default()
         };
+        self.bind_key(&mut record, req.encryption_key.as_deref())?;
         self.insert_new(record, req.token.as_ref()).await
     }
 
@@ -356,6 +408,7 @@ impl Registry {
                     zones: Vec::new(),
                     max_backups: None,
                     token: None,
+                    encryption_key: None,
                 };
                 self.record_new(req, url, status).await
             }
