@@ -41,15 +41,13 @@ async fn round(dir: &Path, img: &Path, mib: u64, key: Option<&Path>) -> Row {
     std::fs::write(&config, "accept_sealed_chunks = true\n").expect("store config");
     let store = common::start_store_with(dir, "store", Some(&config), 4 << 20);
     let agent_config = dir.join("agent.toml");
-    let keys = match key {
-        Some(k) => format!(
-            "[keys.bench]\nfile = \"{}\"\npassphrase_file = \"{}\"\n",
-            k.display(),
-            k.with_extension("pass").display()
-        ),
-        None => String::new(),
-    };
-    std::fs::write(&agent_config, keys).expect("agent config");
+    // The corpus folder is a volume root; the key when encrypted.
+    let mut text = format!("[volumes]\nroots = [\"{}\"]\n", img.parent().expect("corpus dir").display());
+    if let Some(k) = key {
+        let pass = k.with_extension("pass");
+        text += &format!("[keys.bench]\nfile = \"{}\"\npassphrase_file = \"{}\"\n", k.display(), pass.display());
+    }
+    std::fs::write(&agent_config, text).expect("agent config");
     let agent = common::start_agent(dir, common::AgentOptions { config: Some(agent_config), ..Default::default() });
     let bs = common::storage_client(&agent, Some(common::session(&agent)))
         .await
@@ -112,6 +110,7 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 async fn main() {
     let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
     let rounds: usize = std::env::var("VMBACKUP_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    corpus::prefault_free_memory();
     let corpus_dir = tempfile::tempdir().expect("tempdir");
     let img = corpus_dir.path().join("v1.raw");
     corpus::make_volume(&img, mib, 1);

@@ -1,11 +1,13 @@
-//! Micro-benchmarks of the chunk formats: BLAKE3 of a 4 MiB chunk, zero detection, and blob
-//! encode/decode at a few zstd levels on text-like data.
+//! Micro-benchmarks of the chunk formats: BLAKE3 of a 4 MiB chunk, zero detection, blob
+//! encode/decode at a few zstd levels on text-like data, and what sealing adds (keyed
+//! BLAKE3, AES-256-GCM) on text-like and on incompressible data.
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vmbackup_proto::blob;
 use vmbackup_proto::digest::{Digest, is_all_zero};
+use vmbackup_proto::seal::ChunkKey;
 
 const CHUNK: usize = 4 << 20;
 
@@ -42,6 +44,26 @@ fn formats(c: &mut Criterion) {
     let mut dec = blob::Decoder::new().expect("decoder");
     g.bench_function("verify-zstd-1-reused", |b| b.iter(|| dec.verify(&encoded, &digest, CHUNK)));
     g.bench_function("decode_and_verify-zstd-1", |b| b.iter(|| blob::decode_and_verify(&encoded, &digest, CHUNK)));
+    // Sealed, side by side with plain: text-like data, and incompressible data (stored as
+    // is, so AES-GCM is the whole difference).
+    let key = std::sync::Arc::new(ChunkKey::new(&[7u8; 32]));
+    g.bench_function("blake3-keyed", |b| b.iter(|| key.digest(&data)));
+    let random: Vec<u8> = (0..CHUNK as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()[7]).collect();
+    let mut out = vec![0u8; CHUNK];
+    for (name, input) in [("text", &data), ("random", &random)] {
+        for sealed in [false, true] {
+            let k = sealed.then(|| key.clone());
+            let mut enc = blob::Encoder::with_key(1, k.clone()).expect("encoder");
+            let d = enc.digest(input);
+            let mode = if sealed { "sealed" } else { "plain" };
+            g.bench_function(format!("encode-{name}-{mode}"), |b| b.iter(|| enc.encode_named(input, &d)));
+            let encoded = enc.encode_named(input, &d).expect("encode");
+            let mut dec = blob::Decoder::with_key(k).expect("decoder");
+            g.bench_function(format!("decode_and_verify-{name}-{mode}"), |b| {
+                b.iter(|| dec.decode_and_verify_into(&encoded, &d, &mut out))
+            });
+        }
+    }
     g.finish();
 }
 
