@@ -76,9 +76,11 @@ impl Keys {
         Keys { configured: Arc::new(Mutex::new(configured)), unlocked: Arc::default() }
     }
 
-    /// Takes a reloaded configuration; a key whose files changed is unlocked again.
+    /// Takes a reloaded configuration. Every key is unlocked again on its next use, so a
+    /// key or passphrase file replaced in place takes effect too.
     pub fn reload(&self, configured: BTreeMap<String, KeyConfig>) {
         *self.configured.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = configured;
+        self.unlocked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     /// Key `name`, unlocked.
@@ -156,6 +158,15 @@ mod tests {
         assert_eq!(keys.get("k").expect("unlocks").id(), ChunkKey::new(&master).id());
         let e = keys.get("other").expect_err("unknown");
         assert!(e.to_string().contains("[keys.other]"), "{e}");
+        // A key file replaced in place is read again after a reload, not served from memory.
+        let other = KeyFile::new(&[6u8; 32], 1, b"pw", cost).expect("key file");
+        std::fs::write(&file, other.encode().expect("encode")).expect("write");
+        assert_eq!(keys.get("k").expect("cached").id(), ChunkKey::new(&master).id());
+        keys.reload(BTreeMap::from([(
+            "k".to_string(),
+            KeyConfig { file: file.clone(), passphrase_file: pass.clone() },
+        )]));
+        assert_eq!(keys.get("k").expect("reloaded").id(), ChunkKey::new(&[6u8; 32]).id());
         std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let fresh = Keys::new(BTreeMap::from([("k".to_string(), KeyConfig { file, passphrase_file: pass })]));
         let e = fresh.get("k").expect_err("readable passphrase");
