@@ -50,10 +50,7 @@ pub struct KeyId(pub [u8; KEY_ID_LEN]);
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex_encode(&self.0))
     }
 }
 

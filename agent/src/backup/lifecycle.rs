@@ -50,7 +50,7 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
 /// Returns (added, removed).
 pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(usize, usize)> {
     let storage = registry.require(storage_uuid).await?;
-    let key = registry.chunk_key(&storage)?;
+    let key = registry.chunk_key(&storage).await?;
     let (store, _) = registry.open_store(&storage, None).await?;
     let groups = store.list_groups().await?;
     let catalog = registry.catalog().clone();

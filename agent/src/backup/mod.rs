@@ -170,7 +170,7 @@ async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> R
         tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");
         job.set_message(format!("backup network: {src}"));
     }
-    let key = registry.chunk_key(&req.storage)?;
+    let key = registry.chunk_key(&req.storage).await?;
     let (store, status) = registry.open_store(&req.storage, req.source.as_ref()).await?;
     let chunk_size = status.chunk_size;
     let previous = incremental::previous_indexes(registry.catalog(), &*store, &req).await;

@@ -36,7 +36,7 @@ pub async fn run(
     network: Throttle,
 ) -> Result<()> {
     let (src_rec, dst_rec) = (registry.require(src).await?, registry.require(dst).await?);
-    let (src_key, dst_key) = (registry.chunk_key(&src_rec)?, registry.chunk_key(&dst_rec)?);
+    let (src_key, dst_key) = (registry.chunk_key(&src_rec).await?, registry.chunk_key(&dst_rec).await?);
     if src_key.as_ref().map(|k| k.id()) != dst_key.as_ref().map(|k| k.id()) {
         let name = |k: &Option<Arc<vmbackup_proto::seal::ChunkKey>>| match k {
             Some(k) => format!("sealed with key {}", k.id()),

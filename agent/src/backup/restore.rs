@@ -104,7 +104,7 @@ pub async fn run(
     opts: RestoreOptions,
 ) -> Result<()> {
     let storage = registry.require(storage_uuid).await?;
-    let key = registry.chunk_key(&storage)?;
+    let key = registry.chunk_key(&storage).await?;
     let (store, status) = registry.open_store(&storage, opts.source.as_ref()).await?;
     let received = job.counters.count_into(|c| &c.received);
     let reader: Arc<dyn ChunkReader> =

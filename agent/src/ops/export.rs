@@ -55,7 +55,7 @@ impl Ops {
             )
         })?;
         let storage = self.registry.require(&spec.storage).await.map_err(|e| e.with_field("backupStorageUuid"))?;
-        let key = self.registry.chunk_key(&storage)?;
+        let key = self.registry.chunk_key(&storage).await?;
         let (store, _) = self.registry.open_store(&storage, None).await?;
         let reader: Arc<dyn ChunkReader> = store;
         let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)

@@ -242,7 +242,7 @@ impl Registry {
             mons,
             ..Default::default()
         };
-        self.bind_key(&mut record, req.encryption_key.as_deref())?;
+        self.bind_key(&mut record, req.encryption_key.as_deref()).await?;
         let record = self.insert_new(record, None).await?;
         self.remember_ceph(&record, open)?;
         Ok(record)
