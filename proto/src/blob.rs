@@ -259,7 +259,9 @@ impl Encoder {
     }
 }
 
-fn name_of(key: Option<&ChunkKey>, plain: &[u8]) -> Digest {
+/// The name of a chunk of plaintext `plain`: keyed BLAKE3 under `key` (an encrypted
+/// storage's), BLAKE3 without.
+pub fn name_of(key: Option<&ChunkKey>, plain: &[u8]) -> Digest {
     match key {
         Some(k) => k.digest(plain),
         None => Digest::of(plain),

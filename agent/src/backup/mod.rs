@@ -2,8 +2,9 @@
 //!
 //! Per volume an allocation map says which fixed-size chunks hold data; only those are
 //! read. `parallelism` workers take chunks in turn: read (volume-read limit) -> all zero?
-//! -> BLAKE3 -> known from the previous backup of the volume or this job, or asked with
-//! MissingChunks -> zstd -> upload (network-write limit). Hashing and compression run on
+//! -> BLAKE3 (keyed on an encrypted storage) -> known from the previous backup of the
+//! volume or this job, or asked with MissingChunks -> zstd (-> AES-256-GCM on an encrypted
+//! storage) -> upload (network-write limit). Hashing and compression run on
 //! blocking threads; memory is bounded by the workers plus an upload queue of the same
 //! depth, whatever the volume size. Indexes go up once every chunk has; the group becomes
 //! visible with one atomic commit, so a failed or cancelled backup leaves none.

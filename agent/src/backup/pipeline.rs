@@ -237,10 +237,7 @@ impl Worker {
                 // read_at fills the whole buffer, so a reused one needs no zeroing.
                 buf.resize(len, 0);
                 source.read_at(t.offset, &mut buf)?;
-                let digest = (!is_all_zero(&buf)).then(|| match &key {
-                    Some(k) => k.digest(&buf),
-                    None => Digest::of(&buf),
-                });
+                let digest = (!is_all_zero(&buf)).then(|| vmbackup_proto::blob::name_of(key.as_deref(), &buf));
                 Ok((digest, buf))
             })
             .await??;
