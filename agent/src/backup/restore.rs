@@ -122,14 +122,14 @@ pub async fn run(
             .map_err(|e| {
                 AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
             })?;
-        probe(&*reader, &r.install_path, &ix, &buffers, &t.backup.volume_uuid).await?;
+        let first = probe(&*reader, &r.install_path, &ix, &buffers, &t.backup.volume_uuid).await?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
         let writer: Arc<Box<dyn VolumeWriter>> =
             Arc::new(tokio::task::spawn_blocking(move || writer::create(&path, format, size, mode)).await??);
         let ix = Arc::new(ix);
         let (w, plan_ix, counters) = (writer.clone(), ix.clone(), job.counters.clone());
-        let wanted = tokio::task::spawn_blocking(move || plan(&plan_ix, &**w, &counters)).await??;
+        let mut wanted = tokio::task::spawn_blocking(move || plan(&plan_ix, &**w, &counters)).await??;
         let volume = Arc::new(VolumeRestore {
             reader: reader.clone(),
             job: job.clone(),
@@ -140,6 +140,13 @@ pub async fn run(
             write_limit: opts.write_limit.clone(),
             buffers: buffers.clone(),
         });
+        // The probed chunk is written from what the probe fetched.
+        if let Some((d, blob)) = first
+            && let Some(at) = wanted.iter().position(|(w, _)| *w == d)
+        {
+            let (_, indexes) = wanted.remove(at);
+            write_chunk(&volume, d, blob, indexes).await?;
+        }
         futures::stream::iter(wanted.chunks(DOWNLOAD_BATCH).map(<[_]>::to_vec))
             .map(|batch| restore_batch(volume.clone(), batch))
             .buffer_unordered(opts.parallelism.max(1))
@@ -156,15 +163,16 @@ pub async fn run(
 
 /// Downloads and checks the volume's first stored chunk before anything is written: a key
 /// that is not the one the backup was sealed with (or a plain backup where a key is
-/// expected) then fails the restore with nothing created or overwritten.
+/// expected) then fails the restore with nothing created or overwritten. Returns the
+/// chunk, which the restore then writes without downloading it again.
 async fn probe(
     reader: &dyn ChunkReader,
     index_name: &str,
     ix: &VolumeIndex,
     buffers: &Arc<Buffers>,
     volume: &str,
-) -> Result<()> {
-    let Some(d) = ix.digests.iter().copied().find(|d| !d.is_zero_chunk()) else { return Ok(()) };
+) -> Result<Option<(Digest, bytes::Bytes)>> {
+    let Some(d) = ix.digests.iter().copied().find(|d| !d.is_zero_chunk()) else { return Ok(None) };
     let mut stream = reader.download(index_name, &[d]).await?;
     let (got, blob) = stream.next().await.ok_or_else(|| {
         AgentError::new(ErrorKind::Unavailable, format!("the store ended the download before chunk {d}"))
@@ -176,16 +184,17 @@ async fn probe(
             format!("the store sent chunk {got} where {d} was asked for"),
         ));
     }
-    let (b, volume) = (buffers.clone(), volume.to_string());
+    let (b, volume, checked_blob) = (buffers.clone(), volume.to_string(), blob.clone());
     tokio::task::spawn_blocking(move || -> Result<()> {
         let (mut buf, mut decoder) = b.take()?;
-        let checked = decoder.decode_and_verify_into(&blob, &d, &mut buf).map(|_| ());
+        let checked = decoder.decode_and_verify_into(&checked_blob, &d, &mut buf).map(|_| ());
         b.give((buf, decoder));
         checked.map_err(|e| {
             AgentError::new(ErrorKind::FailedPrecondition, format!("chunk {d} of volume {volume} cannot be read: {e}"))
         })
     })
-    .await?
+    .await??;
+    Ok(Some((d, blob)))
 }
 
 /// What the download streams of one volume share.
@@ -240,18 +249,24 @@ async fn restore_batch(v: Arc<VolumeRestore>, batch: Vec<Wanted>) -> Result<()> 
                 format!("the store sent chunk {got} where chunk {d} of volume {} was asked for", v.volume),
             ));
         }
-        let bytes: u64 = at.iter().map(|&i| v.ix.chunk_range(i).1).sum();
-        v.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
-        let v2 = v.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let (mut buf, mut decoder) = v2.buffers.take()?;
-            let written = decode_and_write(&v2, &mut decoder, &blob, &d, &mut buf, &at);
-            v2.buffers.give((buf, decoder));
-            written
-        })
-        .await??;
-        Counters::add(&v.job.counters.written, bytes);
+        write_chunk(&v, d, blob, at).await?;
     }
+    Ok(())
+}
+
+/// Writes downloaded chunk `d` at every chunk index in `at` (volume-write limit).
+async fn write_chunk(v: &Arc<VolumeRestore>, d: Digest, blob: bytes::Bytes, at: Vec<usize>) -> Result<()> {
+    let bytes: u64 = at.iter().map(|&i| v.ix.chunk_range(i).1).sum();
+    v.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
+    let v2 = v.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let (mut buf, mut decoder) = v2.buffers.take()?;
+        let written = decode_and_write(&v2, &mut decoder, &blob, &d, &mut buf, &at);
+        v2.buffers.give((buf, decoder));
+        written
+    })
+    .await??;
+    Counters::add(&v.job.counters.written, bytes);
     Ok(())
 }
 
