@@ -37,9 +37,7 @@ type Row = (f64, f64, f64, f64);
 
 /// One round in one mode.
 async fn round(dir: &Path, img: &Path, mib: u64, key: Option<&Path>) -> Row {
-    let config = dir.join("store.toml");
-    std::fs::write(&config, "accept_sealed_chunks = true\n").expect("store config");
-    let store = common::start_store_with(dir, "store", Some(&config), 4 << 20);
+    let store = common::start_store_with(dir, "store", None, 4 << 20);
     let agent_config = dir.join("agent.toml");
     // The corpus folder is a volume root; the key when encrypted.
     let mut text = format!("[volumes]\nroots = [\"{}\"]\n", img.parent().expect("corpus dir").display());

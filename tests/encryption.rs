@@ -1,16 +1,18 @@
 //! Client-side encryption end to end: key files made by `vmbackupctl key`, a storage added
 //! with `backup::encryption::key::<name>`, real agents and stores. What leaves the host is
 //! sealed (no plaintext of a known pattern anywhere in the store's files, while a plain
-//! storage shows it), restores are bit-identical, a flipped chunk is caught by the tag, a
-//! wrong key fails before anything is written, and a changed passphrase keeps every backup
-//! restorable.
+//! storage shows it), restores are bit-identical, a sealed chunk cannot be planted under a
+//! plain chunk's name, a flipped chunk is caught by the tag, a wrong key fails before
+//! anything is written, and a changed passphrase keeps every backup restorable.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::{AgentOptions, Daemon, bin, start_agent, start_store_with_config};
+use vmbackup_proto::Digest;
 use vmbackup_proto::agent::v1 as pb;
+use vmbackup_proto::store::v1 as store_pb;
 
 const VM: &str = "7a1f0e8a7b2d4e6f8a9b0c1d2e3f4a5b";
 const ROOT: &str = "8b2a1f9b8c3e4d7a9b0c1e2f3a4b5c6d";
@@ -77,7 +79,7 @@ struct Site {
     volume: PathBuf,
     sealed_store: Daemon,
     plain_store: Daemon,
-    strict_store: Daemon,
+    spare_store: Daemon,
     agent: Daemon,
 }
 
@@ -136,11 +138,10 @@ async fn site() -> Site {
     data[5 * MIB..7 * MIB].copy_from_slice(&common::pseudo_random(7, 2 * MIB));
     std::fs::write(&volume, &data).expect("volume");
 
-    let sealed_config = dir.path().join("sealed-store.toml");
-    std::fs::write(&sealed_config, "accept_sealed_chunks = true\n").expect("store config");
-    let sealed_store = start_store_with_config(dir.path(), "sealed", Some(&sealed_config));
+    // Stores as shipped: sealed chunks need no setting.
+    let sealed_store = start_store_with_config(dir.path(), "sealed", None);
     let plain_store = start_store_with_config(dir.path(), "plain", None);
-    let strict_store = start_store_with_config(dir.path(), "strict", None);
+    let spare_store = start_store_with_config(dir.path(), "strict", None);
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -152,7 +153,7 @@ async fn site() -> Site {
     )
     .expect("agent config");
     let agent = start_agent(dir.path(), AgentOptions { config: Some(config), ..Default::default() });
-    Site { dir, volume, sealed_store, plain_store, strict_store, agent }
+    Site { dir, volume, sealed_store, plain_store, spare_store, agent }
 }
 
 async fn add(
@@ -214,7 +215,7 @@ async fn encrypted_backups_seal_what_leaves_the_host_and_restore_only_with_their
     let plain = add(&s.agent, &s.plain_store, "plain", None).await.expect("add plain storage");
     assert_eq!(plain.encryption_key_id, "");
     // A key the agent does not have is refused when the storage is added.
-    let e = add(&s.agent, &s.strict_store, "nokey", Some("absent")).await.expect_err("unknown key");
+    let e = add(&s.agent, &s.spare_store, "nokey", Some("absent")).await.expect_err("unknown key");
     assert!(e.message().contains("[keys.absent]"), "{e:?}");
 
     let g_sealed = backup(&s.agent, &s.volume, &sealed.uuid).await.expect("encrypted backup");
@@ -249,11 +250,24 @@ async fn encrypted_backups_seal_what_leaves_the_host_and_restore_only_with_their
     restore(&s.agent, &g_plain, &plain.uuid, &out.join("b.raw")).await.expect("restore plain");
     assert!(std::fs::read(out.join("b.raw")).expect("restored") == original, "plain restore differs");
 
-    // A store that does not accept sealed chunks says so, and keeps no group.
-    let strict = add(&s.agent, &s.strict_store, "strict", Some("site")).await.expect("add");
-    let e = backup(&s.agent, &s.volume, &strict.uuid).await.expect_err("strict store");
-    assert!(e.message().contains("accept_sealed_chunks"), "{e:?}");
-    assert!(files(&s.strict_store.data_dir.join("groups")).is_empty(), "no group on the strict store");
+    // A writer cannot plant a sealed chunk (which no store can open) under the plain name of
+    // content another writer will back up: the store sees the name is not the one the sealed
+    // header derives, refuses it, and the plain name stays missing.
+    let sealed_blob = std::fs::read(&files(&sealed_dir.join("chunks"))[0]).expect("a sealed chunk");
+    let victim = Digest::of(&common::pseudo_random(99, 64 << 10));
+    let mut c = common::store_client(&s.spare_store).await;
+    let session = common::store_calls::session(&mut c).await;
+    let upload =
+        store_pb::UploadChunk { session_id: session.clone(), digest: victim.0.to_vec(), blob: sealed_blob.into() };
+    let e = c.upload_chunks(tokio_stream::iter([upload])).await.expect_err("planting refused");
+    assert!(e.message().contains("not stored under its name") && e.message().contains(&victim.to_hex()), "{e:?}");
+    let missing = c
+        .missing_chunks(store_pb::MissingChunksRequest { session_id: session, digests: vec![victim.0.to_vec()] })
+        .await
+        .expect("missing")
+        .into_inner()
+        .missing;
+    assert_eq!(missing, vec![victim.0.to_vec()], "nothing was stored under the plain name");
 
     // Another host with the key (and only the key) syncs the sealed manifests into its
     // catalog, names included, and restores the backup.
@@ -338,10 +352,10 @@ async fn encrypted_backups_seal_what_leaves_the_host_and_restore_only_with_their
     let chunk = files(&sealed_dir.join("chunks")).into_iter().next().expect("a chunk");
     let mut blob = std::fs::read(&chunk).expect("chunk");
     assert_eq!(&blob[..8], b"VMBKCHNK");
-    assert_eq!(blob[8], 2, "sealed blobs are version 2");
+    assert_eq!(blob[8], 3, "sealed blobs are version 3");
     let last = blob.len() - 20;
     blob[last] ^= 0x01;
-    let crc = crc32c(&blob[52..]);
+    let crc = crc32c(&blob[84..]);
     blob[20..24].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&chunk, &blob).expect("tamper");
     let e = restore(&s.agent, &g_sealed, &sealed.uuid, &out.join("e.raw")).await.expect_err("tampered chunk");

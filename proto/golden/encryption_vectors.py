@@ -13,16 +13,27 @@ key_id = derive("vmbackup 2026-12-02 key id", master)[:16]
 name_key = derive("vmbackup 2026-12-02 chunk name key", master)
 seal_key = derive("vmbackup 2026-12-02 seal key", master)
 print("GOLDEN_ID", key_id.hex())
-print("GOLDEN_NAME", blake3(b"abc", key=name_key).hexdigest())
+keyed = blake3(b"abc", key=name_key).digest()
+print("GOLDEN_KEYED", keyed.hex())
+sealed_name = blake3(key_id + keyed, derive_key_context="vmbackup 2026-12-02 sealed chunk name").digest()
+print("GOLDEN_SEALED_NAME", sealed_name.hex())
 
-# Sealed blob of "abc", uncompressed, nonce 0..11, under master [7]*32.
+# Version-3 sealed blob of "abc", uncompressed, nonce 0..11, under master [7]*32: the keyed
+# hash is in the header and the associated data is the header without length and CRC.
 nonce = bytes(range(12))
-name = blake3(b"abc", key=name_key).digest()
+hdr = b"VMBKCHNK" + bytes([3, 0, 1, 0]) + struct.pack("<II", 3, 3 + 16)
+aad = hdr[:16] + key_id + nonce + keyed
+ct = AESGCM(seal_key).encrypt(nonce, b"abc", aad)
+blob = hdr + struct.pack("<I", crc32c.crc32c(ct)) + key_id + nonce + keyed + ct
+print("GOLDEN_BLOB", blob.hex())
+
+# Version-2 sealed blob (written by the first encrypting release, still read): the same,
+# named by the keyed hash itself, which the associated data binds.
 hdr = b"VMBKCHNK" + bytes([2, 0, 1, 0]) + struct.pack("<II", 3, 3 + 16)
-aad = hdr[:16] + key_id + nonce + name
+aad = hdr[:16] + key_id + nonce + keyed
 ct = AESGCM(seal_key).encrypt(nonce, b"abc", aad)
 blob = hdr + struct.pack("<I", crc32c.crc32c(ct)) + key_id + nonce + ct
-print("GOLDEN_BLOB", blob.hex())
+print("GOLDEN_BLOB_V2", blob.hex())
 
 # Key file: master [0x42]*32, passphrase "correct horse", salt 0x01*16, nonce 0x02*12.
 m2 = bytes([0x42])*32

@@ -14,12 +14,12 @@
 //!     24    …  payload         plaintext, or its zstd frame
 //! ```
 //!
-//! Version 2, a sealed chunk of an encrypted backup storage ([`crate::seal`]):
+//! Version 3, a sealed chunk of an encrypted backup storage ([`crate::seal`]):
 //!
 //! ```text
 //! offset size  field
 //!      0    8  magic           b"VMBKCHNK"
-//!      8    1  format version  2
+//!      8    1  format version  3
 //!      9    1  compression     0 = none, 1 = zstd (applied before sealing)
 //!     10    1  cipher          1 = AES-256-GCM
 //!     11    1  reserved        0
@@ -28,36 +28,50 @@
 //!     20    4  payload CRC     u32 LE: CRC-32C of the payload (ciphertext and tag)
 //!     24   16  key id          which master key sealed it
 //!     40   12  nonce           fresh random per blob
-//!     52    …  payload         AES-256-GCM(compressed or plain bytes) ‖ tag
+//!     52   32  keyed hash      BLAKE3-keyed(chunk name key, plaintext)
+//!     84    …  payload         AES-256-GCM(compressed or plain bytes) ‖ tag
 //! ```
 //!
-//! The AEAD's associated data is bytes 0..16 and 24..52 of the header followed by the
-//! chunk's 32-byte name, so a sealed blob opens only under the name it was written for, with
-//! its own header. Length and CRC are outside it: the store checks them without the key.
+//! A sealed chunk's name is [`sealed_name`]`(key id, keyed hash)`, so a store checks, without
+//! the key, that a sealed blob is stored under the name its header derives: sealed chunks
+//! have their own name space, apart from plain chunks' and from other keys'. The AEAD's
+//! associated data is bytes 0..16 and 24..84 of the header (everything but the payload
+//! length and CRC, which the store checks itself), so the tag binds the key id, nonce,
+//! lengths and keyed hash; the agent then checks the plaintext's keyed hash.
+//!
+//! Version 2 (the first sealed blobs, still read, no longer written) is version 3 without
+//! the keyed hash: a 52-byte header, the chunk named by the keyed hash itself, and associated
+//! data bytes 0..16 and 24..52 of the header followed by the name. A store cannot tell a
+//! version-2 name from a plain one, so it accepts version-2 uploads only when told to
+//! ([`Checked::SealedUnbound`]).
 //!
 //! The encoder keeps zstd only when it is strictly smaller than the plaintext. A plain
-//! chunk's name (its [`Digest`]) is BLAKE3 of the plaintext; a sealed chunk's is keyed
-//! BLAKE3 ([`ChunkKey::digest`]). A decoded blob is always checked against the name it is
-//! stored under ([`Decoder::decode_and_verify_into`]). A store holds no key: for a sealed
-//! blob it checks framing, lengths and CRC ([`Decoder::verify`] says which it could check),
-//! and the agent checks the tag and the keyed name.
+//! chunk's name (its [`Digest`]) is BLAKE3 of the plaintext. A decoded blob is always checked
+//! against the name it is stored under ([`Decoder::decode_and_verify_into`]). A store holds
+//! no key: for a sealed blob it checks framing, lengths, CRC and the name's derivation
+//! ([`Decoder::verify`] says which it could check), and the agent checks the tag and the
+//! keyed hash.
 
 use std::sync::Arc;
 
 use crate::digest::Digest;
 use crate::format_error::FormatError;
-use crate::seal::{ChunkKey, KEY_ID_LEN, KeyId, SEAL_NONCE_LEN, TAG_LEN};
+use crate::seal::{ChunkKey, KEY_ID_LEN, KeyId, SEAL_NONCE_LEN, TAG_LEN, sealed_name};
 
 /// Magic bytes at offset 0. Do not change: every stored chunk carries them.
 pub const MAGIC: [u8; 8] = *b"VMBKCHNK";
 /// Format version of a plain blob.
 pub const VERSION: u8 = 1;
 /// Format version of a sealed blob.
-pub const SEALED_VERSION: u8 = 2;
+pub const SEALED_VERSION: u8 = 3;
+/// Format version of the first sealed blobs (read, never written).
+pub const SEALED_V2: u8 = 2;
 /// Header length of a plain blob.
 pub const HEADER_LEN: usize = 24;
+/// Header length of a version-2 sealed blob.
+pub const SEALED_V2_HEADER_LEN: usize = HEADER_LEN + KEY_ID_LEN + SEAL_NONCE_LEN;
 /// Header length of a sealed blob.
-pub const SEALED_HEADER_LEN: usize = HEADER_LEN + KEY_ID_LEN + SEAL_NONCE_LEN;
+pub const SEALED_HEADER_LEN: usize = SEALED_V2_HEADER_LEN + 32;
 /// The tag's length as a header field's type.
 const TAG_LEN_U32: u32 = 16;
 const _: () = assert!(TAG_LEN_U32 as usize == TAG_LEN);
@@ -65,7 +79,7 @@ const _: () = assert!(TAG_LEN_U32 as usize == TAG_LEN);
 pub const CIPHER_AES_256_GCM: u8 = 1;
 
 const _: () = assert!(HEADER_LEN == 8 + 1 + 1 + 2 + 4 + 4 + 4);
-const _: () = assert!(SEALED_HEADER_LEN == 52);
+const _: () = assert!(SEALED_V2_HEADER_LEN == 52 && SEALED_HEADER_LEN == 84);
 
 /// Payload compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,14 +101,36 @@ pub struct Header {
     pub payload_len: u32,
     /// CRC-32C of the payload.
     pub crc: u32,
-    /// Key id and nonce of a sealed blob.
-    pub sealed: Option<(KeyId, [u8; SEAL_NONCE_LEN])>,
+    /// What a sealed blob's header adds.
+    pub sealed: Option<Sealing>,
+}
+
+/// The sealing fields of a sealed blob's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealing {
+    /// The master key's id.
+    pub key: KeyId,
+    /// The AES-GCM nonce.
+    pub nonce: [u8; SEAL_NONCE_LEN],
+    /// The plaintext's keyed hash (version 3); None in version 2, named by it instead.
+    pub keyed: Option<Digest>,
+}
+
+impl Sealing {
+    /// The name this header derives (version 3), or None (version 2, unbound).
+    pub fn name(&self) -> Option<Digest> {
+        self.keyed.map(|k| sealed_name(self.key, &k))
+    }
 }
 
 impl Header {
     /// Bytes before the payload.
     pub fn len(&self) -> usize {
-        if self.sealed.is_some() { SEALED_HEADER_LEN } else { HEADER_LEN }
+        match self.sealed {
+            None => HEADER_LEN,
+            Some(Sealing { keyed: None, .. }) => SEALED_V2_HEADER_LEN,
+            Some(Sealing { keyed: Some(_), .. }) => SEALED_HEADER_LEN,
+        }
     }
 
     /// Never: a header has a fixed, non-zero length.
@@ -108,8 +144,22 @@ impl Header {
 pub enum Checked {
     /// A plain blob: framing, CRC, and that the plaintext hashes to its name.
     Plain,
-    /// A sealed blob: framing, lengths and CRC; content and name need the key.
+    /// A sealed blob: framing, lengths, CRC, and that its name is derived from its key id
+    /// and keyed hash; content needs the key.
     Sealed(KeyId),
+    /// A version-2 sealed blob: framing, lengths and CRC; its name is not derived from its
+    /// header, so a store cannot tell it from a plain chunk's.
+    SealedUnbound(KeyId),
+}
+
+/// A chunk's name, and for a sealed chunk the keyed hash it is derived from (the encoder
+/// writes it into the blob; computing it once saves hashing the chunk again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkName {
+    /// The name: in indexes, on the wire and on the store.
+    pub digest: Digest,
+    /// The keyed hash of a sealed chunk's plaintext.
+    pub keyed: Option<Digest>,
 }
 
 fn err(field: &'static str, offset: usize, message: impl Into<String>) -> FormatError {
@@ -144,20 +194,30 @@ fn frame(plain_len: u32, compression: Compression, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The associated data of a sealed blob: header bytes 0..16 and 24..52, then the name.
-fn sealed_aad(header: &[u8], name: &Digest) -> [u8; 16 + KEY_ID_LEN + SEAL_NONCE_LEN + 32] {
+/// The associated data of a version-3 sealed blob: header bytes 0..16 and 24..84.
+fn sealed_aad(header: &[u8]) -> [u8; 16 + SEALED_HEADER_LEN - HEADER_LEN] {
+    let mut aad = [0u8; 16 + SEALED_HEADER_LEN - HEADER_LEN];
+    aad[..16].copy_from_slice(&header[..16]);
+    aad[16..].copy_from_slice(&header[HEADER_LEN..SEALED_HEADER_LEN]);
+    aad
+}
+
+/// The associated data of a version-2 sealed blob: header bytes 0..16 and 24..52, then the
+/// name.
+fn sealed_v2_aad(header: &[u8], name: &Digest) -> [u8; 16 + KEY_ID_LEN + SEAL_NONCE_LEN + 32] {
     let mut aad = [0u8; 16 + KEY_ID_LEN + SEAL_NONCE_LEN + 32];
     aad[..16].copy_from_slice(&header[..16]);
-    aad[16..44].copy_from_slice(&header[24..SEALED_HEADER_LEN]);
+    aad[16..44].copy_from_slice(&header[HEADER_LEN..SEALED_V2_HEADER_LEN]);
     aad[44..].copy_from_slice(&name.0);
     aad
 }
 
-/// The sealed blob of a payload, under `nonce`.
+/// The version-3 sealed blob of a payload whose plaintext has keyed hash `keyed`, under
+/// `nonce`.
 fn seal_frame(
     key: &ChunkKey,
     nonce: [u8; SEAL_NONCE_LEN],
-    name: &Digest,
+    keyed: &Digest,
     plain_len: u32,
     compression: Compression,
     payload: &[u8],
@@ -178,7 +238,8 @@ fn seal_frame(
     out.extend_from_slice(&[0; 4]); // CRC, once the payload is sealed
     out.extend_from_slice(&key.id().0);
     out.extend_from_slice(&nonce);
-    let aad = sealed_aad(&out, name);
+    out.extend_from_slice(&keyed.0);
+    let aad = sealed_aad(&out);
     let mut body = payload.to_vec();
     key.seal_in_place(nonce, &aad, &mut body);
     out[20..24].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -188,7 +249,7 @@ fn seal_frame(
 
 /// Encodes chunk after chunk with one zstd context and one scratch buffer: a context per
 /// chunk would allocate and set up its tables every time. Plain encoders give the bytes of
-/// [`encode`]; sealing encoders (an encrypted storage's) give version-2 blobs.
+/// [`encode`]; sealing encoders (an encrypted storage's) give version-3 blobs.
 pub struct Encoder {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
@@ -223,23 +284,24 @@ impl Encoder {
         Ok(Self { zstd, scratch: Vec::new(), key })
     }
 
-    /// The name of `plain` for this encoder: keyed BLAKE3 when it seals, BLAKE3 otherwise.
-    pub fn digest(&self, plain: &[u8]) -> Digest {
+    /// The name of `plain` for this encoder: a sealed name when it seals, BLAKE3 otherwise.
+    pub fn name(&self, plain: &[u8]) -> ChunkName {
         name_of(self.key.as_deref(), plain)
     }
 
     /// Encodes one plain chunk: compressed when that makes it smaller, stored as is
-    /// otherwise. A sealing encoder refuses: its blobs need their name ([`Self::encode_named`]).
+    /// otherwise. A sealing encoder refuses: its blobs need their keyed hash
+    /// ([`Self::encode_named`]).
     pub fn encode(&mut self, plain: &[u8]) -> Result<Vec<u8>, FormatError> {
         if self.key.is_some() {
             return Err(err("version", 8, "a sealing encoder needs the chunk's name"));
         }
-        self.encode_named(plain, &Digest::ZERO_CHUNK)
+        self.encode_named(plain, &ChunkName { digest: Digest::ZERO_CHUNK, keyed: None })
     }
 
-    /// Encodes one chunk whose name is `name` (from [`Self::digest`]); the name is bound
-    /// into a sealed blob and unused by a plain one.
-    pub fn encode_named(&mut self, plain: &[u8], name: &Digest) -> Result<Vec<u8>, FormatError> {
+    /// Encodes one chunk named `name` (from [`Self::name`]); a sealed blob carries its keyed
+    /// hash, a plain one nothing of the name.
+    pub fn encode_named(&mut self, plain: &[u8], name: &ChunkName) -> Result<Vec<u8>, FormatError> {
         let plain_len = u32::try_from(plain.len())
             .map_err(|_| err("plain length", 12, format!("{} bytes does not fit a chunk", plain.len())))?;
         let mut compressed = None;
@@ -254,17 +316,23 @@ impl Encoder {
         };
         match &self.key {
             None => Ok(frame(plain_len, compression, payload)),
-            Some(key) => seal_frame(key, ChunkKey::nonce()?, name, plain_len, compression, payload),
+            Some(key) => {
+                let keyed = name.keyed.ok_or_else(|| err("keyed hash", 52, "a sealed chunk needs its keyed hash"))?;
+                seal_frame(key, ChunkKey::nonce()?, &keyed, plain_len, compression, payload)
+            }
         }
     }
 }
 
-/// The name of a chunk of plaintext `plain`: keyed BLAKE3 under `key` (an encrypted
-/// storage's), BLAKE3 without.
-pub fn name_of(key: Option<&ChunkKey>, plain: &[u8]) -> Digest {
+/// The name of a chunk of plaintext `plain`: a sealed name (with its keyed hash) under `key`
+/// (an encrypted storage's), BLAKE3 without.
+pub fn name_of(key: Option<&ChunkKey>, plain: &[u8]) -> ChunkName {
     match key {
-        Some(k) => k.digest(plain),
-        None => Digest::of(plain),
+        Some(k) => {
+            let keyed = k.keyed_hash(plain);
+            ChunkName { digest: sealed_name(k.id(), &keyed), keyed: Some(keyed) }
+        }
+        None => ChunkName { digest: Digest::of(plain), keyed: None },
     }
 }
 
@@ -276,14 +344,15 @@ pub fn peek_header(blob: &[u8]) -> Result<Header, FormatError> {
     if blob[..8] != MAGIC {
         return Err(err("magic", 0, format!("{:02x?} is not a vmbackup chunk blob", &blob[..8])));
     }
-    let sealed = match blob[8] {
-        VERSION => false,
-        SEALED_VERSION => true,
+    let (sealed, header_len) = match blob[8] {
+        VERSION => (false, HEADER_LEN),
+        SEALED_V2 => (true, SEALED_V2_HEADER_LEN),
+        SEALED_VERSION => (true, SEALED_HEADER_LEN),
         v => {
             return Err(err(
                 "version",
                 8,
-                format!("version {v} is not supported (this build reads {VERSION} and {SEALED_VERSION})"),
+                format!("version {v} is not supported (this build reads {VERSION}, {SEALED_V2} and {SEALED_VERSION})"),
             ));
         }
     };
@@ -293,11 +362,11 @@ pub fn peek_header(blob: &[u8]) -> Result<Header, FormatError> {
         c => return Err(err("compression", 9, format!("unknown compression {c}"))),
     };
     let sealing = if sealed {
-        if blob.len() < SEALED_HEADER_LEN {
+        if blob.len() < header_len {
             return Err(err(
                 "header",
                 0,
-                format!("{} bytes, shorter than the {SEALED_HEADER_LEN}-byte sealed header", blob.len()),
+                format!("{} bytes, shorter than the {header_len}-byte sealed header", blob.len()),
             ));
         }
         if blob[10] != CIPHER_AES_256_GCM {
@@ -309,8 +378,12 @@ pub fn peek_header(blob: &[u8]) -> Result<Header, FormatError> {
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&blob[24..24 + KEY_ID_LEN]);
         let mut nonce = [0u8; SEAL_NONCE_LEN];
-        nonce.copy_from_slice(&blob[24 + KEY_ID_LEN..SEALED_HEADER_LEN]);
-        Some((KeyId(id), nonce))
+        nonce.copy_from_slice(&blob[24 + KEY_ID_LEN..SEALED_V2_HEADER_LEN]);
+        let keyed = (header_len == SEALED_HEADER_LEN)
+            .then(|| Digest::from_slice(&blob[SEALED_V2_HEADER_LEN..SEALED_HEADER_LEN]))
+            .transpose()
+            .map_err(|e| err("keyed hash", SEALED_V2_HEADER_LEN, e.to_string()))?;
+        Some(Sealing { key: KeyId(id), nonce, keyed })
     } else {
         if blob[10..12] != [0, 0] {
             return Err(err("reserved", 10, "reserved bytes are not zero"));
@@ -365,26 +438,87 @@ fn check_decoded_len(got: usize, plain_len: usize) -> Result<(), FormatError> {
     Ok(())
 }
 
-fn check_digest(key: Option<&ChunkKey>, plain: &[u8], expected: &Digest) -> Result<(), FormatError> {
-    let actual = name_of(key, plain);
+fn check_digest(plain: &[u8], expected: &Digest) -> Result<(), FormatError> {
+    let actual = Digest::of(plain);
     if actual != *expected {
-        let how = if key.is_some() { "keyed-hashes" } else { "hashes" };
         return Err(FormatError::new(
             "chunk blob",
             "digest",
             None,
-            format!("content {how} to {actual}, not {expected}"),
+            format!("content hashes to {actual}, not {expected}"),
         ));
     }
     Ok(())
+}
+
+fn check_keyed(key: &ChunkKey, plain: &[u8], expected: &Digest) -> Result<(), FormatError> {
+    let actual = key.keyed_hash(plain);
+    if actual != *expected {
+        return Err(FormatError::new(
+            "chunk blob",
+            "digest",
+            None,
+            format!("content keyed-hashes to {actual}, not {expected}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a version-3 header derives `expected`, the name the blob is stored under.
+fn check_sealed_name(sealing: &Sealing, expected: &Digest) -> Result<(), FormatError> {
+    match sealing.name() {
+        Some(derived) if derived != *expected => Err(err(
+            "keyed hash",
+            SEALED_V2_HEADER_LEN,
+            format!("the sealed header names chunk {derived}, not {expected}: the blob is not stored under its name"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a sealed blob's key and name and opens its payload into `scratch`; returns the opened length.
+fn open_sealed(
+    scratch: &mut Vec<u8>,
+    blob: &[u8],
+    sealing: &Sealing,
+    key: &ChunkKey,
+    expected: &Digest,
+    payload: &[u8],
+) -> Result<usize, FormatError> {
+    if sealing.key != key.id() {
+        return Err(err(
+            "key id",
+            HEADER_LEN,
+            format!("the chunk is sealed with key {}, not with this storage's key {}", sealing.key, key.id()),
+        ));
+    }
+    check_sealed_name(sealing, expected)?;
+    scratch.clear();
+    scratch.extend_from_slice(payload);
+    let opened = match sealing.keyed {
+        Some(_) => key.open_in_place(sealing.nonce, &sealed_aad(blob), scratch),
+        None => key.open_in_place(sealing.nonce, &sealed_v2_aad(blob, expected), scratch),
+    };
+    let n = opened.ok_or_else(|| {
+        err(
+            "payload",
+            SEALED_V2_HEADER_LEN,
+            format!("the authentication tag does not match: the chunk is not {expected} as sealed"),
+        )
+    })?;
+    Ok(n)
 }
 
 /// Decodes a plain blob into its plaintext, refusing a declared plaintext longer than
 /// `max_plain` before allocating anything. A sealed blob needs a [`Decoder`] with its key.
 pub fn decode(blob: &[u8], max_plain: usize) -> Result<Vec<u8>, FormatError> {
     let (h, plain_len, payload) = checked_payload(blob, max_plain)?;
-    if let Some((id, _)) = h.sealed {
-        return Err(err("key id", HEADER_LEN, format!("the chunk is sealed with key {id}; no key was given")));
+    if let Some(sealing) = h.sealed {
+        return Err(err(
+            "key id",
+            HEADER_LEN,
+            format!("the chunk is sealed with key {}; no key was given", sealing.key),
+        ));
     }
     let plain = match h.compression {
         Compression::None => payload.to_vec(),
@@ -399,7 +533,7 @@ pub fn decode(blob: &[u8], max_plain: usize) -> Result<Vec<u8>, FormatError> {
 /// stored or sent under).
 pub fn decode_and_verify(blob: &[u8], expected: &Digest, max_plain: usize) -> Result<Vec<u8>, FormatError> {
     let plain = decode(blob, max_plain)?;
-    check_digest(None, &plain, expected)?;
+    check_digest(&plain, expected)?;
     Ok(plain)
 }
 
@@ -443,30 +577,19 @@ impl Decoder {
         out: &mut [u8],
     ) -> Result<usize, FormatError> {
         let (h, plain_len, payload) = checked_payload(blob, out.len())?;
-        let payload = match (h.sealed, self.key.as_deref()) {
+        let key = self.key.clone();
+        let payload = match (h.sealed, key.as_deref()) {
             (None, None) => payload,
-            (Some((id, nonce)), Some(key)) => {
-                if id != key.id() {
-                    return Err(err(
-                        "key id",
-                        HEADER_LEN,
-                        format!("the chunk is sealed with key {id}, not with this storage's key {}", key.id()),
-                    ));
-                }
-                let aad = sealed_aad(blob, expected);
-                self.scratch.clear();
-                self.scratch.extend_from_slice(payload);
-                let n = key.open_in_place(nonce, &aad, &mut self.scratch).ok_or_else(|| {
-                    err(
-                        "payload",
-                        SEALED_HEADER_LEN,
-                        format!("the authentication tag does not match: the chunk is not {expected} as sealed"),
-                    )
-                })?;
+            (Some(sealing), Some(key)) => {
+                let n = open_sealed(&mut self.scratch, blob, &sealing, key, expected, payload)?;
                 &self.scratch[..n]
             }
-            (Some((id, _)), None) => {
-                return Err(err("key id", HEADER_LEN, format!("the chunk is sealed with key {id}; no key was given")));
+            (Some(sealing), None) => {
+                return Err(err(
+                    "key id",
+                    HEADER_LEN,
+                    format!("the chunk is sealed with key {}; no key was given", sealing.key),
+                ));
             }
             (None, Some(key)) => {
                 return Err(err(
@@ -486,7 +609,11 @@ impl Decoder {
             })?,
         };
         check_decoded_len(got, plain_len)?;
-        check_digest(self.key.as_deref(), &out[..plain_len], expected)?;
+        match (h.sealed, key.as_deref()) {
+            (Some(Sealing { keyed: Some(keyed), .. }), Some(key)) => check_keyed(key, &out[..plain_len], &keyed)?,
+            (_, Some(key)) => check_keyed(key, &out[..plain_len], expected)?,
+            (_, None) => check_digest(&out[..plain_len], expected)?,
+        }
         Ok(plain_len)
     }
 
@@ -509,15 +636,21 @@ impl Decoder {
 
     /// How a store checks what it is sent or holds, keeping nothing: a plain blob must
     /// decode to at most `max_plain` bytes that hash to `expected`; a sealed one must be
-    /// well framed with a matching CRC and a plain length within `max_plain` (the rest
-    /// needs the key, which the store never has). Says which it was.
+    /// well framed with a matching CRC, a plain length within `max_plain` and (version 3) a
+    /// header that derives `expected` (the rest needs the key, which the store never has).
+    /// Says which it was.
     pub fn verify(&mut self, blob: &[u8], expected: &Digest, max_plain: usize) -> Result<Checked, FormatError> {
         let (h, plain_len, payload) = checked_payload(blob, max_plain)?;
-        if let Some((id, _)) = h.sealed {
-            return Ok(Checked::Sealed(id));
+        if let Some(sealing) = h.sealed {
+            check_sealed_name(&sealing, expected)?;
+            return Ok(if sealing.keyed.is_some() {
+                Checked::Sealed(sealing.key)
+            } else {
+                Checked::SealedUnbound(sealing.key)
+            });
         }
         match h.compression {
-            Compression::None => check_digest(None, payload, expected)?,
+            Compression::None => check_digest(payload, expected)?,
             Compression::Zstd => {
                 self.scratch.clear();
                 self.scratch.reserve(plain_len);
@@ -525,7 +658,7 @@ impl Decoder {
                     err("payload", HEADER_LEN, format!("zstd frame does not decode to {plain_len} bytes: {e}"))
                 })?;
                 check_decoded_len(got, plain_len)?;
-                check_digest(None, &self.scratch[..got], expected)?;
+                check_digest(&self.scratch[..got], expected)?;
             }
         }
         Ok(Checked::Plain)
@@ -626,7 +759,7 @@ mod tests {
             (
                 {
                     let mut b = good.clone();
-                    b[8] = 3;
+                    b[8] = 4;
                     b
                 },
                 "version",
@@ -684,20 +817,68 @@ mod tests {
         // (proto/golden/encryption_vectors.py): "abc" sealed under master key [7; 32] with
         // nonce 0..12.
         let key = Arc::new(ChunkKey::new(&[7u8; 32]));
-        let name = key.digest(b"abc");
+        let name = name_of(Some(&key), b"abc");
+        assert_eq!(name.digest, key.digest(b"abc"));
         let want = hex(
-            "564d424b43484e4b0200010003000000130000004098020725b5623c53f732fb0ef5278f2de3145a000102030405060708090a0b8c5b97f0422b69a776be17ea952573ecfc01e2",
+            "564d424b43484e4b0300010003000000130000000cdc36f225b5623c53f732fb0ef5278f2de3145a000102030405060708090a0b727a982cfe41669592b070715391dd4dbe0200b83a28bb9d89d1a8e55b7182458c5b973377af22cc5d68cf3d27871613758069",
         );
         let nonce: [u8; 12] = std::array::from_fn(|i| u8::try_from(i).expect("small"));
-        let ours = seal_frame(&key, nonce, &name, 3, Compression::None, b"abc").expect("seal");
+        let keyed = name.keyed.expect("a sealed name has its keyed hash");
+        let ours = seal_frame(&key, nonce, &keyed, 3, Compression::None, b"abc").expect("seal");
         assert_eq!(ours, want);
         let h = peek_header(&want).expect("header");
-        assert_eq!(h.sealed, Some((key.id(), nonce)));
+        assert_eq!(h.sealed, Some(Sealing { key: key.id(), nonce, keyed: Some(keyed) }));
         assert_eq!(h.len(), SEALED_HEADER_LEN);
         let mut dec = Decoder::with_key(Some(key.clone())).expect("decoder");
-        assert_eq!(dec.decode_and_verify(&want, &name, MAX).expect("opens"), b"abc");
-        // A store, without the key, checks the framing and says it could not check more.
-        assert_eq!(Decoder::new().expect("decoder").verify(&want, &name, MAX), Ok(Checked::Sealed(key.id())));
+        assert_eq!(dec.decode_and_verify(&want, &name.digest, MAX).expect("opens"), b"abc");
+        // A store, without the key, checks the framing and the name's derivation, and says
+        // it could not check more.
+        assert_eq!(Decoder::new().expect("decoder").verify(&want, &name.digest, MAX), Ok(Checked::Sealed(key.id())));
+    }
+
+    #[test]
+    fn golden_version_2_sealed_blob_is_still_read() {
+        // Written by the first encrypting release: named by the keyed hash itself.
+        let key = Arc::new(ChunkKey::new(&[7u8; 32]));
+        let v2 = hex(
+            "564d424b43484e4b0200010003000000130000004098020725b5623c53f732fb0ef5278f2de3145a000102030405060708090a0b8c5b97f0422b69a776be17ea952573ecfc01e2",
+        );
+        let keyed = key.keyed_hash(b"abc");
+        let h = peek_header(&v2).expect("header");
+        assert_eq!(h.len(), SEALED_V2_HEADER_LEN);
+        let mut dec = Decoder::with_key(Some(key.clone())).expect("decoder");
+        assert_eq!(dec.decode_and_verify(&v2, &keyed, MAX).expect("opens"), b"abc");
+        let e = dec.decode_and_verify(&v2, &key.digest(b"abc"), MAX).expect_err("bound to its own name");
+        assert!(e.message.contains("authentication tag"), "{e}");
+        // A store cannot check a version-2 name, and says so.
+        assert_eq!(Decoder::new().expect("decoder").verify(&v2, &keyed, MAX), Ok(Checked::SealedUnbound(key.id())));
+    }
+
+    #[test]
+    fn a_store_refuses_a_sealed_blob_under_any_name_but_its_own() {
+        let key = Arc::new(ChunkKey::new(&[5u8; 32]));
+        let plain = b"a chunk another writer stores in clear".repeat(100);
+        let mut enc = Encoder::with_key(1, Some(key.clone())).expect("encoder");
+        let name = enc.name(&plain);
+        let blob = enc.encode_named(&plain, &name).expect("seal");
+        let mut store = Decoder::new().expect("decoder");
+        assert_eq!(store.verify(&blob, &name.digest, MAX), Ok(Checked::Sealed(key.id())));
+        // Under the plain chunk's BLAKE3 name (the planting a store must refuse), under the
+        // bare keyed hash, or under another chunk's sealed name: refused, naming the field.
+        for wrong in [Digest::of(&plain), key.keyed_hash(&plain), key.digest(b"other")] {
+            let e = store.verify(&blob, &wrong, MAX).expect_err("not its name");
+            assert_eq!(e.field, "keyed hash", "{e}");
+            assert!(e.message.contains(&wrong.to_hex()), "{e}");
+        }
+        // A forged header (another keyed hash, CRC fixed) derives another name: refused by
+        // the store under the old name, and by the tag under the new one.
+        let mut forged = blob.clone();
+        forged[SEALED_V2_HEADER_LEN] ^= 1;
+        assert_eq!(store.verify(&forged, &name.digest, MAX).expect_err("forged").field, "keyed hash");
+        let renamed = peek_header(&forged).expect("header").sealed.and_then(|s| s.name()).expect("derived name");
+        let mut out = vec![0u8; plain.len()];
+        let e = Decoder::with_key(Some(key)).expect("d").decode_and_verify_into(&forged, &renamed, &mut out);
+        assert!(e.expect_err("tag").message.contains("authentication tag"));
     }
 
     #[test]
@@ -707,11 +888,14 @@ mod tests {
         let random: Vec<u8> = (0..70_000u32).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[2]).collect();
         for plain in [&text[..], &random[..]] {
             let mut enc = Encoder::with_key(1, Some(key.clone())).expect("encoder");
-            let name = enc.digest(plain);
+            let chunk = enc.name(plain);
+            let name = chunk.digest;
             assert_eq!(name, key.digest(plain));
             assert!(enc.encode(plain).is_err(), "a sealed blob needs its name");
-            let blob = enc.encode_named(plain, &name).expect("seal");
-            assert_ne!(enc.encode_named(plain, &name).expect("again"), blob, "a fresh nonce each time");
+            let unkeyed = ChunkName { digest: name, keyed: None };
+            assert_eq!(enc.encode_named(plain, &unkeyed).expect_err("no keyed hash").field, "keyed hash");
+            let blob = enc.encode_named(plain, &chunk).expect("seal");
+            assert_ne!(enc.encode_named(plain, &chunk).expect("again"), blob, "a fresh nonce each time");
             assert!(!blob.windows(15).any(|w| w == b"secret pattern "), "no plaintext in a sealed blob");
             let mut out = vec![0u8; plain.len()];
             let mut dec = Decoder::with_key(Some(key.clone())).expect("decoder");
@@ -725,9 +909,9 @@ mod tests {
             let e = Decoder::new().expect("d").decode_and_verify_into(&blob, &name, &mut out);
             assert_eq!(e.expect_err("no key").field, "key id");
             assert_eq!(decode(&blob, MAX).expect_err("no key").field, "key id");
-            // Stored under another name: the tag binds the name.
+            // Stored under another name: the header names its own.
             let e = dec.decode_and_verify_into(&blob, &key.digest(b"x"), &mut out).expect_err("moved");
-            assert!(e.message.contains("authentication tag"), "{e}");
+            assert_eq!(e.field, "keyed hash", "{e}");
             // A flipped ciphertext byte with a recomputed CRC passes the store and fails the tag.
             let mut bad = blob.clone();
             bad[SEALED_HEADER_LEN + 3] ^= 1;
@@ -758,7 +942,7 @@ mod tests {
     fn sealed_header_malformations() {
         let key = Arc::new(ChunkKey::new(&[3u8; 32]));
         let mut enc = Encoder::with_key(0, Some(key.clone())).expect("encoder");
-        let name = enc.digest(b"0123456789");
+        let name = enc.name(b"0123456789");
         let good = enc.encode_named(b"0123456789", &name).expect("seal");
         let with = |at: usize, v: u8| {
             let mut b = good.clone();
@@ -767,6 +951,7 @@ mod tests {
         };
         for (blob, field) in [
             (good[..40].to_vec(), "header"),
+            (good[..SEALED_HEADER_LEN - 1].to_vec(), "header"),
             (with(10, 9), "cipher"),
             (with(11, 1), "reserved"),
             (with(12, 11), "plain length"),

@@ -12,9 +12,16 @@
 //! | `vmbackup 2026-12-02 seal key`         | AES-256-GCM key of chunk payloads and manifests     |
 //! | `vmbackup 2026-12-02 key id`           | its first 16 bytes are the key id, written in clear |
 //!
-//! - **Chunk names** are `BLAKE3-keyed(name key, plaintext)`: a store without the key cannot
-//!   confirm a guess about a chunk's content by hashing it, and deduplication still works
-//!   between everything written with one key.
+//! - **Chunk names**: a sealed chunk's keyed hash is `BLAKE3-keyed(name key, plaintext)`, and
+//!   its name (in indexes, on the wire, on the store) is
+//!   `BLAKE3-derive_key("vmbackup 2026-12-02 sealed chunk name", key id ‖ keyed hash)`
+//!   ([`sealed_name`]). A store without the key cannot confirm a guess about a chunk's content
+//!   by hashing it, and deduplication still works between everything written with one key.
+//!   The keyed hash travels in the sealed blob's header, so a store checks that a sealed
+//!   blob's name is derived from it: sealed names live in their own name space, apart from
+//!   plain chunks' BLAKE3 names (a writer cannot plant a sealed blob, which the store cannot
+//!   open, under the name of a plain chunk another writer will then skip uploading) and
+//!   apart from every other key's.
 //! - **Sealing** is AES-256-GCM with a fresh random 96-bit nonce per blob (`ring`, whose
 //!   AES-GCM uses AES-NI/CLMUL where the CPU has them). Random nonces stay safe up to about
 //!   2^32 seals per key (NIST SP 800-38D), i.e. 16 PiB of new 4 MiB chunks; deduplicated
@@ -43,6 +50,16 @@ pub const TAG_LEN: usize = 16;
 const NAME_KEY_CONTEXT: &str = "vmbackup 2026-12-02 chunk name key";
 const SEAL_KEY_CONTEXT: &str = "vmbackup 2026-12-02 seal key";
 const KEY_ID_CONTEXT: &str = "vmbackup 2026-12-02 key id";
+const SEALED_NAME_CONTEXT: &str = "vmbackup 2026-12-02 sealed chunk name";
+
+/// The name of a sealed chunk: derived from its key's id and its keyed hash (see the module
+/// doc). Public: a store computes it from a sealed blob's header.
+pub fn sealed_name(id: KeyId, keyed: &Digest) -> Digest {
+    let mut h = blake3::Hasher::new_derive_key(SEALED_NAME_CONTEXT);
+    h.update(&id.0);
+    h.update(&keyed.0);
+    Digest(*h.finalize().as_bytes())
+}
 
 /// The public name of a master key: 16 bytes derived from it, 32 hex digits in text.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,9 +146,15 @@ impl ChunkKey {
         self.id
     }
 
-    /// The name of a chunk of plaintext `plain` under this key: keyed BLAKE3.
-    pub fn digest(&self, plain: &[u8]) -> Digest {
+    /// The keyed hash of a chunk of plaintext `plain` under this key: keyed BLAKE3.
+    pub fn keyed_hash(&self, plain: &[u8]) -> Digest {
         Digest(*blake3::keyed_hash(&self.name_key, plain).as_bytes())
+    }
+
+    /// The name of a chunk of plaintext `plain` under this key ([`sealed_name`] of its keyed
+    /// hash).
+    pub fn digest(&self, plain: &[u8]) -> Digest {
+        sealed_name(self.id, &self.keyed_hash(plain))
     }
 
     /// A fresh random nonce.
@@ -205,15 +228,24 @@ mod tests {
         let key = ChunkKey::new(&[7u8; 32]);
         assert_eq!(key.id().to_string(), key.id().to_string().parse::<KeyId>().expect("hex").to_string());
         let frozen_id = key.id().to_string();
+        let frozen_keyed = key.keyed_hash(b"abc").to_hex();
         let frozen_name = key.digest(b"abc").to_hex();
-        assert_eq!((frozen_id.as_str(), frozen_name.as_str()), (GOLDEN_ID, GOLDEN_NAME));
-        // Keyed names differ from plain BLAKE3 and between keys.
+        assert_eq!(
+            (frozen_id.as_str(), frozen_keyed.as_str(), frozen_name.as_str()),
+            (GOLDEN_ID, GOLDEN_KEYED, GOLDEN_SEALED_NAME)
+        );
+        // Sealed names differ from plain BLAKE3, from the keyed hash, and between keys.
         assert_ne!(key.digest(b"abc"), Digest::of(b"abc"));
+        assert_ne!(key.digest(b"abc"), key.keyed_hash(b"abc"));
         assert_ne!(key.digest(b"abc"), ChunkKey::new(&[8u8; 32]).digest(b"abc"));
+        // The same keyed hash under another key id is another name.
+        let keyed = key.keyed_hash(b"abc");
+        assert_ne!(sealed_name(key.id(), &keyed), sealed_name(ChunkKey::new(&[8u8; 32]).id(), &keyed));
     }
 
     const GOLDEN_ID: &str = "25b5623c53f732fb0ef5278f2de3145a";
-    const GOLDEN_NAME: &str = "727a982cfe41669592b070715391dd4dbe0200b83a28bb9d89d1a8e55b718245";
+    const GOLDEN_KEYED: &str = "727a982cfe41669592b070715391dd4dbe0200b83a28bb9d89d1a8e55b718245";
+    const GOLDEN_SEALED_NAME: &str = "92b2cff658c9747d63e894a101c792e82130f4d383bbba68ed31ca97efde0cef";
 
     #[test]
     fn sealed_bytes_open_only_with_their_key_and_aad() {

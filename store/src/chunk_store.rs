@@ -172,16 +172,17 @@ impl ChunkStore {
         self
     }
 
-    /// Accepts sealed chunks (the client-side encrypted blobs of [`blob`]) from remote
-    /// writers. Off by default: the store cannot check a sealed blob against its name, so
-    /// a writer could plant an unreadable blob under the name of a chunk another writer
-    /// will skip uploading. Turn it on when every writer of the store is trusted that far.
+    /// Accepts version-2 sealed chunks (written by the first encrypting agents) from remote
+    /// writers. Off by default: their names are not derived from their headers, so the store
+    /// cannot tell them from plain chunks' names, and a writer could plant an unreadable blob
+    /// under the name of a plain chunk another writer will skip uploading. Current sealed
+    /// chunks (version 3) carry what derives their name and are always accepted.
     pub fn with_sealed_chunks(mut self, accept: bool) -> Self {
         self.accept_sealed = accept;
         self
     }
 
-    /// Whether sealed chunks are accepted from remote writers.
+    /// Whether version-2 sealed chunks are accepted from remote writers.
     pub fn accepts_sealed(&self) -> bool {
         self.accept_sealed
     }
@@ -209,8 +210,8 @@ impl ChunkStore {
     }
 
     /// Checks that `blob` decodes to at most one chunk of plaintext hashing to `digest`, or,
-    /// sealed, that its framing, lengths and CRC hold (all a store can check without the
-    /// key); says which.
+    /// sealed, that its framing, lengths and CRC hold and its header derives `digest` (all a
+    /// store can check without the key); says which.
     pub fn check_blob(&self, blob_bytes: &[u8], digest: &Digest) -> std::result::Result<blob::Checked, FormatError> {
         let idle = self.decoders.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let mut decoder = match idle {
@@ -367,14 +368,14 @@ impl ChunkStore {
                 bump(&self.counters.chunks_rejected, 1);
                 return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
             }
-            Ok(blob::Checked::Sealed(key)) if !self.accept_sealed => {
+            Ok(blob::Checked::SealedUnbound(key)) if !self.accept_sealed => {
                 bump(&self.counters.chunks_rejected, 1);
                 return Err(StoreError::new(
                     ErrorKind::InvalidArgument,
                     format!(
-                        "chunk {digest} is sealed (client-side encrypted, key {key}) and this store does not accept \
-                         sealed chunks: set accept_sealed_chunks = true in its configuration once every writer \
-                         is trusted not to plant chunks it cannot check"
+                        "chunk {digest} is a version-2 sealed blob (key {key}), whose name this store cannot check: \
+                         upgrade the agent (it writes version 3), or set accept_sealed_chunks = true once every \
+                         writer is trusted not to plant chunks"
                     ),
                 ));
             }

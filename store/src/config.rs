@@ -63,9 +63,11 @@ pub struct StoreConfig {
     pub auth: crate::access::AuthConfig,
     /// How far deduplication reaches: "store" (every namespace) or "namespace".
     pub dedup_scope: crate::chunk_store::DedupScope,
-    /// Accept chunks sealed by agents with client-side encryption. The store cannot check
-    /// such a chunk against its name, so any writer could plant an unreadable chunk under
-    /// a name another writer uses; off until every writer is trusted that far.
+    /// Accept version-2 sealed chunks (from the first agents with client-side encryption).
+    /// Their names are not derived from what the store can see, so any writer could plant
+    /// an unreadable chunk under a plain chunk's name; off until every writer is trusted that
+    /// far. Current sealed chunks (version 3) are always accepted: the store checks that
+    /// their names derive from their headers.
     pub accept_sealed_chunks: bool,
     /// Every new group is locked against deletion for this many seconds (0: no default).
     pub default_retention_seconds: u64,

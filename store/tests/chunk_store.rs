@@ -99,6 +99,10 @@ fn poisoned_and_malformed_uploads_store_nothing() {
     assert!(stored.is_empty(), "nothing stored: {stored:?}");
 }
 
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+}
+
 fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(p).expect("dir") {
@@ -106,6 +110,39 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
         if e.is_dir() { out.extend(walk(&e)) } else { out.push(e) }
     }
     out
+}
+
+#[test]
+fn sealed_chunks_are_accepted_only_under_the_name_their_header_derives() {
+    use vmbackup_proto::seal::ChunkKey;
+    let (dir, s) = store();
+    let (session, _) = s.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
+    let key = Arc::new(ChunkKey::new(&[9u8; 32]));
+    let plain = chunk(7);
+    let mut enc = blob::Encoder::with_key(1, Some(key.clone())).expect("encoder");
+    let name = enc.name(&plain);
+    let sealed = enc.encode_named(&plain, &name).expect("seal");
+    // Under the plain chunk's name (planting): refused, nothing stored.
+    let e = s.insert_chunk(&session, &Digest::of(&plain), &sealed).expect_err("planted");
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("not stored under its name"), "{e}");
+    assert!(walk(&dir.path().join("chunks")).is_empty());
+    // Under its own name: accepted with the store's default settings.
+    assert!(s.insert_chunk(&session, &name.digest, &sealed).expect("sealed chunk"), "new");
+    assert!(s.missing(&session, &[Digest::of(&plain)]).expect("missing").len() == 1, "the plain name is free");
+
+    // A version-2 sealed blob (named by its bare keyed hash, which a store cannot check) is
+    // refused unless the store is told to accept them, and then stored.
+    let v2 = hex(
+        "564d424b43484e4b0200010003000000130000004098020725b5623c53f732fb0ef5278f2de3145a000102030405060708090a0b8c5b97f0422b69a776be17ea952573ecfc01e2",
+    );
+    let v2_name = ChunkKey::new(&[7u8; 32]).keyed_hash(b"abc");
+    let e = s.insert_chunk(&session, &v2_name, &v2).expect_err("version 2 refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("accept_sealed_chunks"), "{e}");
+    let legacy = ChunkStore::open(dir.path(), CS).expect("open").with_sealed_chunks(true);
+    let (session, _) = legacy.sessions().open("test", SessionOwner::local(), Duration::ZERO).expect("open session");
+    assert!(legacy.insert_chunk(&session, &v2_name, &v2).expect("accepted when told"));
 }
 
 #[test]

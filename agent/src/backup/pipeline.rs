@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 use vmbackup_proto::Digest;
+use vmbackup_proto::blob::ChunkName;
 use vmbackup_proto::digest::is_all_zero;
 use vmbackup_proto::seal::ChunkKey;
 
@@ -233,22 +234,23 @@ impl Worker {
             let source = self.volumes[t.volume].source.clone();
             let key = self.key.clone();
             let mut buf = std::mem::take(&mut spare);
-            let (digest, plain) = tokio::task::spawn_blocking(move || -> Result<(Option<Digest>, Vec<u8>)> {
+            let (name, plain) = tokio::task::spawn_blocking(move || -> Result<(Option<ChunkName>, Vec<u8>)> {
                 // read_at fills the whole buffer, so a reused one needs no zeroing.
                 buf.resize(len, 0);
                 source.read_at(t.offset, &mut buf)?;
-                let digest = (!is_all_zero(&buf)).then(|| vmbackup_proto::blob::name_of(key.as_deref(), &buf));
-                Ok((digest, buf))
+                let name = (!is_all_zero(&buf)).then(|| vmbackup_proto::blob::name_of(key.as_deref(), &buf));
+                Ok((name, buf))
             })
             .await??;
             // Each chunk counts once: as zero (read or not) or as data read.
             let vj = &self.volumes[t.volume];
-            let Some(digest) = digest else {
+            let Some(name) = name else {
                 spare = plain;
                 Counters::add(&counters.zero, t.len);
                 continue;
             };
             Counters::add(&counters.read, t.len);
+            let digest = name.digest;
             vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).digests[t.chunk] = digest;
             let mine = !self.known.contains(&digest)
                 && self.claimed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(digest);
@@ -260,7 +262,7 @@ impl Worker {
             }
             let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
             let (blob, plain, enc) =
-                tokio::task::spawn_blocking(move || (enc.encode_named(&plain, &digest), plain, enc)).await?;
+                tokio::task::spawn_blocking(move || (enc.encode_named(&plain, &name), plain, enc)).await?;
             spare = plain;
             encoder = Some(enc);
             let blob =
