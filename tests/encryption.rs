@@ -362,3 +362,87 @@ async fn encrypted_backups_seal_what_leaves_the_host_and_restore_only_with_their
     assert!(e.message().contains("authentication tag"), "{e:?}");
     assert!(!out.join("e.raw").exists(), "a failed restore leaves no file");
 }
+
+async fn recover(agent: &Daemon, group: &str, from: &str, to: &str) -> Result<(), tonic::Status> {
+    common::backup_client(agent)
+        .await
+        .recover_vm_backup_from_image_store_backup_storage(pb::RecoverVmBackupFromImageStoreBackupStorageRequest {
+            group_uuid: group.into(),
+            src_backup_storage_uuid: from.into(),
+            dst_backup_storage_uuid: to.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recover_seals_again_with_the_destination_key_and_never_decrypts_onto_a_plain_storage() {
+    let mut s = site().await;
+    let original = std::fs::read(&s.volume).expect("volume");
+    // A second key, beside the first, in the agent's configuration.
+    let keys = s.key_dir();
+    write_private(&keys.join("second-pass"), "second site passphrase\n");
+    ctl_ok(&[
+        "key",
+        "create",
+        "--file",
+        &p(&keys.join("second.key")),
+        "--passphrase-file",
+        &p(&keys.join("second-pass")),
+    ]);
+    let config = s.agent_config(&keys.join("site.key"), &keys.join("pass"));
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text += &format!(
+        "[keys.second]\nfile = \"{}\"\npassphrase_file = \"{}\"\n",
+        p(&keys.join("second.key")),
+        p(&keys.join("second-pass"))
+    );
+    std::fs::write(&config, text).expect("config");
+    s.agent.stop();
+    s.agent = start_agent(s.dir.path(), AgentOptions { config: Some(config), ..Default::default() });
+
+    let plain = add(&s.agent, &s.plain_store, "plain", None).await.expect("add plain");
+    let first = add(&s.agent, &s.sealed_store, "first", Some("site")).await.expect("add first");
+    let second = add(&s.agent, &s.spare_store, "second", Some("second")).await.expect("add second");
+    assert_ne!(first.encryption_key_id, second.encryption_key_id);
+    let g = backup(&s.agent, &s.volume, &plain.uuid).await.expect("plain backup");
+
+    // Plain to encrypted: sealed on the way, nothing readable on the destination.
+    recover(&s.agent, &g, &plain.uuid, &first.uuid).await.expect("recover plain -> first");
+    for needle in [PATTERN, b"payroll".as_slice(), b"quarterly".as_slice()] {
+        let found = holding(&s.sealed_store.data_dir, needle);
+        assert!(found.is_empty(), "{} in {found:?}", String::from_utf8_lossy(needle));
+    }
+    // One key to another: every chunk sealed again under the second key's names.
+    recover(&s.agent, &g, &first.uuid, &second.uuid).await.expect("recover first -> second");
+    let names = |d: &Path| -> Vec<std::ffi::OsString> {
+        files(&d.join("chunks")).iter().map(|f| f.file_name().expect("name").to_owned()).collect()
+    };
+    let (first_names, second_names) = (names(&s.sealed_store.data_dir), names(&s.spare_store.data_dir));
+    assert_eq!(first_names.len(), second_names.len(), "the same distinct chunks on both");
+    assert!(first_names.iter().all(|n| !second_names.contains(n)), "no name is shared between the keys");
+    for f in files(&s.spare_store.data_dir.join("chunks")) {
+        let blob = std::fs::read(&f).expect("chunk");
+        assert_eq!(blob[24..40], hex(&second.encryption_key_id), "sealed with the second key");
+    }
+    // Each copy restores alone, bit-identical.
+    let out = s.dir.path().join("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    for (storage, file) in [(&first, "first.raw"), (&second, "second.raw")] {
+        restore(&s.agent, &g, &storage.uuid, &out.join(file)).await.expect("restore");
+        assert!(std::fs::read(out.join(file)).expect("restored") == original, "{file} differs");
+    }
+    // A second recover to the same storage adds nothing (same names: deduplicated).
+    let before = names(&s.spare_store.data_dir).len();
+    recover(&s.agent, &g, &first.uuid, &second.uuid).await.expect("recover again");
+    assert_eq!(names(&s.spare_store.data_dir).len(), before);
+
+    // Encrypted to plain would store the backup decrypted: refused, naming why.
+    let e = recover(&s.agent, &g, &second.uuid, &plain.uuid).await.expect_err("decrypting recover");
+    assert!(e.message().contains("decrypted") && e.message().contains(&second.encryption_key_id), "{e:?}");
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+}

@@ -12,7 +12,9 @@
 pub mod incremental;
 pub mod lifecycle;
 mod pipeline;
+pub(crate) use pipeline::ZSTD_LEVEL;
 pub mod recover;
+mod rekey;
 pub mod restore;
 
 use std::sync::Arc;

@@ -20,7 +20,7 @@ use crate::throttle::Throttle;
 use crate::volume::ExtentKind;
 
 /// zstd level of uploaded chunks (level 1: fast, most of the gain on VM images).
-const ZSTD_LEVEL: i32 = 1;
+pub(crate) const ZSTD_LEVEL: i32 = 1;
 
 pub(super) struct Inputs {
     /// Where chunks go (already metered: network limit and `sent` counter).

@@ -1,8 +1,11 @@
 //! Recover: copy a backup group from one Image Storage to another, sending only the chunks
 //! the destination lacks. The indexes and manifest are copied as they are (same uuids), so
 //! the group appears on the destination, atomically, only when it is complete there.
-//! Chunks and manifests are copied as stored, so between encrypted storages both must use
-//! the same key (sealed bytes stay sealed; nothing is decrypted on the way but to check).
+//! Between storages with the same key (or none), chunks and manifests are copied as stored
+//! (sealed bytes stay sealed; nothing is decrypted on the way but to check). Between
+//! different keys, or from a plain storage to an encrypted one, every chunk is sealed again
+//! with the destination's key ([`super::rekey`]). From an encrypted storage to a plain one is
+//! refused: it would store the backup decrypted.
 
 use std::sync::Arc;
 
@@ -23,6 +26,8 @@ use crate::storage::registry::Registry;
 use crate::storage::{ChunkReader, ChunkWriter, Session};
 use crate::throttle::Throttle;
 
+use super::rekey::Rekey;
+
 /// Digests per MissingChunks call and per download stream.
 const BATCH: usize = 256;
 
@@ -37,20 +42,17 @@ pub async fn run(
 ) -> Result<()> {
     let (src_rec, dst_rec) = (registry.require(src).await?, registry.require(dst).await?);
     let (src_key, dst_key) = (registry.chunk_key(&src_rec).await?, registry.chunk_key(&dst_rec).await?);
-    if src_key.as_ref().map(|k| k.id()) != dst_key.as_ref().map(|k| k.id()) {
-        let name = |k: &Option<Arc<vmbackup_proto::seal::ChunkKey>>| match k {
-            Some(k) => format!("sealed with key {}", k.id()),
-            None => "not encrypted".to_string(),
-        };
+    if let (Some(k), None) = (&src_key, &dst_key) {
         return Err(AgentError::new(
             ErrorKind::FailedPrecondition,
             format!(
-                "backup storage {src} is {} and {dst} is {}: recover copies backups as stored, so both need the same key",
-                name(&src_key),
-                name(&dst_key)
+                "backup storage {src} is encrypted (key {}) and {dst} is not: recover would store the backup \
+                 decrypted; add {dst} with a key (backup::encryption::key::<name>)",
+                k.id()
             ),
         ));
     }
+    let rekey = src_key.as_ref().map(|k| k.id()) != dst_key.as_ref().map(|k| k.id());
     let (from, src_status) = registry.open_store(&src_rec, None).await?;
     let (to, dst_status) = registry.open_store(&dst_rec, None).await?;
     if src_status.chunk_size != dst_status.chunk_size {
@@ -79,33 +81,72 @@ pub async fn run(
         source: src_rec.url.clone(),
         key: src_key,
     };
-    let session = Session::open(to, &format!("vmbackup-agent recover {group_uuid}")).await?;
-    for v in &manifest.volumes {
-        let index_bytes = from.get_index(&v.index_name).await?;
-        let ix = VolumeIndex::decode(&index_bytes, vmbackup_proto::index::MAX_CHUNKS)
-            .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("index {}: {e}", v.index_name)))?;
-        Counters::add(&job.counters.planned, ix.virtual_size);
-        let mut unique: Vec<Digest> = ix.referenced().copied().collect();
-        unique.sort_unstable();
-        unique.dedup();
-        for batch in unique.chunks(BATCH) {
-            let missing = session.missing(batch).await?;
-            Counters::add(
-                &job.counters.deduplicated,
-                u64::try_from(batch.len() - missing.len()).unwrap_or(0) * u64::from(src_status.chunk_size),
-            );
-            if !missing.is_empty() {
-                copy.chunks(&session, &missing, &v.index_name, &v.volume_uuid).await?;
+    // A re-keyed manifest is sealed afresh each time, so committing it again would conflict
+    // with the copy a finished recover already committed: that copy is the recovered group.
+    if rekey {
+        match to.get_group(group_uuid).await {
+            Ok(_) => {
+                tracing::info!(group = %group_uuid, to = %dst, "the group is on the destination already");
+                return record(registry, group_uuid, dst, &manifest).await;
             }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        session.put_index(&v.index_name, index_bytes).await?;
-        Counters::add(&job.counters.read, ix.virtual_size);
     }
-    session.commit(info.manifest.clone(), 0).await?;
+    let session = Session::open(to, &format!("vmbackup-agent recover {group_uuid}")).await?;
+    let manifest_bytes = if rekey {
+        let copy = Rekey {
+            reader: copy.reader,
+            from: copy.key,
+            to: dst_key,
+            job: job.clone(),
+            chunk_size: src_status.chunk_size,
+            source: src_rec.url.clone(),
+        };
+        copy.copy(&session, &manifest).await?
+    } else {
+        copy.group(&session, &manifest).await?;
+        info.manifest.clone()
+    };
+    session.commit(manifest_bytes, 0).await?;
     if let Err(e) = session.close().await {
         tracing::warn!(error = %e, "closing the destination session after the commit failed; it expires with its TTL");
     }
+    record(registry, group_uuid, dst, &manifest).await?;
+    tracing::info!(group = %group_uuid, from = %src, to = %dst, rekeyed = rekey, "backup group recovered");
+    Ok(())
+}
 
+impl ChunkCopy {
+    /// Copies every volume's missing chunks and its index as stored.
+    async fn group(&self, session: &Session, manifest: &GroupManifest) -> Result<()> {
+        for v in &manifest.volumes {
+            let index_bytes = self.reader.get_index(&v.index_name).await?;
+            let ix = VolumeIndex::decode(&index_bytes, vmbackup_proto::index::MAX_CHUNKS)
+                .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("index {}: {e}", v.index_name)))?;
+            Counters::add(&self.job.counters.planned, ix.virtual_size);
+            let mut unique: Vec<Digest> = ix.referenced().copied().collect();
+            unique.sort_unstable();
+            unique.dedup();
+            for batch in unique.chunks(BATCH) {
+                let missing = session.missing(batch).await?;
+                Counters::add(
+                    &self.job.counters.deduplicated,
+                    u64::try_from(batch.len() - missing.len()).unwrap_or(0) * u64::from(self.chunk_size),
+                );
+                if !missing.is_empty() {
+                    self.chunks(session, &missing, &v.index_name, &v.volume_uuid).await?;
+                }
+            }
+            session.put_index(&v.index_name, index_bytes).await?;
+            Counters::add(&self.job.counters.read, ix.virtual_size);
+        }
+        Ok(())
+    }
+}
+
+/// Records the destination as a place each of the group's volume backups is stored.
+async fn record(registry: &Registry, group_uuid: &str, dst: &str, manifest: &GroupManifest) -> Result<()> {
     let now = now_millis();
     let (g, d) = (group_uuid.to_string(), dst.to_string());
     let names: Vec<(String, String)> =
@@ -130,7 +171,6 @@ pub async fn run(
             Ok(c.insert_volume_backups(&records)?)
         })
         .await?;
-    tracing::info!(group = %group_uuid, from = %src, to = %dst, "backup group recovered");
     Ok(())
 }
 
