@@ -7,7 +7,8 @@
 //! a backup opens its storage many times). Both files must be owned by the agent's user and
 //! unreadable to group and others, as ssh does for private keys: a passphrase others can
 //! read protects nothing. Neither the passphrase nor the key is ever logged or returned;
-//! only the key id is.
+//! only the key id is. The passphrase and master key are zeroed as soon as the chunk key is
+//! derived, and the chunk key's name key when it is dropped (on reload).
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
-use vmbackup_proto::keyfile::{KeyFile, ROLE_PASSPHRASE};
+use vmbackup_proto::keyfile::{KeyFile, ROLE_PASSPHRASE, Zeroizing};
 use vmbackup_proto::seal::ChunkKey;
 
 use crate::error::{AgentError, ErrorKind, Result};
@@ -115,7 +116,7 @@ fn unlock(name: &str, config: &KeyConfig) -> Result<ChunkKey> {
     let file = read_private(&config.file, &format!("key file of key {name:?}"))?;
     let file = KeyFile::decode(&file)
         .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("{}: {e}", config.file.display())))?;
-    let pass = read_private(&config.passphrase_file, &format!("passphrase file of key {name:?}"))?;
+    let pass = Zeroizing::new(read_private(&config.passphrase_file, &format!("passphrase file of key {name:?}"))?);
     let master = file.unlock(ROLE_PASSPHRASE, passphrase_of(&pass)).map_err(|e| {
         AgentError::new(ErrorKind::FailedPrecondition, format!("key {name:?} ({}): {e}", config.file.display()))
     })?;

@@ -28,6 +28,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+pub use zeroize::Zeroizing;
 
 use crate::format_error::FormatError;
 use crate::seal::{ChunkKey, KeyId, MASTER_KEY_LEN, SEAL_NONCE_LEN, TAG_LEN, hex_decode, hex_encode};
@@ -109,9 +110,12 @@ fn random<const N: usize>() -> Result<[u8; N], FormatError> {
     Ok(b)
 }
 
+/// A master key in memory: zeroed when dropped.
+pub type MasterKey = Zeroizing<[u8; MASTER_KEY_LEN]>;
+
 /// A new random master key.
-pub fn generate_master() -> Result<[u8; MASTER_KEY_LEN], FormatError> {
-    random()
+pub fn generate_master() -> Result<MasterKey, FormatError> {
+    Ok(Zeroizing::new(random()?))
 }
 
 fn wrap_aad(key_id: &str, role: &str) -> Vec<u8> {
@@ -147,11 +151,11 @@ impl KdfCost {
     }
 
     /// The 32-byte wrapping key of `passphrase` and `salt`.
-    fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<[u8; 32], FormatError> {
+    fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>, FormatError> {
         let params = self.check()?;
-        let mut out = [0u8; 32];
+        let mut out = Zeroizing::new([0u8; 32]);
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-            .hash_password_into(passphrase, salt, &mut out)
+            .hash_password_into(passphrase, salt, out.as_mut())
             .map_err(|e| err("kdf", format!("Argon2id: {e}")))?;
         Ok(out)
     }
@@ -202,7 +206,7 @@ impl Wrap {
         KdfCost { memory_kib: self.memory_kib, iterations: self.iterations, parallelism: self.parallelism }
     }
 
-    fn unwrap_master(&self, key_id: &str, passphrase: &[u8]) -> Result<[u8; MASTER_KEY_LEN], FormatError> {
+    fn unwrap_master(&self, key_id: &str, passphrase: &[u8]) -> Result<MasterKey, FormatError> {
         if self.kdf != "argon2id" {
             return Err(err("kdf", format!("{:?} is not argon2id", self.kdf)));
         }
@@ -220,13 +224,13 @@ impl Wrap {
         let wrapping = self.cost().derive(passphrase, &salt)?;
         let mut nonce = [0u8; SEAL_NONCE_LEN];
         nonce.copy_from_slice(&sealed[..SEAL_NONCE_LEN]);
-        let mut body = sealed[SEAL_NONCE_LEN..].to_vec();
+        let mut body = Zeroizing::new(sealed[SEAL_NONCE_LEN..].to_vec());
         let plain = aead(&wrapping)
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(wrap_aad(key_id, &self.role)), &mut body)
             .map_err(|_| {
                 err("passphrase", format!("wrong passphrase for the {} wrap (or the file was altered)", self.role))
             })?;
-        let mut master = [0u8; MASTER_KEY_LEN];
+        let mut master = Zeroizing::new([0u8; MASTER_KEY_LEN]);
         master.copy_from_slice(plain);
         Ok(master)
     }
@@ -247,7 +251,7 @@ impl KeyFile {
 
     /// The master key, unwrapped from the `role` wrap by `passphrase` and checked against
     /// the key id.
-    pub fn unlock(&self, role: &str, passphrase: &[u8]) -> Result<[u8; MASTER_KEY_LEN], FormatError> {
+    pub fn unlock(&self, role: &str, passphrase: &[u8]) -> Result<MasterKey, FormatError> {
         let wrap = self
             .wraps
             .iter()
@@ -387,7 +391,7 @@ mod tests {
         // Frozen: written by an independent implementation (proto/golden/encryption_vectors.py);
         // a key file of this format version must open forever.
         let f = KeyFile::decode(GOLDEN.as_bytes()).expect("golden decodes");
-        assert_eq!(f.unlock(ROLE_PASSPHRASE, b"correct horse").expect("unlock"), [0x42u8; 32]);
+        assert_eq!(*f.unlock(ROLE_PASSPHRASE, b"correct horse").expect("unlock"), [0x42u8; 32]);
     }
 
     const GOLDEN: &str = "{\"formatVersion\":1,\"keyId\":\"78404370557320c5ca655dd192eb21c7\",\"created\":1764633600000,\"wraps\":[{\"role\":\"passphrase\",\"kdf\":\"argon2id\",\"memoryKib\":64,\"iterations\":1,\"parallelism\":1,\"salt\":\"01010101010101010101010101010101\",\"sealed\":\"0202020202020202020202025c38d65f12282e5c0afd98872187f439fe47c3b4202c09ab16bdebcca898d2f4a926ffaa96c0daafbb0c7cd2e0ac61c2\"}]}";

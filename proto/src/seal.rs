@@ -121,6 +121,15 @@ pub struct ChunkKey {
     id: KeyId,
 }
 
+/// The name key is zeroed when the key is dropped (an agent drops its keys on reload).
+/// `ring` keeps the AES key schedule and offers no way to zero it; that copy stays until
+/// its memory is reused.
+impl Drop for ChunkKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.name_key);
+    }
+}
+
 impl fmt::Debug for ChunkKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the key material.
@@ -132,12 +141,13 @@ impl ChunkKey {
     /// The keys derived from `master`.
     pub fn new(master: &[u8; MASTER_KEY_LEN]) -> ChunkKey {
         let name_key = blake3::derive_key(NAME_KEY_CONTEXT, master);
-        let seal_key = blake3::derive_key(SEAL_KEY_CONTEXT, master);
+        let seal_key = zeroize::Zeroizing::new(blake3::derive_key(SEAL_KEY_CONTEXT, master));
         let id_bytes = blake3::derive_key(KEY_ID_CONTEXT, master);
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&id_bytes[..KEY_ID_LEN]);
         // AES-256 takes any 32 bytes; the length is fixed above, so this cannot fail.
-        let unbound = UnboundKey::new(&AES_256_GCM, &seal_key).unwrap_or_else(|_| unreachable!("32-byte AES key"));
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, seal_key.as_ref()).unwrap_or_else(|_| unreachable!("32-byte AES key"));
         ChunkKey { name_key, seal: LessSafeKey::new(unbound), id: KeyId(id) }
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 use vmbackup_agent::keys::passphrase_of;
-use vmbackup_proto::keyfile::{KdfCost, KeyFile, ROLE_PASSPHRASE, ROLE_RECOVERY, generate_master};
+use vmbackup_proto::keyfile::{KdfCost, KeyFile, ROLE_PASSPHRASE, ROLE_RECOVERY, Zeroizing, generate_master};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeyCommand {
@@ -53,9 +53,11 @@ pub(crate) enum KeyCommand {
     },
 }
 
-fn read_passphrase(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading passphrase file {}", path.display()))?;
-    let p = passphrase_of(&bytes).to_vec();
+/// A passphrase from its file; both copies are zeroed when dropped.
+fn read_passphrase(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let bytes =
+        Zeroizing::new(std::fs::read(path).with_context(|| format!("reading passphrase file {}", path.display()))?);
+    let p = Zeroizing::new(passphrase_of(&bytes).to_vec());
     anyhow::ensure!(!p.is_empty(), "passphrase file {} is empty", path.display());
     Ok(p)
 }
