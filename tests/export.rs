@@ -128,3 +128,145 @@ async fn an_exported_backup_reads_identical_keeps_its_holes_and_never_returns_da
     assert!(out.contains("read 65536/65536 bytes"), "a hole still reads: {out}");
     assert!(agent.log_text().contains(&format!("chunk {hex}")), "the agent names the damaged chunk");
 }
+
+/// A CA, the agent's certificate for 127.0.0.1, and QEMU client credential directories
+/// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`): one signed by the CA, one by a
+/// stranger's CA. Returns the agent's `[exports]` settings and the two directories.
+fn export_pki(dir: &Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca = |cn: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("ca key")).expect("ca")
+    };
+    let leaf = |names: Vec<String>, cn: &str, issuer: &CertifiedIssuer<'_, KeyPair>| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, issuer).expect("sign").pem(), key.serialize_pem())
+    };
+    let (good_ca, stranger_ca) = (ca("site CA"), ca("stranger CA"));
+    let write = |path: std::path::PathBuf, text: &str| {
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    let (cert, key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "kvm-host", &good_ca);
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("mkdir");
+    let settings = format!(
+        "[exports]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
+        p(&write(pki.join("agent.pem"), &cert)),
+        p(&write(pki.join("agent.key"), &key)),
+        p(&write(pki.join("ca.pem"), &good_ca.pem())),
+    );
+    // QEMU checks its own certificate against its CA file before connecting, so the
+    // stranger's file holds both CAs: the agent's certificate verifies, and the refusal is
+    // the agent's.
+    let client = |name: &str, issuer: &CertifiedIssuer<'_, KeyPair>, cas: String| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let (c, k) = leaf(vec![name.into()], name, issuer);
+        write(d.join("ca-cert.pem"), &cas);
+        write(d.join("client-cert.pem"), &c);
+        write(d.join("client-key.pem"), &k);
+        d
+    };
+    (
+        settings,
+        client("operator", &good_ca, good_ca.pem()),
+        client("stranger", &stranger_ca, format!("{}{}", stranger_ca.pem(), good_ca.pem())),
+    )
+}
+
+/// `qemu-img <command> <args>` reading the TCP export through TLS credentials in `creds`.
+fn qemu_img_tls(creds: &Path, command: &str, args: &[&str]) -> std::process::Output {
+    let object = format!("tls-creds-x509,id=tls0,endpoint=client,verify-peer=on,dir={}", p(creds));
+    let mut all = vec![command, "--object", object.as_str()];
+    all.extend_from_slice(args);
+    Command::new("qemu-img").args(&all).output().expect("qemu-img")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tcp_export_is_served_only_inside_tls_to_clients_the_site_ca_signed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    sparse_image(&img);
+    let store = start_store(dir.path(), "s");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = common::add_storage(&agent, &store, "s").await;
+    let mut c = common::backup_client(&agent).await;
+    let group = c
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs.clone(),
+            name: "x".into(),
+            vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
+            ..Default::default()
+        })
+        .await
+        .expect("backup")
+        .into_inner()
+        .inventories[0]
+        .group_uuid
+        .clone();
+    let tcp = |listen: &str| pb::ExportVmBackupRequest {
+        group_uuid: group.clone(),
+        volume_uuid: ROOT.into(),
+        backup_storage_uuid: bs.clone(),
+        listen_address: listen.into(),
+        ..Default::default()
+    };
+
+    // Without TLS settings a TCP export is refused, naming what to set; a bad address too.
+    let e = c.export_vm_backup(tcp("127.0.0.1:0")).await.expect_err("no TLS configured");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("listenAddress") && e.message().contains("tls_client_ca"), "{e:?}");
+    let e = c.export_vm_backup(tcp("localhost")).await.expect_err("not ip:port");
+    assert!(e.message().contains("listenAddress"), "{e:?}");
+
+    let (settings, operator, stranger) = export_pki(dir.path());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, settings).expect("config");
+    agent.stop();
+    agent = start_agent(dir.path(), AgentOptions { config: Some(config), ..Default::default() });
+    let mut c = common::backup_client(&agent).await;
+    let e = c.export_vm_backup(tcp("127.0.0.1:0")).await.expect("tcp export").into_inner();
+    assert!(e.socket_path.is_empty(), "{e:?}");
+    let port = e.tcp_address.strip_prefix("127.0.0.1:").expect("bound on loopback");
+    assert_eq!(e.uri, format!("nbds://{}/{ROOT}", e.tcp_address));
+    let image = format!("driver=nbd,host=127.0.0.1,port={port},export={ROOT},tls-creds=tls0");
+    let source = format!("driver=raw,file.driver=file,file.filename={}", p(&img));
+
+    // A client with a certificate from the site CA reads it identical, holes as holes.
+    let same = qemu_img_tls(&operator, "compare", &["--image-opts", &image, &source]);
+    let out = String::from_utf8_lossy(&same.stdout);
+    assert!(same.status.success() && out.contains("identical"), "{out}{}", String::from_utf8_lossy(&same.stderr));
+    let map = qemu_img_tls(&operator, "map", &["--output=json", "--image-opts", &image]);
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("map");
+    let data = map.as_array().expect("extents").iter().filter(|x| x["data"] == true).count();
+    assert_eq!(data, 2, "{map}");
+
+    // Plain NBD is answered "TLS required"; a stranger's certificate fails the handshake.
+    let plain =
+        Command::new("qemu-img").args(["info", &format!("nbd://127.0.0.1:{port}/{ROOT}")]).output().expect("qemu-img");
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success() && err.contains("TLS"), "{err}");
+    let rogue = qemu_img_tls(&stranger, "info", &["--image-opts", &image]);
+    assert!(!rogue.status.success(), "{}", String::from_utf8_lossy(&rogue.stdout));
+    // And a client without a certificate.
+    let anonymous = dir.path().join("anonymous");
+    std::fs::create_dir_all(&anonymous).expect("mkdir");
+    std::fs::copy(operator.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).expect("ca");
+    let nobody = qemu_img_tls(&anonymous, "info", &["--image-opts", &image]);
+    assert!(!nobody.status.success(), "{}", String::from_utf8_lossy(&nobody.stdout));
+    let mut logged = false;
+    for _ in 0..100 {
+        logged = agent.log_text().contains("TLS handshake");
+        if logged {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(logged, "the agent logs the refused handshake: {}", agent.log_text());
+}

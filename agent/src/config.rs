@@ -56,6 +56,23 @@ pub struct AgentConfig {
     /// Encryption keys by name (`[keys.<name>]`), for storages added with
     /// `backup::encryption::key::<name>`.
     pub keys: std::collections::BTreeMap<String, crate::keys::KeyConfig>,
+    /// NBD exports served over TCP.
+    pub exports: ExportsConfig,
+}
+
+/// TLS of NBD exports served over TCP (ExportVmBackup's `listenAddress`). NBD has no other
+/// authentication, so a TCP export needs all three: the agent's certificate and key, and
+/// the CA every client's certificate must chain to. Without them TCP exports are refused;
+/// Unix-socket exports need none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportsConfig {
+    /// PEM certificate chain the agent presents.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that clients' certificates must chain to.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// A backup storage's retention policy (see [`crate::retention`]); 0 turns a rule off.
@@ -228,6 +245,7 @@ impl Default for AgentConfig {
             rest: RestConfig::default(),
             retention: Default::default(),
             keys: Default::default(),
+            exports: Default::default(),
         }
     }
 }

@@ -32,6 +32,7 @@ struct Values {
     qmp_dirs: Arc<Vec<std::path::PathBuf>>,
     volume_path_patterns: Arc<Vec<String>>,
     retention: Arc<std::collections::BTreeMap<String, crate::config::RetentionConfig>>,
+    exports: Arc<crate::config::ExportsConfig>,
 }
 
 /// The live settings.
@@ -75,6 +76,7 @@ impl Live {
             qmp_dirs: Arc::new(config.volumes.qmp_dirs.clone()),
             volume_path_patterns: Arc::new(config.volumes.volume_path_patterns.clone()),
             retention: Arc::new(config.retention.clone()),
+            exports: Arc::new(config.exports.clone()),
         }))
     }
 
@@ -92,6 +94,12 @@ impl Live {
         v.qmp_dirs = Arc::new(config.volumes.qmp_dirs.clone());
         v.volume_path_patterns = Arc::new(config.volumes.volume_path_patterns.clone());
         v.retention = Arc::new(config.retention.clone());
+        v.exports = Arc::new(config.exports.clone());
+    }
+
+    /// TLS settings of TCP exports.
+    pub fn exports(&self) -> Arc<crate::config::ExportsConfig> {
+        self.read().exports
     }
 
     /// The configured retention policy of the backup storage named `name` or `uuid`.

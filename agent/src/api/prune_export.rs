@@ -5,7 +5,7 @@ use vmbackup_proto::agent::v1 as pb;
 
 use super::timestamp;
 use crate::error::{AgentError, Result};
-use crate::export::ExportInfo;
+use crate::export::{Endpoint, ExportInfo};
 use crate::ops::export::{DEFAULT_LIFETIME, ExportSpec, MAX_LIFETIME};
 use crate::ops::prune::{Prune, PruneOutcome};
 use crate::retention::Policy;
@@ -61,7 +61,14 @@ pub(super) fn parse_export(r: pb::ExportVmBackupRequest) -> Result<ExportSpec> {
         }
         s => std::time::Duration::from_secs(u64::from(s)),
     };
-    Ok(ExportSpec { group, volume, storage, name, lifetime })
+    let listen =
+        match r.listen_address.as_str() {
+            "" => None,
+            a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+                AgentError::invalid("listenAddress", format!("{} is not ip:port", validate::shorten(a)))
+            })?),
+        };
+    Ok(ExportSpec { group, volume, storage, name, lifetime, listen })
 }
 
 /// The inventory of a running export.
@@ -73,7 +80,14 @@ pub fn export_inventory(e: ExportInfo) -> pb::VmBackupExportInventory {
         volume_uuid: e.volume_uuid,
         backup_storage_uuid: e.storage_uuid,
         export_name: e.name,
-        socket_path: e.socket.display().to_string(),
+        socket_path: match &e.endpoint {
+            Endpoint::Unix(s) => s.display().to_string(),
+            Endpoint::Tcp(_) => String::new(),
+        },
+        tcp_address: match &e.endpoint {
+            Endpoint::Tcp(a) => a.to_string(),
+            Endpoint::Unix(_) => String::new(),
+        },
         size: i64::try_from(e.size).unwrap_or(i64::MAX),
         create_date: timestamp(e.created),
         expire_date: timestamp(e.expires),

@@ -1,22 +1,27 @@
 //! Volume backups served as read-only disks (NBD), at once, without a restore: an export
-//! fetches the chunks a reader touches ([`disk`]) and speaks NBD on a Unix socket
-//! ([`nbd_server`]). `qemu-img`, `qemu-nbd`, `nbdcopy` or a VM (`-blockdev
+//! fetches the chunks a reader touches ([`disk`]) and speaks NBD on a Unix socket or over
+//! TCP with TLS ([`nbd_server`]). `qemu-img`, `qemu-nbd`, `nbdcopy` or a VM (`-blockdev
 //! driver=nbd,...`) read it as they read a local disk.
 //!
 //! Each export is a task of its own with a lifetime; the registry here lists and stops
 //! them. Sockets live in the agent's runtime directory (`<data_dir>/run/exports/`, mode
 //! 0700, each socket 0600): only root on the host reads an export, as only root reads the
-//! host's volumes. An export holds no store session and writes nothing.
+//! host's volumes. A TCP export is served only inside TLS, to clients whose certificate
+//! chains to the configured client CA ([`tls`]): NBD has no other authentication. An export
+//! holds no store session and writes nothing.
 
 pub mod disk;
 pub mod nbd_server;
+pub mod tls;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use disk::BackupDisk;
@@ -34,8 +39,8 @@ pub struct ExportInfo {
     pub storage_uuid: String,
     /// NBD export name.
     pub name: String,
-    /// The Unix socket.
-    pub socket: PathBuf,
+    /// Where it is served.
+    pub endpoint: Endpoint,
     /// Bytes.
     pub size: u64,
     /// Unix milliseconds.
@@ -44,10 +49,71 @@ pub struct ExportInfo {
     pub expires: i64,
 }
 
+/// Where an export is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix socket (mode 0600).
+    Unix(PathBuf),
+    /// A TCP address, TLS only.
+    Tcp(SocketAddr),
+}
+
 impl ExportInfo {
-    /// `nbd+unix:///<name>?socket=<path>`.
+    /// `nbd+unix:///<name>?socket=<path>`, or `nbds://<host>:<port>/<name>` over TCP.
     pub fn uri(&self) -> String {
-        format!("nbd+unix:///{}?socket={}", self.name, self.socket.display())
+        match &self.endpoint {
+            Endpoint::Unix(socket) => format!("nbd+unix:///{}?socket={}", self.name, socket.display()),
+            Endpoint::Tcp(addr) => format!("nbds://{addr}/{}", self.name),
+        }
+    }
+}
+
+/// A bound listener of an export.
+pub enum Listener {
+    /// On a Unix socket.
+    Unix(UnixListener),
+    /// On TCP, TLS only.
+    Tcp(TcpListener, TlsAcceptor),
+}
+
+impl Listener {
+    /// Accepts the next connection and serves it (spawned) until it ends or `stop`.
+    async fn accept_and_serve(
+        &self,
+        name: &str,
+        disk: &Arc<BackupDisk>,
+        stop: &CancellationToken,
+    ) -> std::io::Result<()> {
+        let (disk, name, stop) = (disk.clone(), name.to_string(), stop.clone());
+        let served = |r: Result<(), nbd_server::ServeError>| {
+            if let Err(e) = r {
+                tracing::info!(error = %e, "NBD connection ended");
+            }
+        };
+        match self {
+            Listener::Unix(l) => {
+                let (conn, _) = l.accept().await?;
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        r = nbd_server::serve(conn, &name, disk, None) => served(r),
+                    }
+                });
+            }
+            Listener::Tcp(l, acceptor) => {
+                let (conn, peer) = l.accept().await?;
+                let _ = conn.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    tracing::info!(%peer, "NBD client connected over TCP");
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        r = nbd_server::serve(conn, &name, disk, Some(&acceptor)) => served(r),
+                    }
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -92,14 +158,14 @@ impl Exports {
     }
 
     /// Serves `disk` on `listener` as `info` describes, until stopped or `lifetime` ends;
-    /// the socket file goes with it.
-    pub fn start(&self, info: ExportInfo, disk: Arc<BackupDisk>, listener: UnixListener, lifetime: Duration) {
+    /// a socket file goes with it.
+    pub fn start(&self, info: ExportInfo, disk: Arc<BackupDisk>, listener: Listener, lifetime: Duration) {
         let stop = CancellationToken::new();
         self.lock().insert(info.uuid.clone(), Running { info: info.clone(), stop: stop.clone() });
         let registry = self.clone();
         let span = tracing::info_span!("export", id = %info.uuid, name = %info.name);
         let task = async move {
-            tracing::info!(socket = %info.socket.display(), size = info.size, "NBD export serving");
+            tracing::info!(uri = %info.uri(), size = info.size, "NBD export serving");
             let deadline = tokio::time::sleep(lifetime);
             tokio::pin!(deadline);
             loop {
@@ -109,18 +175,8 @@ impl Exports {
                         tracing::info!("export lifetime ended");
                         break;
                     }
-                    accepted = listener.accept() => match accepted {
-                        Ok((conn, _)) => {
-                            let (disk, name, stop) = (disk.clone(), info.name.clone(), stop.clone());
-                            tokio::spawn(async move {
-                                tokio::select! {
-                                    () = stop.cancelled() => {}
-                                    r = nbd_server::serve(conn, &name, disk) => if let Err(e) = r {
-                                        tracing::info!(error = %e, "NBD connection ended");
-                                    }
-                                }
-                            });
-                        }
+                    accepted = listener.accept_and_serve(&info.name, &disk, &stop) => match accepted {
+                        Ok(()) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "NBD accept failed");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -129,7 +185,9 @@ impl Exports {
                 }
             }
             stop.cancel();
-            let _ = std::fs::remove_file(&info.socket);
+            if let Endpoint::Unix(socket) = &info.endpoint {
+                let _ = std::fs::remove_file(socket);
+            }
             registry.lock().remove(&info.uuid);
             tracing::info!("NBD export stopped");
         };

@@ -8,6 +8,11 @@
 //! requests 32 MiB. Requests of one connection are answered in order; a client opens several
 //! connections for parallel reads (the export allows multi-conn: it never changes).
 //!
+//! Over TCP the server is TLS-only (the NBD protocol's "TLS-only mode"): before
+//! `NBD_OPT_STARTTLS` every option but ABORT is answered `NBD_REP_ERR_TLS_REQD` (and
+//! EXPORT_NAME, which has no error reply, ends the connection); after it, the handshake goes
+//! on inside TLS as on a Unix socket. Unix-socket exports answer STARTTLS `NBD_REP_ERR_UNSUP`.
+//!
 //! Wire format (big-endian), as in the NBD protocol document and `crate::qemu::nbd` (the
 //! client side).
 
@@ -31,6 +36,7 @@ const CLIENT_NO_ZEROES: u32 = 2;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -43,6 +49,7 @@ const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
 const INFO_EXPORT: u16 = 0;
@@ -109,20 +116,33 @@ struct Conn<S> {
     s: S,
     name: String,
     disk: Arc<BackupDisk>,
+    /// Whether the connection runs inside TLS.
+    tls: bool,
 }
 
 fn protocol(m: impl Into<String>) -> ServeError {
     ServeError::Protocol(m.into())
 }
 
-/// Serves one client connection until it disconnects.
+/// Serves one client connection until it disconnects; with `tls`, only inside TLS.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     s: S,
     name: &str,
     disk: Arc<BackupDisk>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> Result<(), ServeError> {
-    let mut c = Conn { s, name: name.to_string(), disk };
-    let Some(session) = c.handshake().await? else { return Ok(()) };
+    let mut c = Conn { s, name: name.to_string(), disk, tls: false };
+    let no_zeroes = c.greet().await?;
+    let Some(acceptor) = tls else {
+        let Some(session) = c.handshake(no_zeroes).await? else { return Ok(()) };
+        return c.transmission(session).await;
+    };
+    if !c.until_starttls().await? {
+        return Ok(());
+    }
+    let s = acceptor.accept(c.s).await.map_err(|e| protocol(format!("TLS handshake: {e}")))?;
+    let mut c = Conn { s, name: c.name, disk: c.disk, tls: true };
+    let Some(session) = c.handshake(no_zeroes).await? else { return Ok(()) };
     c.transmission(session).await
 }
 
@@ -142,33 +162,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    /// Returns None when the client aborted or left during the handshake.
-    async fn handshake(&mut self) -> Result<Option<Session>, ServeError> {
+    /// Sends the server's greeting and reads the client's flags; returns whether the client
+    /// asked for no zero padding.
+    async fn greet(&mut self) -> Result<bool, ServeError> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         self.s.write_all(&hello).await?;
         let client_flags = self.s.read_u32().await?;
-        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        Ok(client_flags & CLIENT_NO_ZEROES != 0)
+    }
+
+    /// The next option and its data (bounded); None when the client left.
+    async fn next_option(&mut self) -> Result<Option<(u32, Vec<u8>)>, ServeError> {
+        let magic = match self.s.read_u64().await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if magic != IHAVEOPT {
+            return Err(protocol(format!("option magic {magic:#x}")));
+        }
+        let option = self.s.read_u32().await?;
+        let len = self.s.read_u32().await?;
+        if len > MAX_OPTION {
+            return Err(protocol(format!("option {option} carries {len} bytes (at most {MAX_OPTION})")));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).await?;
+        Ok(Some((option, data)))
+    }
+
+    /// Options before TLS: only STARTTLS (true: start TLS now) and ABORT are served.
+    async fn until_starttls(&mut self) -> Result<bool, ServeError> {
+        loop {
+            let Some((option, _)) = self.next_option().await? else { return Ok(false) };
+            match option {
+                OPT_STARTTLS => {
+                    self.reply(option, REP_ACK, &[]).await?;
+                    return Ok(true);
+                }
+                OPT_ABORT => {
+                    self.reply(option, REP_ACK, &[]).await?;
+                    return Ok(false);
+                }
+                // No error reply exists for this option: the connection just ends.
+                OPT_EXPORT_NAME => return Ok(false),
+                _ => self.reply(option, REP_ERR_TLS_REQD, b"this export is served over TLS only").await?,
+            }
+        }
+    }
+
+    /// Option haggling; returns None when the client aborted or left.
+    async fn handshake(&mut self, no_zeroes: bool) -> Result<Option<Session>, ServeError> {
         let mut session = Session::default();
         loop {
-            let magic = match self.s.read_u64().await {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            if magic != IHAVEOPT {
-                return Err(protocol(format!("option magic {magic:#x}")));
-            }
-            let option = self.s.read_u32().await?;
-            let len = self.s.read_u32().await?;
-            if len > MAX_OPTION {
-                return Err(protocol(format!("option {option} carries {len} bytes (at most {MAX_OPTION})")));
-            }
-            let mut data = vec![0u8; len as usize];
-            self.s.read_exact(&mut data).await?;
+            let Some((option, data)) = self.next_option().await? else { return Ok(None) };
             match option {
+                OPT_STARTTLS if self.tls => self.reply(option, REP_ERR_INVALID, b"TLS is already on").await?,
+                OPT_STARTTLS => {
+                    self.reply(option, REP_ERR_UNSUP, b"this export is served on a Unix socket, without TLS").await?
+                }
                 OPT_EXPORT_NAME => {
                     if String::from_utf8_lossy(&data) != self.name {
                         // This option has no error reply: the connection just ends.

@@ -10,8 +10,8 @@ use vmbackup_proto::index::VolumeIndex;
 use super::Ops;
 use crate::catalog::now_millis;
 use crate::error::{AgentError, ErrorKind, Result};
-use crate::export::ExportInfo;
 use crate::export::disk::BackupDisk;
+use crate::export::{Endpoint, ExportInfo, Listener};
 use crate::storage::ChunkReader;
 
 /// Default lifetime of an export.
@@ -32,6 +32,8 @@ pub struct ExportSpec {
     pub name: Option<String>,
     /// How long it serves.
     pub lifetime: Duration,
+    /// A TCP address to serve on (TLS only); None: a Unix socket.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Ops {
@@ -63,6 +65,51 @@ impl Ops {
                 AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", backup.uuid))
             })?;
         let uuid = uuid::Uuid::new_v4().simple().to_string();
+        let (endpoint, listener) = match spec.listen {
+            Some(addr) => self.tcp_listener(addr).await?,
+            None => self.unix_listener(&uuid)?,
+        };
+        let now = now_millis();
+        let info = ExportInfo {
+            uuid,
+            group_uuid: spec.group.clone(),
+            volume_uuid: spec.volume.clone(),
+            storage_uuid: spec.storage.clone(),
+            name: spec.name.clone().unwrap_or_else(|| spec.volume.clone()),
+            endpoint,
+            size: ix.virtual_size,
+            created: now,
+            expires: now.saturating_add(i64::try_from(spec.lifetime.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let label = format!("volume backup {}", backup.uuid);
+        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label, key));
+        self.exports.start(info.clone(), disk, listener, spec.lifetime);
+        Ok(info)
+    }
+
+    /// A TCP listener on `addr` with the configured TLS; refused without it.
+    async fn tcp_listener(&self, addr: std::net::SocketAddr) -> Result<(Endpoint, Listener)> {
+        let config = self.live.exports();
+        let (Some(cert), Some(key), Some(ca)) = (&config.tls_cert, &config.tls_key, &config.tls_client_ca) else {
+            return Err(AgentError::invalid(
+                "listenAddress",
+                "exports over TCP need TLS with client certificates: set [exports] tls_cert, tls_key and \
+                 tls_client_ca in the agent's configuration (NBD has no other authentication)",
+            ));
+        };
+        let acceptor = crate::export::tls::acceptor(cert, key, ca)
+            .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("export TLS: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::invalid("listenAddress", format!("binding {addr}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| AgentError::new(ErrorKind::Internal, format!("address of the listener on {addr}: {e}")))?;
+        Ok((Endpoint::Tcp(bound), Listener::Tcp(listener, acceptor)))
+    }
+
+    /// A Unix socket (0600) in the runtime directory (0700).
+    fn unix_listener(&self, uuid: &str) -> Result<(Endpoint, Listener)> {
         let dir = self.runtime_dir.join("exports");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -75,21 +122,6 @@ impl Ops {
             .map_err(|e| AgentError::new(ErrorKind::Internal, format!("binding {}: {e}", socket.display())))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| AgentError::new(ErrorKind::Internal, format!("chmod {}: {e}", socket.display())))?;
-        let now = now_millis();
-        let info = ExportInfo {
-            uuid,
-            group_uuid: spec.group.clone(),
-            volume_uuid: spec.volume.clone(),
-            storage_uuid: spec.storage.clone(),
-            name: spec.name.clone().unwrap_or_else(|| spec.volume.clone()),
-            socket,
-            size: ix.virtual_size,
-            created: now,
-            expires: now.saturating_add(i64::try_from(spec.lifetime.as_millis()).unwrap_or(i64::MAX)),
-        };
-        let label = format!("volume backup {}", backup.uuid);
-        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label, key));
-        self.exports.start(info.clone(), disk, listener, spec.lifetime);
-        Ok(info)
+        Ok((Endpoint::Unix(socket), Listener::Unix(listener)))
     }
 }

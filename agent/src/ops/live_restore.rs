@@ -79,6 +79,7 @@ impl Ops {
                 storage: r.storage.clone(),
                 name: None,
                 lifetime: MAX_LIFETIME,
+                listen: None,
             };
             let info = match self.export_backup(spec).await {
                 Ok(i) => i,

@@ -11,7 +11,8 @@ use crate::{Auth, rpc_error};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ExportCommand {
-    /// Serve one volume backup of a group; prints its nbd+unix:// URI.
+    /// Serve one volume backup of a group; prints its nbd+unix:// (or, with --listen,
+    /// nbds://) URI.
     Start {
         /// Backup group uuid.
         #[arg(long)]
@@ -28,6 +29,10 @@ pub(crate) enum ExportCommand {
         /// Seconds it serves (default an hour, at most a week).
         #[arg(long, default_value_t = 0)]
         lifetime: u32,
+        /// Serve over TCP on ip:port (port 0: any), TLS with client certificates only
+        /// (the agent's [exports] settings); default: a Unix socket.
+        #[arg(long, default_value = "")]
+        listen: String,
     },
     /// List running exports.
     List,
@@ -52,13 +57,14 @@ fn table(exports: &[pb::VmBackupExportInventory]) -> Table {
 pub(crate) async fn run(cmd: ExportCommand, channel: Channel, auth: Auth, json: bool) -> anyhow::Result<()> {
     let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
     match cmd {
-        ExportCommand::Start { group, volume, storage, name, lifetime } => {
+        ExportCommand::Start { group, volume, storage, name, lifetime, listen } => {
             let req = pb::ExportVmBackupRequest {
                 group_uuid: group,
                 volume_uuid: volume,
                 backup_storage_uuid: storage,
                 export_name: name,
                 lifetime_seconds: lifetime,
+                listen_address: listen,
             };
             let e = c.export_vm_backup(req).await.map_err(rpc_error)?.into_inner();
             if json {
