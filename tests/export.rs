@@ -41,16 +41,25 @@ async fn export(c: &mut common::BackupClient, group: &str, bs: &str) -> pb::VmBa
     .into_inner()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_exported_backup_reads_identical_keeps_its_holes_and_never_returns_damaged_data() {
+/// A store, an agent, and a backup of the sparse image on it.
+struct Backed {
+    dir: tempfile::TempDir,
+    img: std::path::PathBuf,
+    store: common::Daemon,
+    agent: common::Daemon,
+    bs: String,
+    group: String,
+}
+
+async fn backed_up() -> Backed {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("root.raw");
     sparse_image(&img);
     let store = start_store(dir.path(), "s");
     let agent = start_agent(dir.path(), AgentOptions::default());
     let bs = common::add_storage(&agent, &store, "s").await;
-    let mut c = common::backup_client(&agent).await;
-    let group = c
+    let group = common::backup_client(&agent)
+        .await
         .create_vm_backup(pb::CreateVmBackupRequest {
             root_volume_uuid: ROOT.into(),
             backup_storage_uuid: bs.clone(),
@@ -64,6 +73,13 @@ async fn an_exported_backup_reads_identical_keeps_its_holes_and_never_returns_da
         .inventories[0]
         .group_uuid
         .clone();
+    Backed { dir, img, store, agent, bs, group }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exported_backup_reads_identical_keeps_its_holes_and_never_returns_damaged_data() {
+    let Backed { dir: _dir, img, store, agent, bs, group } = backed_up().await;
+    let mut c = common::backup_client(&agent).await;
 
     let e = export(&mut c, &group, &bs).await;
     assert_eq!(e.size, 8 << 20);
@@ -189,27 +205,8 @@ fn qemu_img_tls(creds: &Path, command: &str, args: &[&str]) -> std::process::Out
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tcp_export_is_served_only_inside_tls_to_clients_the_site_ca_signed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    sparse_image(&img);
-    let store = start_store(dir.path(), "s");
-    let mut agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = common::add_storage(&agent, &store, "s").await;
+    let Backed { dir, img, store: _store, mut agent, bs, group } = backed_up().await;
     let mut c = common::backup_client(&agent).await;
-    let group = c
-        .create_vm_backup(pb::CreateVmBackupRequest {
-            root_volume_uuid: ROOT.into(),
-            backup_storage_uuid: bs.clone(),
-            name: "x".into(),
-            vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
-            ..Default::default()
-        })
-        .await
-        .expect("backup")
-        .into_inner()
-        .inventories[0]
-        .group_uuid
-        .clone();
     let tcp = |listen: &str| pb::ExportVmBackupRequest {
         group_uuid: group.clone(),
         volume_uuid: ROOT.into(),
