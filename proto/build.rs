@@ -33,11 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes(BYTES_FIELDS);
     // `prost::Name` on every message: the agent's REST edge finds a reply's descriptor by it.
     config.enable_type_names();
-    tonic_prost_build::configure().file_descriptor_set_path(&descriptor_path).compile_with_config(
-        config,
-        PROTOS,
-        &["."],
-    )?;
+    // Malformed requests are INVALID_ARGUMENT, not tonic's INTERNAL (`src/codec.rs`).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
+        .file_descriptor_set_path(&descriptor_path)
+        .compile_with_config(config, PROTOS, &["."])?;
 
     let descriptors = std::fs::read(&descriptor_path)?;
     // Every field is emitted, defaults included, as ZStack's inventories show them (an

@@ -12,6 +12,7 @@
 //! the client-side encryption they share.
 
 pub mod blob;
+pub mod codec;
 pub mod digest;
 pub mod format_error;
 pub mod index;

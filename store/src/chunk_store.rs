@@ -469,7 +469,10 @@ impl ChunkStore {
         if is_index_name(name) {
             Ok(())
         } else {
-            Err(StoreError::new(ErrorKind::InvalidArgument, format!("index name {name:?} is not <32 hex>.vidx")))
+            Err(StoreError::new(
+                ErrorKind::InvalidArgument,
+                format!("index name {} is not <32 hex>.vidx", crate::error::shorten(name)),
+            ))
         }
     }
 

@@ -89,3 +89,15 @@ impl From<vmbackup_proto::FormatError> for StoreError {
         StoreError::new(ErrorKind::Corrupt, e.to_string())
     }
 }
+
+/// A value a caller sent, quoted for an error message and cut to 80 characters: a status
+/// echoing a megabyte of input would not fit in the reply's headers.
+pub fn shorten(value: &str) -> String {
+    const MAX: usize = 80;
+    if value.chars().count() <= MAX {
+        format!("{value:?}")
+    } else {
+        let cut: String = value.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    }
+}

@@ -20,7 +20,10 @@ fn group_name(uuid: &str) -> Result<String> {
     if uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(format!("{}.json", uuid.to_ascii_lowercase()))
     } else {
-        Err(StoreError::new(ErrorKind::InvalidArgument, format!("group uuid {uuid:?} is not 32 hex digits")))
+        Err(StoreError::new(
+            ErrorKind::InvalidArgument,
+            format!("groupUuid {} is not 32 hex digits", crate::error::shorten(uuid)),
+        ))
     }
 }
 

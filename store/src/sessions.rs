@@ -126,7 +126,7 @@ impl Sessions {
         let not_open = || {
             StoreError::new(
                 ErrorKind::NotFound,
-                format!("session {id:?} is not open (closed, expired or the store restarted)"),
+                format!("session {} is not open (closed, expired or the store restarted)", crate::error::shorten(id)),
             )
         };
         let renew = {

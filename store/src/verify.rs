@@ -98,7 +98,10 @@ impl ChunkStore {
             let want: HashSet<String> = groups.iter().map(|g| g.to_ascii_lowercase()).collect();
             let sel: Vec<_> = all.iter().filter(|g| want.contains(&g.manifest.group_uuid)).collect();
             if let Some(unknown) = want.iter().find(|w| !sel.iter().any(|g| &g.manifest.group_uuid == *w)) {
-                return Err(StoreError::new(ErrorKind::NotFound, format!("group {unknown} not found")));
+                return Err(StoreError::new(
+                    ErrorKind::NotFound,
+                    format!("group {} not found (groupUuids)", crate::error::shorten(unknown)),
+                ));
             }
             sel
         };

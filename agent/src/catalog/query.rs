@@ -10,6 +10,7 @@
 //! always bound as SQL parameters, never spliced into the statement, so a value such as
 //! `x' OR 1=1 --` is just a string that matches nothing.
 
+use crate::validate::shorten;
 use std::fmt;
 
 use rusqlite::types::Value;
@@ -170,7 +171,10 @@ pub fn parse_condition(text: &str) -> Result<Condition, QueryError> {
         trimmed.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')).unwrap_or(trimmed.len());
     let (field, rest) = trimmed.split_at(name_len);
     if field.is_empty() {
-        return Err(err("conditions", format!("malformed condition {text:?}: it must start with a field name")));
+        return Err(err(
+            "conditions",
+            format!("malformed condition {}: it must start with a field name", shorten(text)),
+        ));
     }
     let word = rest.trim();
     if word.eq_ignore_ascii_case("is null") {
@@ -187,7 +191,9 @@ pub fn parse_condition(text: &str) -> Result<Condition, QueryError> {
     Err(err(
         "conditions",
         format!(
-            "malformed condition {text:?}: expected an operator (=, !=, >, <, >=, <=, ?=, !?=, ~=, !~=, is null, not null) after {field:?}"
+            "malformed condition {}: expected an operator (=, !=, >, <, >=, <=, ?=, !?=, ~=, !~=, is null, not null) after {}",
+            shorten(text),
+            shorten(field)
         ),
     ))
 }
@@ -215,7 +221,7 @@ impl Schema {
     fn field(&self, name: &str, request_field: &'static str) -> Result<&Field, QueryError> {
         self.fields.iter().find(|f| f.name == name).ok_or_else(|| {
             let known: Vec<_> = self.fields.iter().map(|f| f.name).collect();
-            err(request_field, format!("unknown field {name:?}; queryable fields are {}", known.join(", ")))
+            err(request_field, format!("unknown field {}; queryable fields are {}", shorten(name), known.join(", ")))
         })
     }
 
@@ -241,7 +247,7 @@ impl Schema {
         let direction = match params.sort_direction.to_ascii_lowercase().as_str() {
             "" | "asc" => "ASC",
             "desc" => "DESC",
-            other => return Err(err("sortDirection", format!("{other:?} is not asc or desc"))),
+            other => return Err(err("sortDirection", format!("{} is not asc or desc", shorten(other)))),
         };
         // The key breaks ties so that paging with start/limit is stable.
         let order_sql = format!("ORDER BY t.{} {direction}, t.{} ASC", field.column, self.key);
@@ -274,8 +280,9 @@ impl Schema {
         text: &str,
         values: &mut Vec<Value>,
     ) -> Result<String, QueryError> {
-        let typed =
-            |raw: &str| typed_value(field.ty, raw).map_err(|m| err("conditions", format!("condition {text:?}: {m}")));
+        let typed = |raw: &str| {
+            typed_value(field.ty, raw).map_err(|m| err("conditions", format!("condition {}: {m}", shorten(text))))
+        };
         let list = |raw: &str| -> Result<Vec<Value>, QueryError> { raw.split(',').map(|v| typed(v.trim())).collect() };
         let placeholders = |n: usize| vec!["?"; n].join(", ");
         match field.ty {
@@ -306,7 +313,8 @@ impl Schema {
                         return Err(err(
                             "conditions",
                             format!(
-                                "condition {text:?}: {} is a list; use =, !=, ?=, !?=, ~=, !~=, is null or not null",
+                                "condition {}: {} is a list; use =, !=, ?=, !?=, ~=, !~=, is null or not null",
+                                shorten(text),
                                 field.name
                             ),
                         ));
@@ -330,7 +338,8 @@ impl Schema {
                             return Err(err(
                                 "conditions",
                                 format!(
-                                    "condition {text:?}: ~= and !~= apply to text fields, {} is a number",
+                                    "condition {}: ~= and !~= apply to text fields, {} is a number",
+                                    shorten(text),
                                     field.name
                                 ),
                             ));
@@ -403,11 +412,16 @@ pub fn run_query<T>(
 fn typed_value(ty: FieldType, raw: &str) -> Result<Value, String> {
     match ty {
         FieldType::Text | FieldType::TextList { .. } => Ok(Value::Text(raw.to_string())),
-        FieldType::Int => {
-            raw.trim().parse::<i64>().map(Value::Integer).map_err(|_| format!("value {raw:?} is not an integer"))
-        }
+        FieldType::Int => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("value {} is not an integer", shorten(raw))),
         FieldType::Time => parse_time_millis(raw.trim()).map(Value::Integer).ok_or_else(|| {
-            format!("value {raw:?} is not a timestamp (RFC 3339, e.g. 2026-01-02T03:04:05Z, or Unix milliseconds)")
+            format!(
+                "value {} is not a timestamp (RFC 3339, e.g. 2026-01-02T03:04:05Z, or Unix milliseconds)",
+                shorten(raw)
+            )
         }),
     }
 }

@@ -65,7 +65,10 @@ impl StoreService {
         match owner {
             Some(o) if o.principal != p.name && !p.has(Role::Admin) => {
                 tracing::warn!(target: "audit", principal = %p.name, session = %id, owner = %o.principal, "denied: another principal's session");
-                Err(Status::permission_denied(format!("session {id} belongs to another principal")))
+                Err(Status::permission_denied(format!(
+                    "session {} belongs to another principal",
+                    crate::error::shorten(id)
+                )))
             }
             _ => Ok(()),
         }

@@ -428,7 +428,11 @@ impl ImageStore for StoreService {
     async fn verify(&self, r: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
         let p = self.admit(&r, Role::Admin, "verify").await?;
         let groups = r.into_inner().group_uuids;
-        let what = if groups.is_empty() { "every chunk".to_string() } else { groups.join(",") };
+        let what = if groups.is_empty() {
+            "every chunk".to_string()
+        } else {
+            groups.iter().map(|g| crate::error::shorten(g)).collect::<Vec<_>>().join(",")
+        };
         let res = self.run(move |s| s.verify(&groups)).await;
         audit(&p, "verify", &what, &res);
         let v = res?;

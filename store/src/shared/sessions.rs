@@ -68,7 +68,10 @@ pub(crate) fn check_session_id(id: &str) -> Result<()> {
     if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(())
     } else {
-        Err(StoreError::new(ErrorKind::NotFound, format!("session {id:?} is not open (not a session id)")))
+        Err(StoreError::new(
+            ErrorKind::NotFound,
+            format!("session {} is not open (not a session id)", crate::error::shorten(id)),
+        ))
     }
 }
 
