@@ -88,16 +88,9 @@ pub fn delete_mode(field: &'static str, value: &str) -> Result<DeleteMode> {
     }
 }
 
-/// Quotes a value for an error message, cut to a readable length.
-pub fn shorten(value: &str) -> String {
-    const MAX: usize = 80;
-    if value.chars().count() <= MAX {
-        format!("{value:?}")
-    } else {
-        let cut: String = value.chars().take(MAX).collect();
-        format!("{cut:?}…")
-    }
-}
+/// Quotes a value for an error message, cut to a readable length (the store's rule, so
+/// both daemons echo input alike).
+pub use vmbackup_store::error::shorten;
 
 /// The store endpoint `http[s]://host:port` for a host (bracketing IPv6 literals).
 pub fn endpoint_url(hostname: &str, port: u16, tls: bool) -> String {

@@ -10,8 +10,8 @@
 //! always bound as SQL parameters, never spliced into the statement, so a value such as
 //! `x' OR 1=1 --` is just a string that matches nothing.
 
-use crate::validate::shorten;
 use std::fmt;
+use vmbackup_store::error::shorten;
 
 use rusqlite::types::Value;
 
