@@ -232,6 +232,19 @@ async fn a_tcp_export_is_served_only_inside_tls_to_clients_the_site_ca_signed() 
     assert!(e.socket_path.is_empty(), "{e:?}");
     let port = e.tcp_address.strip_prefix("127.0.0.1:").expect("bound on loopback");
     assert_eq!(e.uri, format!("nbds://{}/{ROOT}", e.tcp_address));
+    // A peer that connects and never starts TLS is disconnected after the handshake
+    // deadline instead of holding the connection (awaited at the end).
+    let silent = {
+        let addr = e.tcp_address.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+            let mut greeting = [0u8; 18];
+            conn.read_exact(&mut greeting).await.expect("the server's greeting");
+            let mut rest = Vec::new();
+            tokio::time::timeout(std::time::Duration::from_secs(120), conn.read_to_end(&mut rest)).await
+        })
+    };
     let image = format!("driver=nbd,host=127.0.0.1,port={port},export={ROOT},tls-creds=tls0");
     let source = format!("driver=raw,file.driver=file,file.filename={}", p(&img));
 
@@ -266,4 +279,6 @@ async fn a_tcp_export_is_served_only_inside_tls_to_clients_the_site_ca_signed() 
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(logged, "the agent logs the refused handshake: {}", agent.log_text());
+    let closed = silent.await.expect("silent peer");
+    assert!(matches!(closed, Ok(Ok(0))), "a silent peer is disconnected: {closed:?}");
 }

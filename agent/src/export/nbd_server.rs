@@ -86,6 +86,8 @@ const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const EOVERFLOW: u32 = 75;
 
+/// How long a TCP client may take from connecting to a finished TLS handshake.
+const TLS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Largest option payload read.
 const MAX_OPTION: u32 = 64 << 10;
 /// Largest READ (and WRITE payload drained) served.
@@ -131,17 +133,29 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     disk: Arc<BackupDisk>,
     tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> Result<(), ServeError> {
-    let mut c = Conn { s, name: name.to_string(), disk, tls: false };
-    let no_zeroes = c.greet().await?;
+    let mut c = Conn { s, name: name.to_string(), disk: disk.clone(), tls: false };
     let Some(acceptor) = tls else {
+        let no_zeroes = c.greet().await?;
         let Some(session) = c.handshake(no_zeroes).await? else { return Ok(()) };
         return c.transmission(session).await;
     };
-    if !c.until_starttls().await? {
+    // Until its certificate is checked a TCP peer is nobody: it gets a bounded time to
+    // reach TLS, and cannot hold a connection open by never finishing.
+    let unauthenticated = async {
+        let no_zeroes = c.greet().await?;
+        if !c.until_starttls().await? {
+            return Ok(None);
+        }
+        let s = acceptor.accept(c.s).await.map_err(|e| protocol(format!("TLS handshake: {e}")))?;
+        Ok::<_, ServeError>(Some((s, no_zeroes)))
+    };
+    let Some((s, no_zeroes)) = tokio::time::timeout(TLS_DEADLINE, unauthenticated)
+        .await
+        .map_err(|_| protocol(format!("no TLS within {} s", TLS_DEADLINE.as_secs())))??
+    else {
         return Ok(());
-    }
-    let s = acceptor.accept(c.s).await.map_err(|e| protocol(format!("TLS handshake: {e}")))?;
-    let mut c = Conn { s, name: c.name, disk: c.disk, tls: true };
+    };
+    let mut c = Conn { s, name: name.to_string(), disk, tls: true };
     let Some(session) = c.handshake(no_zeroes).await? else { return Ok(()) };
     c.transmission(session).await
 }
