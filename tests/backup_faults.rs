@@ -251,3 +251,126 @@ async fn a_failed_commit_closes_the_store_session_and_gc_is_not_held_back() {
         .into_inner();
     assert_eq!((gc.chunks_removed, gc.chunks_kept), (chunks, 0), "{gc:?}");
 }
+
+/// Chunk files in a store's directory (readable while the store is down).
+fn chunk_files(store: &Daemon) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .map_or(0, |rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+    }
+    walk(&store.data_dir.join("chunks"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_restarted_mid_backup_is_waited_for_and_the_same_job_sends_only_what_it_lacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 16 << 20, 12, 9);
+    let mut store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "77777777777777777777777777777777";
+
+    // 12 MiB at 4 MiB/s; the store is killed after about a second and is back two later.
+    let mut c = backup_client(&agent).await;
+    let req = create(&v, &bs, resource, Some(4 << 20));
+    let running = tokio::spawn(async move { c.create_vm_backup(req).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.kill();
+    let kept = chunk_files(&store);
+    assert!(kept > 0 && kept < 12 * 16, "the store was killed mid-backup ({kept} chunks on disk)");
+    let mut w = backup_client(&agent)
+        .await
+        .watch_job(pb::WatchJobRequest { job_uuid: resource.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let waiting = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(p) = w.message().await.expect("progress") {
+            if p.message.contains("waiting for the Image Storage") {
+                return p;
+            }
+        }
+        panic!("the job ended without waiting for its store");
+    })
+    .await
+    .expect("the job says it waits for the store");
+    assert_eq!(waiting.state, "Running", "{waiting:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.restart();
+
+    // The same call succeeds: no retry by the caller.
+    let inv = running.await.expect("task").expect("the backup survived the store's restart").into_inner().inventories;
+    assert_eq!(inv[0].group_uuid, resource);
+    assert_eq!(groups(&store).await, vec![resource.to_string()]);
+    // The restarted store received exactly the chunks it lacked, each once.
+    let mut sc = common::store_client(&store).await;
+    let st = sc.status(spb::StatusRequest {}).await.expect("status").into_inner().counters.expect("counters");
+    assert_eq!(st.chunks_uploaded, 12 * 16 - kept, "only the chunks the store lacked were sent: {st:?}");
+    assert_eq!(st.chunks_already_present, 0, "nothing was sent twice: {st:?}");
+    assert_eq!(chunk_files(&store), 12 * 16);
+    let v = sc.verify(spb::VerifyRequest { group_uuids: vec![] }).await.expect("verify").into_inner();
+    assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty(), "{v:?}");
+    assert_eq!(settled_open_sessions(&store).await, 0, "the resumed session was closed");
+    // Chunks settled before the outage were asked about, not read again: a job that started
+    // over would have read the `kept` chunks' bytes twice.
+    let mut w = backup_client(&agent)
+        .await
+        .watch_job(pb::WatchJobRequest { job_uuid: resource.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let done = w.message().await.expect("progress").expect("final state");
+    assert_eq!(done.state, "Succeeded", "{done:?}");
+    let read = u64::try_from(done.bytes_read).expect("bytes read");
+    assert!(read >= 12 << 20 && read < (12 << 20) + kept * (64 << 10), "read {read} bytes ({kept} chunks kept)");
+
+    // And it restores identical.
+    let out = dir.path().join("restored.raw");
+    let mut c = backup_client(&agent).await;
+    c.restore_vm_backup(pb::RestoreVmBackupRequest {
+        group_uuid: resource.into(),
+        backup_storage_uuid: bs.clone(),
+        targets: vec![pb::RestoreTarget {
+            volume_uuid: "edc07fe8d8a335ec8aa00f23b88fc1c6".into(),
+            install_path: out.display().to_string(),
+            format: "raw".into(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    assert_eq!(std::fs::read(&out).expect("restored"), std::fs::read(&img).expect("image"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_stays_away_fails_the_backup_after_the_configured_wait_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 16 << 20, 12, 10);
+    let mut store = start_store(dir.path(), "store");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "store_outage_seconds = 3\n").expect("config");
+    let agent = start_agent(dir.path(), AgentOptions { config: Some(config), ..Default::default() });
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "88888888888888888888888888888888";
+    let mut c = backup_client(&agent).await;
+    let req = create(&v, &bs, resource, Some(4 << 20));
+    let running = tokio::spawn(async move { c.create_vm_backup(req).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.kill();
+    let started = std::time::Instant::now();
+    let e = running.await.expect("task").expect_err("the store never came back");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "the job waited for its store ({waited:?})");
+    assert!(e.message().contains("did not answer again within 3 s"), "{e:?}");
+    assert_eq!(common::zstack_code(&e), "SYS.1006", "{e:?}");
+    store.restart();
+    assert!(groups(&store).await.is_empty(), "nothing is visible");
+    // The caller's retry completes and sends only what the store lacks.
+    let before = chunk_files(&store);
+    backup_client(&agent).await.create_vm_backup(create(&v, &bs, resource, None)).await.expect("retry");
+    assert_eq!(chunks_uploaded(&store).await, 12 * 16 - before);
+}

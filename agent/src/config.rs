@@ -33,6 +33,11 @@ pub struct AgentConfig {
     pub volumes: VolumesConfig,
     /// On SIGTERM, how long running jobs may go on before they are cancelled, seconds.
     pub shutdown_grace_seconds: u64,
+    /// How long a running backup waits for an Image Storage that stopped answering (a
+    /// restart, a network cut) before it fails, seconds. Meanwhile it retries with backoff
+    /// and, once the store is back, resumes in a new session, sending only the chunks the
+    /// store lacks. 0: fail at once.
+    pub store_outage_seconds: u64,
     /// Where logs go: `auto` (journald under systemd, else text on stderr), `text`, `json`.
     pub log_format: String,
     /// Prometheus `/metrics` address (plain HTTP); absent: no metrics endpoint.
@@ -235,6 +240,7 @@ impl Default for AgentConfig {
             limits: HostLimits::default(),
             volumes: VolumesConfig::default(),
             shutdown_grace_seconds: 60,
+            store_outage_seconds: 300,
             log_level: "info".to_string(),
             log_format: "auto".to_string(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9870))),

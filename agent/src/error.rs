@@ -62,6 +62,9 @@ pub struct AgentError {
     field: Option<&'static str>,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// The Image Storage could not be reached or did not answer in time: the job may wait
+    /// for it to come back (see [`AgentError::is_store_outage`]).
+    store_outage: bool,
 }
 
 /// Result with [`AgentError`].
@@ -70,7 +73,7 @@ pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 impl AgentError {
     /// A new error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, code: None, field: None, message: message.into(), source: None }
+        Self { kind, code: None, field: None, message: message.into(), source: None, store_outage: false }
     }
 
     /// A bad request field; the message should say what was wrong with it.
@@ -119,6 +122,19 @@ impl AgentError {
     /// ZStack code and description.
     pub fn zstack_code(&self) -> (&'static str, &'static str) {
         self.code.unwrap_or_else(|| self.kind.zstack_code())
+    }
+
+    /// Marks an error of a call to an Image Storage: when its kind says the store was
+    /// unreachable or silent (not a refusal), a job may wait for the store and resume.
+    pub fn from_store(mut self) -> Self {
+        self.store_outage = matches!(self.kind, ErrorKind::Unavailable | ErrorKind::Timeout);
+        self
+    }
+
+    /// Whether this is an Image Storage that could not be reached or did not answer in
+    /// time (a restart, a network cut), as opposed to a refusal or a local failure.
+    pub fn is_store_outage(&self) -> bool {
+        self.store_outage
     }
 
     /// Whether retrying the same call later can succeed.
@@ -182,7 +198,14 @@ impl AgentError {
     /// The same error without its source, for a second party to hold (a joined job, a
     /// batch of waiters): kind, code, field and message are kept.
     pub fn detached(&self) -> Self {
-        Self { kind: self.kind, code: self.code, field: self.field, message: self.message.clone(), source: None }
+        Self {
+            kind: self.kind,
+            code: self.code,
+            field: self.field,
+            message: self.message.clone(),
+            source: None,
+            store_outage: self.store_outage,
+        }
     }
 }
 

@@ -33,6 +33,7 @@ struct Values {
     volume_path_patterns: Arc<Vec<String>>,
     retention: Arc<std::collections::BTreeMap<String, crate::config::RetentionConfig>>,
     exports: Arc<crate::config::ExportsConfig>,
+    store_outage: std::time::Duration,
 }
 
 /// The live settings.
@@ -77,6 +78,7 @@ impl Live {
             volume_path_patterns: Arc::new(config.volumes.volume_path_patterns.clone()),
             retention: Arc::new(config.retention.clone()),
             exports: Arc::new(config.exports.clone()),
+            store_outage: std::time::Duration::from_secs(config.store_outage_seconds),
         }))
     }
 
@@ -95,6 +97,12 @@ impl Live {
         v.volume_path_patterns = Arc::new(config.volumes.volume_path_patterns.clone());
         v.retention = Arc::new(config.retention.clone());
         v.exports = Arc::new(config.exports.clone());
+        v.store_outage = std::time::Duration::from_secs(config.store_outage_seconds);
+    }
+
+    /// How long a backup waits for an unreachable Image Storage (`store_outage_seconds`).
+    pub fn store_outage(&self) -> std::time::Duration {
+        self.read().store_outage
     }
 
     /// TLS settings of TCP exports.

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use vmbackup_proto::manifest::GroupManifest;
 
 use crate::error::{AgentError, ErrorKind, Result};
-use crate::model::BackupStatus;
 use crate::storage::registry::Registry;
 
 /// Removes a group from `storages` (every storage holding it when empty). The stores
@@ -83,18 +82,7 @@ pub async fn sync_storage(registry: &Registry, storage_uuid: &str) -> Result<(us
             );
             continue;
         }
-        let committed = super::Committed {
-            group_uuid: &manifest.group_uuid,
-            description: Some(manifest.description.clone()).filter(|d| !d.is_empty()),
-            chunk_size: manifest.chunk_size,
-            storage_uuid,
-            status: if g.damaged { BackupStatus::Damaged } else { BackupStatus::Ready },
-            when: manifest.created,
-            system_tags: &manifest.system_tags,
-            user_tags: &manifest.user_tags,
-        };
-        let records =
-            manifest.volumes.iter().map(|v| super::volume_record(v, &committed)).collect::<Result<Vec<_>>>()?;
+        let records = super::records_of(&manifest, storage_uuid, g.damaged)?;
         catalog.run(move |c| c.insert_volume_backups(&records)).await?;
         added += 1;
     }

@@ -11,6 +11,7 @@
 
 pub mod incremental;
 pub mod lifecycle;
+mod outage;
 mod pipeline;
 pub(crate) use pipeline::ZSTD_LEVEL;
 pub mod recover;
@@ -74,6 +75,8 @@ pub struct BackupRequest {
     /// The volume roots when the job started: every file a volume's image names (backing
     /// chain, data file) must lie beneath them before its data is read.
     pub roots: Arc<crate::roots::VolumeRoots>,
+    /// How long the job waits for its Image Storage to answer again after an outage.
+    pub store_outage: std::time::Duration,
 }
 
 /// One volume being backed up.
@@ -85,6 +88,19 @@ pub(crate) struct VolumeJob {
     pub(crate) dedup_bytes: std::sync::atomic::AtomicU64,
     /// Chunks an incremental may take from the previous index without reading.
     pub(crate) reuse: Option<incremental::Reuse>,
+    /// Which chunks are done, so an attempt after a store outage resumes.
+    pub(crate) ledger: outage::Ledger,
+    /// The store's chunk size.
+    pub(crate) chunk_size: u32,
+}
+
+impl VolumeJob {
+    /// Length of chunk `i` (the last one may be short).
+    pub(crate) fn chunk_len(&self, i: usize) -> u64 {
+        let cs = u64::from(self.chunk_size);
+        let offset = u64::try_from(i).unwrap_or(u64::MAX).saturating_mul(cs);
+        cs.min(self.source.virtual_size().saturating_sub(offset))
+    }
 }
 
 fn index_format(f: VolumeFormat) -> IndexFormat {
@@ -167,22 +183,115 @@ async fn run_offline(registry: &Registry, job: &Arc<Job>, req: BackupRequest) ->
 
 /// Backs up the VM's volume files as they are on disk: open every volume, write the chunks
 /// the store lacks in one session, then the indexes and, last, the manifest. The session
-/// is closed on every path (its guard closes it when an error drops it).
+/// is closed on every path (its guard closes it when an error drops it). When the store
+/// stops answering, the job waits for it and resumes (see [`outage`]).
 async fn run_files(registry: &Registry, job: &Arc<Job>, req: BackupRequest) -> Result<Vec<VolumeBackupRecord>> {
     if let Some(src) = &req.source {
         tracing::info!(job = %job.uuid, source = %src, "backup network: connecting to the store from this address");
         job.set_message(format!("backup network: {src}"));
     }
     let key = registry.chunk_key(&req.storage).await?;
+    let mut prepared = None;
+    let mut outage_since: Option<std::time::Instant> = None;
+    let mut attempt = 0u32;
+    loop {
+        let done_before = job.counters.done();
+        let err = match attempt_files(registry, job, &req, key.clone(), &mut prepared, attempt).await {
+            Ok(records) => return Ok(records),
+            Err(e) => e,
+        };
+        if !err.is_store_outage() || job.cancel.is_cancelled() {
+            return Err(err);
+        }
+        // The clock runs from the start of an outage; an attempt that got work done ends it.
+        if job.counters.done() > done_before {
+            outage_since = None;
+        }
+        let since = *outage_since.get_or_insert_with(std::time::Instant::now);
+        let waited = since.elapsed();
+        if waited >= req.store_outage {
+            return Err(AgentError::new(
+                err.kind(),
+                format!("{err} (the store did not answer again within {} s)", req.store_outage.as_secs()),
+            )
+            .from_store());
+        }
+        attempt += 1;
+        let pause = outage::backoff(attempt).min(req.store_outage - waited);
+        tracing::warn!(job = %job.uuid, error = %err, attempt, pause_ms = pause.as_millis(), "Image Storage unavailable; the backup waits and resumes");
+        job.set_message(format!(
+            "waiting for the Image Storage (attempt {attempt}, next in {} s): {err}",
+            pause.as_secs()
+        ));
+        tokio::select! {
+            _ = job.cancel.cancelled() => {
+                return Err(AgentError::new(ErrorKind::Cancelled, "cancelled while waiting for the Image Storage; no group was created"));
+            }
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// What the first attempt opened and later attempts keep: the volumes with their ledgers,
+/// the previous backup's digests and the store's chunk size.
+struct Prepared {
+    volumes: Vec<Arc<VolumeJob>>,
+    known: Arc<std::collections::HashSet<vmbackup_proto::Digest>>,
+    chunk_size: u32,
+}
+
+/// One attempt at the store part of a backup (attempt 0 opens the volumes; later ones
+/// resume from the ledger).
+async fn attempt_files(
+    registry: &Registry,
+    job: &Arc<Job>,
+    req: &BackupRequest,
+    key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
+    prepared: &mut Option<Prepared>,
+    attempt: u32,
+) -> Result<Vec<VolumeBackupRecord>> {
     let (store, status) = registry.open_store(&req.storage, req.source.as_ref()).await?;
-    let chunk_size = status.chunk_size;
-    let previous = incremental::previous_indexes(registry.catalog(), &*store, &req).await;
-    let known = incremental::known(&previous);
-    let volumes = open_volumes(&req, job, chunk_size, previous).await?;
+    let p = match prepared {
+        Some(p) => {
+            if p.chunk_size != status.chunk_size {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "the Image Storage at {} came back with chunk size {} instead of {}",
+                        store.location(),
+                        status.chunk_size,
+                        p.chunk_size
+                    ),
+                ));
+            }
+            p
+        }
+        None => {
+            let chunk_size = status.chunk_size;
+            let previous = incremental::previous_indexes(registry.catalog(), &*store, req).await;
+            let known = incremental::known(&previous);
+            let volumes = open_volumes(req, job, chunk_size, previous).await?;
+            prepared.insert(Prepared { volumes, known, chunk_size })
+        }
+    };
+    if attempt > 0
+        && let Some(records) =
+            outage::committed_before(&*store, &req.storage.uuid, &req.group_uuid, key.as_deref()).await?
+    {
+        tracing::info!(group = %req.group_uuid, "the commit had reached the store before the outage");
+        let r = records.clone();
+        registry.catalog().run(move |c| c.insert_volume_backups(&r)).await?;
+        return Ok(records);
+    }
 
     let session = Session::open(store.clone(), &format!("vmbackup-agent group {}", req.group_uuid)).await?;
-    write_chunks(&req, job, &session, &volumes, known, chunk_size, key.clone()).await?;
-    let (manifest, records) = put_indexes(&req, &session, &volumes, chunk_size, key.as_deref()).await?;
+    if attempt > 0 {
+        let lacking = outage::recheck(&session, &p.volumes, &p.known).await?;
+        tracing::info!(job = %job.uuid, attempt, lacking, "resuming after the store outage");
+        job.set_message(format!("resumed after the store outage: {lacking} chunks to send again"));
+    }
+    write_chunks(req, job, &session, p, key.clone(), attempt > 0).await?;
+    let (manifest, records) = put_indexes(req, &session, &p.volumes, p.chunk_size, key.as_deref()).await?;
     if job.cancel.is_cancelled() {
         if let Err(e) = session.close().await {
             tracing::warn!(error = %e, "closing the store session of a cancelled backup failed; it expires with its TTL");
@@ -236,12 +345,15 @@ async fn open_volumes(
                             job.set_message(format!("full read: {why}"));
                             None
                         });
+                let chunks = usize::try_from(source.virtual_size().div_ceil(u64::from(chunk_size))).unwrap_or(0);
                 Ok(Arc::new(VolumeJob {
                     source,
                     index: std::sync::Mutex::new(index),
                     stored_bytes: Default::default(),
                     dedup_bytes: Default::default(),
                     reuse,
+                    ledger: outage::Ledger::new(chunks),
+                    chunk_size,
                 }))
             })
             .collect()
@@ -256,10 +368,9 @@ async fn write_chunks(
     req: &BackupRequest,
     job: &Arc<Job>,
     session: &Session,
-    volumes: &[Arc<VolumeJob>],
-    known: Arc<std::collections::HashSet<vmbackup_proto::Digest>>,
-    chunk_size: u32,
+    p: &Prepared,
     key: Option<Arc<vmbackup_proto::seal::ChunkKey>>,
+    resume: bool,
 ) -> Result<()> {
     let mounted = match &req.fs_info {
         Some(info) => {
@@ -279,13 +390,14 @@ async fn write_chunks(
     let outcome = pipeline::run(pipeline::Inputs {
         writer: Box::new(Metered::new(writer, req.network_limit.clone(), sent)),
         asker: pipeline::Asker::spawn(session.store().clone(), session.id().to_string()),
-        volumes: volumes.to_vec(),
-        known,
+        volumes: p.volumes.clone(),
+        known: p.known.clone(),
         parallelism: req.parallelism,
         read_limit: req.read_limit.clone(),
         job: job.clone(),
-        chunk_size,
+        chunk_size: p.chunk_size,
         key,
+        resume,
     })
     .await;
     if let Some(m) = mounted {
@@ -382,6 +494,25 @@ pub(crate) struct Committed<'a> {
     pub system_tags: &'a [String],
     /// The group's userTags.
     pub user_tags: &'a [String],
+}
+
+/// The catalog records of a committed group's volumes, from its (opened) manifest.
+pub(crate) fn records_of(
+    manifest: &GroupManifest,
+    storage_uuid: &str,
+    damaged: bool,
+) -> Result<Vec<VolumeBackupRecord>> {
+    let committed = Committed {
+        group_uuid: &manifest.group_uuid,
+        description: Some(manifest.description.clone()).filter(|d| !d.is_empty()),
+        chunk_size: manifest.chunk_size,
+        storage_uuid,
+        status: if damaged { BackupStatus::Damaged } else { BackupStatus::Ready },
+        when: manifest.created,
+        system_tags: &manifest.system_tags,
+        user_tags: &manifest.user_tags,
+    };
+    manifest.volumes.iter().map(|v| volume_record(v, &committed)).collect()
 }
 
 /// The catalog record of one committed volume backup, from its manifest entry.

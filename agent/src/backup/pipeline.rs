@@ -12,6 +12,7 @@ use vmbackup_proto::digest::is_all_zero;
 use vmbackup_proto::seal::ChunkKey;
 
 use super::VolumeJob;
+use super::outage::Settled;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
 use crate::storage::seam::PutStats;
@@ -35,6 +36,8 @@ pub(super) struct Inputs {
     pub chunk_size: u32,
     /// The storage's key: chunks are named by keyed BLAKE3 and sealed; None: plain.
     pub key: Option<Arc<ChunkKey>>,
+    /// A later attempt after a store outage: only the chunks the ledgers say are not done.
+    pub resume: bool,
 }
 
 /// A chunk that holds data somewhere in its range.
@@ -46,7 +49,21 @@ struct Task {
     len: u64,
 }
 
-/// Which chunks to read: those overlapping data extents. The others are zero in the index.
+/// The chunks a resumed attempt reads: those its ledgers say are not done.
+fn plan_resume(volumes: &[Arc<VolumeJob>], chunk_size: u32) -> Vec<Task> {
+    let cs = u64::from(chunk_size);
+    let mut tasks = Vec::new();
+    for (vi, v) in volumes.iter().enumerate() {
+        for ci in v.ledger.pending() {
+            let offset = u64::try_from(ci).unwrap_or(u64::MAX) * cs;
+            tasks.push(Task { volume: vi, chunk: ci, offset, len: v.chunk_len(ci) });
+        }
+    }
+    tasks
+}
+
+/// Which chunks to read: those overlapping data extents. The others are zero in the index
+/// and done in the ledger from the start.
 fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Result<Vec<Task>> {
     let cs = u64::from(chunk_size);
     let mut tasks = Vec::new();
@@ -74,6 +91,7 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
                 && let Some(d) = r.previous.get(ci)
             {
                 index.digests[ci] = *d;
+                v.ledger.set(ci, Settled::WithoutBytes);
                 if d.is_zero_chunk() {
                     Counters::add(&counters.zero, len);
                 } else {
@@ -85,6 +103,7 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
             if *want {
                 tasks.push(Task { volume: vi, chunk: ci, offset, len });
             } else {
+                v.ledger.set(ci, Settled::WithoutBytes);
                 Counters::add(&counters.zero, len);
             }
         }
@@ -93,16 +112,24 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
 }
 
 pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
-    let Inputs { writer, asker, volumes, known, parallelism, read_limit, job, chunk_size, key } = inputs;
+    let Inputs { writer, asker, volumes, known, parallelism, read_limit, job, chunk_size, key, resume } = inputs;
     let planning = volumes.clone();
     let counters = job.counters.clone();
-    let tasks = Arc::new(tokio::task::spawn_blocking(move || plan(&planning, chunk_size, &counters)).await??);
+    let tasks = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            if resume { Ok(plan_resume(&planning, chunk_size)) } else { plan(&planning, chunk_size, &counters) }
+        })
+        .await??,
+    );
     job.set_message(format!("{} chunks to read with {parallelism} workers", tasks.len()));
 
     let writer: Arc<Box<dyn ChunkWriter>> = Arc::new(writer);
     let asker = Arc::new(asker);
     let next = Arc::new(AtomicUsize::new(0));
     let claimed: Arc<Mutex<HashSet<Digest>>> = Arc::default();
+    // Stops this attempt's workers on the first error without cancelling the job, which
+    // may wait for its store and resume.
+    let stop = job.cancel.child_token();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..parallelism.max(1) {
         let w = Worker {
@@ -116,6 +143,7 @@ pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
             read_limit: read_limit.clone(),
             job: job.clone(),
             key: key.clone(),
+            stop: stop.clone(),
         };
         workers.spawn(w.run());
     }
@@ -125,7 +153,7 @@ pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
         if let Err(e) = r
             && first_error.is_none()
         {
-            job.cancel.cancel();
+            stop.cancel();
             first_error = Some(e);
         }
     }
@@ -211,6 +239,7 @@ struct Worker {
     read_limit: Throttle,
     job: Arc<Job>,
     key: Option<Arc<ChunkKey>>,
+    stop: tokio_util::sync::CancellationToken,
 }
 impl Worker {
     async fn run(self) -> Result<()> {
@@ -226,7 +255,7 @@ impl Worker {
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(&t) = self.tasks.get(i) else { return Ok(()) };
-            if self.job.cancel.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return Err(AgentError::new(ErrorKind::Cancelled, "the backup was cancelled"));
             }
             let len = usize::try_from(t.len).unwrap_or(usize::MAX);
@@ -246,6 +275,7 @@ impl Worker {
             let vj = &self.volumes[t.volume];
             let Some(name) = name else {
                 spare = plain;
+                vj.ledger.set(t.chunk, Settled::WithoutBytes);
                 Counters::add(&counters.zero, t.len);
                 continue;
             };
@@ -258,6 +288,7 @@ impl Worker {
                 spare = plain;
                 Counters::add(&counters.deduplicated, t.len);
                 vj.dedup_bytes.fetch_add(t.len, Ordering::Relaxed);
+                vj.ledger.set(t.chunk, Settled::WithoutBytes);
                 continue;
             }
             let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
@@ -270,6 +301,7 @@ impl Worker {
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
             self.writer.put(digest, blob.into()).await?;
             vj.stored_bytes.fetch_add(blob_len, Ordering::Relaxed);
+            vj.ledger.set(t.chunk, Settled::Stored(u32::try_from(blob_len).unwrap_or(u32::MAX)));
         }
     }
 }

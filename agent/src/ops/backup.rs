@@ -125,6 +125,7 @@ impl Ops {
                 now.saturating_add(s)
             }),
             roots: self.live.roots(),
+            store_outage: self.live.store_outage(),
         };
         let (registry, j) = (self.registry.clone(), job.clone());
         self.jobs

@@ -139,7 +139,9 @@ impl ImageStoreClient {
         let channel = connected.map_err(|e| {
             // ZStack's OPERATION_ERROR, as its own disconnected backup storages answer
             // (BS.1003 is its allocation error, not reachability).
-            AgentError::new(ErrorKind::Unavailable, format!("cannot reach Image Storage at {url}")).with_source(e)
+            AgentError::new(ErrorKind::Unavailable, format!("cannot reach Image Storage at {url}"))
+                .with_source(e)
+                .from_store()
         })?;
         let inner = PbClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -179,7 +181,7 @@ fn call_error(url: &str, method: &str, s: tonic::Status) -> AgentError {
         tonic::Code::Unimplemented => ErrorKind::Unimplemented,
         _ => ErrorKind::Internal,
     };
-    AgentError::new(kind, format!("Image Storage at {url} failed {method}: {}", s.message()))
+    AgentError::new(kind, format!("Image Storage at {url} failed {method}: {}", s.message())).from_store()
 }
 
 fn group(g: pb::GroupInfo) -> StoredGroup {
@@ -406,6 +408,7 @@ impl ChunkWriter for UploadStream {
                 ErrorKind::Unavailable,
                 format!("the upload stream to the Image Storage at {} ended early", self.url),
             )
+            .from_store()
         }))
     }
 

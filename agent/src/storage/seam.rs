@@ -159,8 +159,24 @@ impl Session {
     }
 
     /// Which of `digests` the store lacks; the session protects them from GC from now on.
+    /// The answer is checked to be a subset of the question (each digest at most once), so
+    /// callers may count what the store had as `digests.len() - missing.len()`.
     pub async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        self.store.missing(&self.id, digests).await
+        let missing = self.store.missing(&self.id, digests).await?;
+        let asked: std::collections::HashSet<&Digest> = digests.iter().collect();
+        let mut seen = std::collections::HashSet::with_capacity(missing.len());
+        for d in &missing {
+            if !asked.contains(d) || !seen.insert(*d) {
+                return Err(crate::error::AgentError::new(
+                    crate::error::ErrorKind::Internal,
+                    format!(
+                        "{} answered MissingChunks with chunk {d}, which was not asked for or was named twice",
+                        self.store.location()
+                    ),
+                ));
+            }
+        }
+        Ok(missing)
     }
 
     /// A writer of chunk blobs in this session.
