@@ -249,14 +249,26 @@ where
 }
 
 impl From<crate::volume::Error> for AgentError {
-    fn from(e: crate::volume::Error) -> Self {
+    fn from(mut e: crate::volume::Error) -> Self {
+        // The OS error becomes the cause; the message is the volume error's own (file,
+        // offset, what was being done), so neither is said twice.
+        let os = e.take_source();
+        let full = os
+            .as_ref()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|c| c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32);
         let kind = match e.kind {
+            crate::volume::ErrorKind::Io if full => ErrorKind::ResourceExhausted,
             crate::volume::ErrorKind::Io => ErrorKind::Unavailable,
             crate::volume::ErrorKind::InUse
             | crate::volume::ErrorKind::Corrupt
             | crate::volume::ErrorKind::Unsupported => ErrorKind::FailedPrecondition,
             crate::volume::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
         };
-        AgentError::new(kind, e.to_string()).with_source(e)
+        let err = AgentError::new(kind, e.to_string());
+        match os {
+            Some(os) => err.with_source(os),
+            None => err,
+        }
     }
 }

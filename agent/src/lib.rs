@@ -20,7 +20,7 @@
 //! | core | [`ops`] | operations: idempotency, caps, the volume lock set, jobs around engines |
 //! | engines | [`backup`], [`export`] | backup, restore, recover, delete and sync data paths; backups served as NBD disks |
 //! | jobs | [`jobs`] | running jobs, progress, cancellation |
-//! | parts | [`volume`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`keys`], [`live`], [`metrics`], [`retention`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
+//! | parts | [`volume`], [`guestfs`], [`catalog`], [`storage`], [`qemu`], [`model`], [`error`], [`config`], [`keys`], [`live`], [`metrics`], [`retention`], [`roots`], [`tags`], [`throttle`], [`tool`], [`validate`] | formats, state, clients, typed values |
 //!
 //! Across crates: agent -> store -> proto.
 //!
@@ -48,6 +48,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod export;
+pub mod guestfs;
 pub mod jobs;
 pub mod keys;
 pub mod live;

@@ -12,6 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "model",
         "volume",
+        "guestfs",
         "config",
         "catalog",
         "error",

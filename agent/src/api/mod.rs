@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod backup_storage;
+mod files;
 mod prune_export;
 pub mod snapshot_group;
 pub mod vm;

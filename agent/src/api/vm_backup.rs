@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::agent::v1::vm_backup_service_server::VmBackupService;
 
+use super::files;
 use super::prune_export::{export_inventory, parse_export, parse_prune, prune_decision};
 use super::{job_progress, query_params, status, timestamp};
 use crate::catalog::volume_backup::VolumeBackupRecord;
@@ -270,6 +271,41 @@ impl VmBackupService for VmBackupApi {
     ) -> Result<Response<pb::QueryVmBackupExportReply>, Status> {
         let inventories = self.ops.exports().list().into_iter().map(export_inventory).collect();
         Ok(Response::new(pb::QueryVmBackupExportReply { inventories }))
+    }
+
+    type ListVmBackupFilesStream = Pin<Box<dyn Stream<Item = Result<pb::VmBackupFileInventory, Status>> + Send>>;
+
+    async fn list_vm_backup_files(
+        &self,
+        r: Request<pb::ListVmBackupFilesRequest>,
+    ) -> Result<Response<Self::ListVmBackupFilesStream>, Status> {
+        let r = r.into_inner();
+        let parsed = files::parse_source(r.source)
+            .and_then(|src| Ok((src, files::parse_path(&r.path)?, files::parse_limit(r.limit)?)));
+        let (src, path, limit) = parsed.map_err(|e| status(&e))?;
+        let rx = self.ops.list_files(src, path, r.recursive, limit).await.map_err(|e| status(&e))?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
+            Ok((entry, partition)) => Ok(files::file_inventory(entry, partition)),
+            Err(e) => Err(status(&e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ReadVmBackupFileStream = Pin<Box<dyn Stream<Item = Result<pb::VmBackupFileData, Status>> + Send>>;
+
+    async fn read_vm_backup_file(
+        &self,
+        r: Request<pb::ReadVmBackupFileRequest>,
+    ) -> Result<Response<Self::ReadVmBackupFileStream>, Status> {
+        let r = r.into_inner();
+        let parsed = files::parse_source(r.source).and_then(|src| Ok((src, files::parse_path(&r.path)?)));
+        let (src, path) = parsed.map_err(|e| status(&e))?;
+        let rx = self.ops.read_file(src, path).await.map_err(|e| status(&e))?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
+            Ok(data) => Ok(pb::VmBackupFileData { data }),
+            Err(e) => Err(status(&e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn stop_vm_backup_export(

@@ -223,6 +223,27 @@ impl BackupDisk {
     }
 }
 
+/// A [`BackupDisk`] read from a blocking thread (file-level restore's filesystem readers
+/// are synchronous): each read runs on the runtime through `handle` and waits for it.
+pub struct Blocking {
+    /// The disk.
+    pub disk: Arc<BackupDisk>,
+    /// The runtime its reads run on.
+    pub handle: tokio::runtime::Handle,
+}
+
+impl crate::guestfs::Disk for Blocking {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let data = self.handle.block_on(self.disk.read(offset, buf.len())).map_err(std::io::Error::other)?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

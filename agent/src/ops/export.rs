@@ -37,26 +37,35 @@ pub struct ExportSpec {
 }
 
 impl Ops {
-    /// Starts serving the backup of `volume` in `group` from `storage`.
-    pub async fn export_backup(&self, spec: ExportSpec) -> Result<ExportInfo> {
-        let g = spec.group.clone();
+    /// The backup of `volume` in `group` on `storage` (None: the first storage holding
+    /// it) as a disk, with the storage read.
+    pub(super) async fn backup_disk(
+        &self,
+        group: &str,
+        volume: &str,
+        storage: Option<&str>,
+    ) -> Result<(BackupDisk, String)> {
+        let g = group.to_string();
         let records = self.catalog().run(move |c| c.group_volume_backups(&g)).await?;
         if records.is_empty() {
-            return Err(AgentError::not_found("backup group", &spec.group).with_field("groupUuid"));
+            return Err(AgentError::not_found("backup group", group).with_field("groupUuid"));
         }
-        let backup = records.iter().find(|b| b.volume_uuid == spec.volume).ok_or_else(|| {
-            AgentError::invalid(
-                "volumeUuid",
-                format!("backup group {} has no backup of volume {}", spec.group, spec.volume),
-            )
+        let backup = records.iter().find(|b| b.volume_uuid == volume).ok_or_else(|| {
+            AgentError::invalid("volumeUuid", format!("backup group {group} has no backup of volume {volume}"))
         })?;
-        let r = backup.refs.iter().find(|r| r.backup_storage_uuid == spec.storage).ok_or_else(|| {
-            AgentError::invalid(
-                "backupStorageUuid",
-                format!("volume backup {} is not on backup storage {}", backup.uuid, spec.storage),
-            )
-        })?;
-        let storage = self.registry.require(&spec.storage).await.map_err(|e| e.with_field("backupStorageUuid"))?;
+        let r = match storage {
+            Some(s) => backup.refs.iter().find(|r| r.backup_storage_uuid == s).ok_or_else(|| {
+                AgentError::invalid(
+                    "backupStorageUuid",
+                    format!("volume backup {} is not on backup storage {s}", backup.uuid),
+                )
+            })?,
+            None => backup.refs.first().ok_or_else(|| {
+                AgentError::new(ErrorKind::NotFound, format!("volume backup {} is on no backup storage", backup.uuid))
+            })?,
+        };
+        let storage =
+            self.registry.require(&r.backup_storage_uuid).await.map_err(|e| e.with_field("backupStorageUuid"))?;
         let key = self.registry.chunk_key(&storage).await?;
         let (store, _) = self.registry.open_store(&storage, None).await?;
         let reader: Arc<dyn ChunkReader> = store;
@@ -64,6 +73,13 @@ impl Ops {
             .map_err(|e| {
                 AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", backup.uuid))
             })?;
+        let label = format!("volume backup {}", backup.uuid);
+        Ok((BackupDisk::new(ix, r.install_path.clone(), reader, label, key), storage.uuid))
+    }
+
+    /// Starts serving the backup of `volume` in `group` from `storage`.
+    pub async fn export_backup(&self, spec: ExportSpec) -> Result<ExportInfo> {
+        let (disk, _) = self.backup_disk(&spec.group, &spec.volume, Some(&spec.storage)).await?;
         let uuid = uuid::Uuid::new_v4().simple().to_string();
         let (endpoint, listener) = match spec.listen {
             Some(addr) => self.tcp_listener(addr).await?,
@@ -77,13 +93,11 @@ impl Ops {
             storage_uuid: spec.storage.clone(),
             name: spec.name.clone().unwrap_or_else(|| spec.volume.clone()),
             endpoint,
-            size: ix.virtual_size,
+            size: disk.size(),
             created: now,
             expires: now.saturating_add(i64::try_from(spec.lifetime.as_millis()).unwrap_or(i64::MAX)),
         };
-        let label = format!("volume backup {}", backup.uuid);
-        let disk = Arc::new(BackupDisk::new(ix, r.install_path.clone(), reader, label, key));
-        self.exports.start(info.clone(), disk, listener, spec.lifetime);
+        self.exports.start(info.clone(), Arc::new(disk), listener, spec.lifetime);
         Ok(info)
     }
 

@@ -20,6 +20,7 @@
 
 pub mod backup;
 pub mod export;
+pub mod files;
 mod live_restore;
 mod locks;
 mod paths;

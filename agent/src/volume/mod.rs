@@ -146,6 +146,11 @@ impl Error {
     pub fn io(path: &Path, offset: Option<u64>, what: &str, e: std::io::Error) -> Self {
         Self { kind: ErrorKind::Io, path: path.to_path_buf(), offset, message: what.to_string(), source: Some(e) }
     }
+
+    /// Takes the OS error out (for a caller that reports it as its own cause).
+    pub fn take_source(&mut self) -> Option<std::io::Error> {
+        self.source.take()
+    }
 }
 
 impl std::fmt::Display for Error {

@@ -84,6 +84,9 @@ pub(crate) enum BackupCommand {
     Sync(crate::lifecycle::SyncArgs),
     /// Apply a retention policy to a backup storage's groups (per VM); --dry-run lists only.
     Prune(crate::lifecycle::PruneArgs),
+    /// List and extract files inside a volume backup (ext2/3/4), without restoring it.
+    #[command(subcommand)]
+    Files(crate::files::FilesCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +202,7 @@ pub(crate) async fn run(command: Command, channel: Channel, auth: Auth, json: bo
         Command::Backup(BackupCommand::Delete(a)) => crate::lifecycle::delete(a, channel, auth, json).await?,
         Command::Backup(BackupCommand::Sync(a)) => crate::lifecycle::sync(a, channel, auth, json).await?,
         Command::Backup(BackupCommand::Prune(a)) => crate::lifecycle::prune(a, channel, auth, json).await?,
+        Command::Backup(BackupCommand::Files(cmd)) => crate::files::run(cmd, channel, auth, json).await?,
         Command::Job(JobCommand::Watch { uuid }) => {
             let mut c = VmBackupServiceClient::with_interceptor(channel, auth);
             let last = watch(&mut c, &uuid).await?;

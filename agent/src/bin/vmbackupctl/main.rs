@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod backup;
 mod export;
+mod files;
 mod key;
 mod lifecycle;
 mod snapshot;

@@ -1,0 +1,266 @@
+//! Files inside a volume backup, read without restoring the volume: find where the
+//! filesystems are ([`layout`]: the whole disk, or MBR/GPT partitions), then list
+//! directories and read files of ext2/3/4 ones in userspace with the `ext4-view` crate
+//! (journal replayed in memory, metadata checksums checked, no `unsafe`).
+//!
+//! Nothing here mounts anything: a backup is untrusted input, and a hostile filesystem
+//! given to the host's kernel attacks the kernel; in userspace it can at worst fail this
+//! one call. Walks are bounded (depth, entries) so a directory cycle in a damaged image
+//! ends. XFS and LVM physical volumes are recognised and refused by name: no userspace
+//! reader for them is good enough yet (see the README).
+//!
+//! Everything here is blocking: the caller runs it on a blocking thread, over a [`Disk`]
+//! that fetches chunks from the backup storage.
+
+pub mod layout;
+
+use ext4_view::{Ext4, Ext4Error, Ext4Read, FileType, Metadata};
+
+use crate::error::{AgentError, ErrorKind, Result};
+pub use layout::{FsKind, Part};
+
+/// A disk read at byte offsets; `read_at` fills the whole buffer or fails.
+pub trait Disk: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// Deepest directory a recursive listing descends into.
+pub const MAX_DEPTH: usize = 64;
+
+/// One file, directory or link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Absolute path inside the filesystem (not UTF-8 bytes replaced by U+FFFD).
+    pub path: String,
+    /// `file`, `directory`, `symlink`, `block-device`, `char-device`, `fifo`, `socket`.
+    pub kind: &'static str,
+    /// Bytes.
+    pub size: u64,
+    /// Permission and type bits (`st_mode`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last modification, Unix seconds.
+    pub mtime: i64,
+    /// Its nanoseconds.
+    pub mtime_nanos: u32,
+    /// A symlink's target.
+    pub link_target: Option<String>,
+}
+
+fn kind_name(t: FileType) -> &'static str {
+    match t {
+        FileType::Regular => "file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::BlockDevice => "block-device",
+        FileType::CharacterDevice => "char-device",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+    }
+}
+
+/// The bytes of one partition, as `ext4-view` reads them.
+struct PartReader<D> {
+    disk: D,
+    part: Part,
+}
+
+impl<D: std::ops::Deref<Target = dyn Disk>> Ext4Read for PartReader<D> {
+    fn read(
+        &mut self,
+        start: u64,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let end = start.checked_add(dst.len() as u64).filter(|e| *e <= self.part.len);
+        if end.is_none() {
+            return Err(format!(
+                "read of {} bytes at {start} goes past the end of partition {} ({} bytes)",
+                dst.len(),
+                self.part.number,
+                self.part.len
+            )
+            .into());
+        }
+        self.disk.read_at(self.part.start + start, dst).map_err(Into::into)
+    }
+}
+
+/// An open filesystem of one partition.
+pub struct Filesystem {
+    fs: Ext4,
+    /// Where it is.
+    pub part: Part,
+}
+
+fn fs_error(part: &Part, path: &str, e: Ext4Error) -> AgentError {
+    let kind = match e {
+        Ext4Error::NotFound => ErrorKind::NotFound,
+        Ext4Error::NotAbsolute | Ext4Error::MalformedPath | Ext4Error::PathTooLong => ErrorKind::InvalidArgument,
+        Ext4Error::NotADirectory | Ext4Error::IsADirectory | Ext4Error::IsASpecialFile => ErrorKind::FailedPrecondition,
+        Ext4Error::Io(_) => ErrorKind::Unavailable,
+        _ => ErrorKind::FailedPrecondition,
+    };
+    let field = if matches!(kind, ErrorKind::NotFound | ErrorKind::InvalidArgument) { Some("path") } else { None };
+    let err = AgentError::new(kind, format!("partition {} ({}): {path}: {e}", part.number, part.kind.as_str()));
+    match field {
+        Some(f) => err.with_field(f),
+        None => err,
+    }
+}
+
+impl Filesystem {
+    /// Opens the filesystem of `want` (a partition number, 0 the whole disk), or the only one
+    /// there is when `want` is None.
+    pub fn open(disk: std::sync::Arc<dyn Disk>, want: Option<u32>) -> Result<Self> {
+        let parts = layout::parts(&*disk)?;
+        let describe =
+            || parts.iter().map(|p| format!("{} ({})", p.number, p.kind.as_str())).collect::<Vec<_>>().join(", ");
+        let part = match want {
+            Some(n) => *parts.iter().find(|p| p.number == n).ok_or_else(|| {
+                AgentError::invalid("partition", format!("the disk has no partition {n}; it has: {}", describe()))
+            })?,
+            None => {
+                let known: Vec<&Part> = parts.iter().filter(|p| p.kind != FsKind::Unknown).collect();
+                match known.as_slice() {
+                    [one] => **one,
+                    [] => {
+                        return Err(AgentError::new(
+                            ErrorKind::FailedPrecondition,
+                            format!("no filesystem this agent reads was found; partitions: {}", describe()),
+                        ));
+                    }
+                    _ => {
+                        return Err(AgentError::invalid(
+                            "partition",
+                            format!("the disk holds several filesystems; name one of: {}", describe()),
+                        ));
+                    }
+                }
+            }
+        };
+        match part.kind {
+            FsKind::Ext => {}
+            FsKind::Xfs | FsKind::Lvm | FsKind::Unknown => {
+                return Err(AgentError::new(
+                    ErrorKind::Unimplemented,
+                    format!(
+                        "partition {} holds {}; file-level restore reads ext2/3/4 only (restore or export the volume instead)",
+                        part.number,
+                        part.kind.as_str()
+                    ),
+                ));
+            }
+        }
+        let fs = Ext4::load(Box::new(PartReader { disk, part })).map_err(|e| fs_error(&part, "/", e))?;
+        Ok(Self { fs, part })
+    }
+
+    fn entry(&self, path: &str, m: &Metadata) -> Result<Entry> {
+        let link_target = if m.is_symlink() {
+            Some(self.fs.read_link(path).map_err(|e| fs_error(&self.part, path, e))?.display().to_string())
+        } else {
+            None
+        };
+        Ok(Entry {
+            path: path.to_string(),
+            kind: kind_name(m.file_type()),
+            size: m.len(),
+            mode: u32::from(m.mode()),
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime: m.modified().seconds(),
+            mtime_nanos: m.modified().nanoseconds(),
+            link_target,
+        })
+    }
+
+    /// The entry at `path` itself (a symlink is not followed).
+    pub fn stat(&self, path: &str) -> Result<Entry> {
+        let m = self.fs.symlink_metadata(path).map_err(|e| fs_error(&self.part, path, e))?;
+        self.entry(path, &m)
+    }
+
+    /// Calls `each` for every entry of the directory `path` (and, with `recursive`, of every
+    /// directory beneath it, depth first, at most [`MAX_DEPTH`] deep) until it returns
+    /// false, or `limit` entries were given. A file's `path` gives just that entry.
+    pub fn list(&self, path: &str, recursive: bool, limit: u64, each: &mut dyn FnMut(Entry) -> bool) -> Result<()> {
+        let top = self.stat(path)?;
+        if top.kind != "directory" {
+            each(top);
+            return Ok(());
+        }
+        let mut given = 0u64;
+        self.walk(path, recursive, 0, limit, &mut given, each).map(|_| ())
+    }
+
+    /// Returns false once the caller stopped or the limit was reached.
+    fn walk(
+        &self,
+        dir: &str,
+        recursive: bool,
+        depth: usize,
+        limit: u64,
+        given: &mut u64,
+        each: &mut dyn FnMut(Entry) -> bool,
+    ) -> Result<bool> {
+        let entries = self.fs.read_dir(dir).map_err(|e| fs_error(&self.part, dir, e))?;
+        for item in entries {
+            let item = item.map_err(|e| fs_error(&self.part, dir, e))?;
+            let name = item.file_name();
+            let name = name.display().to_string();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if dir.ends_with('/') { format!("{dir}{name}") } else { format!("{dir}/{name}") };
+            let m = item.metadata().map_err(|e| fs_error(&self.part, &path, e))?;
+            let entry = self.entry(&path, &m)?;
+            let is_dir = entry.kind == "directory";
+            *given += 1;
+            if !each(entry) || *given >= limit {
+                return Ok(false);
+            }
+            if recursive && is_dir && depth + 1 < MAX_DEPTH && !self.walk(&path, true, depth + 1, limit, given, each)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads the regular file `path` from its start, handing `each` pieces of at most
+    /// `piece` bytes until the end or until `each` fails.
+    pub fn read_file(&self, path: &str, piece: usize, each: &mut dyn FnMut(Vec<u8>) -> Result<()>) -> Result<u64> {
+        let m = self.fs.symlink_metadata(path).map_err(|e| fs_error(&self.part, path, e))?;
+        if m.file_type() != FileType::Regular {
+            return Err(AgentError::new(
+                ErrorKind::FailedPrecondition,
+                format!("{path} is a {}, not a regular file", kind_name(m.file_type())),
+            )
+            .with_field("path"));
+        }
+        let mut file = self.fs.open(path).map_err(|e| fs_error(&self.part, path, e))?;
+        let mut total = 0u64;
+        loop {
+            let mut buf = vec![0u8; piece.max(1)];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = file.read_bytes(&mut buf[filled..]).map_err(|e| fs_error(&self.part, path, e))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(total);
+            }
+            buf.truncate(filled);
+            total += filled as u64;
+            each(buf)?;
+        }
+    }
+}
