@@ -102,24 +102,8 @@ async fn files_in_an_ext4_partition_are_listed_and_extracted_without_a_restore()
     run_tool("qemu-img", &["convert", "-O", "qcow2", &raw.display().to_string(), &vol.display().to_string()]);
     std::fs::remove_file(&raw).expect("rm raw");
 
-    let store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
+    let (store, agent, group) = backed_up(dir.path(), &vol, "qcow2").await;
     let mut c = backup_client(&agent).await;
-    let group = c
-        .create_vm_backup(pb::CreateVmBackupRequest {
-            root_volume_uuid: ROOT.into(),
-            backup_storage_uuid: bs.clone(),
-            name: "files".into(),
-            vm: Some(common::one_volume_vm(VM, ROOT, &vol, "qcow2")),
-            ..Default::default()
-        })
-        .await
-        .expect("backup")
-        .into_inner()
-        .inventories[0]
-        .group_uuid
-        .clone();
     let before: Vec<_> = walk(dir.path());
 
     // Listing over gRPC: sizes, modes, times and the link's target, found in partition 1.
@@ -210,24 +194,7 @@ async fn a_disk_with_two_filesystems_needs_its_partition_named() {
         "label: dos\nstart=2048, size=32768, type=83\nstart=36864, size=32768, type=83\n",
         &[(1, 16, &a), (18, 16, &b)],
     );
-    let store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let mut c = backup_client(&agent).await;
-    let group = c
-        .create_vm_backup(pb::CreateVmBackupRequest {
-            root_volume_uuid: ROOT.into(),
-            backup_storage_uuid: bs,
-            name: "two".into(),
-            vm: Some(common::one_volume_vm(VM, ROOT, &raw, "raw")),
-            ..Default::default()
-        })
-        .await
-        .expect("backup")
-        .into_inner()
-        .inventories[0]
-        .group_uuid
-        .clone();
+    let (_store, agent, group) = backed_up(dir.path(), &raw, "raw").await;
     let out = ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -236,6 +203,29 @@ async fn a_disk_with_two_filesystems_needs_its_partition_named() {
     let args = ["backup", "files", "get", &group, "--volume", ROOT, "--partition", "2", "--path", "/which", "--out"];
     ok(ctl(&agent, &[&args[..], &[&p(&file)]].concat()));
     assert_eq!(std::fs::read(&file).expect("which"), b"second partition\n");
+}
+
+/// A store and an agent under `dir`, and the group of one backup of the volume `img`.
+async fn backed_up(dir: &Path, img: &Path, format: &str) -> (common::Daemon, common::Daemon, String) {
+    let store = start_store(dir, "store");
+    let agent = start_agent(dir, AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let group = backup_client(&agent)
+        .await
+        .create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs,
+            name: "files".into(),
+            vm: Some(common::one_volume_vm(VM, ROOT, img, format)),
+            ..Default::default()
+        })
+        .await
+        .expect("backup")
+        .into_inner()
+        .inventories[0]
+        .group_uuid
+        .clone();
+    (store, agent, group)
 }
 
 fn p(path: &Path) -> String {
