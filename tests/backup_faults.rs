@@ -374,3 +374,34 @@ async fn a_store_that_stays_away_fails_the_backup_after_the_configured_wait_and_
     backup_client(&agent).await.create_vm_backup(create(&v, &bs, resource, None)).await.expect("retry");
     assert_eq!(chunks_uploaded(&store).await, 12 * 16 - before);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_during_a_store_outage_waits_for_the_store_and_the_catalog_follows_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 4 << 20, 2, 11);
+    let mut store = start_store(dir.path(), "store");
+    let agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "99999999999999999999999999999999";
+    let mut c = backup_client(&agent).await;
+    c.create_vm_backup(create(&v, &bs, resource, None)).await.expect("backup");
+    store.kill();
+    let mut d = backup_client(&agent).await;
+    let deleting = tokio::spawn(async move {
+        d.delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: resource.into(), ..Default::default() }).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!deleting.is_finished(), "the delete waits for the store instead of failing");
+    store.restart();
+    deleting.await.expect("task").expect("the delete completes once the store is back");
+    assert!(groups(&store).await.is_empty(), "the store no longer has the group");
+    let q = c
+        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
+        .await
+        .expect("query")
+        .into_inner()
+        .inventories;
+    assert!(q.is_empty(), "the catalog follows the store: {q:?}");
+}

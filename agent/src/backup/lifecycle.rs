@@ -9,8 +9,15 @@ use crate::error::{AgentError, ErrorKind, Result};
 use crate::storage::registry::Registry;
 
 /// Removes a group from `storages` (every storage holding it when empty). The stores
-/// reclaim its chunks with their GC.
-pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[String]) -> Result<()> {
+/// reclaim its chunks with their GC. A store that stops answering (its reply lost, a
+/// restart) is waited for up to `outage` and asked again: a delete is idempotent, so the
+/// catalog forgets the group only once the store says it is gone.
+pub async fn delete_group(
+    registry: &Registry,
+    group_uuid: &str,
+    storages: &[String],
+    outage: std::time::Duration,
+) -> Result<()> {
     let g = group_uuid.to_string();
     let records = registry.catalog().run(move |c| c.group_volume_backups(&g)).await?;
     if records.is_empty() {
@@ -29,12 +36,25 @@ pub async fn delete_group(registry: &Registry, group_uuid: &str, storages: &[Str
     }
     for s in &targets {
         let storage = registry.require(s).await?;
-        let (store, _) = registry.open_store(&storage, None).await?;
-        match store.delete_group(group_uuid).await {
-            Ok(()) => {}
-            // Already gone from the store (deleted there, or a retry): just forget it.
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        let started = std::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let deleted = match registry.open_store(&storage, None).await {
+                Ok((store, _)) => store.delete_group(group_uuid).await,
+                Err(e) => Err(e),
+            };
+            match deleted {
+                Ok(()) => break,
+                // Already gone from the store (deleted there, or a retry): just forget it.
+                Err(e) if e.kind() == ErrorKind::NotFound => break,
+                Err(e) if e.is_store_outage() && started.elapsed() < outage => {
+                    attempt += 1;
+                    let pause = super::outage::backoff(attempt).min(outage.saturating_sub(started.elapsed()));
+                    tracing::warn!(group = %group_uuid, storage = %s, error = %e, attempt, "deleting: the Image Storage did not answer; asking again");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let (g, st) = (group_uuid.to_string(), vec![s.clone()]);
         registry.catalog().run(move |c| c.remove_group_refs(&g, &st)).await?;

@@ -238,7 +238,7 @@ impl Ops {
                 return Ok(());
             }
         }
-        backup::lifecycle::delete_group(&self.registry, group, storages).await
+        backup::lifecycle::delete_group(&self.registry, group, storages, self.live.store_outage()).await
     }
 
     /// SyncVmBackup: rebuilds the catalog of one storage from its manifests.
