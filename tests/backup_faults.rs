@@ -397,11 +397,7 @@ async fn a_delete_during_a_store_outage_waits_for_the_store_and_the_catalog_foll
     store.restart();
     deleting.await.expect("task").expect("the delete completes once the store is back");
     assert!(groups(&store).await.is_empty(), "the store no longer has the group");
-    let q = c
-        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
-        .await
-        .expect("query")
-        .into_inner()
-        .inventories;
+    let q =
+        c.query_volume_backup(pb::QueryVolumeBackupRequest::default()).await.expect("query").into_inner().inventories;
     assert!(q.is_empty(), "the catalog follows the store: {q:?}");
 }

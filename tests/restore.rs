@@ -292,8 +292,11 @@ async fn an_agent_killed_mid_restore_leaves_no_volume_and_the_retry_completes() 
     f.agent.kill();
     assert!(running.await.expect("join").is_err(), "the call fails with the agent");
     assert!(!out.exists(), "a killed restore must not leave a volume that looks complete");
+    let partial = f.dir.path().join("restored.raw.vmbackup-partial");
+    assert!(partial.exists(), "the killed restore was writing its partial file");
 
     f.agent.restart();
+    assert!(!partial.exists(), "the restarted agent removed the partial file the killed restore left");
     let mut c = common::backup_client(&f.agent).await;
     let p = c
         .watch_job(pb::WatchJobRequest { job_uuid: job.into() })

@@ -58,6 +58,15 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
 
     // Export sockets of a previous process serve nothing any more.
     let _ = std::fs::remove_dir_all(config.data_dir.join("run").join("exports"));
+    // Partial restore files a killed agent left: removed before jobs are marked Failed.
+    match crate::volume::writer::partials::track(&config.data_dir.join("run").join("partials")) {
+        Ok(removed) => {
+            for p in removed {
+                tracing::warn!(path = %p.display(), "removed a partial restore file an interrupted restore left");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "partial restore files are not tracked: the run directory is unusable"),
+    }
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
     let live = Arc::new(Live::new(&config));
     let ops = Ops::new(registry, jobs, live, config.data_dir.join("run"));

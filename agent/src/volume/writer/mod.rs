@@ -14,6 +14,7 @@
 //! untouched; a block device is written in place, zero ranges included. Either way the
 //! target is refused while a running VM holds it ([`super::lock`]).
 
+pub mod partials;
 pub mod qcow2;
 pub mod raw;
 
@@ -112,8 +113,9 @@ impl Target {
             }
         }
         let mut partial = path.as_os_str().to_owned();
-        partial.push(".vmbackup-partial");
+        partial.push(partials::SUFFIX);
         let partial = PathBuf::from(partial);
+        partials::begin(&partial).map_err(|e| Error::io(&partial, None, "recording the partial file", e))?;
         // Never through a symlink planted where the partial file goes: it could lead out of
         // the volume roots the target was checked against.
         use std::os::unix::fs::OpenOptionsExt;
@@ -124,7 +126,10 @@ impl Target {
             .truncate(true)
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&partial)
-            .map_err(|e| Error::io(&partial, None, "creating the restore target", e))?;
+            .map_err(|e| {
+                partials::end(&partial);
+                Error::io(&partial, None, "creating the restore target", e)
+            })?;
         if let Some(meta) = &existing {
             use std::os::unix::fs::PermissionsExt;
             file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
@@ -170,6 +175,7 @@ impl Target {
         if !self.in_place {
             std::fs::rename(&self.written, &self.path)
                 .map_err(|e| Error::io(&self.path, None, "renaming into place", e))?;
+            partials::end(&self.written);
             if let Some(dir) = self.path.parent() {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
@@ -185,6 +191,7 @@ impl Drop for Target {
     fn drop(&mut self) {
         if !self.done && !self.in_place {
             let _ = std::fs::remove_file(&self.written);
+            partials::end(&self.written);
         }
     }
 }
