@@ -323,3 +323,42 @@ async fn disks_nothing_uses_are_read_as_they_are_and_nothing_is_left_behind() {
     assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
     qsd.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_mid_live_backup_has_its_overlays_merged_by_the_retry_and_no_write_is_lost() {
+    let mut s = setup().await;
+    let qsd = Qsd::start(s.dir.path(), &s.root, &s.data);
+    let group = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
+    let running = start_slow_backup(&s, &qsd.qmp, group).await;
+    // The guest writes into the overlays; then the agent dies before merging them back.
+    qsd.guest_write("root", "0x55");
+    s.agent.kill();
+    assert!(running.await.expect("join").is_err(), "the call fails with the agent");
+    assert!(!leftovers(s.dir.path()).is_empty(), "the VM runs on the killed backup's overlays");
+    s.agent.restart();
+
+    // The retry finds the overlays in the VM's block graph, merges them back, and backs up.
+    let mut c = common::backup_client(&s.agent).await;
+    c.create_vm_backup(pb::CreateVmBackupRequest {
+        root_volume_uuid: ROOT.into(),
+        backup_storage_uuid: s.bs.clone(),
+        name: "retry".into(),
+        resource_uuid: group.into(),
+        vm: Some(vm(&s, &qsd.qmp)),
+        ..Default::default()
+    })
+    .await
+    .expect("the retry merges what the killed run left and succeeds");
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    let info: serde_json::Value =
+        serde_json::from_str(&run_tool("qemu-img", &["info", "-U", "--output=json", &p(&s.root)])).expect("info");
+    assert!(info["backing-filename"].is_null(), "the chain is flat again: {info}");
+    let read = run_tool("qemu-io", &["-r", "-U", "-f", "qcow2", "-c", "read -P 0x55 0 1M", &p(&s.root)]);
+    assert!(!read.contains("Pattern verification failed"), "the guest's write is in its image: {read}");
+    // And the backup holds it.
+    let now = s.dir.path().join("now-root.raw");
+    qsd.snapshot_to("root", &now);
+    let now_data = s.dir.path().join("now-data.raw");
+    qsd.snapshot_to("data", &now_data);
+    restore_and_compare(&s, group, [(ROOT, &now), (DATA, &now_data)]).await;
+}

@@ -97,6 +97,7 @@ impl LiveSnapshot {
     /// Freezes every volume of the VM behind `qmp` in one transaction; `tag` names the
     /// overlays (`<image>.vmbackup-<tag>`) and their nodes.
     pub async fn take(qmp: Arc<Qmp>, volumes: &[VolumeRecord], tag: &str, bitmap: Option<&str>) -> Result<Self> {
+        merge_leftovers(&qmp, volumes).await?;
         let nodes = block_nodes(&qmp).await?;
         let mut frozen = Vec::new();
         for (i, v) in volumes.iter().enumerate() {
@@ -139,6 +140,22 @@ impl LiveSnapshot {
         let qcow2 = |node: &str| {
             nodes.iter().any(|n| n["node-name"].as_str() == Some(node) && n["drv"].as_str() == Some("qcow2"))
         };
+        // A bitmap of this name is an interrupted attempt's at the same group: it marks
+        // writes since that attempt's snapshot, not this one's, so it goes.
+        if let Some(b) = bitmap {
+            for f in &frozen {
+                let has = nodes.iter().any(|n| {
+                    n["node-name"].as_str() == Some(f.base_node.as_str())
+                        && n["dirty-bitmaps"]
+                            .as_array()
+                            .is_some_and(|bs| bs.iter().any(|x| x["name"].as_str() == Some(b)))
+                });
+                if has {
+                    tracing::warn!(bitmap = b, node = %f.base_node, "removing the bitmap an interrupted attempt left");
+                    qmp.execute("block-dirty-bitmap-remove", json!({ "node": f.base_node, "name": b })).await?;
+                }
+            }
+        }
         let bitmaps: Vec<(&str, &str, bool)> = match bitmap {
             Some(b) => frozen.iter().map(|f| (f.base_node.as_str(), b, qcow2(&f.base_node))).collect(),
             None => Vec::new(),
@@ -276,6 +293,53 @@ impl LiveSnapshot {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// Merges back the overlays an earlier agent process left on this VM's disks (it was killed
+/// during a live backup, before or while merging back): every `vmbk-*` node whose image is
+/// `<volume>.vmbackup-*` over one of `volumes`. A merge job it left half done is finished
+/// (READY: completed) or cancelled and run again. Returns how many overlays were merged.
+async fn merge_leftovers(qmp: &Qmp, volumes: &[VolumeRecord]) -> Result<usize> {
+    let jobs = qmp.execute("query-block-jobs", Value::Null).await?;
+    for j in jobs.as_array().cloned().unwrap_or_default() {
+        let Some(id) = j["device"].as_str().filter(|id| id.starts_with("vmbk-")) else { continue };
+        let mut events = qmp.events();
+        let (command, wanted) = if j["ready"].as_bool() == Some(true) {
+            ("block-job-complete", "BLOCK_JOB_COMPLETED")
+        } else {
+            ("block-job-cancel", "BLOCK_JOB_CANCELLED")
+        };
+        tracing::warn!(job = id, command, "a merge an earlier agent process left");
+        qmp.execute(command, json!({ "device": id })).await?;
+        qmp.wait_event(&mut events, COMMIT_TIMEOUT, "an earlier merge to end", |e| {
+            e.data["device"].as_str() == Some(id) && (e.name == wanted || e.name == "BLOCK_JOB_COMPLETED")
+        })
+        .await?;
+    }
+    let nodes = block_nodes(qmp).await?;
+    let mut merged = 0;
+    for v in volumes {
+        let prefix = format!("{}.vmbackup-", v.install_path);
+        let leftovers: Vec<(String, String)> = nodes
+            .iter()
+            .filter_map(|n| {
+                let name = n["node-name"].as_str()?;
+                let file = n["image"]["filename"].as_str()?;
+                (name.starts_with("vmbk-") && file.starts_with(&prefix) && n["drv"].as_str() == Some("qcow2"))
+                    .then(|| (name.to_string(), file.to_string()))
+            })
+            .collect();
+        for (node, file) in leftovers {
+            let Some(base) = node_for(&nodes, &v.install_path) else { continue };
+            tracing::warn!(volume = %v.uuid, overlay = %file, "the VM runs on an overlay an interrupted live backup left: merging it back");
+            merge_live(qmp, &node, &base, &format!("{node}-leftover"), None).await?;
+            if let Err(e) = std::fs::remove_file(&file) {
+                tracing::warn!(overlay = %file, error = %e, "removing the merged leftover overlay failed");
+            }
+            merged += 1;
+        }
+    }
+    Ok(merged)
 }
 
 /// Marks the disks whose overlay node QEMU dropped (their base node has no user) and
