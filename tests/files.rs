@@ -247,3 +247,79 @@ fn walk(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_in_an_xfs_volume_are_listed_and_extracted_with_their_owner_and_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    let big = source_tree(&tree);
+    // mkfs.xfs fills the filesystem from a protofile (no mount): owners 1000:100 on the text
+    // file, modification times of the moment it ran.
+    let proto = dir.path().join("proto");
+    let abs = |p: &str| tree.join(p).display().to_string();
+    std::fs::write(
+        &proto,
+        format!(
+            "/dev/null\n0 0\nd--755 0 0\netc d--750 0 0\nhosts ---640 1000 100 {}\nhosts.link l--777 0 0 hosts\n\
+             deep d--755 0 0\ner d--755 0 0\nbig.bin ---644 0 0 {}\n$\n$\n$\n$\n",
+            abs("etc/hosts"),
+            abs("etc/deep/er/big.bin")
+        ),
+    )
+    .expect("protofile");
+    let raw = dir.path().join("xfs.raw");
+    std::fs::File::create(&raw).expect("image").set_len(320 << 20).expect("size");
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let out = Command::new("mkfs.xfs")
+        .args(["-q", "-p", &p(&proto), &p(&raw)])
+        .output()
+        .expect("mkfs.xfs not found: install xfsprogs");
+    assert!(out.status.success(), "mkfs.xfs: {}", String::from_utf8_lossy(&out.stderr));
+    // xfs_db, the filesystem's own debugger, is the oracle for the inode's time.
+    let db = Command::new("xfs_db")
+        .args(["-r", "-c", "path /etc/hosts", "-c", "print core.mtime.nsec", &p(&raw)])
+        .output()
+        .expect("xfs_db");
+    let db = String::from_utf8_lossy(&db.stdout).to_string();
+    let nsec: u32 = db.trim().rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{db}"));
+
+    let (_store, agent, group) = backed_up(dir.path(), &raw, "raw").await;
+    let mut c = backup_client(&agent).await;
+    let mut s = c
+        .list_vm_backup_files(pb::ListVmBackupFilesRequest {
+            source: Some(pb::VmBackupFileSource {
+                group_uuid: group.clone(),
+                volume_uuid: ROOT.into(),
+                ..Default::default()
+            }),
+            path: "/".into(),
+            recursive: true,
+            limit: 0,
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(e) = s.message().await.expect("entry") {
+        entries.push(e);
+    }
+    let find = |p: &str| entries.iter().find(|e| e.path == p).unwrap_or_else(|| panic!("{p} listed: {entries:?}"));
+    let hosts = find("/etc/hosts");
+    assert_eq!((hosts.r#type.as_str(), hosts.size, hosts.mode & 0o7777), ("file", 36, 0o640), "{hosts:?}");
+    assert_eq!((hosts.uid, hosts.gid, hosts.partition), (1000, 100, 0), "{hosts:?}");
+    let t = hosts.modified.expect("time");
+    assert_eq!(u32::try_from(t.nanos).expect("nanos"), nsec, "the time xfs_db reads: {hosts:?}");
+    let secs = u64::try_from(t.seconds).expect("after 1970");
+    assert!(secs >= started.saturating_sub(5) && secs <= started + 600, "{secs} vs {started}");
+    assert_eq!(find("/etc/hosts.link").link_target, "hosts");
+    assert_eq!(find("/etc").mode & 0o7777, 0o750);
+    assert_eq!(find("/etc/deep/er/big.bin").size, 5 << 20);
+
+    let out = dir.path().join("etc.out");
+    let text =
+        ok(ctl(&agent, &["backup", "files", "get", &group, "--volume", ROOT, "--path", "/etc", "--out", &p(&out)]));
+    assert!(text.contains("5 entries"), "{text}");
+    assert_eq!(std::fs::read(out.join("hosts")).expect("hosts"), std::fs::read(tree.join("etc/hosts")).expect("src"));
+    assert!(std::fs::read(out.join("deep/er/big.bin")).expect("big") == big, "the 5 MiB file is identical");
+    assert_eq!(std::fs::metadata(out.join("hosts")).expect("meta").mtime(), t.seconds);
+}

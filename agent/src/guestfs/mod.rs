@@ -1,18 +1,19 @@
 //! Files inside a volume backup, read without restoring the volume: find where the
 //! filesystems are ([`layout`]: the whole disk, or MBR/GPT partitions), then list
-//! directories and read files of ext2/3/4 ones in userspace with the `ext4-view` crate
-//! (journal replayed in memory, metadata checksums checked, no `unsafe`).
+//! directories and read files in userspace: ext2/3/4 with the `ext4-view` crate and XFS
+//! with `lamxfs` ([`xfs`]); both replay the journal in memory, check metadata checksums
+//! and use no `unsafe`.
 //!
 //! Nothing here mounts anything: a backup is untrusted input, and a hostile filesystem
 //! given to the host's kernel attacks the kernel; in userspace it can at worst fail this
 //! one call. Walks are bounded (depth, entries) so a directory cycle in a damaged image
-//! ends. XFS and LVM physical volumes are recognised and refused by name: no userspace
-//! reader for them is good enough yet (see the README).
+//! ends. LVM physical volumes are recognised and refused by name (see the README).
 //!
 //! Everything here is blocking: the caller runs it on a blocking thread, over a [`Disk`]
 //! that fetches chunks from the backup storage.
 
 pub mod layout;
+mod xfs;
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read, FileType, Metadata};
 
@@ -91,9 +92,14 @@ impl<D: std::ops::Deref<Target = dyn Disk>> Ext4Read for PartReader<D> {
     }
 }
 
+enum Reader {
+    Ext(Ext4),
+    Xfs(Box<xfs::XfsFs>),
+}
+
 /// An open filesystem of one partition.
 pub struct Filesystem {
-    fs: Ext4,
+    reader: Reader,
     /// Where it is.
     pub part: Part,
 }
@@ -144,26 +150,28 @@ impl Filesystem {
                 }
             }
         };
-        match part.kind {
-            FsKind::Ext => {}
-            FsKind::Xfs | FsKind::Lvm | FsKind::Unknown => {
+        let reader = match part.kind {
+            FsKind::Ext => {
+                Reader::Ext(Ext4::load(Box::new(PartReader { disk, part })).map_err(|e| fs_error(&part, "/", e))?)
+            }
+            FsKind::Xfs => Reader::Xfs(Box::new(xfs::XfsFs::open(disk, part)?)),
+            FsKind::Lvm | FsKind::Unknown => {
                 return Err(AgentError::new(
                     ErrorKind::Unimplemented,
                     format!(
-                        "partition {} holds {}; file-level restore reads ext2/3/4 only (restore or export the volume instead)",
+                        "partition {} holds {}; file-level restore reads ext2/3/4 and XFS (restore or export the volume instead)",
                         part.number,
                         part.kind.as_str()
                     ),
                 ));
             }
-        }
-        let fs = Ext4::load(Box::new(PartReader { disk, part })).map_err(|e| fs_error(&part, "/", e))?;
-        Ok(Self { fs, part })
+        };
+        Ok(Self { reader, part })
     }
 
-    fn entry(&self, path: &str, m: &Metadata) -> Result<Entry> {
+    fn ext_entry(&self, fs: &Ext4, path: &str, m: &Metadata) -> Result<Entry> {
         let link_target = if m.is_symlink() {
-            Some(self.fs.read_link(path).map_err(|e| fs_error(&self.part, path, e))?.display().to_string())
+            Some(fs.read_link(path).map_err(|e| fs_error(&self.part, path, e))?.display().to_string())
         } else {
             None
         };
@@ -182,8 +190,33 @@ impl Filesystem {
 
     /// The entry at `path` itself (a symlink is not followed).
     pub fn stat(&self, path: &str) -> Result<Entry> {
-        let m = self.fs.symlink_metadata(path).map_err(|e| fs_error(&self.part, path, e))?;
-        self.entry(path, &m)
+        match &self.reader {
+            Reader::Ext(fs) => {
+                let m = fs.symlink_metadata(path).map_err(|e| fs_error(&self.part, path, e))?;
+                self.ext_entry(fs, path, &m)
+            }
+            Reader::Xfs(fs) => fs.stat(path),
+        }
+    }
+
+    /// The entries of directory `dir`, without `.` and `..`.
+    fn read_dir(&self, dir: &str) -> Result<Vec<Entry>> {
+        let fs = match &self.reader {
+            Reader::Ext(fs) => fs,
+            Reader::Xfs(fs) => return fs.read_dir(dir),
+        };
+        let mut out = Vec::new();
+        for item in fs.read_dir(dir).map_err(|e| fs_error(&self.part, dir, e))? {
+            let item = item.map_err(|e| fs_error(&self.part, dir, e))?;
+            let name = item.file_name().display().to_string();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if dir.ends_with('/') { format!("{dir}{name}") } else { format!("{dir}/{name}") };
+            let m = item.metadata().map_err(|e| fs_error(&self.part, &path, e))?;
+            out.push(self.ext_entry(fs, &path, &m)?);
+        }
+        Ok(out)
     }
 
     /// Calls `each` for every entry of the directory `path` (and, with `recursive`, of every
@@ -209,17 +242,8 @@ impl Filesystem {
         given: &mut u64,
         each: &mut dyn FnMut(Entry) -> bool,
     ) -> Result<bool> {
-        let entries = self.fs.read_dir(dir).map_err(|e| fs_error(&self.part, dir, e))?;
-        for item in entries {
-            let item = item.map_err(|e| fs_error(&self.part, dir, e))?;
-            let name = item.file_name();
-            let name = name.display().to_string();
-            if name == "." || name == ".." {
-                continue;
-            }
-            let path = if dir.ends_with('/') { format!("{dir}{name}") } else { format!("{dir}/{name}") };
-            let m = item.metadata().map_err(|e| fs_error(&self.part, &path, e))?;
-            let entry = self.entry(&path, &m)?;
+        for entry in self.read_dir(dir)? {
+            let path = entry.path.clone();
             let is_dir = entry.kind == "directory";
             *given += 1;
             if !each(entry) || *given >= limit {
@@ -235,15 +259,19 @@ impl Filesystem {
     /// Reads the regular file `path` from its start, handing `each` pieces of at most
     /// `piece` bytes until the end or until `each` fails.
     pub fn read_file(&self, path: &str, piece: usize, each: &mut dyn FnMut(Vec<u8>) -> Result<()>) -> Result<u64> {
-        let m = self.fs.symlink_metadata(path).map_err(|e| fs_error(&self.part, path, e))?;
-        if m.file_type() != FileType::Regular {
+        let e = self.stat(path)?;
+        if e.kind != "file" {
             return Err(AgentError::new(
                 ErrorKind::FailedPrecondition,
-                format!("{path} is a {}, not a regular file", kind_name(m.file_type())),
+                format!("{path} is a {}, not a regular file", e.kind),
             )
             .with_field("path"));
         }
-        let mut file = self.fs.open(path).map_err(|e| fs_error(&self.part, path, e))?;
+        let fs = match &self.reader {
+            Reader::Ext(fs) => fs,
+            Reader::Xfs(fs) => return fs.read_file(path, piece, each),
+        };
+        let mut file = fs.open(path).map_err(|e| fs_error(&self.part, path, e))?;
         let mut total = 0u64;
         loop {
             let mut buf = vec![0u8; piece.max(1)];

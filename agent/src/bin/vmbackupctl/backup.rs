@@ -84,7 +84,7 @@ pub(crate) enum BackupCommand {
     Sync(crate::lifecycle::SyncArgs),
     /// Apply a retention policy to a backup storage's groups (per VM); --dry-run lists only.
     Prune(crate::lifecycle::PruneArgs),
-    /// List and extract files inside a volume backup (ext2/3/4), without restoring it.
+    /// List and extract files inside a volume backup (ext2/3/4, XFS), without restoring it.
     #[command(subcommand)]
     Files(crate::files::FilesCommand),
 }
