@@ -12,11 +12,13 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # Network namespaces and veth links for the backup-network test (needs root).
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # File-level restore tests build partitioned ext4 and XFS images without mounting (sfdisk,
-# mke2fs -d, mkfs.xfs -p; xfs_db reads an inode's time as the oracle)
+# mke2fs -d, mkfs.xfs -p, and LVM metadata with pvcreate/vgcreate/vgcfgrestore on a loop
+# device; xfs_db reads an inode's time as the oracle)
 # and the resource tests use loop devices and tmpfs (losetup, mount).
 command -v sfdisk >/dev/null 2>&1 || need+=(fdisk)
 command -v mke2fs >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
+command -v vgcfgrestore >/dev/null 2>&1 || need+=(lvm2)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then

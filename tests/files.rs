@@ -323,3 +323,88 @@ async fn files_in_an_xfs_volume_are_listed_and_extracted_with_their_owner_and_ti
     assert!(std::fs::read(out.join("deep/er/big.bin")).expect("big") == big, "the 5 MiB file is identical");
     assert_eq!(std::fs::metadata(out.join("hosts")).expect("meta").mtime(), t.seconds);
 }
+
+/// Runs `program` and returns its stdout, failing loudly (these tests need root and lvm2).
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} not found ({e}): install lvm2, fdisk and e2fsprogs"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_in_an_lvm_logical_volume_are_found_through_its_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    let big = source_tree(&tree);
+    // The filesystem first, as a 16 MiB image of its own.
+    let fs = dir.path().join("fs.ext4");
+    run("mke2fs", &["-q", "-t", "ext4", "-d", &p(&tree), &p(&fs), "16M"]);
+    let fs_bytes = std::fs::read(&fs).expect("fs image");
+
+    // A GPT disk whose partition 1 is an LVM physical volume (made by pvcreate/vgcreate on a
+    // loop device over the partition), and a linear logical volume of two segments in
+    // reverse order (extents 5-6, then 1-2), written with vgcfgrestore: no device-mapper.
+    let raw = dir.path().join("lvm.raw");
+    std::fs::File::create(&raw).expect("disk").set_len(64 << 20).expect("size");
+    sh(
+        "sfdisk",
+        &["-q", &p(&raw)],
+        Some("label: gpt\nstart=2048, size=126976, type=E6D6D379-F507-44C2-A23C-238F2A3DF928\n"),
+    );
+    let vg = format!("vmbk{}", std::process::id());
+    let dev = run("losetup", &["-f", "--show", "-o", "1048576", "--sizelimit", "65011712", &p(&raw)]);
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let detach = Detach(dev.clone());
+    run("pvcreate", &["-ff", "-y", &dev]);
+    run("vgcreate", &[&vg, &dev]);
+    let backup = dir.path().join("vg.txt");
+    run("vgcfgbackup", &["-f", &p(&backup), &vg]);
+    let text = std::fs::read_to_string(&backup).expect("vg text");
+    let segment = |n: u32, start: u32, pe: u32| {
+        format!(
+            "segment{n} {{\nstart_extent = {start}\nextent_count = 2\ntype = \"striped\"\nstripe_count = 1\nstripes = [\n\"pv0\", {pe}\n]\n}}\n"
+        )
+    };
+    let lv = format!(
+        "logical_volumes {{\nhome {{\nid = \"Ab12Cd-Ef34-Gh56-Ij78-Kl90-Mn12-Op34Qr\"\nstatus = [\"READ\", \"WRITE\", \"VISIBLE\"]\nflags = []\nsegment_count = 2\n{}{}}}\n}}\n",
+        segment(1, 0, 5),
+        segment(2, 2, 1)
+    );
+    let end = text.rfind('}').expect("vg section");
+    std::fs::write(&backup, format!("{}{lv}{}", &text[..end], &text[end..])).expect("vg text with the LV");
+    run("vgcfgrestore", &["-f", &p(&backup), &vg]);
+    drop(detach);
+    // The LV's bytes where its segments say: pe_start (1 MiB into the PV) + extent * 4 MiB.
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new().write(true).open(&raw).expect("disk");
+        let pv = 1u64 << 20;
+        let pe_start = pv + (1 << 20);
+        disk.write_all_at(&fs_bytes[..8 << 20], pe_start + 5 * (4 << 20)).expect("segment 1");
+        disk.write_all_at(&fs_bytes[8 << 20..], pe_start + (4 << 20)).expect("segment 2");
+    }
+
+    let (_store, agent, group) = backed_up(dir.path(), &raw, "raw").await;
+    let text = ok(ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT, "--path", "/etc", "-r"]));
+    assert!(text.contains("/etc/deep/er/big.bin") && text.contains("/etc/hosts.link -> hosts"), "{text}");
+    let named = ok(ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT, "--lv", &format!("{vg}/home")]));
+    assert!(named.contains("/etc"), "{named}");
+    let out = dir.path().join("big.out");
+    ok(ctl(
+        &agent,
+        &["backup", "files", "get", &group, "--volume", ROOT, "--path", "/etc/deep/er/big.bin", "--out", &p(&out)],
+    ));
+    assert!(std::fs::read(&out).expect("big") == big, "read through both segments, identical");
+    let wrong = ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT, "--lv", &format!("{vg}/nope")]);
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains(&format!("{vg}/home on 1 (ext)")), "the error lists what there is: {err}");
+}

@@ -20,6 +20,25 @@ pub(super) fn parse_source(s: Option<pb::VmBackupFileSource>) -> Result<FileSour
         volume: validate::uuid("source.volumeUuid", &s.volume_uuid)?,
         storage: validate::optional_uuid("source.backupStorageUuid", &s.backup_storage_uuid)?,
         partition: s.partition,
+        logical_volume: match s.logical_volume.as_str() {
+            "" => None,
+            lv if lv.len() <= 255
+                && lv.split('/').count() == 2
+                && lv.split('/').all(|p| {
+                    !p.is_empty()
+                        && !p.starts_with('-')
+                        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))
+                }) =>
+            {
+                Some(lv.to_string())
+            }
+            lv => {
+                return Err(AgentError::invalid(
+                    "source.logicalVolume",
+                    format!("{} is not vg/lv (each 1 to 127 of [A-Za-z0-9+_.-])", validate::shorten(lv)),
+                ));
+            }
+        },
     })
 }
 

@@ -7,12 +7,14 @@
 //! Nothing here mounts anything: a backup is untrusted input, and a hostile filesystem
 //! given to the host's kernel attacks the kernel; in userspace it can at worst fail this
 //! one call. Walks are bounded (depth, entries) so a directory cycle in a damaged image
-//! ends. LVM physical volumes are recognised and refused by name (see the README).
+//! ends. Linear LVM logical volumes on a physical volume are found by themselves
+//! ([`lvm`]) and read like partitions.
 //!
 //! Everything here is blocking: the caller runs it on a blocking thread, over a [`Disk`]
 //! that fetches chunks from the backup storage.
 
 pub mod layout;
+pub mod lvm;
 mod xfs;
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read, FileType, Metadata};
@@ -121,35 +123,76 @@ fn fs_error(part: &Part, path: &str, e: Ext4Error) -> AgentError {
 }
 
 impl Filesystem {
-    /// Opens the filesystem of `want` (a partition number, 0 the whole disk), or the only one
-    /// there is when `want` is None.
-    pub fn open(disk: std::sync::Arc<dyn Disk>, want: Option<u32>) -> Result<Self> {
-        let parts = layout::parts(&*disk)?;
-        let describe =
-            || parts.iter().map(|p| format!("{} ({})", p.number, p.kind.as_str())).collect::<Vec<_>>().join(", ");
-        let part = match want {
-            Some(n) => *parts.iter().find(|p| p.number == n).ok_or_else(|| {
-                AgentError::invalid("partition", format!("the disk has no partition {n}; it has: {}", describe()))
-            })?,
-            None => {
-                let known: Vec<&Part> = parts.iter().filter(|p| p.kind != FsKind::Unknown).collect();
-                match known.as_slice() {
-                    [one] => **one,
-                    [] => {
-                        return Err(AgentError::new(
-                            ErrorKind::FailedPrecondition,
-                            format!("no filesystem this agent reads was found; partitions: {}", describe()),
-                        ));
-                    }
-                    _ => {
-                        return Err(AgentError::invalid(
-                            "partition",
-                            format!("the disk holds several filesystems; name one of: {}", describe()),
-                        ));
-                    }
-                }
+    /// Opens the filesystem of the logical volume `lv` (`vg/lv`), or of partition `want` (0:
+    /// the whole disk; a physical volume: its only logical volume holding a filesystem), or
+    /// the only filesystem there is when neither is given.
+    pub fn open(disk: std::sync::Arc<dyn Disk>, want: Option<u32>, lv: Option<&str>) -> Result<Self> {
+        struct Candidate {
+            lv: Option<String>,
+            disk: std::sync::Arc<dyn Disk>,
+            part: Part,
+        }
+        let mut all = Vec::new();
+        for part in layout::parts(&*disk)? {
+            if part.kind != FsKind::Lvm {
+                all.push(Candidate { lv: None, disk: disk.clone(), part });
+                continue;
+            }
+            for v in lvm::logical_volumes(&disk, &part)? {
+                let size = v.size();
+                let kind = layout::kind_at(&v, 0, size)?;
+                let name = v.name.clone();
+                let on: std::sync::Arc<dyn Disk> = std::sync::Arc::new(v);
+                all.push(Candidate {
+                    lv: Some(name),
+                    disk: on,
+                    part: Part { number: part.number, start: 0, len: size, kind },
+                });
+            }
+        }
+        let describe = || {
+            all.iter()
+                .map(|c| match &c.lv {
+                    Some(name) => format!("{name} on {} ({})", c.part.number, c.part.kind.as_str()),
+                    None => format!("{} ({})", c.part.number, c.part.kind.as_str()),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let known = |c: &&Candidate| c.part.kind != FsKind::Unknown;
+        let chosen: Vec<&Candidate> = match (lv, want) {
+            (Some(name), _) => all.iter().filter(|c| c.lv.as_deref() == Some(name)).collect(),
+            (None, Some(n)) => {
+                let plain: Vec<&Candidate> = all.iter().filter(|c| c.lv.is_none() && c.part.number == n).collect();
+                if plain.is_empty() { all.iter().filter(|c| c.part.number == n).filter(known).collect() } else { plain }
+            }
+            (None, None) => all.iter().filter(known).collect(),
+        };
+        let c = match chosen.as_slice() {
+            [one] => *one,
+            [] if lv.is_some() || want.is_some() => {
+                let what =
+                    lv.map_or_else(|| format!("partition {}", want.unwrap_or(0)), |l| format!("logical volume {l}"));
+                let field = if lv.is_some() { "logicalVolume" } else { "partition" };
+                return Err(AgentError::invalid(field, format!("the disk has no {what}; it has: {}", describe())));
+            }
+            [] => {
+                return Err(AgentError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("no filesystem this agent reads was found; it has: {}", describe()),
+                ));
+            }
+            _ => {
+                return Err(AgentError::invalid(
+                    "partition",
+                    format!(
+                        "the disk holds several filesystems; name one (partition or logicalVolume) of: {}",
+                        describe()
+                    ),
+                ));
             }
         };
+        let (disk, part) = (c.disk.clone(), c.part);
         let reader = match part.kind {
             FsKind::Ext => {
                 Reader::Ext(Ext4::load(Box::new(PartReader { disk, part })).map_err(|e| fs_error(&part, "/", e))?)
@@ -159,7 +202,7 @@ impl Filesystem {
                 return Err(AgentError::new(
                     ErrorKind::Unimplemented,
                     format!(
-                        "partition {} holds {}; file-level restore reads ext2/3/4 and XFS (restore or export the volume instead)",
+                        "partition {} holds {}; file-level restore reads ext2/3/4 and XFS, also on LVM (restore or export the volume instead)",
                         part.number,
                         part.kind.as_str()
                     ),

@@ -34,6 +34,8 @@ pub struct FileSource {
     pub storage: Option<String>,
     /// Partition number (0: the whole disk); None: the only filesystem there is.
     pub partition: Option<u32>,
+    /// An LVM logical volume, `vg/lv`.
+    pub logical_volume: Option<String>,
 }
 
 impl Ops {
@@ -50,7 +52,9 @@ impl Ops {
         let (tx, rx) = mpsc::channel(AHEAD);
         let (ready, opened) = oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            let fs = match Filesystem::open(Arc::new(blocking), src.partition).and_then(|fs| first(&fs).map(|()| fs)) {
+            let fs = match Filesystem::open(Arc::new(blocking), src.partition, src.logical_volume.as_deref())
+                .and_then(|fs| first(&fs).map(|()| fs))
+            {
                 Ok(fs) => fs,
                 Err(e) => {
                     let _ = ready.send(Err(e));

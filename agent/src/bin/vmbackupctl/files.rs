@@ -34,6 +34,9 @@ pub(crate) struct Source {
     /// Partition number (0: a filesystem on the whole disk; default: the only filesystem).
     #[arg(long)]
     partition: Option<u32>,
+    /// An LVM logical volume, `vg/lv`.
+    #[arg(long = "lv", default_value = "")]
+    logical_volume: String,
 }
 
 impl Source {
@@ -43,6 +46,7 @@ impl Source {
             volume_uuid: self.volume.clone(),
             backup_storage_uuid: self.storage.clone(),
             partition: self.partition,
+            logical_volume: self.logical_volume.clone(),
         }
     }
 }
