@@ -10,8 +10,8 @@
 //! **Operations** (weighted random choice, one at a time): guest writes (qemu-io, random
 //! bytes, patterns and zeroes), backups (full when the VM has no group on that store yet,
 //! else incremental; live for `live`), restores to new raw or qcow2 files, reverts of a
-//! stopped VM, recovers of a group to the other store, deletes, SyncVmBackup, store GC and
-//! store Verify.
+//! stopped VM, recovers of a group to the other store, deletes, SyncVmBackup, store GC,
+//! store Verify, and volume snapshot groups of a stopped VM (taken, then deleted).
 //!
 //! **Faults.** With the fault probability, an operation runs as a background task; after a
 //! random delay (the operation is throttled to last a second or two) one fault is injected:
@@ -30,8 +30,10 @@
 //! - no file in a store's `tmp/`, every store's Verify finds nothing bad;
 //! - the agent's catalog (QueryVolumeBackup: group uuids per storage) equals what the stores
 //!   hold, and SyncVmBackup leaves it unchanged;
-//! - no `*.vmbackup-*` file (restore partial or live overlay) anywhere under the test's
-//!   directory, no vmbackup overlay node in the running VM's block graph;
+//! - no `*.vmbackup-*` file (restore partial or live overlay) and no `*-snap-*` overlay
+//!   anywhere under the test's directory, no vmbackup overlay node in the running VM's block
+//!   graph; after a snapshot group is deleted, the VM is registered on its own files again
+//!   and its data is unchanged;
 //! - no store session open once jobs ended (one per store is tolerated for the store's
 //!   300 s session TTL after the agent was SIGKILLed mid-job: nothing can close it);
 //! - a retried backup or recover re-sends no chunk the store already has
@@ -42,8 +44,8 @@
 //! fails at the end if any was found, printing the seed and the log.
 //!
 //! **Scale** (environment): `VMBACKUP_SOAK_SEED` (default 21), `VMBACKUP_SOAK_OPS`
-//! (default 40), `VMBACKUP_SOAK_FAULT_PCT` (percent of operations that get a fault, default
-//! 30), `VMBACKUP_SOAK_MINUTES` (stop early after that long; 0: no limit). The last line is
+//! (default 80), `VMBACKUP_SOAK_FAULT_PCT` (percent of operations that get a fault, default
+//! 35), `VMBACKUP_SOAK_MINUTES` (stop early after that long; 0: no limit). The last line is
 //! a JSON summary. A long run: `VMBACKUP_SOAK_OPS=600 cargo test --release --test soak --
 //! --nocapture` (after `cargo build --release --workspace --bins`). The seed fixes the
 //! sequence of operations, faults and delays; where a fault lands inside an operation
@@ -119,8 +121,8 @@ impl Settings {
     fn from_env() -> Settings {
         Settings {
             seed: env_u64("VMBACKUP_SOAK_SEED", 21),
-            ops: env_u64("VMBACKUP_SOAK_OPS", 40),
-            fault_pct: env_u64("VMBACKUP_SOAK_FAULT_PCT", 30),
+            ops: env_u64("VMBACKUP_SOAK_OPS", 80),
+            fault_pct: env_u64("VMBACKUP_SOAK_FAULT_PCT", 35),
             minutes: env_u64("VMBACKUP_SOAK_MINUTES", 0),
         }
     }
@@ -540,7 +542,7 @@ async fn fault_campaign_loses_nothing_committed() {
 async fn one_op(w: &mut World) {
     let live_groups = w.groups.values().filter(|g| !g.deleting).count();
     let delete_weight = if live_groups > 8 { 30 } else { 6 };
-    let table: [(&str, u64); 9] = [
+    let table: [(&str, u64); 10] = [
         ("write", 20),
         ("backup", 30),
         ("restore", 10),
@@ -550,6 +552,7 @@ async fn one_op(w: &mut World) {
         ("sync", 4),
         ("gc", 6),
         ("verify", 4),
+        ("snapshot_group", 4),
     ];
     let total: u64 = table.iter().map(|(_, wt)| wt).sum();
     let mut roll = w.rng.below(total);
@@ -570,7 +573,8 @@ async fn one_op(w: &mut World) {
         "delete" => op_delete(w).await,
         "sync" => op_sync(w).await,
         "gc" => op_gc(w).await,
-        _ => op_verify(w).await,
+        "verify" => op_verify(w).await,
+        _ => op_snapshot_group(w).await,
     };
     if let Some(k) = done {
         *w.stats.ops.entry(k).or_default() += 1;
@@ -717,7 +721,7 @@ fn pick_copy(w: &mut World, stopped_only: bool) -> Option<(String, usize)> {
     let copies: Vec<(String, usize)> = w
         .groups
         .iter()
-        .filter(|(_, g)| !g.deleting && !(stopped_only && w.vms[g.vm].live))
+        .filter(|(_, g)| !g.deleting && (!stopped_only || !w.vms[g.vm].live))
         .flat_map(|(u, g)| g.on.iter().map(move |s| (u.clone(), *s)))
         .collect();
     if copies.is_empty() {
@@ -1001,6 +1005,93 @@ async fn op_verify(w: &mut World) -> Option<&'static str> {
     Some("store_verify")
 }
 
+type Groups = pb::volume_snapshot_group_service_client::VolumeSnapshotGroupServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, common::Auth>,
+>;
+
+async fn snapshot_groups(w: &World) -> Groups {
+    pb::volume_snapshot_group_service_client::VolumeSnapshotGroupServiceClient::with_interceptor(
+        common::channel(&w.agent.url()).await,
+        common::Auth(Some(format!("OAuth {}", common::session(&w.agent)))),
+    )
+}
+
+/// A volume snapshot group of a stopped VM taken and deleted again (its overlays merged
+/// back): afterwards no group, no overlay, the VM's registered paths and data as before.
+async fn op_snapshot_group(w: &mut World) -> Option<&'static str> {
+    let stopped: Vec<usize> = (0..w.vms.len()).filter(|i| !w.vms[*i].live).collect();
+    let vm = stopped[w.rng.index(stopped.len())];
+    let mut vms = pb::vm_service_client::VmServiceClient::with_interceptor(
+        common::channel(&w.agent.url()).await,
+        common::Auth(Some(format!("OAuth {}", common::session(&w.agent)))),
+    );
+    vms.register_vm(w.register(vm)).await.expect("registering the VM");
+    let before = w.vm_digests(vm);
+    let fault = w.plan_fault(None, false, 300);
+    w.log(format!("snapshot group of {}: create, then delete", w.vms[vm].name));
+    let (mut g, root) = (snapshot_groups(w).await, w.vms[vm].volumes[0].uuid.clone());
+    let r = w
+        .drive(
+            async move {
+                let create = pb::CreateVolumeSnapshotGroupRequest {
+                    root_volume_uuid: root,
+                    name: "soak".into(),
+                    ..Default::default()
+                };
+                let inv = g.create_volume_snapshot_group(create).await?.into_inner().inventory.unwrap_or_default();
+                let delete = pb::DeleteVolumeSnapshotGroupRequest { uuid: inv.uuid, ..Default::default() };
+                Ok(g.delete_volume_snapshot_group(delete).await?.into_inner().results)
+            },
+            fault,
+        )
+        .await?;
+    match r {
+        Ok(results) if results.iter().all(|r| r.success) => {}
+        Ok(results) => w.violation(format!("deleting a snapshot group of {} failed: {results:?}", w.vms[vm].name)),
+        Err(e) => {
+            w.stats.op_errors += 1;
+            w.log(format!("snapshot group failed: {}", short(&e)));
+            if fault.is_none() {
+                w.violation(format!("snapshot group of {} failed with no fault: {e:?}", w.vms[vm].name));
+            }
+        }
+    }
+    // A group a fault left behind is deleted now, as an operator would.
+    let mut g = snapshot_groups(w).await;
+    let left = g
+        .query_volume_snapshot_group(pb::QueryVolumeSnapshotGroupRequest::default())
+        .await
+        .expect("querying snapshot groups")
+        .into_inner()
+        .inventories;
+    for inv in left {
+        w.log(format!("deleting snapshot group {} left by the fault", inv.uuid));
+        let req = pb::DeleteVolumeSnapshotGroupRequest { uuid: inv.uuid.clone(), ..Default::default() };
+        match g.delete_volume_snapshot_group(req).await {
+            Ok(r) if r.get_ref().results.iter().all(|r| r.success) => {}
+            other => w.violation(format!("deleting the leftover snapshot group {} failed: {other:?}", inv.uuid)),
+        }
+    }
+    let paths: Vec<String> = vms
+        .query_vm(pb::QueryVmRequest::default())
+        .await
+        .expect("querying VMs")
+        .into_inner()
+        .inventories
+        .into_iter()
+        .filter(|v| v.uuid == w.vms[vm].uuid)
+        .flat_map(|v| v.volumes.into_iter().map(|x| x.install_path))
+        .collect();
+    let want: Vec<String> = w.vms[vm].volumes.iter().map(|v| p(&v.path)).collect();
+    if paths != want {
+        w.violation(format!("after its snapshot group, {} is registered on {paths:?}", w.vms[vm].name));
+    }
+    if w.vm_digests(vm) != before {
+        w.violation(format!("a snapshot group taken and deleted changed the data of {}", w.vms[vm].name));
+    }
+    Some("snapshot_group")
+}
+
 async fn store_groups(store: &Daemon) -> BTreeSet<String> {
     let mut c = common::store_client(store).await;
     let r = c.list_groups(spb::ListGroupsRequest {}).await.expect("listing a store's groups");
@@ -1024,7 +1115,8 @@ async fn catalog(w: &World) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// Files named `*.vmbackup-*` (restore partials, live overlays) under `dir`, stores excluded.
+/// Files named `*.vmbackup-*` (restore partials, live overlays) or `*-snap-*` (snapshot
+/// group overlays) under `dir`, stores excluded.
 fn leftovers(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).expect("listing a directory").flatten() {
         let path = e.path();
@@ -1032,7 +1124,7 @@ fn leftovers(dir: &Path, out: &mut Vec<PathBuf>) {
         if name.starts_with("store-") {
             continue;
         }
-        if name.contains(".vmbackup-") {
+        if name.contains(".vmbackup-") || name.contains("-snap-") {
             out.push(path.clone());
         }
         if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -1084,8 +1176,8 @@ async fn check(w: &mut World, all: bool) {
     }
     let mut gone = Vec::new();
     for (u, g) in &mut w.groups {
-        for s in 0..2 {
-            if g.on.contains(&s) && !visible[s].contains(u) {
+        for (s, vis) in visible.iter().enumerate() {
+            if g.on.contains(&s) && !vis.contains(u) {
                 if g.deleting {
                     g.on.remove(&s);
                 } else {
@@ -1128,12 +1220,12 @@ async fn check(w: &mut World, all: bool) {
     // The catalog equals the stores, and Sync changes nothing.
     let cat = catalog(w).await;
     let mut mismatch = false;
-    for s in 0..2 {
+    for (s, vis) in visible.iter().enumerate() {
         let had = cat.get(&w.bs[s]).cloned().unwrap_or_default();
-        if had != visible[s] {
+        if &had != vis {
             mismatch = true;
-            let extra: Vec<_> = had.difference(&visible[s]).collect();
-            let missing: Vec<_> = visible[s].difference(&had).collect();
+            let extra: Vec<_> = had.difference(vis).collect();
+            let missing: Vec<_> = vis.difference(&had).collect();
             w.violation(format!("catalog of store {s} differs from the store: extra {extra:?}, missing {missing:?}"));
         }
     }
@@ -1146,9 +1238,9 @@ async fn check(w: &mut World, all: bool) {
         }
     }
     let synced = catalog(w).await;
-    for s in 0..2 {
+    for (s, vis) in visible.iter().enumerate() {
         let after = synced.get(&w.bs[s]).cloned().unwrap_or_default();
-        if after != visible[s] {
+        if &after != vis {
             w.violation(format!("after SyncVmBackup the catalog of store {s} still differs from it"));
         } else if !mismatch && cat.get(&w.bs[s]) != Some(&after) {
             w.violation(format!("SyncVmBackup changed the catalog of store {s}, which matched"));
