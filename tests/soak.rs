@@ -3,7 +3,7 @@
 //! every fault that nothing committed was lost and nothing half-done is visible.
 //!
 //! **World.** One `vmbackup-agent`, two `vmbackup-store`s (64 KiB chunks, both added to the
-//! agent), and three VMs: `db` (raw root, qcow2 data) and `web` (qcow2 root), stopped, and
+//! agent, in their own network namespace: needs root and iproute2), and three VMs: `db` (raw root, qcow2 data) and `web` (qcow2 root), stopped, and
 //! `live` (qcow2 root, raw data) running under a `qemu-storage-daemon` with a QMP monitor and
 //! NBD exports through which the test writes as its guest. Everything is a real process.
 //!
@@ -17,8 +17,11 @@
 //! random delay (the operation is throttled to last a second or two) one fault is injected:
 //! SIGKILL of the agent (started again on the same data directory and address), SIGKILL of
 //! a store (started again after a random pause), a graceful restart of a store (SIGTERM),
-//! or SIGKILL of the `qemu-storage-daemon` (started again on the same images once the
-//! operation ended). A backup or recover that failed is then retried with the same request.
+//! SIGKILL of the `qemu-storage-daemon` (started again on the same images once the
+//! operation ended), or a network fault between the agent and the stores: the stores run
+//! in a network namespace of their own, joined to the agent's by one veth link, which is
+//! throttled by a `tc tbf` queue until the operation ends (4 Mbit/s with a 300 ms queue:
+//! slow; 2 Mbit/s with a 2 ms queue: lossy), or goes down for 0.2 to 3 s. A backup or recover that failed is then retried with the same request.
 //!
 //! **Invariants**, checked after every fault, every few operations and at the end:
 //! - every group whose backup (or recover) returned success is visible on its stores, and
@@ -168,6 +171,14 @@ enum Fault {
     KillStore(usize),
     RestartStore(usize),
     KillQemu,
+    /// The link to the stores throttled with a deep queue (packets wait up to 300 ms), until
+    /// the operation ends.
+    NetSlow,
+    /// The link to the stores throttled with almost no queue (packets beyond it are dropped),
+    /// until the operation ends.
+    NetDrop,
+    /// The link to the stores down for a while.
+    NetCut,
 }
 
 impl Fault {
@@ -177,6 +188,9 @@ impl Fault {
             Fault::KillStore(_) => "sigkill_store",
             Fault::RestartStore(_) => "restart_store",
             Fault::KillQemu => "sigkill_qemu",
+            Fault::NetSlow => "net_slow",
+            Fault::NetDrop => "net_drop",
+            Fault::NetCut => "net_cut",
         }
     }
 }
@@ -214,6 +228,98 @@ struct World {
     settings: Settings,
     stats: Stats,
     seq: u64,
+    /// The stores' network namespace; dropped last.
+    net: Net,
+}
+
+/// The stores live in their own network namespace, joined to the test's (where the agent
+/// runs) by one veth link: shaping and link-down on it are the network faults.
+struct Net {
+    ns: String,
+    /// The link's two ends: in the test's namespace, in the stores'.
+    here: String,
+    there: String,
+}
+
+/// The stores' address inside their namespace.
+const STORE_IP: &str = "10.203.0.2";
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("ip not found: install iproute2");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn tc(netns: Option<&str>, args: &[&str]) -> Result<(), String> {
+    let mut cmd = std::process::Command::new(if netns.is_some() { "ip" } else { "tc" });
+    if let Some(ns) = netns {
+        cmd.args(["netns", "exec", ns, "tc"]);
+    }
+    let out = cmd.args(args).output().expect("tc not found: install iproute2");
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
+}
+
+impl Net {
+    fn new() -> Net {
+        let id = std::process::id() % 100_000;
+        let net = Net { ns: format!("vmbk-soak{id}"), here: format!("vsk{id}h"), there: format!("vsk{id}t") };
+        ip(&["netns", "add", &net.ns]);
+        ip(&["-n", &net.ns, "link", "set", "lo", "up"]);
+        ip(&["link", "add", &net.here, "type", "veth", "peer", "name", &net.there, "netns", &net.ns]);
+        ip(&["addr", "add", "10.203.0.1/24", "dev", &net.here]);
+        ip(&["-n", &net.ns, "addr", "add", &format!("{STORE_IP}/24"), "dev", &net.there]);
+        ip(&["link", "set", &net.here, "up"]);
+        ip(&["-n", &net.ns, "link", "set", &net.there, "up"]);
+        net
+    }
+
+    /// The same token-bucket discipline on both ends of the link. (`tbf`, not `netem`: the
+    /// kernels this runs on may lack `sch_netem`; a tbf queue delays and drops all the same.)
+    fn shape(&self, args: &[&str]) {
+        for (ns, dev) in [(None, self.here.as_str()), (Some(self.ns.as_str()), self.there.as_str())] {
+            let mut a = vec!["qdisc", "replace", "dev", dev, "root", "tbf"];
+            a.extend_from_slice(args);
+            tc(ns, &a).unwrap_or_else(|e| panic!("tc {a:?}: {e}"));
+        }
+    }
+
+    /// Removes the shaping.
+    fn clear(&self) {
+        for (ns, dev) in [(None, self.here.as_str()), (Some(self.ns.as_str()), self.there.as_str())] {
+            let _ = tc(ns, &["qdisc", "del", "dev", dev, "root"]);
+        }
+    }
+
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.here, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.here]).status();
+    }
+}
+
+/// A store inside the namespace, listening on [`STORE_IP`].
+fn start_store_in(net: &Net, dir: &Path, name: &str) -> Daemon {
+    let data = dir.join(name);
+    // Plain gRPC off loopback is refused unless the network is declared isolated: it is.
+    let config = dir.join("store.toml");
+    std::fs::write(&config, "[tls]\ninsecure_plaintext = true\n").expect("writing the store config");
+    let args = vec![
+        "--config".to_string(),
+        p(&config),
+        "--listen".to_string(),
+        format!("{STORE_IP}:0"),
+        "--data-dir".to_string(),
+        p(&data),
+        "--chunk-size".to_string(),
+        CHUNK_SIZE.to_string(),
+        "--metrics-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+    ];
+    Daemon::start_in_netns(&net.ns, "vmbackup-store", args, data, dir.join(format!("{name}.log")))
 }
 
 impl World {
@@ -287,7 +393,13 @@ impl World {
         };
         let roll = self.rng.below(100);
         let qemu_weight = if live { 40 } else { 10 };
-        let f = if roll < qemu_weight {
+        let f = if self.rng.percent(25) {
+            match self.rng.below(3) {
+                0 => Fault::NetSlow,
+                1 => Fault::NetDrop,
+                _ => Fault::NetCut,
+            }
+        } else if roll < qemu_weight {
             Fault::KillQemu
         } else if roll < qemu_weight + (100 - qemu_weight) * 2 / 5 {
             Fault::KillAgent
@@ -296,7 +408,10 @@ impl World {
         } else {
             Fault::RestartStore(target)
         };
-        Some((f, Duration::from_millis(self.rng.below(max_delay_ms))))
+        // A network fault lasts until the operation ends: start it early so it hits.
+        let max =
+            if matches!(f, Fault::NetSlow | Fault::NetDrop | Fault::NetCut) { max_delay_ms / 5 } else { max_delay_ms };
+        Some((f, Duration::from_millis(self.rng.below(max.max(1)))))
     }
 
     /// Injects `f`; the op it hits is still running when `mid` is true.
@@ -332,6 +447,13 @@ impl World {
                     let _ = q.child.wait();
                 }
             }
+            Fault::NetSlow => self.net.shape(&["rate", "4mbit", "burst", "32kb", "latency", "300ms"]),
+            Fault::NetDrop => self.net.shape(&["rate", "2mbit", "burst", "4kb", "latency", "2ms"]),
+            Fault::NetCut => {
+                self.net.link(false);
+                tokio::time::sleep(Duration::from_millis(200 + self.rng.below(2800))).await;
+                self.net.link(true);
+            }
         }
     }
 
@@ -355,8 +477,10 @@ impl World {
                 None
             }
         };
-        if matches!(fault, Some((Fault::KillQemu, _))) {
-            self.restart_qemu();
+        match fault {
+            Some((Fault::KillQemu, _)) => self.restart_qemu(),
+            Some((Fault::NetSlow | Fault::NetDrop, _)) => self.net.clear(),
+            _ => {}
         }
         r
     }
@@ -460,10 +584,8 @@ async fn setup(settings: Settings) -> World {
             make_image(&v.path, v.format, v.size, mib, settings.seed ^ (u64::try_from(i * 10 + j).expect("few") << 32));
         }
     }
-    let stores = vec![
-        common::start_store_with(dir.path(), "store-a", None, CHUNK_SIZE),
-        common::start_store_with(dir.path(), "store-b", None, CHUNK_SIZE),
-    ];
+    let net = Net::new();
+    let stores = vec![start_store_in(&net, dir.path(), "store-a"), start_store_in(&net, dir.path(), "store-b")];
     let agent = common::start_agent(dir.path(), common::AgentOptions::default());
     let bs =
         vec![common::add_storage(&agent, &stores[0], "a").await, common::add_storage(&agent, &stores[1], "b").await];
@@ -484,6 +606,7 @@ async fn setup(settings: Settings) -> World {
         settings,
         stats: Stats::default(),
         seq: 0,
+        net,
     }
 }
 
