@@ -1,11 +1,13 @@
 //! The fault campaign (issue #21): a seeded loop of random operations over one agent, two
-//! Image Storages and three VMs, with processes killed in the middle of them, checking after
-//! every fault that nothing committed was lost and nothing half-done is visible.
+//! Image Storages and three VMs, with processes killed and the network broken in the middle
+//! of them, checking after every fault that nothing committed was lost and nothing
+//! half-done is visible.
 //!
 //! **World.** One `vmbackup-agent`, two `vmbackup-store`s (64 KiB chunks, both added to the
-//! agent, in their own network namespace: needs root and iproute2), and three VMs: `db` (raw root, qcow2 data) and `web` (qcow2 root), stopped, and
-//! `live` (qcow2 root, raw data) running under a `qemu-storage-daemon` with a QMP monitor and
-//! NBD exports through which the test writes as its guest. Everything is a real process.
+//! agent, in their own network namespace: needs root and iproute2), and three VMs: `db`
+//! (raw root, qcow2 data) and `web` (qcow2 root), stopped, and `live` (qcow2 root, raw data)
+//! running under a `qemu-storage-daemon` with a QMP monitor and NBD exports through which
+//! the test writes as its guest. Everything is a real process.
 //!
 //! **Operations** (weighted random choice, one at a time): guest writes (qemu-io, random
 //! bytes, patterns and zeroes), backups (full when the VM has no group on that store yet,
@@ -21,7 +23,8 @@
 //! operation ended), or a network fault between the agent and the stores: the stores run
 //! in a network namespace of their own, joined to the agent's by one veth link, which is
 //! throttled by a `tc tbf` queue until the operation ends (4 Mbit/s with a 300 ms queue:
-//! slow; 2 Mbit/s with a 2 ms queue: lossy), or goes down for 0.2 to 3 s. A backup or recover that failed is then retried with the same request.
+//! slow; 2 Mbit/s with a 2 ms queue: lossy), or goes down for 0.2 to 3 s. A backup or
+//! recover that failed is then retried with the same request.
 //!
 //! **Invariants**, checked after every fault, every few operations and at the end:
 //! - every group whose backup (or recover) returned success is visible on its stores, and
@@ -39,8 +42,9 @@
 //!   and its data is unchanged;
 //! - no store session open once jobs ended (one per store is tolerated for the store's
 //!   300 s session TTL after the agent was SIGKILLed mid-job: nothing can close it);
-//! - a retried backup or recover re-sends no chunk the store already has
-//!   (`chunks_already_present` of the store's counters does not move).
+//! - a retried backup or recover succeeds and re-sends no chunk the store already has
+//!   (`chunks_already_present` of the store's counters does not move);
+//! - every operation without a fault succeeds, and none hangs.
 //!
 //! A violation is recorded (with the operation log), the world is repaired if it must be
 //! (SyncVmBackup, merging a leftover overlay offline) and the campaign goes on; the test
