@@ -10,6 +10,7 @@
 pub mod ceph;
 pub mod host;
 pub mod qemu_vm;
+pub mod qmp;
 pub mod qsd;
 pub mod store_calls;
 
