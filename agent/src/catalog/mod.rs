@@ -192,6 +192,10 @@ const MIGRATIONS: &[&str] = &[
     // 8: client-side encryption: the configured key a storage seals with, and its id.
     "ALTER TABLE backup_storage ADD COLUMN encryption_key TEXT NOT NULL DEFAULT '';
      ALTER TABLE backup_storage ADD COLUMN encryption_key_id TEXT NOT NULL DEFAULT '';",
+    // 9: the queries a control plane makes of 100,000 volume backups: a volume's backups
+    // newest first, and anything by date (benches/catalog_scale.rs).
+    "CREATE INDEX volume_backup_volume ON volume_backup(volume_uuid, create_date);
+     CREATE INDEX volume_backup_created ON volume_backup(create_date);",
 ];
 
 /// The agent's catalog.
