@@ -401,3 +401,38 @@ async fn a_delete_during_a_store_outage_waits_for_the_store_and_the_catalog_foll
         c.query_volume_backup(pb::QueryVolumeBackupRequest::default()).await.expect("query").into_inner().inventories;
     assert!(q.is_empty(), "the catalog follows the store: {q:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_the_agent_died_in_is_finished_at_its_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 4 << 20, 2, 12);
+    let mut store = start_store(dir.path(), "store");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "abababababababababababababababab";
+    backup_client(&agent).await.create_vm_backup(create(&v, &bs, resource, None)).await.expect("backup");
+    // The delete is asked while the store is away, and the agent dies while it waits.
+    store.kill();
+    let mut d = backup_client(&agent).await;
+    let deleting = tokio::spawn(async move {
+        d.delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: resource.into(), ..Default::default() }).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    agent.kill();
+    assert!(deleting.await.expect("task").is_err(), "the call died with the agent");
+    store.restart();
+    assert_eq!(groups(&store).await, vec![resource.to_string()], "the store still has the group");
+    // The next start finishes what was asked: the store deletes it and the catalog follows.
+    agent.restart();
+    assert!(groups(&store).await.is_empty(), "the delete was finished at start-up");
+    let q = backup_client(&agent)
+        .await
+        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
+        .await
+        .expect("query")
+        .into_inner()
+        .inventories;
+    assert!(q.is_empty(), "the catalog follows the store: {q:?}");
+}

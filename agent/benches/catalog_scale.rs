@@ -83,9 +83,15 @@ fn main() {
     };
     let month_ago = (START_MS + 335 * DAY_MS).to_string();
     let cases: Vec<(&str, QueryParams)> = vec![
-        ("one volume's backups, newest first, 20", q(&[&format!("volumeUuid={}", uuid(4, 17))], "-createDate", 20, false)),
+        (
+            "one volume's backups, newest first, 20",
+            q(&[&format!("volumeUuid={}", uuid(4, 17))], "-createDate", 20, false),
+        ),
         ("one group", q(&[&format!("groupUuid={}", uuid(2, 12_345))], "", 10, false)),
-        ("last month on one storage, by size, 100", q(&[&format!("createDate>{month_ago}"), &format!("backupStorageUuid={}", uuid(3, 1))], "-size", 100, false)),
+        (
+            "last month on one storage, by size, 100",
+            q(&[&format!("createDate>{month_ago}"), &format!("backupStorageUuid={}", uuid(3, 1))], "-size", 100, false),
+        ),
         ("name like %weekly%, 50", q(&["name~=%weekly-2%"], "-createDate", 50, false)),
         ("user tag tier::gold, count", q(&["userTags=tier::gold"], "", 1000, true)),
         ("everything, newest 1000", q(&[], "-createDate", 1000, false)),

@@ -68,6 +68,10 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %e, "partial restore files are not tracked: the run directory is unusable"),
     }
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
+    if let Err(e) = crate::backup::lifecycle::finish_pending_deletes(&registry, std::time::Duration::from_secs(5)).await
+    {
+        tracing::error!(error = %e, "deletes an earlier run left could not be finished");
+    }
     let live = Arc::new(Live::new(&config));
     let ops = Ops::new(registry, jobs, live, config.data_dir.join("run"));
     let state = State { config: Arc::new(config.clone()), sessions, ops };

@@ -36,6 +36,8 @@ pub async fn delete_group(
     }
     for s in &targets {
         let storage = registry.require(s).await?;
+        let (g, st) = (group_uuid.to_string(), s.clone());
+        registry.catalog().run(move |c| c.begin_delete(&g, &st)).await?;
         let started = std::time::Instant::now();
         let mut attempt = 0u32;
         loop {
@@ -56,11 +58,50 @@ pub async fn delete_group(
                 Err(e) => return Err(e),
             }
         }
-        let (g, st) = (group_uuid.to_string(), vec![s.clone()]);
-        registry.catalog().run(move |c| c.remove_group_refs(&g, &st)).await?;
+        let (g, st) = (group_uuid.to_string(), s.clone());
+        registry.catalog().run(move |c| c.finish_delete(&g, &st)).await?;
         tracing::info!(group = %group_uuid, storage = %s, "backup group deleted");
     }
     Ok(())
+}
+
+/// Finishes the deletes an earlier agent process asked of a store but did not record (it
+/// stopped in between): each store is asked once more (a group already gone counts as
+/// deleted) and the catalog follows it. A store that does not answer within `limit` keeps
+/// its entry for the next start, or for the operator's retry of the delete.
+pub async fn finish_pending_deletes(registry: &Registry, limit: std::time::Duration) -> Result<usize> {
+    let pending = registry.catalog().run(|c| c.pending_deletes()).await?;
+    let mut done = 0;
+    for (group, storage_uuid) in pending {
+        let Ok(storage) = registry.require(&storage_uuid).await else {
+            let (g, s) = (group.clone(), storage_uuid.clone());
+            registry.catalog().run(move |c| c.finish_delete(&g, &s)).await?;
+            continue;
+        };
+        let asked = tokio::time::timeout(limit, async {
+            let (store, _) = registry.open_store(&storage, None).await?;
+            match store.delete_group(&group).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        match asked {
+            Ok(Ok(())) => {
+                let (g, s) = (group.clone(), storage_uuid.clone());
+                registry.catalog().run(move |c| c.finish_delete(&g, &s)).await?;
+                tracing::info!(group = %group, storage = %storage_uuid, "finished a delete an earlier run left");
+                done += 1;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group = %group, storage = %storage_uuid, error = %e, "a delete an earlier run left is still pending")
+            }
+            Err(_) => {
+                tracing::warn!(group = %group, storage = %storage_uuid, "a delete an earlier run left is still pending: the store did not answer")
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Rebuilds the catalog of one Image Storage from its manifests: groups it holds that the

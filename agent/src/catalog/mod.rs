@@ -196,6 +196,13 @@ const MIGRATIONS: &[&str] = &[
     // newest first, and anything by date (benches/catalog_scale.rs).
     "CREATE INDEX volume_backup_volume ON volume_backup(volume_uuid, create_date);
      CREATE INDEX volume_backup_created ON volume_backup(create_date);",
+    // 10: deletes asked of a store whose outcome the catalog has not recorded yet (the agent
+    // may stop between the two); finished at the next start.
+    "CREATE TABLE pending_delete (
+        group_uuid TEXT NOT NULL,
+        backup_storage_uuid TEXT NOT NULL,
+        PRIMARY KEY (group_uuid, backup_storage_uuid)
+     );",
 ];
 
 /// The agent's catalog.

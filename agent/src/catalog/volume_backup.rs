@@ -242,6 +242,34 @@ impl Catalog {
         Ok(removed)
     }
 
+    /// Records that `group_uuid` is being deleted from `storage` (before the store is asked).
+    pub fn begin_delete(&self, group_uuid: &str, storage: &str) -> Result<(), CatalogError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO pending_delete (group_uuid, backup_storage_uuid) VALUES (?1, ?2)",
+            params![group_uuid, storage],
+        )?;
+        Ok(())
+    }
+
+    /// The store no longer has `group_uuid`: its refs to `storage` and the pending mark go.
+    pub fn finish_delete(&self, group_uuid: &str, storage: &str) -> Result<(), CatalogError> {
+        self.remove_group_refs(group_uuid, &[storage.to_string()])?;
+        self.conn().execute(
+            "DELETE FROM pending_delete WHERE group_uuid = ?1 AND backup_storage_uuid = ?2",
+            params![group_uuid, storage],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes asked of a store whose outcome was not recorded: (group, storage).
+    pub fn pending_deletes(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT group_uuid, backup_storage_uuid FROM pending_delete ORDER BY group_uuid")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Groups with a volume backup on `storage`.
     pub fn groups_on_storage(&self, storage: &str) -> Result<Vec<String>, CatalogError> {
         let conn = self.conn();
