@@ -27,7 +27,7 @@ fn record(g: usize, v: usize) -> VolumeBackupRecord {
     let vm = g % VMS;
     let when = START_MS + i64::try_from(g).expect("fits") * (365 * DAY_MS / i64::try_from(GROUPS).expect("fits"));
     let storage = uuid(3, g % 3);
-    let name = if g % 7 == 0 { format!("weekly-{g}-{v}") } else { format!("nightly-{g}-{v}") };
+    let name = if g.is_multiple_of(7) { format!("weekly-{g}-{v}") } else { format!("nightly-{g}-{v}") };
     VolumeBackupRecord {
         uuid: uuid(1, g * VOLUMES_PER_GROUP + v),
         group_uuid: uuid(2, g),
@@ -49,12 +49,13 @@ fn record(g: usize, v: usize) -> VolumeBackupRecord {
             last_op_date: when,
         }],
         system_tags: vec![format!("vm::{}", uuid(5, vm))],
-        user_tags: if g % 10 == 0 { vec!["tier::gold".into()] } else { vec![] },
+        user_tags: if g.is_multiple_of(10) { vec!["tier::gold".into()] } else { vec![] },
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+/// The `per_mille`/1000 quantile of `sorted` (nearest rank).
+fn percentile(sorted: &[f64], per_mille: usize) -> f64 {
+    let i = (sorted.len() - 1) * per_mille / 1000;
     sorted[i.min(sorted.len() - 1)]
 }
 
@@ -110,8 +111,8 @@ fn main() {
         times.sort_by(f64::total_cmp);
         println!(
             "| {name} | {rows} | {:.2} | {:.2} | {:.2} |",
-            percentile(&times, 0.5),
-            percentile(&times, 0.99),
+            percentile(&times, 500),
+            percentile(&times, 990),
             times[times.len() - 1]
         );
     }
