@@ -68,8 +68,12 @@ pub async fn run(config: AgentConfig, control: Control) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %e, "partial restore files are not tracked: the run directory is unusable"),
     }
     let jobs = crate::jobs::Jobs::open(registry.catalog().clone()).await?;
-    if let Err(e) = crate::backup::lifecycle::finish_pending_deletes(&registry, std::time::Duration::from_secs(5)).await
-    {
+    // What an earlier process asked of stores but stopped before recording: commits, deletes.
+    let settle = std::time::Duration::from_secs(5);
+    if let Err(e) = crate::backup::lifecycle::finish_pending_commits(&registry, settle).await {
+        tracing::error!(error = %e, "commits an earlier run left could not be settled");
+    }
+    if let Err(e) = crate::backup::lifecycle::finish_pending_deletes(&registry, settle).await {
         tracing::error!(error = %e, "deletes an earlier run left could not be finished");
     }
     let live = Arc::new(Live::new(&config));

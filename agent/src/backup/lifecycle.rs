@@ -104,6 +104,40 @@ pub async fn finish_pending_deletes(registry: &Registry, limit: std::time::Durat
     Ok(done)
 }
 
+/// Settles the commits an earlier agent process asked of a store but did not record (it
+/// stopped in between): a group the store has is recorded from its manifest, one it does
+/// not have is forgotten. A store that does not answer within `limit` keeps its entry for
+/// the next start (SyncVmBackup also finds such a group).
+pub async fn finish_pending_commits(registry: &Registry, limit: std::time::Duration) -> Result<usize> {
+    let pending = registry.catalog().run(|c| c.pending_commits()).await?;
+    let mut recorded = 0;
+    for (group, storage_uuid) in pending {
+        let found = tokio::time::timeout(limit, async {
+            let storage = registry.require(&storage_uuid).await?;
+            let key = registry.chunk_key(&storage).await?;
+            let (store, _) = registry.open_store(&storage, None).await?;
+            super::outage::committed_before(&*store, &storage_uuid, &group, key.as_deref()).await
+        })
+        .await;
+        match found {
+            Ok(Ok(records)) => {
+                let records = records.unwrap_or_default();
+                recorded += usize::from(!records.is_empty());
+                tracing::info!(group = %group, storage = %storage_uuid, committed = !records.is_empty(), "settled a commit an earlier run left");
+                let (g, s) = (group.clone(), storage_uuid.clone());
+                registry.catalog().run(move |c| c.finish_commit(&g, &s, &records)).await?;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group = %group, storage = %storage_uuid, error = %e, "a commit an earlier run left is still unsettled")
+            }
+            Err(_) => {
+                tracing::warn!(group = %group, storage = %storage_uuid, "a commit an earlier run left is still unsettled: the store did not answer")
+            }
+        }
+    }
+    Ok(recorded)
+}
+
 /// Rebuilds the catalog of one Image Storage from its manifests: groups it holds that the
 /// catalog lacks are added (with their recorded names, sizes and dates), groups the catalog
 /// lists but the store no longer has are forgotten, and the others are left untouched.

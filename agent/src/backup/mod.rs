@@ -11,7 +11,7 @@
 
 pub mod incremental;
 pub mod lifecycle;
-mod outage;
+pub(crate) mod outage;
 mod pipeline;
 pub(crate) use pipeline::ZSTD_LEVEL;
 pub mod recover;
@@ -279,8 +279,8 @@ async fn attempt_files(
             outage::committed_before(&*store, &req.storage.uuid, &req.group_uuid, key.as_deref()).await?
     {
         tracing::info!(group = %req.group_uuid, "the commit had reached the store before the outage");
-        let r = records.clone();
-        registry.catalog().run(move |c| c.insert_volume_backups(&r)).await?;
+        let (r, g, s) = (records.clone(), req.group_uuid.clone(), req.storage.uuid.clone());
+        registry.catalog().run(move |c| c.finish_commit(&g, &s, &r)).await?;
         return Ok(records);
     }
 
@@ -298,12 +298,23 @@ async fn attempt_files(
         }
         return Err(AgentError::new(ErrorKind::Cancelled, "cancelled before commit; no group was created"));
     }
-    session.commit(manifest, req.retain_until).await?;
+    // Recorded before the store is asked: an agent that stops before the catalog has the
+    // group finds out at its next start whether the store committed it.
+    let (g, s) = (req.group_uuid.clone(), req.storage.uuid.clone());
+    registry.catalog().run(move |c| c.begin_commit(&g, &s)).await?;
+    if let Err(e) = session.commit(manifest, req.retain_until).await {
+        // A refusal has an outcome (not committed); an outage does not, and stays pending.
+        if !e.is_store_outage() {
+            let (g, s) = (req.group_uuid.clone(), req.storage.uuid.clone());
+            registry.catalog().run(move |c| c.finish_commit(&g, &s, &[])).await?;
+        }
+        return Err(e);
+    }
     if let Err(e) = session.close().await {
         tracing::warn!(error = %e, "closing the store session after the commit failed; it expires with its TTL");
     }
-    let r = records.clone();
-    registry.catalog().run(move |c| c.insert_volume_backups(&r)).await?;
+    let (r, g, s) = (records.clone(), req.group_uuid.clone(), req.storage.uuid.clone());
+    registry.catalog().run(move |c| c.finish_commit(&g, &s, &r)).await?;
     tracing::info!(group = %req.group_uuid, vm = %req.vm.uuid, storage = %req.storage.uuid, "backup committed");
     Ok(records)
 }

@@ -203,6 +203,13 @@ const MIGRATIONS: &[&str] = &[
         backup_storage_uuid TEXT NOT NULL,
         PRIMARY KEY (group_uuid, backup_storage_uuid)
      );",
+    // 11: commits asked of a store whose outcome the catalog has not recorded yet; the next
+    // start asks the store and records the group if it was committed.
+    "CREATE TABLE pending_commit (
+        group_uuid TEXT NOT NULL,
+        backup_storage_uuid TEXT NOT NULL,
+        PRIMARY KEY (group_uuid, backup_storage_uuid)
+     );",
 ];
 
 /// The agent's catalog.

@@ -261,6 +261,42 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records that `group_uuid` is about to be committed on `storage`.
+    pub fn begin_commit(&self, group_uuid: &str, storage: &str) -> Result<(), CatalogError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO pending_commit (group_uuid, backup_storage_uuid) VALUES (?1, ?2)",
+            params![group_uuid, storage],
+        )?;
+        Ok(())
+    }
+
+    /// The commit of `group_uuid` on `storage` has an outcome: `records` when it committed
+    /// (inserted in the same transaction as the mark goes), none when it did not.
+    pub fn finish_commit(
+        &self,
+        group_uuid: &str,
+        storage: &str,
+        records: &[VolumeBackupRecord],
+    ) -> Result<(), CatalogError> {
+        if !records.is_empty() {
+            self.insert_volume_backups(records)?;
+        }
+        self.conn().execute(
+            "DELETE FROM pending_commit WHERE group_uuid = ?1 AND backup_storage_uuid = ?2",
+            params![group_uuid, storage],
+        )?;
+        Ok(())
+    }
+
+    /// Commits asked of a store whose outcome was not recorded: (group, storage).
+    pub fn pending_commits(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT group_uuid, backup_storage_uuid FROM pending_commit ORDER BY group_uuid")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Deletes asked of a store whose outcome was not recorded: (group, storage).
     pub fn pending_deletes(&self) -> Result<Vec<(String, String)>, CatalogError> {
         let conn = self.conn();

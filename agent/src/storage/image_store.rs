@@ -177,7 +177,9 @@ fn call_error(url: &str, method: &str, s: tonic::Status) -> AgentError {
         tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
             ErrorKind::FailedPrecondition
         }
-        tonic::Code::Cancelled => ErrorKind::Cancelled,
+        // The agent cancels by dropping its calls, which yields no status: a CANCELLED
+        // status is the connection or the store ending the call (a reset, a shutdown).
+        tonic::Code::Cancelled => ErrorKind::Unavailable,
         tonic::Code::Unimplemented => ErrorKind::Unimplemented,
         _ => ErrorKind::Internal,
     };
