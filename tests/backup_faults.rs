@@ -436,3 +436,37 @@ async fn a_delete_the_agent_died_in_is_finished_at_its_next_start() {
         .inventories;
     assert!(q.is_empty(), "the catalog follows the store: {q:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_the_store_refuses_stays_refused_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, 4 << 20, 1, 13);
+    let store = start_store(dir.path(), "store");
+    let mut agent = start_agent(dir.path(), AgentOptions::default());
+    let bs = add_storage(&agent, &store, "s").await;
+    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let resource = "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd";
+    let mut req = create(&v, &bs, resource, None);
+    req.system_tags = vec!["backup::retentionLock::seconds::2".into()];
+    backup_client(&agent).await.create_vm_backup(req).await.expect("locked backup");
+    let e = backup_client(&agent)
+        .await
+        .delete_vm_backup(pb::DeleteVmBackupRequest { group_uuid: resource.into(), ..Default::default() })
+        .await
+        .expect_err("the store refuses: the group is locked");
+    assert!(e.message().contains("retention-locked"), "{e:?}");
+    // A refusal is an outcome: once the lock has run out, the next start does not delete the
+    // group behind the operator's back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.restart();
+    assert_eq!(groups(&store).await, vec![resource.to_string()]);
+    let q = backup_client(&agent)
+        .await
+        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
+        .await
+        .expect("query")
+        .into_inner()
+        .inventories;
+    assert_eq!(q.len(), 1, "the catalog still lists the locked group: {q:?}");
+}

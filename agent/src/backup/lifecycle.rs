@@ -55,7 +55,14 @@ pub async fn delete_group(
                     tracing::warn!(group = %group_uuid, storage = %s, error = %e, attempt, "deleting: the Image Storage did not answer; asking again");
                     tokio::time::sleep(pause).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A refusal is an outcome (the group stays); a store still away is not.
+                    if !e.is_store_outage() {
+                        let (g, st) = (group_uuid.to_string(), s.clone());
+                        registry.catalog().run(move |c| c.cancel_delete(&g, &st)).await?;
+                    }
+                    return Err(e);
+                }
             }
         }
         let (g, st) = (group_uuid.to_string(), s.clone());
@@ -92,6 +99,11 @@ pub async fn finish_pending_deletes(registry: &Registry, limit: std::time::Durat
                 registry.catalog().run(move |c| c.finish_delete(&g, &s)).await?;
                 tracing::info!(group = %group, storage = %storage_uuid, "finished a delete an earlier run left");
                 done += 1;
+            }
+            Ok(Err(e)) if !e.is_store_outage() => {
+                tracing::warn!(group = %group, storage = %storage_uuid, error = %e, "the store refused a delete an earlier run left; the group stays");
+                let (g, s) = (group.clone(), storage_uuid.clone());
+                registry.catalog().run(move |c| c.cancel_delete(&g, &s)).await?;
             }
             Ok(Err(e)) => {
                 tracing::warn!(group = %group, storage = %storage_uuid, error = %e, "a delete an earlier run left is still pending")

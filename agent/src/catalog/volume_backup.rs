@@ -297,6 +297,15 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The store refused to delete `group_uuid` (a lock, a role): it stays, and so do its refs.
+    pub fn cancel_delete(&self, group_uuid: &str, storage: &str) -> Result<(), CatalogError> {
+        self.conn().execute(
+            "DELETE FROM pending_delete WHERE group_uuid = ?1 AND backup_storage_uuid = ?2",
+            params![group_uuid, storage],
+        )?;
+        Ok(())
+    }
+
     /// Deletes asked of a store whose outcome was not recorded: (group, storage).
     pub fn pending_deletes(&self) -> Result<Vec<(String, String)>, CatalogError> {
         let conn = self.conn();
