@@ -76,6 +76,10 @@ if [ ! -x "$QEMU_SYSTEM_DIR/usr/bin/qemu-system-x86_64" ]; then
 fi
 export VMBACKUP_QEMU_SYSTEM_DIR="$QEMU_SYSTEM_DIR"
 
+# One clean build: incremental state would only add gigabytes to target/ that a single
+# run never reads back.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 cargo fmt --all -- --check
 cargo build --workspace --bins --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
