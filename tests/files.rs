@@ -78,6 +78,22 @@ fn disk(path: &Path, size_mib: u64, table: &str, parts: &[(u64, u64, &Path)]) {
     }
 }
 
+/// Every entry beneath `path` of `source`, listed recursively over gRPC.
+async fn list_all(
+    c: &mut common::BackupClient,
+    source: &pb::VmBackupFileSource,
+    path: &str,
+) -> Vec<pb::VmBackupFileInventory> {
+    let req =
+        pb::ListVmBackupFilesRequest { source: Some(source.clone()), path: path.into(), recursive: true, limit: 0 };
+    let mut s = c.list_vm_backup_files(req).await.expect("list").into_inner();
+    let mut entries = Vec::new();
+    while let Some(e) = s.message().await.expect("entry") {
+        entries.push(e);
+    }
+    entries
+}
+
 fn ctl(agent: &common::Daemon, args: &[&str]) -> std::process::Output {
     Command::new(common::bin("vmbackupctl"))
         .args(["--agent", &agent.url(), "--session", &common::session(agent)])
@@ -108,20 +124,7 @@ async fn files_in_an_ext4_partition_are_listed_and_extracted_without_a_restore()
 
     // Listing over gRPC: sizes, modes, times and the link's target, found in partition 1.
     let source = pb::VmBackupFileSource { group_uuid: group.clone(), volume_uuid: ROOT.into(), ..Default::default() };
-    let mut s = c
-        .list_vm_backup_files(pb::ListVmBackupFilesRequest {
-            source: Some(source.clone()),
-            path: "/etc".into(),
-            recursive: true,
-            limit: 0,
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let mut entries = Vec::new();
-    while let Some(e) = s.message().await.expect("entry") {
-        entries.push(e);
-    }
+    let entries = list_all(&mut c, &source, "/etc").await;
     let find = |p: &str| entries.iter().find(|e| e.path == p).unwrap_or_else(|| panic!("{p} listed: {entries:?}"));
     let hosts = find("/etc/hosts");
     assert_eq!((hosts.r#type.as_str(), hosts.size, hosts.mode & 0o7777), ("file", 36, 0o640), "{hosts:?}");
@@ -191,14 +194,31 @@ async fn a_disk_with_two_filesystems_needs_its_partition_named() {
     disk(
         &raw,
         40,
-        "label: dos\nstart=2048, size=32768, type=83\nstart=36864, size=32768, type=83\n",
+        "label: dos\nstart=2048, size=32768, type=83\nstart=36864, size=32768, type=83\n\
+         start=71680, size=8192, type=8e\n",
         &[(1, 16, &a), (18, 16, &b)],
     );
+    // Partition 3 is a damaged LVM physical volume: a label sector whose type is not LVM2's.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).expect("open the disk");
+        f.write_all_at(b"LABELONE", (35 << 20) + 512).expect("write the label");
+    }
     let (_store, agent, group) = backed_up(dir.path(), &raw, "raw").await;
     let out = ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("1 (ext), 2 (ext)") && err.contains("partition"), "{err}");
+    assert!(
+        err.contains("1 (ext), 2 (ext), 3 (lvm, unreadable: LVM on partition 3: the label is not an LVM2 one")
+            && err.contains("partition"),
+        "{err}"
+    );
+    // The damaged volume is an error only where it is asked for ...
+    let out = ctl(&agent, &["backup", "files", "list", &group, "--volume", ROOT, "--partition", "3"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LVM on partition 3: the label is not an LVM2 one (type)") && !err.contains("(ext)"), "{err}");
+    // ... and never hides the other partitions.
     let file = dir.path().join("which.out");
     let args = ["backup", "files", "get", &group, "--volume", ROOT, "--partition", "2", "--path", "/which", "--out"];
     ok(ctl(&agent, &[&args[..], &[&p(&file)]].concat()));
@@ -285,24 +305,8 @@ async fn files_in_an_xfs_volume_are_listed_and_extracted_with_their_owner_and_ti
 
     let (_store, agent, group) = backed_up(dir.path(), &raw, "raw").await;
     let mut c = backup_client(&agent).await;
-    let mut s = c
-        .list_vm_backup_files(pb::ListVmBackupFilesRequest {
-            source: Some(pb::VmBackupFileSource {
-                group_uuid: group.clone(),
-                volume_uuid: ROOT.into(),
-                ..Default::default()
-            }),
-            path: "/".into(),
-            recursive: true,
-            limit: 0,
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let mut entries = Vec::new();
-    while let Some(e) = s.message().await.expect("entry") {
-        entries.push(e);
-    }
+    let source = pb::VmBackupFileSource { group_uuid: group.clone(), volume_uuid: ROOT.into(), ..Default::default() };
+    let entries = list_all(&mut c, &source, "/").await;
     let find = |p: &str| entries.iter().find(|e| e.path == p).unwrap_or_else(|| panic!("{p} listed: {entries:?}"));
     let hosts = find("/etc/hosts");
     assert_eq!((hosts.r#type.as_str(), hosts.size, hosts.mode & 0o7777), ("file", 36, 0o640), "{hosts:?}");

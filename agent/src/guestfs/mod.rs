@@ -131,35 +131,45 @@ impl Filesystem {
             lv: Option<String>,
             disk: std::sync::Arc<dyn Disk>,
             part: Part,
+            /// Why a physical volume's logical volumes could not be read: an error only
+            /// when that partition is the one asked for, so a damaged PV never hides the
+            /// other partitions' filesystems.
+            unreadable: Option<AgentError>,
         }
         let mut all = Vec::new();
         for part in layout::parts(&*disk)? {
             if part.kind != FsKind::Lvm {
-                all.push(Candidate { lv: None, disk: disk.clone(), part });
+                all.push(Candidate { lv: None, disk: disk.clone(), part, unreadable: None });
                 continue;
             }
-            for v in lvm::logical_volumes(&disk, &part)? {
-                let size = v.size();
-                let kind = layout::kind_at(&v, 0, size)?;
-                let name = v.name.clone();
-                let on: std::sync::Arc<dyn Disk> = std::sync::Arc::new(v);
-                all.push(Candidate {
-                    lv: Some(name),
-                    disk: on,
-                    part: Part { number: part.number, start: 0, len: size, kind },
-                });
+            let lvs = lvm::logical_volumes(&disk, &part).and_then(|lvs| {
+                lvs.into_iter()
+                    .map(|v| {
+                        let size = v.size();
+                        let kind = layout::kind_at(&v, 0, size)?;
+                        let name = v.name.clone();
+                        let on: std::sync::Arc<dyn Disk> = std::sync::Arc::new(v);
+                        let part = Part { number: part.number, start: 0, len: size, kind };
+                        Ok(Candidate { lv: Some(name), disk: on, part, unreadable: None })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            });
+            match lvs {
+                Ok(lvs) => all.extend(lvs),
+                Err(e) => all.push(Candidate { lv: None, disk: disk.clone(), part, unreadable: Some(e) }),
             }
         }
         let describe = || {
             all.iter()
-                .map(|c| match &c.lv {
-                    Some(name) => format!("{name} on {} ({})", c.part.number, c.part.kind.as_str()),
-                    None => format!("{} ({})", c.part.number, c.part.kind.as_str()),
+                .map(|c| match (&c.lv, &c.unreadable) {
+                    (Some(name), _) => format!("{name} on {} ({})", c.part.number, c.part.kind.as_str()),
+                    (None, Some(e)) => format!("{} (lvm, unreadable: {})", c.part.number, e.message()),
+                    (None, None) => format!("{} ({})", c.part.number, c.part.kind.as_str()),
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let known = |c: &&Candidate| c.part.kind != FsKind::Unknown;
+        let known = |c: &&Candidate| c.part.kind != FsKind::Unknown && c.unreadable.is_none();
         let chosen: Vec<&Candidate> = match (lv, want) {
             (Some(name), _) => all.iter().filter(|c| c.lv.as_deref() == Some(name)).collect(),
             (None, Some(n)) => {
@@ -192,6 +202,9 @@ impl Filesystem {
                 ));
             }
         };
+        if let Some(e) = &c.unreadable {
+            return Err(AgentError::new(e.kind(), e.message().to_owned()));
+        }
         let (disk, part) = (c.disk.clone(), c.part);
         let reader = match part.kind {
             FsKind::Ext => {
