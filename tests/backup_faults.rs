@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
@@ -37,6 +37,34 @@ fn random_raw(path: &Path, size: u64, mib: usize, seed: u64) {
     f.sync_all().expect("sync");
 }
 
+/// What most tests here start from: a raw volume of `size` bytes with `mib` MiB of random
+/// data, a store, and an agent (with `config`, if any) that has the store as a storage.
+struct Setup {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    store: Daemon,
+    agent: Daemon,
+    bs: String,
+    vm: pb::RegisterVmRequest,
+}
+
+async fn setup(size: u64, mib: usize, seed: u64, config: Option<&str>) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("root.raw");
+    random_raw(&img, size, mib, seed);
+    let store = start_store(dir.path(), "store");
+    let mut options = AgentOptions::default();
+    if let Some(text) = config {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).expect("config");
+        options.config = Some(path);
+    }
+    let agent = start_agent(dir.path(), options);
+    let bs = add_storage(&agent, &store, "s").await;
+    let vm = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    Setup { dir, img, store, agent, bs, vm }
+}
+
 async fn groups(store: &Daemon) -> Vec<String> {
     let mut c = common::store_client(store).await;
     c.list_groups(spb::ListGroupsRequest {})
@@ -51,13 +79,7 @@ async fn groups(store: &Daemon) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_leaves_no_group_and_the_retry_sends_only_what_was_missing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 16 << 20, 12, 1);
-    let store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, store, agent, bs, vm: v, .. } = setup(16 << 20, 12, 1, None).await;
     let resource = "22222222222222222222222222222222";
 
     // 12 MiB at 4 MiB/s: cancel after about a second.
@@ -86,13 +108,7 @@ async fn cancel_leaves_no_group_and_the_retry_sends_only_what_was_missing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_backup_is_reported_failed_and_the_retry_succeeds() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 16 << 20, 12, 2);
-    let store = start_store(dir.path(), "store");
-    let mut agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, store, mut agent, bs, vm: v, .. } = setup(16 << 20, 12, 2, None).await;
     let resource = "55555555555555555555555555555555";
     let mut c = backup_client(&agent).await;
     let req = create(&v, &bs, resource, Some(4 << 20));
@@ -179,13 +195,7 @@ async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_while_the_first_attempt_runs_joins_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 8 << 20, 6, 4);
-    let store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, store, agent, bs, vm: v, .. } = setup(8 << 20, 6, 4, None).await;
     let resource = "66666666666666666666666666666666";
     let mut first = backup_client(&agent).await;
     let req = create(&v, &bs, resource, Some(6 << 20));
@@ -263,13 +273,7 @@ fn chunk_files(store: &Daemon) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_restarted_mid_backup_is_waited_for_and_the_same_job_sends_only_what_it_lacks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 16 << 20, 12, 9);
-    let mut store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir, img, mut store, agent, bs, vm: v } = setup(16 << 20, 12, 9, None).await;
     let resource = "77777777777777777777777777777777";
 
     // 12 MiB at 4 MiB/s; the store is killed after about a second and is back two later.
@@ -346,15 +350,8 @@ async fn a_store_restarted_mid_backup_is_waited_for_and_the_same_job_sends_only_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_that_stays_away_fails_the_backup_after_the_configured_wait_and_leaves_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 16 << 20, 12, 10);
-    let mut store = start_store(dir.path(), "store");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(&config, "store_outage_seconds = 3\n").expect("config");
-    let agent = start_agent(dir.path(), AgentOptions { config: Some(config), ..Default::default() });
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, mut store, agent, bs, vm: v, .. } =
+        setup(16 << 20, 12, 10, Some("store_outage_seconds = 3\n")).await;
     let resource = "88888888888888888888888888888888";
     let mut c = backup_client(&agent).await;
     let req = create(&v, &bs, resource, Some(4 << 20));
@@ -377,13 +374,7 @@ async fn a_store_that_stays_away_fails_the_backup_after_the_configured_wait_and_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_during_a_store_outage_waits_for_the_store_and_the_catalog_follows_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 4 << 20, 2, 11);
-    let mut store = start_store(dir.path(), "store");
-    let agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, mut store, agent, bs, vm: v, .. } = setup(4 << 20, 2, 11, None).await;
     let resource = "99999999999999999999999999999999";
     let mut c = backup_client(&agent).await;
     c.create_vm_backup(create(&v, &bs, resource, None)).await.expect("backup");
@@ -404,13 +395,7 @@ async fn a_delete_during_a_store_outage_waits_for_the_store_and_the_catalog_foll
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_the_agent_died_in_is_finished_at_its_next_start() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 4 << 20, 2, 12);
-    let mut store = start_store(dir.path(), "store");
-    let mut agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, mut store, mut agent, bs, vm: v, .. } = setup(4 << 20, 2, 12, None).await;
     let resource = "abababababababababababababababab";
     backup_client(&agent).await.create_vm_backup(create(&v, &bs, resource, None)).await.expect("backup");
     // The delete is asked while the store is away, and the agent dies while it waits.
@@ -439,13 +424,7 @@ async fn a_delete_the_agent_died_in_is_finished_at_its_next_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_the_store_refuses_stays_refused_after_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("root.raw");
-    random_raw(&img, 4 << 20, 1, 13);
-    let store = start_store(dir.path(), "store");
-    let mut agent = start_agent(dir.path(), AgentOptions::default());
-    let bs = add_storage(&agent, &store, "s").await;
-    let v = common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", "edc07fe8d8a335ec8aa00f23b88fc1c6", &img, "raw");
+    let Setup { dir: _dir, store, mut agent, bs, vm: v, .. } = setup(4 << 20, 1, 13, None).await;
     let resource = "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd";
     let mut req = create(&v, &bs, resource, None);
     req.system_tags = vec!["backup::retentionLock::seconds::2".into()];
