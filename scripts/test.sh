@@ -84,3 +84,9 @@ cargo fmt --all -- --check
 cargo build --workspace --bins --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The qcow2 parsers and the format decoders under libFuzzer for a bounded time each
+# (VMBACKUP_FUZZ_SECONDS per qcow2 target, a quarter of it per decoder; 0 skips them).
+if [ "${VMBACKUP_FUZZ_SECONDS:-60}" != 0 ]; then
+  scripts/fuzz.sh
+fi
