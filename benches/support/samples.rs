@@ -104,6 +104,23 @@ pub async fn vmbackup(
     operations(out, (tool, corpus), imgs, &agent, &daemons, &store.data_dir.join("chunks"), &bs, server).await;
 }
 
+/// The same sequence into the agent's embedded store: chunks go from the pipeline into the
+/// local chunk store in-process (no gRPC hop, no second check of what the agent hashed).
+pub async fn vmbackup_embedded(
+    out: &mut Samples,
+    tool: &'static str,
+    corpus: &'static str,
+    imgs: (&Path, &Path, &str),
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = bench_agent_with(dir.path(), imgs.0, "", true);
+    let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
+    let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
+    let bs = c.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone();
+    let chunks = agent.data_dir.join("store/chunks");
+    operations(out, (tool, corpus), imgs, &agent, &[agent.pid()], &chunks, &bs, &|| None).await;
+}
+
 /// The same sequence into a Ceph backup storage: a fresh agent writing `pool` directly
 /// (monitor `mon`, `keyring`), no store server in the data path.
 pub async fn vmbackup_ceph(
@@ -139,10 +156,37 @@ pub async fn vmbackup_ceph(
 /// An agent under `dir` whose volume roots include the corpus folder of `v1`, with `extra`
 /// configuration.
 fn bench_agent(dir: &Path, v1: &Path, extra: &str) -> common::Daemon {
+    bench_agent_with(dir, v1, extra, false)
+}
+
+/// [`bench_agent`], with its embedded store or without.
+fn bench_agent_with(dir: &Path, v1: &Path, extra: &str, embedded_store: bool) -> common::Daemon {
     let corpus_dir = v1.parent().unwrap_or(Path::new("/"));
     let cfg = dir.join("agent.toml");
     std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n{extra}", corpus_dir.display())).expect("agent config");
-    common::start_agent(dir, common::AgentOptions { config: Some(cfg), ..Default::default() })
+    common::start_agent(dir, common::AgentOptions { config: Some(cfg), embedded_store })
+}
+
+/// Reads every file under `p` once, so that the timed step after it finds its input in the
+/// page cache whatever ran before (another tool's run may have pushed it out).
+pub fn warm(p: &Path) {
+    fn walk(p: &Path, buf: &mut [u8]) {
+        use std::io::Read;
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => {
+                for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                    walk(&e.path(), buf);
+                }
+            }
+            Ok(m) if m.is_file() => {
+                if let Ok(mut f) = std::fs::File::open(p) {
+                    while matches!(f.read(buf), Ok(n) if n > 0) {}
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(p, &mut vec![0u8; 1 << 20]);
 }
 
 /// Full backup, incremental, restore through `agent` to backup storage `bs`, each timed
@@ -185,12 +229,14 @@ async fn operations(
             vm: Some(common::one_volume_vm("9ff17180fded31c2b9e4e5751ebcb2ba", root, img, format)),
             ..Default::default()
         };
+        warm(img);
         let started = begin();
         let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
         end(out, op, started);
         group = inv[0].group_uuid.clone();
     }
     let restored = agent.data_dir.parent().unwrap_or(Path::new("/tmp")).join("restored.raw");
+    warm(chunks);
     let started = begin();
     c.restore_vm_backup(pb::RestoreVmBackupRequest {
         group_uuid: group,
@@ -226,11 +272,12 @@ pub fn report(samples: &Samples, sizes: &[(&str, u64)]) {
     let rounds = of(&keys[0]).len();
     println!("\nmedian of {rounds} rounds; restores are timed until the file is on disk");
     println!(
-        "{:<17} {:<10} {:<12} {:>7} {:>7} {:>9} {:>14} {:>7} {:>9} {:>12}",
+        "{:<17} {:<10} {:<12} {:>7} {:>13} {:>7} {:>9} {:>14} {:>7} {:>9} {:>12}",
         "tool",
         "corpus",
         "operation",
         "seconds",
+        "min-max s",
         "MiB/s",
         "MiB/CPU-s",
         "peak RSS MiB",
@@ -246,11 +293,14 @@ pub fn report(samples: &Samples, sizes: &[(&str, u64)]) {
         let requests = last.server.map_or_else(|| "-".to_string(), |n| n.0.to_string());
         let server_cpu = of(k).iter().filter_map(|s| s.server.map(|n| n.1)).collect::<Vec<_>>();
         let server_cpu = if server_cpu.is_empty() { "-".to_string() } else { format!("{:.2}", median(server_cpu)) };
+        let lo = all.iter().map(|s| s.secs).fold(f64::INFINITY, f64::min);
+        let hi = all.iter().map(|s| s.secs).fold(0.0, f64::max);
         println!(
-            "{:<17} {:<10} {:<12} {secs:>7.2} {:>7.0} {:>9.0} {:>14} {:>7.0} {requests:>9} {server_cpu:>12}",
+            "{:<17} {:<10} {:<12} {secs:>7.2} {:>13} {:>7.0} {:>9.0} {:>14} {:>7.0} {requests:>9} {server_cpu:>12}",
             k.0,
             k.1,
             k.2,
+            format!("{lo:.2}-{hi:.2}"),
             mib_of(k.1) / secs,
             mib_of(k.1) / cpu.max(0.001),
             last.peak,
