@@ -15,7 +15,8 @@ const PROTOS: &[&str] = &[
 ];
 
 /// Fields generated as `bytes::Bytes` instead of `Vec<u8>`.
-const BYTES_FIELDS: [&str; 2] = [".vmbackup.store.v1.UploadChunk.blob", ".vmbackup.store.v1.Chunk.blob"];
+const BYTES_FIELDS: [&str; 3] =
+    [".vmbackup.store.v1.UploadChunk.blob", ".vmbackup.store.v1.Chunk.blob", ".vmbackup.store.v1.IndexPiece.data"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -28,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.compile_well_known_types();
     config.extern_path(".google.protobuf", "::pbjson_types");
-    // Chunk blobs are bytes::Bytes: a received blob is a slice of the receive buffer, not
+    // Chunk blobs and index pieces are bytes::Bytes: a received blob is a slice of the receive buffer, not
     // a copy of it, and a blob to send is moved into the message without one.
     config.bytes(BYTES_FIELDS);
     // `prost::Name` on every message: the agent's REST edge finds a reply's descriptor by it.

@@ -124,6 +124,31 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .expect_err("oversized");
     assert!(matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange), "{e:?}");
 
+    // An index in pieces that stops short of its total_len, or goes past it, stores nothing.
+    let name = format!("{}.vidx", uuid());
+    let encoded: bytes::Bytes =
+        VolumeIndex::new([8; 16], 3 << 20, CS_U32, VolumeFormat::Raw).expect("index").encode().into();
+    let mut pieces = vmbackup_proto::pieces::split(encoded.clone(), &s, &name);
+    pieces[0].total_len += 1;
+    let e = c.put_index_stream(tokio_stream::iter(pieces)).await.expect_err("short");
+    assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("total_len"), "{e:?}");
+    let mut pieces = vmbackup_proto::pieces::split(encoded.clone(), &s, &name);
+    pieces[0].total_len -= 1;
+    let e = c.put_index_stream(tokio_stream::iter(pieces)).await.expect_err("long");
+    assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("total_len"), "{e:?}");
+    let e = c.get_index_stream(pb::GetIndexRequest { name: name.clone() }).await.expect_err("nothing stored");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // Whole, it is stored, and reads back in pieces as the same bytes.
+    c.put_index_stream(tokio_stream::iter(vmbackup_proto::pieces::split(encoded.clone(), &s, &name)))
+        .await
+        .expect("index in pieces");
+    let mut back = vmbackup_proto::pieces::Assembler::default();
+    let mut down = c.get_index_stream(pb::GetIndexRequest { name }).await.expect("read back").into_inner();
+    while let Some(p) = down.message().await.expect("piece") {
+        back.push(p).expect("well-formed piece");
+    }
+    assert_eq!(back.finish().expect("whole"), encoded.to_vec());
+
     // A commit naming a chunk that was never uploaded.
     let mut ix = VolumeIndex::new([9; 16], CS_U64, CS_U32, VolumeFormat::Raw).expect("index");
     let absent = Digest::of(&pseudo_random(5, CS));

@@ -316,6 +316,8 @@ async fn writers_append_to_their_namespace_and_readers_restore_only_theirs() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = rb.get_index(spb::GetIndexRequest { name: index.clone() }).await.expect_err("other namespace");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = rb.get_index_stream(spb::GetIndexRequest { name: index.clone() }).await.expect_err("other namespace");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = rb
         .download_chunks(spb::DownloadChunksRequest { digests: vec![chunks[0].0.to_vec()], index_name: index.clone() })
         .await
@@ -348,6 +350,18 @@ async fn writers_append_to_their_namespace_and_readers_restore_only_theirs() {
         .await
         .expect_err("overwrite");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let other =
+        vmbackup_proto::index::VolumeIndex::new([7; 16], CS_U64, CS_U32, vmbackup_proto::index::VolumeFormat::Raw)
+            .expect("index")
+            .encode();
+    let e = wb
+        .put_index_stream(tokio_stream::iter(vmbackup_proto::pieces::split(other.into(), &s_w, &index)))
+        .await
+        .expect_err("overwrite in pieces");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let pieces = vmbackup_proto::pieces::split(vec![0; 100].into(), &s_a, "x.vidx");
+    let e = wb.put_index_stream(tokio_stream::iter(pieces)).await.expect_err("someone else's session, in pieces");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     // writer-b's own backup lands in host-b, where restorer-b sees it and host-a does not.
     let m = upload(&mut wb, &s_w, &[pseudo_random(5, CS)]).await;
     let g = commit(&mut wb, &s_w, &m).await.expect("writer-b commits");

@@ -34,6 +34,9 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// at most) whatever a peer or a damaged file claims. 16 Mi chunks are 64 TiB of 4 MiB
 /// chunks. Lowering it makes stored indexes of larger volumes unreadable.
 pub const MAX_CHUNKS: u64 = 16 << 20;
+/// Most bytes an encoded index may have: header, [`MAX_CHUNKS`] digests and the trailer.
+/// Whoever receives an index refuses a longer one before reading it.
+pub const MAX_ENCODED_LEN: u64 = HEADER_LEN as u64 + (MAX_CHUNKS + 1) * DIGEST_LEN as u64;
 
 const _: () = assert!(HEADER_LEN == 8 + 1 + 1 + 2 + 4 + 8 + 8 + 16);
 

@@ -18,6 +18,7 @@ pub mod format_error;
 pub mod index;
 pub mod keyfile;
 pub mod manifest;
+pub mod pieces;
 pub mod seal;
 
 pub use digest::Digest;
@@ -40,6 +41,11 @@ pub mod store {
     pub mod v1 {
         tonic::include_proto!("vmbackup.store.v1");
         include!(concat!(env!("OUT_DIR"), "/vmbackup.store.v1.serde.rs"));
+
+        /// Most index bytes one `IndexPiece` may carry; a receiver refuses a larger piece.
+        pub const MAX_INDEX_PIECE_BYTES: usize = 4 << 20;
+        /// Index bytes per `IndexPiece` a sender sends.
+        pub const INDEX_PIECE_BYTES: usize = 1 << 20;
     }
 }
 

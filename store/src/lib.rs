@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | `store.json` | identity: uuid, layout version, chunk size | once, at first start |
 //! | `chunks/<4 hex>/<64 hex>` | chunk blobs named by BLAKE3 of their plaintext | upload |
-//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
+//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex, PutIndexStream |
 //! | `groups/<uuid>.json` | group manifests: a group exists exactly when this does | CommitGroup |
 //! | `meta/verify-state.json` | groups verify found damaged (`{"damagedGroups": [..]}`), read once and cached by the store | Verify |
 //! | `bad/` | chunks verify found damaged, moved aside | Verify |
@@ -26,7 +26,7 @@
 //! |---|---|---|
 //! | `store.json` | identity, as above | once, create-only PUT (`If-None-Match: *`), so two first starts agree |
 //! | `chunks/<4 hex>/<64 hex>` | chunk blobs | upload, create-only PUT (412: already present) |
-//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex |
+//! | `indexes/<uuid>.vidx` | volume indexes | PutIndex, PutIndexStream |
 //! | `groups/<uuid>.json` | group manifests, written last | CommitGroup |
 //! | `group-meta/<uuid>.json` | namespace and retention lock | CommitGroup, SetRetention |
 //! | `meta/verify-state.json` | damaged groups | Verify |

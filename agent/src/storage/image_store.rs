@@ -21,8 +21,8 @@ use crate::error::{AgentError, ErrorKind, Result};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a short control call (Status, sessions, MissingChunks) may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a call that moves or checks a whole index or group may take (PutIndex,
-/// GetIndex, CommitGroup, which checks every chunk the group names, list and delete).
+/// How long a call that moves or checks a whole index or group may take (an index up or
+/// down, CommitGroup, which checks every chunk the group names, list and delete).
 pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A request with a deadline (sent as `grpc-timeout`). Streams of chunks get none: an
@@ -35,6 +35,10 @@ fn deadline<T>(message: T, limit: Duration) -> tonic::Request<T> {
 }
 /// Largest gRPC message accepted or sent; matches the store's limit.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Largest index sent to a store that predates `PutIndexStream`: one message, with room
+/// for its framing under [`MAX_MESSAGE_BYTES`].
+const UNARY_INDEX_BYTES: usize = MAX_MESSAGE_BYTES - (1 << 20);
 
 /// Digests asked per MissingChunks call (the store accepts up to 16384).
 pub const MISSING_BATCH: usize = 8192;
@@ -162,6 +166,14 @@ impl ImageStoreClient {
     fn client(&self) -> Client {
         self.inner.clone()
     }
+
+    fn bad_index(&self, name: &str, why: &str) -> AgentError {
+        AgentError::new(
+            ErrorKind::Internal,
+            format!("Image Storage at {} sent index {name} in bad pieces: {why}", self.url),
+        )
+        .from_store()
+    }
 }
 
 /// The error of a failed call to the store at `url`, naming the method.
@@ -194,13 +206,20 @@ fn group(g: pb::GroupInfo) -> StoredGroup {
 impl ChunkReader for ImageStoreClient {
     async fn get_index(&self, name: &str) -> Result<Vec<u8>> {
         let req = pb::GetIndexRequest { name: name.to_string() };
-        Ok(self
-            .client()
-            .get_index(deadline(req, LONG_CALL_TIMEOUT))
-            .await
-            .map_err(|s| self.call_error("GetIndex", s))?
-            .into_inner()
-            .data)
+        let mut pieces = match self.client().get_index_stream(deadline(req.clone(), LONG_CALL_TIMEOUT)).await {
+            Ok(r) => r.into_inner(),
+            // A store that predates GetIndexStream: one message, so at most 64 MiB.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                let r = self.client().get_index(deadline(req, LONG_CALL_TIMEOUT)).await;
+                return Ok(r.map_err(|s| self.call_error("GetIndex", s))?.into_inner().data);
+            }
+            Err(s) => return Err(self.call_error("GetIndexStream", s)),
+        };
+        let mut index = vmbackup_proto::pieces::Assembler::default();
+        while let Some(piece) = pieces.message().await.map_err(|s| self.call_error("GetIndexStream", s))? {
+            index.push(piece).map_err(|e| self.bad_index(name, &e))?;
+        }
+        index.finish().map_err(|e| self.bad_index(name, &e))
     }
 
     async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream> {
@@ -330,13 +349,33 @@ impl super::seam::Store for ImageStoreClient {
     }
 
     async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest> {
-        let req = pb::PutIndexRequest { session_id: session.to_string(), name: name.to_string(), data };
-        let reply = self
-            .client()
-            .put_index(deadline(req, LONG_CALL_TIMEOUT))
-            .await
-            .map_err(|s| self.call_error("PutIndex", s))?
-            .into_inner();
+        let data = Bytes::from(data);
+        let pieces = tokio_stream::iter(vmbackup_proto::pieces::split(data.clone(), session, name));
+        let reply = match self.client().put_index_stream(deadline(pieces, LONG_CALL_TIMEOUT)).await {
+            Ok(r) => r.into_inner(),
+            // A store that predates PutIndexStream takes an index as one message.
+            Err(s) if s.code() == tonic::Code::Unimplemented && data.len() <= UNARY_INDEX_BYTES => {
+                let req = pb::PutIndexRequest {
+                    session_id: session.to_string(),
+                    name: name.to_string(),
+                    data: data.to_vec(),
+                };
+                let r = self.client().put_index(deadline(req, LONG_CALL_TIMEOUT)).await;
+                r.map_err(|s| self.call_error("PutIndex", s))?.into_inner()
+            }
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                return Err(AgentError::new(
+                    ErrorKind::Unimplemented,
+                    format!(
+                        "Image Storage at {} cannot take index {name} of {} bytes: it serves no PutIndexStream and \
+                         one message carries at most {UNARY_INDEX_BYTES}; upgrade the store",
+                        self.url,
+                        data.len()
+                    ),
+                ));
+            }
+            Err(s) => return Err(self.call_error("PutIndexStream", s)),
+        };
         reply.digest.parse().map_err(|e| {
             AgentError::new(ErrorKind::Internal, format!("Image Storage at {} sent a bad index digest", self.url))
                 .with_source(e)

@@ -27,6 +27,7 @@ use crate::sessions::SessionOwner;
 use guard::audit;
 
 mod guard;
+mod index;
 use crate::identity::{FORMAT_VERSION, StoreIdentity};
 
 /// Largest gRPC message either side accepts: a 16 MiB chunk plus framing, with room.
@@ -357,6 +358,22 @@ impl ImageStore for StoreService {
         self.visible_index(&p, &name).await?;
         let data = self.run(move |s| s.get_index(&name)).await?;
         Ok(Response::new(pb::GetIndexReply { data }))
+    }
+
+    async fn put_index_stream(
+        &self,
+        r: Request<tonic::Streaming<pb::IndexPiece>>,
+    ) -> Result<Response<pb::PutIndexReply>, Status> {
+        self.put_index_pieces(r).await
+    }
+
+    type GetIndexStreamStream = index::IndexPieces;
+
+    async fn get_index_stream(
+        &self,
+        r: Request<pb::GetIndexRequest>,
+    ) -> Result<Response<Self::GetIndexStreamStream>, Status> {
+        Ok(Response::new(self.get_index_pieces(r).await?))
     }
 
     async fn commit_group(&self, r: Request<pb::CommitGroupRequest>) -> Result<Response<pb::GroupInfo>, Status> {
