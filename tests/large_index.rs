@@ -88,3 +88,50 @@ async fn an_index_above_the_message_limit_is_stored_restored_and_read_back_for_a
     let after = common::store_counters(&store).await;
     assert_eq!(after.chunks_uploaded - stored.chunks_uploaded, 16, "only the new MiB is sent");
 }
+
+/// The agent's peak resident memory (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib >> 10
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_takes_no_more_memory_for_a_4_tib_sparse_volume_than_for_a_64_gib_one() {
+    // The same 64 MiB of data in both volumes, 4 MiB chunks: 16 Ki chunk slots against
+    // 1 Mi. Memory that grew with the virtual size (a dense index of 32 bytes a chunk, its
+    // encoding, a ledger entry a chunk) would add about 70 MiB at 4 TiB.
+    let mut peaks = Vec::new();
+    for size in [64u64 << 30, 4 << 40] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("sparse.raw");
+        write_pieces(&img, size, 0..64, size / 64);
+        let store = common::start_store_with(dir.path(), "store", None, 4 << 20);
+        let agent = start_agent(dir.path(), AgentOptions::default());
+        let bs = common::add_storage(&agent, &store, "s").await;
+        let mut c = common::backup_client(&agent).await;
+        c.create_vm_backup(pb::CreateVmBackupRequest {
+            root_volume_uuid: ROOT.into(),
+            backup_storage_uuid: bs,
+            name: "sparse".into(),
+            vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
+            ..Default::default()
+        })
+        .await
+        .expect("backup");
+        assert_eq!(common::chunks_uploaded(&store).await, 64, "each MiB of data in a chunk of its own");
+        let peak = peak_rss_mib(agent.pid());
+        eprintln!("{} GiB sparse volume, 64 MiB of data: agent peak RSS {peak} MiB", size >> 30);
+        peaks.push(peak);
+    }
+    assert!(
+        peaks[1] < peaks[0] + 16,
+        "agent peak RSS {} MiB at 4 TiB against {} MiB at 64 GiB: memory must not grow with the virtual size",
+        peaks[1],
+        peaks[0]
+    );
+}

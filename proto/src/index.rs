@@ -38,6 +38,9 @@ pub const MAX_CHUNKS: u64 = 16 << 20;
 /// Whoever receives an index refuses a longer one before reading it.
 pub const MAX_ENCODED_LEN: u64 = HEADER_LEN as u64 + (MAX_CHUNKS + 1) * DIGEST_LEN as u64;
 
+mod sparse;
+pub use sparse::{Pieces, SparseIndex};
+
 const _: () = assert!(HEADER_LEN == 8 + 1 + 1 + 2 + 4 + 8 + 8 + 16);
 
 /// Format of the backed-up volume.
@@ -124,14 +127,8 @@ impl VolumeIndex {
     /// Encodes the index (with its trailer).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + (self.digests.len() + 1) * DIGEST_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(self.format as u8);
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&self.virtual_size.to_le_bytes());
-        out.extend_from_slice(&u64::try_from(self.digests.len()).unwrap_or(u64::MAX).to_le_bytes());
-        out.extend_from_slice(&self.volume_uuid);
+        let count = u64::try_from(self.digests.len()).unwrap_or(u64::MAX);
+        out.extend_from_slice(&header_bytes(&self.volume_uuid, self.virtual_size, self.chunk_size, self.format, count));
         for d in &self.digests {
             out.extend_from_slice(&d.0);
         }
@@ -142,72 +139,113 @@ impl VolumeIndex {
 
     /// Decodes an index, refusing one of more than `max_chunks` chunks before allocating.
     pub fn decode(bytes: &[u8], max_chunks: u64) -> Result<Self, FormatError> {
-        if bytes.len() < HEADER_LEN + DIGEST_LEN {
-            return Err(err("header", 0, format!("{} bytes, shorter than header and trailer", bytes.len())));
-        }
-        if bytes[..8] != MAGIC {
-            return Err(err("magic", 0, format!("{:02x?} is not a vmbackup volume index", &bytes[..8])));
-        }
-        if bytes[8] != VERSION {
-            return Err(err(
-                "version",
-                8,
-                format!("version {} is not supported (this build reads {VERSION})", bytes[8]),
-            ));
-        }
-        let format = match bytes[9] {
-            0 => VolumeFormat::Raw,
-            1 => VolumeFormat::Qcow2,
-            f => return Err(err("volume format", 9, format!("unknown volume format {f}"))),
-        };
-        if bytes[10..12] != [0, 0] {
-            return Err(err("reserved", 10, "reserved bytes are not zero"));
-        }
-        let le64 = |at: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(a)
-        };
-        let mut cs = [0u8; 4];
-        cs.copy_from_slice(&bytes[12..16]);
-        let chunk_size = u32::from_le_bytes(cs);
-        check_chunk_size(chunk_size)?;
-        let virtual_size = le64(16);
-        let count = le64(24);
-        if count != chunk_count(virtual_size, chunk_size) {
-            return Err(err(
-                "chunk count",
-                24,
-                format!(
-                    "{count} chunks, but {virtual_size} bytes in {chunk_size}-byte chunks need {}",
-                    chunk_count(virtual_size, chunk_size)
-                ),
-            ));
-        }
-        if count > max_chunks {
-            return Err(err("chunk count", 24, format!("{count} chunks exceeds the limit of {max_chunks}")));
-        }
-        let n = usize::try_from(count).map_err(|_| err("chunk count", 24, "does not fit in memory"))?;
-        let body_len = n.checked_mul(DIGEST_LEN).and_then(|b| b.checked_add(HEADER_LEN));
-        if body_len.and_then(|b| b.checked_add(DIGEST_LEN)) != Some(bytes.len()) {
-            return Err(err(
-                "length",
-                0,
-                format!("{} bytes, expected {} for {count} chunks", bytes.len(), HEADER_LEN + (n + 1) * DIGEST_LEN),
-            ));
-        }
-        let body_len = body_len.unwrap_or(0);
-        if blake3::hash(&bytes[..body_len]).as_bytes()[..] != bytes[body_len..] {
-            return Err(err("trailer", body_len, "BLAKE3 of the index does not match its trailer"));
-        }
-        let mut volume_uuid = [0u8; 16];
-        volume_uuid.copy_from_slice(&bytes[32..48]);
-        let digests = bytes[HEADER_LEN..body_len]
-            .chunks_exact(DIGEST_LEN)
-            .map(|c| Digest::from_slice(c).unwrap_or(Digest::ZERO_CHUNK))
-            .collect();
-        Ok(Self { volume_uuid, virtual_size, chunk_size, format, digests })
+        let c = check(bytes, max_chunks)?;
+        let digests = digest_slots(bytes, c.body_len).collect();
+        Ok(Self {
+            volume_uuid: c.volume_uuid,
+            virtual_size: c.virtual_size,
+            chunk_size: c.chunk_size,
+            format: c.format,
+            digests,
+        })
     }
+}
+
+/// The 48 header bytes of an index.
+fn header_bytes(
+    volume_uuid: &[u8; 16],
+    virtual_size: u64,
+    chunk_size: u32,
+    format: VolumeFormat,
+    count: u64,
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8] = VERSION;
+    h[9] = format as u8;
+    // 10..12 reserved, zero.
+    h[12..16].copy_from_slice(&chunk_size.to_le_bytes());
+    h[16..24].copy_from_slice(&virtual_size.to_le_bytes());
+    h[24..32].copy_from_slice(&count.to_le_bytes());
+    h[32..48].copy_from_slice(volume_uuid);
+    h
+}
+
+/// What a checked index says besides its digests.
+struct Checked {
+    volume_uuid: [u8; 16],
+    virtual_size: u64,
+    chunk_size: u32,
+    format: VolumeFormat,
+    /// Header and digests: where the trailer starts.
+    body_len: usize,
+}
+
+/// Checks every byte of an encoded index (header, length, trailer), refusing one of more
+/// than `max_chunks` chunks before anything is allocated.
+fn check(bytes: &[u8], max_chunks: u64) -> Result<Checked, FormatError> {
+    if bytes.len() < HEADER_LEN + DIGEST_LEN {
+        return Err(err("header", 0, format!("{} bytes, shorter than header and trailer", bytes.len())));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(err("magic", 0, format!("{:02x?} is not a vmbackup volume index", &bytes[..8])));
+    }
+    if bytes[8] != VERSION {
+        return Err(err("version", 8, format!("version {} is not supported (this build reads {VERSION})", bytes[8])));
+    }
+    let format = match bytes[9] {
+        0 => VolumeFormat::Raw,
+        1 => VolumeFormat::Qcow2,
+        f => return Err(err("volume format", 9, format!("unknown volume format {f}"))),
+    };
+    if bytes[10..12] != [0, 0] {
+        return Err(err("reserved", 10, "reserved bytes are not zero"));
+    }
+    let le64 = |at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(a)
+    };
+    let mut cs = [0u8; 4];
+    cs.copy_from_slice(&bytes[12..16]);
+    let chunk_size = u32::from_le_bytes(cs);
+    check_chunk_size(chunk_size)?;
+    let virtual_size = le64(16);
+    let count = le64(24);
+    if count != chunk_count(virtual_size, chunk_size) {
+        return Err(err(
+            "chunk count",
+            24,
+            format!(
+                "{count} chunks, but {virtual_size} bytes in {chunk_size}-byte chunks need {}",
+                chunk_count(virtual_size, chunk_size)
+            ),
+        ));
+    }
+    if count > max_chunks {
+        return Err(err("chunk count", 24, format!("{count} chunks exceeds the limit of {max_chunks}")));
+    }
+    let n = usize::try_from(count).map_err(|_| err("chunk count", 24, "does not fit in memory"))?;
+    let body_len = n.checked_mul(DIGEST_LEN).and_then(|b| b.checked_add(HEADER_LEN));
+    if body_len.and_then(|b| b.checked_add(DIGEST_LEN)) != Some(bytes.len()) {
+        return Err(err(
+            "length",
+            0,
+            format!("{} bytes, expected {} for {count} chunks", bytes.len(), HEADER_LEN + (n + 1) * DIGEST_LEN),
+        ));
+    }
+    let body_len = body_len.unwrap_or(0);
+    if blake3::hash(&bytes[..body_len]).as_bytes()[..] != bytes[body_len..] {
+        return Err(err("trailer", body_len, "BLAKE3 of the index does not match its trailer"));
+    }
+    let mut volume_uuid = [0u8; 16];
+    volume_uuid.copy_from_slice(&bytes[32..48]);
+    Ok(Checked { volume_uuid, virtual_size, chunk_size, format, body_len })
+}
+
+/// The digests of a checked index, one per chunk.
+fn digest_slots(bytes: &[u8], body_len: usize) -> impl Iterator<Item = Digest> + '_ {
+    bytes[HEADER_LEN..body_len].chunks_exact(DIGEST_LEN).map(|c| Digest::from_slice(c).unwrap_or(Digest::ZERO_CHUNK))
 }
 
 /// BLAKE3 of an encoded index, hex: the name a manifest gives it.

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::SparseIndex;
 
 use super::BackupRequest;
 use crate::catalog::CatalogHandle;
@@ -32,8 +32,11 @@ pub struct DirtySince {
 /// For one volume: which chunks changed, and the previous digests of the others.
 #[derive(Debug)]
 pub(crate) struct Reuse {
+    /// Per chunk: written since the previous backup (one byte a chunk, zeroed at
+    /// allocation, so only the pages of dirty chunks are touched).
     pub(crate) dirty: Vec<bool>,
-    pub(crate) previous: Vec<Digest>,
+    /// `(chunk, digest)` of the previous backup's non-zero chunks, ascending.
+    pub(crate) previous: Vec<(u64, Digest)>,
 }
 
 /// The name of the dirty bitmap a backup of `group` leaves on each disk.
@@ -62,14 +65,14 @@ pub(crate) async fn previous_indexes(
     catalog: &CatalogHandle,
     store: &dyn ChunkReader,
     req: &BackupRequest,
-) -> HashMap<String, (String, VolumeIndex)> {
+) -> HashMap<String, (String, SparseIndex)> {
     let mut out = HashMap::new();
     for v in &req.vm.volumes {
         let (vol, bs) = (v.uuid.clone(), req.storage.uuid.clone());
         let Ok(Some(prev)) = catalog.run(move |c| c.latest_volume_backup(&vol, &bs)).await else { continue };
         let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
         match store.get_index(&r.install_path).await.and_then(|b| {
-            VolumeIndex::decode(&b, vmbackup_proto::index::MAX_CHUNKS)
+            SparseIndex::decode(&b, vmbackup_proto::index::MAX_CHUNKS)
                 .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
         }) {
             Ok(ix) => {
@@ -82,8 +85,8 @@ pub(crate) async fn previous_indexes(
 }
 
 /// Every digest the previous indexes name: known present without asking.
-pub(crate) fn known(previous: &HashMap<String, (String, VolumeIndex)>) -> Arc<HashSet<Digest>> {
-    Arc::new(previous.values().flat_map(|(_, ix)| ix.referenced().copied()).collect())
+pub(crate) fn known(previous: &HashMap<String, (String, SparseIndex)>) -> Arc<HashSet<Digest>> {
+    Arc::new(previous.values().flat_map(|(_, ix)| ix.entries.iter().map(|(_, d)| *d)).collect())
 }
 
 /// What an incremental may skip on `volume`, or why it reads in full.
@@ -92,7 +95,7 @@ pub(crate) fn reuse_for(
     size: u64,
     chunk_size: u32,
     dirty: Option<&DirtySince>,
-    previous: &HashMap<String, (String, VolumeIndex)>,
+    previous: &HashMap<String, (String, SparseIndex)>,
 ) -> Result<Option<Reuse>, String> {
     let Some(dirty) = dirty else { return Ok(None) };
     let Some(Some(ranges)) = dirty.per_volume.get(volume) else {
@@ -105,7 +108,7 @@ pub(crate) fn reuse_for(
         return Err(format!("the previous backup of volume {volume} does not match its dirty bitmap"));
     }
     let cs = u64::from(chunk_size);
-    let mut flags = vec![false; ix.digests.len()];
+    let mut flags = vec![false; usize::try_from(ix.chunk_count()).unwrap_or(0)];
     for &(offset, len) in ranges {
         if len == 0 || offset >= size {
             continue;
@@ -116,7 +119,7 @@ pub(crate) fn reuse_for(
             *f = true;
         }
     }
-    Ok(Some(Reuse { dirty: flags, previous: ix.digests.clone() }))
+    Ok(Some(Reuse { dirty: flags, previous: ix.entries.clone() }))
 }
 
 /// Offline qcow2 volumes carry the same bitmaps in their files: the previous backup's

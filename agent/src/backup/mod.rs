@@ -13,6 +13,7 @@ pub mod incremental;
 pub mod lifecycle;
 pub(crate) mod outage;
 mod pipeline;
+mod slots;
 pub(crate) use pipeline::ZSTD_LEVEL;
 pub mod recover;
 mod rekey;
@@ -20,7 +21,7 @@ pub mod restore;
 
 use std::sync::Arc;
 
-use vmbackup_proto::index::{VolumeFormat as IndexFormat, VolumeIndex};
+use vmbackup_proto::index::{SparseIndex, VolumeFormat as IndexFormat};
 use vmbackup_proto::manifest::{FORMAT_VERSION, GroupManifest, VolumeEntry};
 
 use crate::catalog::backup_storage::BackupStorageRecord;
@@ -83,18 +84,31 @@ pub struct BackupRequest {
 #[derive(Debug)]
 pub(crate) struct VolumeJob {
     pub(crate) source: Arc<dyn VolumeSource>,
-    pub(crate) index: std::sync::Mutex<VolumeIndex>,
+    /// The volume's uuid, as its index records it.
+    pub(crate) volume_uuid: [u8; 16],
     pub(crate) stored_bytes: std::sync::atomic::AtomicU64,
     pub(crate) dedup_bytes: std::sync::atomic::AtomicU64,
     /// Chunks an incremental may take from the previous index without reading.
     pub(crate) reuse: Option<incremental::Reuse>,
-    /// Which chunks are done, so an attempt after a store outage resumes.
-    pub(crate) ledger: outage::Ledger,
+    /// The chunks that may hold data, their digests and which are done (so an attempt
+    /// after a store outage resumes); set by the first attempt's plan.
+    pub(crate) slots: std::sync::OnceLock<slots::Slots>,
     /// The store's chunk size.
     pub(crate) chunk_size: u32,
 }
 
 impl VolumeJob {
+    /// The planned slots (an internal error before the plan).
+    pub(crate) fn slots(&self) -> Result<&slots::Slots> {
+        self.slots.get().ok_or_else(|| AgentError::new(ErrorKind::Internal, "the volume's chunks were not planned"))
+    }
+
+    /// The volume's index as the job has it now.
+    pub(crate) fn index(&self) -> Result<SparseIndex> {
+        let size = self.source.virtual_size();
+        Ok(self.slots()?.index(self.volume_uuid, size, self.chunk_size, index_format(self.source.format())))
+    }
+
     /// Length of chunk `i` (the last one may be short).
     pub(crate) fn chunk_len(&self, i: usize) -> u64 {
         let cs = u64::from(self.chunk_size);
@@ -325,7 +339,7 @@ async fn open_volumes(
     req: &BackupRequest,
     job: &Arc<Job>,
     chunk_size: u32,
-    previous: std::collections::HashMap<String, (String, VolumeIndex)>,
+    previous: std::collections::HashMap<String, (String, SparseIndex)>,
 ) -> Result<Vec<Arc<VolumeJob>>> {
     let (vm, dirty, job, roots) = (req.vm.clone(), req.dirty.clone(), job.clone(), req.roots.clone());
     blocking(move || {
@@ -342,13 +356,8 @@ async fn open_volumes(
                         AgentError::invalid("rootVolumeUuid", format!("volume {}: its image names {why}", v.uuid))
                     })?;
                 }
-                let index = VolumeIndex::new(
-                    uuid_bytes(&v.uuid),
-                    source.virtual_size(),
-                    chunk_size,
-                    index_format(source.format()),
-                )
-                .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("volume {}: {e}", v.uuid)))?;
+                vmbackup_proto::index::check_chunk_size(chunk_size)
+                    .map_err(|e| AgentError::new(ErrorKind::FailedPrecondition, format!("volume {}: {e}", v.uuid)))?;
                 let reuse =
                     incremental::reuse_for(&v.uuid, source.virtual_size(), chunk_size, dirty.as_ref(), &previous)
                         .unwrap_or_else(|why| {
@@ -356,14 +365,13 @@ async fn open_volumes(
                             job.set_message(format!("full read: {why}"));
                             None
                         });
-                let chunks = usize::try_from(source.virtual_size().div_ceil(u64::from(chunk_size))).unwrap_or(0);
                 Ok(Arc::new(VolumeJob {
                     source,
-                    index: std::sync::Mutex::new(index),
+                    volume_uuid: uuid_bytes(&v.uuid),
                     stored_bytes: Default::default(),
                     dedup_bytes: Default::default(),
                     reuse,
-                    ledger: outage::Ledger::new(chunks),
+                    slots: std::sync::OnceLock::new(),
                     chunk_size,
                 }))
             })
@@ -435,8 +443,7 @@ async fn put_indexes(
     for (v, vj) in req.vm.volumes.iter().zip(volumes) {
         let vb_uuid = uuid::Uuid::new_v4().simple().to_string();
         let index_name = format!("{vb_uuid}.vidx");
-        let encoded = vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).encode();
-        let digest = session.put_index(&index_name, encoded).await?;
+        let digest = session.put_index(&index_name, vj.index()?).await?;
         let entry = VolumeEntry {
             volume_backup_uuid: vb_uuid,
             volume_uuid: v.uuid.clone(),

@@ -1,9 +1,10 @@
 //! Surviving an Image Storage outage mid-backup: a store restarted or a network cut must not
 //! cost the job its work, nor make it send what the store already holds.
 //!
-//! - **The ledger.** Every chunk of a volume has a [`Settled`] slot: not yet done, done
-//!   without bytes (zero, skipped, or the store had it), or stored with its blob's length.
-//!   Workers fill it as they go.
+//! - **The ledger.** Every slot of a volume (each chunk that may hold data, see
+//!   [`super::slots`]) has a [`Settled`] state: not yet done, done without bytes (zero,
+//!   reused, or the store had it), or stored with its blob's length. Workers fill it as
+//!   they go; chunks without a slot are zero and done from the start.
 //! - **The wait.** An error marked [`AgentError::is_store_outage`] (unreachable, a call
 //!   timing out, a stream cut) is waited out with backoff ([`backoff`]) for up to the
 //!   agent's `store_outage_seconds`; any other error (a refusal, a full disk, a bad volume)
@@ -58,29 +59,29 @@ impl Settled {
     }
 }
 
-/// The ledger of one volume: one slot per chunk.
+/// The ledger of one volume: one state per slot.
 #[derive(Debug)]
 pub(crate) struct Ledger(Vec<AtomicU32>);
 
 impl Ledger {
-    /// A ledger of `chunks` chunks, none done.
-    pub(crate) fn new(chunks: usize) -> Self {
-        Self((0..chunks).map(|_| AtomicU32::new(0)).collect())
+    /// A ledger of `slots` slots, none done.
+    pub(crate) fn new(slots: usize) -> Self {
+        Self((0..slots).map(|_| AtomicU32::new(0)).collect())
     }
 
-    /// Records chunk `i`'s state.
+    /// Records slot `i`'s state.
     pub(crate) fn set(&self, i: usize, s: Settled) {
         if let Some(slot) = self.0.get(i) {
             slot.store(s.encode(), Ordering::Relaxed);
         }
     }
 
-    /// Chunk `i`'s state.
+    /// Slot `i`'s state.
     pub(crate) fn get(&self, i: usize) -> Settled {
         self.0.get(i).map_or(Settled::No, |slot| Settled::decode(slot.load(Ordering::Relaxed)))
     }
 
-    /// Chunks not done.
+    /// Slots not done.
     pub(crate) fn pending(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.0.len()).filter(|&i| self.get(i) == Settled::No)
     }
@@ -105,35 +106,32 @@ pub(crate) async fn recheck(
 ) -> Result<u64> {
     let mut lacking = 0;
     for v in volumes {
-        let digests: Vec<(usize, Digest)> = {
-            let index = v.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            index
-                .digests
-                .iter()
-                .enumerate()
-                .filter(|(i, d)| !d.is_zero_chunk() && !known.contains(d) && v.ledger.get(*i) != Settled::No)
-                .map(|(i, d)| (i, *d))
-                .collect()
-        };
+        // A volume the earlier attempts never planned has nothing settled.
+        let Some(slots) = v.slots.get() else { continue };
+        let digests: Vec<(usize, Digest)> = slots
+            .with_data()
+            .into_iter()
+            .filter(|(s, d)| !known.contains(d) && slots.ledger.get(*s) != Settled::No)
+            .collect();
         for batch in digests.chunks(RECHECK_BATCH) {
             let question: Vec<Digest> = batch.iter().map(|(_, d)| *d).collect::<HashSet<_>>().into_iter().collect();
             let missing: HashSet<Digest> = session.missing(&question).await?.into_iter().collect();
-            for (i, d) in batch {
+            for (s, d) in batch {
                 if !missing.contains(d) {
                     continue;
                 }
                 lacking += 1;
-                match v.ledger.get(*i) {
+                match slots.ledger.get(*s) {
                     Settled::Stored(n) => {
                         v.stored_bytes.fetch_sub(u64::from(n), Ordering::Relaxed);
                     }
                     Settled::WithoutBytes => {
-                        let len = v.chunk_len(*i);
+                        let len = v.chunk_len(slots.chunk(*s));
                         v.dedup_bytes.fetch_sub(len, Ordering::Relaxed);
                     }
                     Settled::No => {}
                 }
-                v.ledger.set(*i, Settled::No);
+                slots.ledger.set(*s, Settled::No);
             }
         }
     }

@@ -13,6 +13,7 @@ use vmbackup_proto::seal::ChunkKey;
 
 use super::VolumeJob;
 use super::outage::Settled;
+use super::slots::Planned;
 use crate::error::{AgentError, ErrorKind, Result};
 use crate::jobs::{Counters, Job};
 use crate::storage::seam::PutStats;
@@ -44,32 +45,38 @@ pub(super) struct Inputs {
 #[derive(Debug, Clone, Copy)]
 struct Task {
     volume: usize,
-    chunk: usize,
+    /// The chunk's slot in its volume's [`Slots`](super::slots::Slots).
+    slot: usize,
     offset: u64,
     len: u64,
 }
 
 /// The chunks a resumed attempt reads: those its ledgers say are not done.
-fn plan_resume(volumes: &[Arc<VolumeJob>], chunk_size: u32) -> Vec<Task> {
+fn plan_resume(volumes: &[Arc<VolumeJob>], chunk_size: u32) -> Result<Vec<Task>> {
     let cs = u64::from(chunk_size);
     let mut tasks = Vec::new();
     for (vi, v) in volumes.iter().enumerate() {
-        for ci in v.ledger.pending() {
+        let slots = v.slots()?;
+        for slot in slots.ledger.pending() {
+            let ci = slots.chunk(slot);
             let offset = u64::try_from(ci).unwrap_or(u64::MAX) * cs;
-            tasks.push(Task { volume: vi, chunk: ci, offset, len: v.chunk_len(ci) });
+            tasks.push(Task { volume: vi, slot, offset, len: v.chunk_len(ci) });
         }
     }
-    tasks
+    Ok(tasks)
 }
 
-/// Which chunks to read: those overlapping data extents. The others are zero in the index
-/// and done in the ledger from the start.
+/// Which chunks to read: those overlapping data extents, each given a slot. An
+/// incremental's unchanged chunks take the previous backup's digest (a slot, done) or stay
+/// zero; every other chunk is zero and gets no slot.
 fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Result<Vec<Task>> {
     let cs = u64::from(chunk_size);
     let mut tasks = Vec::new();
+    let mut all = Vec::with_capacity(volumes.len());
     for (vi, v) in volumes.iter().enumerate() {
         let size = v.source.virtual_size();
         Counters::add(&counters.planned, size);
+        // One byte a chunk, zeroed at allocation: only the pages of data chunks are touched.
         let mut wanted = vec![false; usize::try_from(size.div_ceil(cs)).unwrap_or(0)];
         for e in v.source.extents(0, size)? {
             if e.kind == ExtentKind::Data && e.len > 0 {
@@ -80,33 +87,42 @@ fn plan(volumes: &[Arc<VolumeJob>], chunk_size: u32, counters: &Counters) -> Res
                 }
             }
         }
-        let mut index = v.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut planned = Planned::default();
+        let mut previous = v.reuse.as_ref().map(|r| r.previous.iter().peekable());
         for (ci, want) in wanted.iter().enumerate() {
             let offset = u64::try_from(ci).unwrap_or(u64::MAX) * cs;
             let len = cs.min(size - offset);
             // Unchanged since the previous backup (its dirty bitmap says so): that backup's
             // digest stands, nothing is read.
-            if let Some(r) = &v.reuse
+            if let (Some(r), Some(prev)) = (&v.reuse, previous.as_mut())
                 && !r.dirty.get(ci).copied().unwrap_or(true)
-                && let Some(d) = r.previous.get(ci)
             {
-                index.digests[ci] = *d;
-                v.ledger.set(ci, Settled::WithoutBytes);
-                if d.is_zero_chunk() {
-                    Counters::add(&counters.zero, len);
-                } else {
-                    Counters::add(&counters.deduplicated, len);
-                    v.dedup_bytes.fetch_add(len, Ordering::Relaxed);
+                let chunk = u64::try_from(ci).unwrap_or(u64::MAX);
+                while prev.next_if(|(c, _)| *c < chunk).is_some() {}
+                match prev.next_if(|(c, _)| *c == chunk) {
+                    Some((_, d)) => {
+                        planned.push(ci, *d, Settled::WithoutBytes);
+                        Counters::add(&counters.deduplicated, len);
+                        v.dedup_bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                    None => Counters::add(&counters.zero, len),
                 }
                 continue;
             }
             if *want {
-                tasks.push(Task { volume: vi, chunk: ci, offset, len });
+                let slot = planned.push(ci, Digest::ZERO_CHUNK, Settled::No);
+                tasks.push(Task { volume: vi, slot, offset, len });
             } else {
-                v.ledger.set(ci, Settled::WithoutBytes);
                 Counters::add(&counters.zero, len);
             }
         }
+        all.push(planned);
+    }
+    // Set only once every volume is planned: an attempt whose plan failed leaves none.
+    for (v, planned) in volumes.iter().zip(all) {
+        v.slots
+            .set(planned.done())
+            .map_err(|_| AgentError::new(ErrorKind::Internal, "the volume's chunks were planned twice"))?;
     }
     Ok(tasks)
 }
@@ -117,7 +133,13 @@ pub(super) async fn run(inputs: Inputs) -> Result<PutStats> {
     let counters = job.counters.clone();
     let tasks = Arc::new(
         tokio::task::spawn_blocking(move || {
-            if resume { Ok(plan_resume(&planning, chunk_size)) } else { plan(&planning, chunk_size, &counters) }
+            // An attempt resumes what an earlier one planned; an earlier attempt that failed
+            // before its plan (a store outage at the session's start) left nothing to resume.
+            if resume && planning.iter().all(|v| v.slots.get().is_some()) {
+                plan_resume(&planning, chunk_size)
+            } else {
+                plan(&planning, chunk_size, &counters)
+            }
         })
         .await??,
     );
@@ -273,22 +295,23 @@ impl Worker {
             .await??;
             // Each chunk counts once: as zero (read or not) or as data read.
             let vj = &self.volumes[t.volume];
+            let slots = vj.slots()?;
             let Some(name) = name else {
                 spare = plain;
-                vj.ledger.set(t.chunk, Settled::WithoutBytes);
+                slots.ledger.set(t.slot, Settled::WithoutBytes);
                 Counters::add(&counters.zero, t.len);
                 continue;
             };
             Counters::add(&counters.read, t.len);
             let digest = name.digest;
-            vj.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner).digests[t.chunk] = digest;
+            slots.set_digest(t.slot, digest);
             let mine = !self.known.contains(&digest)
                 && self.claimed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(digest);
             if !mine || !self.asker.is_missing(digest).await? {
                 spare = plain;
                 Counters::add(&counters.deduplicated, t.len);
                 vj.dedup_bytes.fetch_add(t.len, Ordering::Relaxed);
-                vj.ledger.set(t.chunk, Settled::WithoutBytes);
+                slots.ledger.set(t.slot, Settled::WithoutBytes);
                 continue;
             }
             let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
@@ -301,7 +324,7 @@ impl Worker {
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
             self.writer.put(digest, blob.into()).await?;
             vj.stored_bytes.fetch_add(blob_len, Ordering::Relaxed);
-            vj.ledger.set(t.chunk, Settled::Stored(u32::try_from(blob_len).unwrap_or(u32::MAX)));
+            slots.ledger.set(t.slot, Settled::Stored(u32::try_from(blob_len).unwrap_or(u32::MAX)));
         }
     }
 }

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use vmbackup_proto::Digest;
 
-use super::seam::{ChunkReader, ChunkStream, ChunkWriter, OpenedSession, PutStats, StoreStatus, StoredGroup};
+use super::seam::{
+    ChunkReader, ChunkStream, ChunkWriter, IndexBytes, OpenedSession, PutStats, StoreStatus, StoredGroup,
+};
 use crate::error::{AgentError, ErrorKind, Result};
 
 /// How long a TCP connect to a store may take.
@@ -38,7 +40,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Largest index sent to a store that predates `PutIndexStream`: one message, with room
 /// for its framing under [`MAX_MESSAGE_BYTES`].
-const UNARY_INDEX_BYTES: usize = MAX_MESSAGE_BYTES - (1 << 20);
+const UNARY_INDEX_BYTES: u64 = (MAX_MESSAGE_BYTES - (1 << 20)) as u64;
 
 /// Digests asked per MissingChunks call (the store accepts up to 16384).
 pub const MISSING_BATCH: usize = 8192;
@@ -198,6 +200,22 @@ fn call_error(url: &str, method: &str, s: tonic::Status) -> AgentError {
     AgentError::new(kind, format!("Image Storage at {url} failed {method}: {}", s.message())).from_store()
 }
 
+/// `index` as the pieces of a PutIndexStream, the first naming the session and the index.
+/// (Sync as well as Send: tonic's client stream needs both.)
+fn index_pieces(
+    index: &IndexBytes,
+    session: &str,
+    name: &str,
+) -> impl futures::Stream<Item = pb::IndexPiece> + Send + Sync + 'static {
+    let total_len = index.encoded_len();
+    let mut first = Some((session.to_string(), name.to_string()));
+    let pieces = index.pieces(pb::INDEX_PIECE_BYTES).map(move |data| match first.take() {
+        Some((session_id, name)) => pb::IndexPiece { session_id, name, total_len, data },
+        None => pb::IndexPiece { data, ..Default::default() },
+    });
+    tokio_stream::iter(pieces)
+}
+
 fn group(g: pb::GroupInfo) -> StoredGroup {
     StoredGroup { group_uuid: g.group_uuid, manifest: g.manifest, damaged: g.damaged }
 }
@@ -348,18 +366,15 @@ impl super::seam::Store for ImageStoreClient {
         Ok(Box::new(UploadStream { tx: Some(tx), task: Some(task), ended, url: self.url.clone() }))
     }
 
-    async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest> {
-        let data = Bytes::from(data);
-        let pieces = tokio_stream::iter(vmbackup_proto::pieces::split(data.clone(), session, name));
+    async fn put_index(&self, session: &str, name: &str, index: IndexBytes) -> Result<Digest> {
+        let total_len = index.encoded_len();
+        let pieces = index_pieces(&index, session, name);
         let reply = match self.client().put_index_stream(deadline(pieces, LONG_CALL_TIMEOUT)).await {
             Ok(r) => r.into_inner(),
             // A store that predates PutIndexStream takes an index as one message.
-            Err(s) if s.code() == tonic::Code::Unimplemented && data.len() <= UNARY_INDEX_BYTES => {
-                let req = pb::PutIndexRequest {
-                    session_id: session.to_string(),
-                    name: name.to_string(),
-                    data: data.to_vec(),
-                };
+            Err(s) if s.code() == tonic::Code::Unimplemented && total_len <= UNARY_INDEX_BYTES => {
+                let data = index.to_vec();
+                let req = pb::PutIndexRequest { session_id: session.to_string(), name: name.to_string(), data };
                 let r = self.client().put_index(deadline(req, LONG_CALL_TIMEOUT)).await;
                 r.map_err(|s| self.call_error("PutIndex", s))?.into_inner()
             }
@@ -369,8 +384,7 @@ impl super::seam::Store for ImageStoreClient {
                     format!(
                         "Image Storage at {} cannot take index {name} of {} bytes: it serves no PutIndexStream and \
                          one message carries at most {UNARY_INDEX_BYTES}; upgrade the store",
-                        self.url,
-                        data.len()
+                        self.url, total_len
                     ),
                 ));
             }

@@ -160,9 +160,10 @@ impl super::seam::Store for LocalStore {
         Ok(Box::new(LocalWriter { store: self.clone(), session: session.to_string(), stats: Default::default() }))
     }
 
-    async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest> {
+    async fn put_index(&self, session: &str, name: &str, index: super::IndexBytes) -> Result<Digest> {
         let (session, name) = (session.to_string(), name.to_string());
-        self.run("PutIndex", move |s| s.put_index(&session, &name, &data)).await
+        // The chunk store checks an index whole: this holds its encoding for the call.
+        self.run("PutIndex", move |s| s.put_index(&session, &name, &index.to_vec())).await
     }
 
     async fn commit(&self, session: &str, manifest: Vec<u8>, retain_until: u64) -> Result<()> {

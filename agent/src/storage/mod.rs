@@ -16,4 +16,4 @@ pub mod registry;
 pub mod seam;
 
 pub use image_store::ImageStoreClient;
-pub use seam::{ChunkReader, ChunkWriter, Session, Store, StoreStatus, StoredGroup};
+pub use seam::{ChunkReader, ChunkWriter, IndexBytes, Session, Store, StoreStatus, StoredGroup};

@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use vmbackup_proto::Digest;
+use vmbackup_proto::index::SparseIndex;
 
 use crate::error::Result;
 
@@ -44,6 +45,60 @@ pub struct StoredGroup {
     pub manifest: Vec<u8>,
     /// Whether the store's verify found a chunk of it missing or bad.
     pub damaged: bool,
+}
+
+/// A volume index to store: encoded already (a copy, a re-keyed index), or sparse and
+/// encoded piece by piece as it is sent, so a backup never holds the encoding of a huge
+/// sparse volume's index whole.
+#[derive(Debug, Clone)]
+pub enum IndexBytes {
+    /// The encoded index.
+    Whole(Bytes),
+    /// The non-zero chunks; encoded on the way out.
+    Sparse(Arc<SparseIndex>),
+}
+
+impl IndexBytes {
+    /// Bytes of the encoded index.
+    pub fn encoded_len(&self) -> u64 {
+        match self {
+            IndexBytes::Whole(b) => u64::try_from(b.len()).unwrap_or(u64::MAX),
+            IndexBytes::Sparse(ix) => ix.encoded_len(),
+        }
+    }
+
+    /// The encoded index in pieces of `piece_len` bytes.
+    pub fn pieces(&self, piece_len: usize) -> Box<dyn Iterator<Item = Bytes> + Send + Sync> {
+        let piece_len = piece_len.max(1);
+        match self {
+            IndexBytes::Whole(b) => {
+                let b = b.clone();
+                let n = b.len().div_ceil(piece_len).max(1);
+                Box::new((0..n).map(move |i| b.slice((i * piece_len).min(b.len())..((i + 1) * piece_len).min(b.len()))))
+            }
+            IndexBytes::Sparse(ix) => Box::new(ix.clone().pieces(piece_len).map(Bytes::from)),
+        }
+    }
+
+    /// The whole encoded index, for stores that check an index in one piece.
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            IndexBytes::Whole(b) => b.to_vec(),
+            IndexBytes::Sparse(_) => self.pieces(1 << 20).flat_map(|p| p.to_vec()).collect(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for IndexBytes {
+    fn from(v: Vec<u8>) -> Self {
+        IndexBytes::Whole(v.into())
+    }
+}
+
+impl From<SparseIndex> for IndexBytes {
+    fn from(ix: SparseIndex) -> Self {
+        IndexBytes::Sparse(Arc::new(ix))
+    }
 }
 
 /// Chunk blobs `(digest, encoded blob)`, in the order they were asked for.
@@ -104,7 +159,7 @@ pub trait Store: ChunkReader {
     /// A writer of chunk blobs for `session`.
     async fn writer(&self, session: &str) -> Result<Box<dyn ChunkWriter>>;
     /// Stores a volume index; returns its digest.
-    async fn put_index(&self, session: &str, name: &str, data: Vec<u8>) -> Result<Digest>;
+    async fn put_index(&self, session: &str, name: &str, index: IndexBytes) -> Result<Digest>;
     /// Commits a group manifest: the group becomes visible, atomically.
     async fn commit(&self, session: &str, manifest: Vec<u8>, retain_until: u64) -> Result<()>;
     /// Every committed group.
@@ -185,8 +240,8 @@ impl Session {
     }
 
     /// Stores a volume index.
-    pub async fn put_index(&self, name: &str, data: Vec<u8>) -> Result<Digest> {
-        self.store.put_index(&self.id, name, data).await
+    pub async fn put_index(&self, name: &str, index: impl Into<IndexBytes>) -> Result<Digest> {
+        self.store.put_index(&self.id, name, index.into()).await
     }
 
     /// Commits the group manifest.

@@ -1,0 +1,195 @@
+//! A volume index held sparsely: the digest of every chunk that is not zero, and nothing for
+//! the zero ones. A backup of a 4 TiB volume holding a few GiB needs memory for its few
+//! thousand data chunks, not for its million chunk slots. The encoding is the same v1 bytes
+//! as [`VolumeIndex::encode`] (zero digests for the gaps), produced in pieces of a chosen
+//! size so the whole encoded index never has to be in memory either.
+
+use std::sync::Arc;
+
+use super::{DIGEST_LEN, FormatError, HEADER_LEN, VolumeFormat, VolumeIndex, check, chunk_count, digest_slots};
+use crate::Digest;
+
+/// A volume index of which only the non-zero chunks are held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseIndex {
+    /// Uuid of the volume.
+    pub volume_uuid: [u8; 16],
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Format of the source volume.
+    pub format: VolumeFormat,
+    /// `(chunk, digest)` of every non-zero chunk, by ascending chunk; every other chunk is
+    /// zero. [`SparseIndex::pieces`] relies on the order.
+    pub entries: Vec<(u64, Digest)>,
+}
+
+impl SparseIndex {
+    /// The non-zero chunks of a dense index.
+    pub fn from_dense(ix: &VolumeIndex) -> Self {
+        let entries = (0u64..).zip(&ix.digests).filter(|(_, d)| !d.is_zero_chunk()).map(|(i, d)| (i, *d)).collect();
+        Self {
+            volume_uuid: ix.volume_uuid,
+            virtual_size: ix.virtual_size,
+            chunk_size: ix.chunk_size,
+            format: ix.format,
+            entries,
+        }
+    }
+
+    /// Decodes and checks an encoded index as [`VolumeIndex::decode`] does, keeping only
+    /// the non-zero chunks.
+    pub fn decode(bytes: &[u8], max_chunks: u64) -> Result<Self, FormatError> {
+        let c = check(bytes, max_chunks)?;
+        let entries = (0u64..).zip(digest_slots(bytes, c.body_len)).filter(|(_, d)| !d.is_zero_chunk()).collect();
+        Ok(Self {
+            volume_uuid: c.volume_uuid,
+            virtual_size: c.virtual_size,
+            chunk_size: c.chunk_size,
+            format: c.format,
+            entries,
+        })
+    }
+
+    /// Chunks the index covers, zero ones included.
+    pub fn chunk_count(&self) -> u64 {
+        chunk_count(self.virtual_size, self.chunk_size)
+    }
+
+    /// Bytes of the encoded index.
+    pub fn encoded_len(&self) -> u64 {
+        HEADER_LEN as u64 + (self.chunk_count() + 1) * DIGEST_LEN as u64
+    }
+
+    /// The encoded index (the bytes [`VolumeIndex::encode`] gives) in pieces of
+    /// `piece_len` bytes (the last may be shorter), each made when it is asked for.
+    pub fn pieces(self: Arc<Self>, piece_len: usize) -> Pieces {
+        let header =
+            super::header_bytes(&self.volume_uuid, self.virtual_size, self.chunk_size, self.format, self.chunk_count());
+        Pieces {
+            total: self.encoded_len(),
+            body: self.encoded_len() - DIGEST_LEN as u64,
+            index: self,
+            header,
+            piece_len: len64(piece_len.max(1)),
+            pos: 0,
+            next_entry: 0,
+            hasher: blake3::Hasher::new(),
+            trailer: None,
+        }
+    }
+}
+
+/// The encoded bytes of a [`SparseIndex`], piece by piece; see [`SparseIndex::pieces`].
+#[derive(Debug)]
+pub struct Pieces {
+    index: Arc<SparseIndex>,
+    header: [u8; HEADER_LEN],
+    piece_len: u64,
+    /// Bytes of the whole encoding, and of header and digests (where the trailer starts).
+    total: u64,
+    body: u64,
+    /// Where the next piece starts.
+    pos: u64,
+    /// First entry whose digest has not been written in full.
+    next_entry: usize,
+    /// BLAKE3 of the body so far; the trailer once the body is done.
+    hasher: blake3::Hasher,
+    trailer: Option<[u8; DIGEST_LEN]>,
+}
+
+/// Copies the part of `src` (which sits at byte `at` of the encoding) that falls in
+/// `out` (which sits at byte `start`).
+fn overlay(out: &mut [u8], start: u64, src: &[u8], at: u64) {
+    let end = start + len64(out.len());
+    let (from, to) = (at.max(start), at.saturating_add(len64(src.len())).min(end));
+    if from < to {
+        let (o, s, n) = (us(from - start), us(from - at), us(to - from));
+        out[o..o + n].copy_from_slice(&src[s..s + n]);
+    }
+}
+
+fn len64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn us(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+impl Iterator for Pieces {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.pos >= self.total {
+            return None;
+        }
+        let start = self.pos;
+        let end = (start + self.piece_len).min(self.total);
+        let mut out = vec![0u8; us(end - start)];
+        overlay(&mut out, start, &self.header, 0);
+        let body_end = end.min(self.body);
+        while let Some(&(chunk, d)) = self.index.entries.get(self.next_entry) {
+            // An entry past the last chunk (entries are public) is never written.
+            let at = chunk.saturating_mul(DIGEST_LEN as u64).saturating_add(HEADER_LEN as u64);
+            if at >= body_end {
+                break;
+            }
+            overlay(&mut out, start, &d.0, at);
+            if at + DIGEST_LEN as u64 > end {
+                break; // the rest of this digest belongs to the next piece
+            }
+            self.next_entry += 1;
+        }
+        if start < body_end {
+            self.hasher.update(&out[..us(body_end - start)]);
+        }
+        if end > self.body {
+            let trailer = *self.trailer.get_or_insert_with(|| *self.hasher.finalize().as_bytes());
+            overlay(&mut out, start, &trailer, self.body);
+        }
+        self.pos = end;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(chunks: u64, data: &[u64]) -> VolumeIndex {
+        let cs = 64 << 10;
+        let mut ix = VolumeIndex::new([3; 16], chunks * u64::from(cs) - 100, cs, VolumeFormat::Raw).expect("index");
+        for &c in data {
+            ix.digests[us(c)] = Digest::of(&c.to_le_bytes());
+        }
+        ix
+    }
+
+    #[test]
+    fn pieces_are_the_dense_encoding_at_every_piece_size() {
+        for (chunks, data) in [(1u64, vec![]), (1, vec![0]), (5, vec![0, 4]), (300, vec![1, 2, 3, 150, 299])] {
+            let ix = dense(chunks, &data);
+            let want = ix.encode();
+            let sparse = Arc::new(SparseIndex::from_dense(&ix));
+            assert_eq!(sparse.encoded_len(), len64(want.len()));
+            assert_eq!(sparse.entries.len(), data.len());
+            for piece in [1, 7, 31, 32, 33, 48, 49, 1000, 1 << 20] {
+                let pieces: Vec<Vec<u8>> = sparse.clone().pieces(piece).collect();
+                assert!(pieces.iter().all(|p| p.len() <= piece && !p.is_empty()), "{chunks}/{piece}");
+                assert_eq!(pieces.concat(), want, "{chunks} chunks, data {data:?}, pieces of {piece}");
+            }
+            assert_eq!(SparseIndex::decode(&want, 1000).expect("decode"), *sparse);
+        }
+    }
+
+    #[test]
+    fn decode_refuses_what_the_dense_decode_refuses() {
+        let mut bad = dense(5, &[2]).encode();
+        bad[60] ^= 1;
+        assert_eq!(SparseIndex::decode(&bad, 1000).expect_err("trailer").field, "trailer");
+        let good = dense(5, &[2]).encode();
+        assert_eq!(SparseIndex::decode(&good, 4).expect_err("limit").field, "chunk count");
+    }
+}
