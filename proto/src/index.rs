@@ -39,7 +39,7 @@ pub const MAX_CHUNKS: u64 = 16 << 20;
 pub const MAX_ENCODED_LEN: u64 = HEADER_LEN as u64 + (MAX_CHUNKS + 1) * DIGEST_LEN as u64;
 
 mod sparse;
-pub use sparse::{Pieces, SparseIndex};
+pub use sparse::{Decoder, Pieces, SparseIndex};
 
 const _: () = assert!(HEADER_LEN == 8 + 1 + 1 + 2 + 4 + 8 + 8 + 16);
 
@@ -172,6 +172,7 @@ fn header_bytes(
 }
 
 /// What a checked index says besides its digests.
+#[derive(Debug)]
 struct Checked {
     volume_uuid: [u8; 16],
     virtual_size: u64,
@@ -181,33 +182,30 @@ struct Checked {
     body_len: usize,
 }
 
-/// Checks every byte of an encoded index (header, length, trailer), refusing one of more
-/// than `max_chunks` chunks before anything is allocated.
-fn check(bytes: &[u8], max_chunks: u64) -> Result<Checked, FormatError> {
-    if bytes.len() < HEADER_LEN + DIGEST_LEN {
-        return Err(err("header", 0, format!("{} bytes, shorter than header and trailer", bytes.len())));
+/// Checks the 48 header bytes (`header` is at least that long), refusing an index of more
+/// than `max_chunks` chunks. Returns what it says and the index's whole encoded length.
+fn parse_header(header: &[u8], max_chunks: u64) -> Result<(Checked, usize), FormatError> {
+    if header[..8] != MAGIC {
+        return Err(err("magic", 0, format!("{:02x?} is not a vmbackup volume index", &header[..8])));
     }
-    if bytes[..8] != MAGIC {
-        return Err(err("magic", 0, format!("{:02x?} is not a vmbackup volume index", &bytes[..8])));
+    if header[8] != VERSION {
+        return Err(err("version", 8, format!("version {} is not supported (this build reads {VERSION})", header[8])));
     }
-    if bytes[8] != VERSION {
-        return Err(err("version", 8, format!("version {} is not supported (this build reads {VERSION})", bytes[8])));
-    }
-    let format = match bytes[9] {
+    let format = match header[9] {
         0 => VolumeFormat::Raw,
         1 => VolumeFormat::Qcow2,
         f => return Err(err("volume format", 9, format!("unknown volume format {f}"))),
     };
-    if bytes[10..12] != [0, 0] {
+    if header[10..12] != [0, 0] {
         return Err(err("reserved", 10, "reserved bytes are not zero"));
     }
     let le64 = |at: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&bytes[at..at + 8]);
+        a.copy_from_slice(&header[at..at + 8]);
         u64::from_le_bytes(a)
     };
     let mut cs = [0u8; 4];
-    cs.copy_from_slice(&bytes[12..16]);
+    cs.copy_from_slice(&header[12..16]);
     let chunk_size = u32::from_le_bytes(cs);
     check_chunk_size(chunk_size)?;
     let virtual_size = le64(16);
@@ -226,21 +224,30 @@ fn check(bytes: &[u8], max_chunks: u64) -> Result<Checked, FormatError> {
         return Err(err("chunk count", 24, format!("{count} chunks exceeds the limit of {max_chunks}")));
     }
     let n = usize::try_from(count).map_err(|_| err("chunk count", 24, "does not fit in memory"))?;
-    let body_len = n.checked_mul(DIGEST_LEN).and_then(|b| b.checked_add(HEADER_LEN));
-    if body_len.and_then(|b| b.checked_add(DIGEST_LEN)) != Some(bytes.len()) {
-        return Err(err(
-            "length",
-            0,
-            format!("{} bytes, expected {} for {count} chunks", bytes.len(), HEADER_LEN + (n + 1) * DIGEST_LEN),
-        ));
-    }
-    let body_len = body_len.unwrap_or(0);
-    if blake3::hash(&bytes[..body_len]).as_bytes()[..] != bytes[body_len..] {
-        return Err(err("trailer", body_len, "BLAKE3 of the index does not match its trailer"));
-    }
+    let body_len = n
+        .checked_mul(DIGEST_LEN)
+        .and_then(|b| b.checked_add(HEADER_LEN))
+        .ok_or_else(|| err("chunk count", 24, "does not fit in memory"))?;
+    let total = body_len.checked_add(DIGEST_LEN).ok_or_else(|| err("chunk count", 24, "does not fit in memory"))?;
     let mut volume_uuid = [0u8; 16];
-    volume_uuid.copy_from_slice(&bytes[32..48]);
-    Ok(Checked { volume_uuid, virtual_size, chunk_size, format, body_len })
+    volume_uuid.copy_from_slice(&header[32..48]);
+    Ok((Checked { volume_uuid, virtual_size, chunk_size, format, body_len }, total))
+}
+
+/// Checks every byte of an encoded index (header, length, trailer), refusing one of more
+/// than `max_chunks` chunks before anything is allocated.
+fn check(bytes: &[u8], max_chunks: u64) -> Result<Checked, FormatError> {
+    if bytes.len() < HEADER_LEN + DIGEST_LEN {
+        return Err(err("header", 0, format!("{} bytes, shorter than header and trailer", bytes.len())));
+    }
+    let (c, total) = parse_header(bytes, max_chunks)?;
+    if bytes.len() != total {
+        return Err(err("length", 0, format!("{} bytes, expected {total} for its chunk count", bytes.len())));
+    }
+    if blake3::hash(&bytes[..c.body_len]).as_bytes()[..] != bytes[c.body_len..] {
+        return Err(err("trailer", c.body_len, "BLAKE3 of the index does not match its trailer"));
+    }
+    Ok(c)
 }
 
 /// The digests of a checked index, one per chunk.

@@ -16,7 +16,6 @@ use vmbackup_proto::index::SparseIndex;
 
 use super::BackupRequest;
 use crate::catalog::CatalogHandle;
-use crate::error::{AgentError, ErrorKind};
 use crate::storage::ChunkReader;
 use crate::volume::VolumeFormat;
 
@@ -71,10 +70,7 @@ pub(crate) async fn previous_indexes(
         let (vol, bs) = (v.uuid.clone(), req.storage.uuid.clone());
         let Ok(Some(prev)) = catalog.run(move |c| c.latest_volume_backup(&vol, &bs)).await else { continue };
         let Some(r) = prev.refs.iter().find(|r| r.backup_storage_uuid == req.storage.uuid) else { continue };
-        match store.get_index(&r.install_path).await.and_then(|b| {
-            SparseIndex::decode(&b, vmbackup_proto::index::MAX_CHUNKS)
-                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
-        }) {
+        match store.get_sparse_index(&r.install_path).await {
             Ok(ix) => {
                 out.insert(v.uuid.clone(), (prev.group_uuid, ix));
             }

@@ -13,6 +13,7 @@ use vmbackup_proto::store::v1::image_store_client::ImageStoreClient as PbClient;
 use bytes::Bytes;
 use futures::StreamExt;
 use vmbackup_proto::Digest;
+use vmbackup_proto::index::SparseIndex;
 
 use super::seam::{
     ChunkReader, ChunkStream, ChunkWriter, IndexBytes, OpenedSession, PutStats, StoreStatus, StoredGroup,
@@ -169,12 +170,26 @@ impl ImageStoreClient {
         self.inner.clone()
     }
 
+    /// The pieces of index `name`, or None from a store that predates GetIndexStream.
+    async fn index_stream(&self, name: &str) -> Result<Option<tonic::Streaming<pb::IndexPiece>>> {
+        let req = pb::GetIndexRequest { name: name.to_string() };
+        match self.client().get_index_stream(deadline(req, LONG_CALL_TIMEOUT)).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(self.call_error("GetIndexStream", s)),
+        }
+    }
+
+    /// Index `name` in one message (at most 64 MiB), from a store without GetIndexStream.
+    async fn get_index_unary(&self, name: &str) -> Result<Vec<u8>> {
+        let req = pb::GetIndexRequest { name: name.to_string() };
+        let r = self.client().get_index(deadline(req, LONG_CALL_TIMEOUT)).await;
+        Ok(r.map_err(|s| self.call_error("GetIndex", s))?.into_inner().data)
+    }
+
     fn bad_index(&self, name: &str, why: &str) -> AgentError {
-        AgentError::new(
-            ErrorKind::Internal,
-            format!("Image Storage at {} sent index {name} in bad pieces: {why}", self.url),
-        )
-        .from_store()
+        AgentError::new(ErrorKind::Internal, format!("Image Storage at {} sent a bad index {name}: {why}", self.url))
+            .from_store()
     }
 }
 
@@ -223,21 +238,29 @@ fn group(g: pb::GroupInfo) -> StoredGroup {
 #[tonic::async_trait]
 impl ChunkReader for ImageStoreClient {
     async fn get_index(&self, name: &str) -> Result<Vec<u8>> {
-        let req = pb::GetIndexRequest { name: name.to_string() };
-        let mut pieces = match self.client().get_index_stream(deadline(req.clone(), LONG_CALL_TIMEOUT)).await {
-            Ok(r) => r.into_inner(),
-            // A store that predates GetIndexStream: one message, so at most 64 MiB.
-            Err(s) if s.code() == tonic::Code::Unimplemented => {
-                let r = self.client().get_index(deadline(req, LONG_CALL_TIMEOUT)).await;
-                return Ok(r.map_err(|s| self.call_error("GetIndex", s))?.into_inner().data);
-            }
-            Err(s) => return Err(self.call_error("GetIndexStream", s)),
+        let Some(mut pieces) = self.index_stream(name).await? else {
+            return self.get_index_unary(name).await;
         };
         let mut index = vmbackup_proto::pieces::Assembler::default();
         while let Some(piece) = pieces.message().await.map_err(|s| self.call_error("GetIndexStream", s))? {
             index.push(piece).map_err(|e| self.bad_index(name, &e))?;
         }
         index.finish().map_err(|e| self.bad_index(name, &e))
+    }
+
+    async fn get_sparse_index(&self, name: &str) -> Result<SparseIndex> {
+        let mut decoder = vmbackup_proto::index::Decoder::new(vmbackup_proto::index::MAX_CHUNKS);
+        match self.index_stream(name).await? {
+            Some(mut pieces) => {
+                while let Some(piece) = pieces.message().await.map_err(|s| self.call_error("GetIndexStream", s))? {
+                    decoder.feed(&piece.data).map_err(|e| self.bad_index(name, &e.to_string()))?;
+                }
+            }
+            None => {
+                decoder.feed(&self.get_index_unary(name).await?).map_err(|e| self.bad_index(name, &e.to_string()))?
+            }
+        }
+        decoder.finish().map_err(|e| self.bad_index(name, &e.to_string()))
     }
 
     async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream> {

@@ -60,6 +60,10 @@ impl ChunkReader for Metered<Arc<dyn ChunkReader>> {
         self.inner.get_index(name).await
     }
 
+    async fn get_sparse_index(&self, name: &str) -> Result<vmbackup_proto::index::SparseIndex> {
+        self.inner.get_sparse_index(name).await
+    }
+
     async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream> {
         let stream = self.inner.download(index, digests).await?;
         let (limit, count) = (self.limit.clone(), self.count.clone());

@@ -21,7 +21,7 @@ use futures::stream::BoxStream;
 use vmbackup_proto::Digest;
 use vmbackup_proto::index::SparseIndex;
 
-use crate::error::Result;
+use crate::error::{AgentError, ErrorKind, Result};
 
 /// What a store says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +127,13 @@ pub struct OpenedSession {
 pub trait ChunkReader: Send + Sync + std::fmt::Debug {
     /// The encoded volume index `name`.
     async fn get_index(&self, name: &str) -> Result<Vec<u8>>;
+    /// Volume index `name`, checked, holding only its non-zero chunks. Readers that can
+    /// stream an index decode it as it arrives, never holding its encoding whole.
+    async fn get_sparse_index(&self, name: &str) -> Result<SparseIndex> {
+        let bytes = self.get_index(name).await?;
+        SparseIndex::decode(&bytes, vmbackup_proto::index::MAX_CHUNKS)
+            .map_err(|e| AgentError::new(ErrorKind::Internal, format!("index {name}: {e}")))
+    }
     /// The blobs of `digests`, in that order, read for index `index` (a store lets a
     /// caller that is not its admin read only chunks an index of its namespace names).
     async fn download(&self, index: &str, digests: &[Digest]) -> Result<ChunkStream>;

@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{DIGEST_LEN, FormatError, HEADER_LEN, VolumeFormat, VolumeIndex, check, chunk_count, digest_slots};
+use super::{
+    Checked, DIGEST_LEN, FormatError, HEADER_LEN, VolumeFormat, VolumeIndex, check, chunk_count, digest_slots, err,
+    parse_header,
+};
 use crate::Digest;
 
 /// A volume index of which only the non-zero chunks are held.
@@ -154,6 +157,94 @@ impl Iterator for Pieces {
     }
 }
 
+/// Decodes an encoded index from its pieces as they arrive, keeping only the non-zero
+/// chunks, with every check [`SparseIndex::decode`] makes: the header as soon as its 48
+/// bytes are in (so a bad one is refused before the rest is read), the length, and the
+/// trailer at [`Decoder::finish`]. Memory is the entries, whatever the index's size.
+#[derive(Debug)]
+pub struct Decoder {
+    max_chunks: u64,
+    /// Bytes taken so far.
+    pos: usize,
+    /// The header while it arrives, then the digest or trailer being assembled.
+    buf: Vec<u8>,
+    /// What the header said, and the whole length, once it is in.
+    header: Option<(Checked, usize)>,
+    hasher: blake3::Hasher,
+    entries: Vec<(u64, Digest)>,
+}
+
+impl Decoder {
+    /// A decoder refusing an index of more than `max_chunks` chunks.
+    pub fn new(max_chunks: u64) -> Self {
+        Self {
+            max_chunks,
+            pos: 0,
+            buf: Vec::with_capacity(HEADER_LEN),
+            header: None,
+            hasher: blake3::Hasher::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Takes the next bytes of the index.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), FormatError> {
+        while !bytes.is_empty() {
+            let Some((c, total)) = &self.header else {
+                let take = (HEADER_LEN - self.buf.len()).min(bytes.len());
+                self.buf.extend_from_slice(&bytes[..take]);
+                self.hasher.update(&bytes[..take]);
+                (self.pos, bytes) = (self.pos + take, &bytes[take..]);
+                if self.buf.len() == HEADER_LEN {
+                    self.header = Some(parse_header(&self.buf, self.max_chunks)?);
+                    self.buf.clear();
+                }
+                continue;
+            };
+            if self.pos >= *total {
+                return Err(err("length", 0, format!("more than the {total} bytes its chunk count gives")));
+            }
+            // A digest (or the trailer) at a time, whatever the pieces' boundaries.
+            let in_body = self.pos < c.body_len;
+            let take = (DIGEST_LEN - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            if in_body {
+                self.hasher.update(&bytes[..take]);
+            }
+            (self.pos, bytes) = (self.pos + take, &bytes[take..]);
+            if in_body && self.buf.len() == DIGEST_LEN {
+                let d = Digest::from_slice(&self.buf).unwrap_or(Digest::ZERO_CHUNK);
+                if !d.is_zero_chunk() {
+                    let chunk = (self.pos - HEADER_LEN) / DIGEST_LEN - 1;
+                    self.entries.push((u64::try_from(chunk).unwrap_or(u64::MAX), d));
+                }
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// The index, once every byte is in and the trailer matches.
+    pub fn finish(self) -> Result<SparseIndex, FormatError> {
+        let Some((c, total)) = self.header else {
+            return Err(err("header", 0, format!("{} bytes, shorter than header and trailer", self.pos)));
+        };
+        if self.pos != total {
+            return Err(err("length", 0, format!("{} bytes, expected {total} for its chunk count", self.pos)));
+        }
+        if self.hasher.finalize().as_bytes()[..] != self.buf[..] {
+            return Err(err("trailer", c.body_len, "BLAKE3 of the index does not match its trailer"));
+        }
+        Ok(SparseIndex {
+            volume_uuid: c.volume_uuid,
+            virtual_size: c.virtual_size,
+            chunk_size: c.chunk_size,
+            format: c.format,
+            entries: self.entries,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +273,44 @@ mod tests {
             }
             assert_eq!(SparseIndex::decode(&want, 1000).expect("decode"), *sparse);
         }
+    }
+
+    #[test]
+    fn the_streaming_decoder_matches_decode_at_every_piece_size() {
+        let ix = dense(300, &[0, 1, 2, 3, 150, 299]);
+        let bytes = ix.encode();
+        for piece in [1, 5, 32, 47, 48, 49, 80, 1 << 20] {
+            let mut d = Decoder::new(1000);
+            for p in bytes.chunks(piece) {
+                d.feed(p).expect("feed");
+            }
+            assert_eq!(d.finish().expect("finish"), SparseIndex::from_dense(&ix), "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn the_streaming_decoder_refuses_what_decode_refuses() {
+        let good = dense(5, &[2]).encode();
+        let run = |bytes: &[u8], max: u64| -> Result<SparseIndex, FormatError> {
+            let mut d = Decoder::new(max);
+            for p in bytes.chunks(7) {
+                d.feed(p)?;
+            }
+            d.finish()
+        };
+        let mut cases: Vec<(Vec<u8>, &str)> = vec![(good[..40].to_vec(), "header")];
+        for (at, field) in [(1, "magic"), (8, "version"), (9, "volume format"), (10, "reserved"), (60, "trailer")] {
+            let mut b = good.clone();
+            b[at] ^= 0x55;
+            cases.push((b, field));
+        }
+        cases.push((good[..good.len() - 1].to_vec(), "length"));
+        cases.push(([good.as_slice(), &[0]].concat(), "length"));
+        for (bytes, field) in cases {
+            assert_eq!(run(&bytes, 1000).expect_err(field).field, field);
+            assert_eq!(SparseIndex::decode(&bytes, 1000).expect_err(field).field, field);
+        }
+        assert_eq!(run(&good, 4).expect_err("limit").field, "chunk count");
     }
 
     #[test]
