@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
 use vmbackup_proto::format_error::FormatError;
-use vmbackup_proto::index::{self, VolumeIndex};
+use vmbackup_proto::index::{self, SparseIndex};
 use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 
 use crate::backend::fs::FsBackend;
@@ -476,8 +476,8 @@ impl ChunkStore {
         }
     }
 
-    pub(crate) fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
-        let ix = VolumeIndex::decode(bytes, index::MAX_CHUNKS)
+    pub(crate) fn decode_index(&self, name: &str, bytes: &[u8]) -> Result<SparseIndex> {
+        let ix = SparseIndex::decode(bytes, index::MAX_CHUNKS)
             .map_err(|e| StoreError::new(ErrorKind::Corrupt, format!("index {name}: {e}")))?;
         if ix.chunk_size != self.identity.chunk_size {
             return Err(StoreError::new(

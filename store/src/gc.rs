@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::{self, VolumeIndex};
+use vmbackup_proto::index::{self, SparseIndex};
 
 use crate::backend::ObjectKind;
 use crate::chunk_store::ChunkStore;
@@ -124,7 +124,7 @@ impl ChunkStore {
                     }
                     Err(e) => return Err(e),
                 };
-                let ix = VolumeIndex::decode(&bytes, index::MAX_CHUNKS).map_err(|e| {
+                let ix = SparseIndex::decode(&bytes, index::MAX_CHUNKS).map_err(|e| {
                     StoreError::new(
                         ErrorKind::Corrupt,
                         format!("index {}: {e}; GC stopped before deleting anything", v.index_name),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use vmbackup_proto::Digest;
-use vmbackup_proto::index::{self, VolumeIndex};
+use vmbackup_proto::index::{self, SparseIndex};
 
 use crate::backend::ObjectKind;
 use crate::chunk_store::ChunkStore;
@@ -110,13 +110,13 @@ impl ChunkStore {
         let mut bad: HashSet<Digest> = HashSet::new();
         let mut good: HashSet<Digest> = HashSet::new();
         // The selected groups' indexes, read once (None: missing or undecodable).
-        let mut indexes: HashMap<&str, Option<VolumeIndex>> = HashMap::new();
+        let mut indexes: HashMap<&str, Option<SparseIndex>> = HashMap::new();
         for v in selected.iter().flat_map(|g| &g.manifest.volumes) {
             if indexes.contains_key(v.index_name.as_str()) {
                 continue;
             }
             let ix = match self.backend.get_object(ObjectKind::Index, &v.index_name) {
-                Ok(b) => VolumeIndex::decode(&b, index::MAX_CHUNKS).ok(),
+                Ok(b) => SparseIndex::decode(&b, index::MAX_CHUNKS).ok(),
                 Err(e) if e.kind() == ErrorKind::NotFound => None,
                 Err(e) => return Err(e),
             };

@@ -18,7 +18,7 @@ use memmap2::MmapMut;
 use futures::{StreamExt, TryStreamExt};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob;
-use vmbackup_proto::index::VolumeIndex;
+use vmbackup_proto::index::SparseIndex;
 use vmbackup_proto::seal::ChunkKey;
 
 use crate::catalog::volume_backup::VolumeBackupRecord;
@@ -118,10 +118,13 @@ pub async fn run(
                 format!("volume backup {} is not on backup storage {storage_uuid}", t.backup.uuid),
             )
         })?;
-        let ix = VolumeIndex::decode(&reader.get_index(&r.install_path).await?, vmbackup_proto::index::MAX_CHUNKS)
-            .map_err(|e| {
+        // Read as it streams in, holding only the chunks with data.
+        let ix = reader.get_sparse_index(&r.install_path).await.map_err(|e| match e.kind() {
+            ErrorKind::Internal => {
                 AgentError::new(ErrorKind::FailedPrecondition, format!("index of volume backup {}: {e}", t.backup.uuid))
-            })?;
+            }
+            _ => e,
+        })?;
         let first = probe(&*reader, &r.install_path, &ix, &buffers, &t.backup.volume_uuid).await?;
         Counters::add(&job.counters.planned, ix.virtual_size);
         let (path, size, format, mode) = (t.path.clone(), ix.virtual_size, t.format, t.mode);
@@ -168,11 +171,11 @@ pub async fn run(
 async fn probe(
     reader: &dyn ChunkReader,
     index_name: &str,
-    ix: &VolumeIndex,
+    ix: &SparseIndex,
     buffers: &Arc<Buffers>,
     volume: &str,
 ) -> Result<Option<(Digest, bytes::Bytes)>> {
-    let Some(d) = ix.digests.iter().copied().find(|d| !d.is_zero_chunk()) else { return Ok(None) };
+    let Some(&(_, d)) = ix.entries.first() else { return Ok(None) };
     let mut stream = reader.download(index_name, &[d]).await?;
     let (got, blob) = stream.next().await.ok_or_else(|| {
         AgentError::new(ErrorKind::Unavailable, format!("the store ended the download before chunk {d}"))
@@ -202,7 +205,7 @@ async fn probe(
 struct VolumeRestore {
     reader: Arc<dyn ChunkReader>,
     job: Arc<Job>,
-    ix: Arc<VolumeIndex>,
+    ix: Arc<SparseIndex>,
     /// Name of the index on the store (downloads name it).
     index_name: String,
     writer: Arc<Box<dyn VolumeWriter>>,
@@ -214,21 +217,30 @@ struct VolumeRestore {
 /// Zeroes what the index says is zero (a no-op on new targets) and groups the other
 /// chunks by digest, in volume order: each distinct chunk is downloaded once. Runs off the
 /// async runtime: an index may name millions of chunks.
-fn plan(ix: &VolumeIndex, writer: &dyn VolumeWriter, counters: &Counters) -> Result<Vec<Wanted>> {
+fn plan(ix: &SparseIndex, writer: &dyn VolumeWriter, counters: &Counters) -> Result<Vec<Wanted>> {
     let mut wanted: Vec<Wanted> = Vec::new();
     let mut seen: HashMap<Digest, usize> = HashMap::new();
-    for (i, d) in ix.digests.iter().copied().enumerate() {
-        if d.is_zero_chunk() {
+    let zero = |from: u64, to: u64| -> Result<()> {
+        for i in from..to {
             let (offset, len) = ix.chunk_range(i);
             writer.zero(offset, len)?;
             Counters::add(&counters.zero, len);
-        } else if let Some(&at) = seen.get(&d) {
+        }
+        Ok(())
+    };
+    let mut next = 0u64;
+    for &(chunk, d) in &ix.entries {
+        zero(next, chunk)?;
+        next = chunk + 1;
+        let i = usize::try_from(chunk).map_err(|_| AgentError::new(ErrorKind::Internal, "chunk number too large"))?;
+        if let Some(&at) = seen.get(&d) {
             wanted[at].1.push(i);
         } else {
             seen.insert(d, wanted.len());
             wanted.push((d, vec![i]));
         }
     }
+    zero(next, ix.chunk_count())?;
     Ok(wanted)
 }
 
@@ -256,7 +268,7 @@ async fn restore_batch(v: Arc<VolumeRestore>, batch: Vec<Wanted>) -> Result<()> 
 
 /// Writes downloaded chunk `d` at every chunk index in `at` (volume-write limit).
 async fn write_chunk(v: &Arc<VolumeRestore>, d: Digest, blob: bytes::Bytes, at: Vec<usize>) -> Result<()> {
-    let bytes: u64 = at.iter().map(|&i| v.ix.chunk_range(i).1).sum();
+    let bytes: u64 = at.iter().map(|&i| v.ix.chunk_range(u64::try_from(i).unwrap_or(u64::MAX)).1).sum();
     v.write_limit.consume(usize::try_from(bytes).unwrap_or(usize::MAX)).await;
     let v2 = v.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
@@ -287,7 +299,7 @@ fn decode_and_write(
         )
     })?;
     for &i in at {
-        let (offset, len) = v.ix.chunk_range(i);
+        let (offset, len) = v.ix.chunk_range(u64::try_from(i).unwrap_or(u64::MAX));
         if u64::try_from(n).ok() != Some(len) {
             return Err(AgentError::new(
                 ErrorKind::FailedPrecondition,

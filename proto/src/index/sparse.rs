@@ -55,6 +55,18 @@ impl SparseIndex {
         })
     }
 
+    /// Digests of stored (non-zero) chunks, with repeats.
+    pub fn referenced(&self) -> impl Iterator<Item = &Digest> {
+        self.entries.iter().map(|(_, d)| d)
+    }
+
+    /// Guest byte range `(offset, len)` of chunk `i`; the last chunk may be short.
+    pub fn chunk_range(&self, i: u64) -> (u64, u64) {
+        let cs = u64::from(self.chunk_size);
+        let offset = i.saturating_mul(cs);
+        (offset, cs.min(self.virtual_size.saturating_sub(offset)))
+    }
+
     /// Chunks the index covers, zero ones included.
     pub fn chunk_count(&self) -> u64 {
         chunk_count(self.virtual_size, self.chunk_size)
