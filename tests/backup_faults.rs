@@ -412,13 +412,7 @@ async fn a_delete_the_agent_died_in_is_finished_at_its_next_start() {
     // The next start finishes what was asked: the store deletes it and the catalog follows.
     agent.restart();
     assert!(groups(&store).await.is_empty(), "the delete was finished at start-up");
-    let q = backup_client(&agent)
-        .await
-        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
-        .await
-        .expect("query")
-        .into_inner()
-        .inventories;
+    let q = catalog(&agent).await;
     assert!(q.is_empty(), "the catalog follows the store: {q:?}");
 }
 
@@ -440,12 +434,12 @@ async fn a_delete_the_store_refuses_stays_refused_after_a_restart() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     agent.restart();
     assert_eq!(groups(&store).await, vec![resource.to_string()]);
-    let q = backup_client(&agent)
-        .await
-        .query_volume_backup(pb::QueryVolumeBackupRequest::default())
-        .await
-        .expect("query")
-        .into_inner()
-        .inventories;
+    let q = catalog(&agent).await;
     assert_eq!(q.len(), 1, "the catalog still lists the locked group: {q:?}");
+}
+
+/// Every volume backup the agent's catalog lists.
+async fn catalog(agent: &Daemon) -> Vec<pb::VolumeBackupInventory> {
+    let mut c = backup_client(agent).await;
+    c.query_volume_backup(pb::QueryVolumeBackupRequest::default()).await.expect("query").into_inner().inventories
 }

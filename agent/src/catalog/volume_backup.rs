@@ -290,9 +290,13 @@ impl Catalog {
 
     /// Commits asked of a store whose outcome was not recorded: (group, storage).
     pub fn pending_commits(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        self.pending("SELECT group_uuid, backup_storage_uuid FROM pending_commit ORDER BY group_uuid")
+    }
+
+    /// The (group, storage) rows of a pending-work table.
+    fn pending(&self, select: &str) -> Result<Vec<(String, String)>, CatalogError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT group_uuid, backup_storage_uuid FROM pending_commit ORDER BY group_uuid")?;
+        let mut stmt = conn.prepare(select)?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -308,11 +312,7 @@ impl Catalog {
 
     /// Deletes asked of a store whose outcome was not recorded: (group, storage).
     pub fn pending_deletes(&self) -> Result<Vec<(String, String)>, CatalogError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT group_uuid, backup_storage_uuid FROM pending_delete ORDER BY group_uuid")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.pending("SELECT group_uuid, backup_storage_uuid FROM pending_delete ORDER BY group_uuid")
     }
 
     /// Groups with a volume backup on `storage`.
