@@ -156,6 +156,8 @@ impl Filesystem {
             });
             match lvs {
                 Ok(lvs) => all.extend(lvs),
+                // The store failing to send the chunks is the call's error, not a damaged PV.
+                Err(e) if e.is_store_outage() || e.kind() == ErrorKind::Cancelled => return Err(e),
                 Err(e) => all.push(Candidate { lv: None, disk: disk.clone(), part, unreadable: Some(e) }),
             }
         }
