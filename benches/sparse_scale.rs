@@ -19,16 +19,6 @@ use vmbackup_proto::agent::v1 as pb;
 const VM: &str = "4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f";
 const ROOT: &str = "5d6e7f8a9b0c1d2e3f4a5b6c7d8e9fa0";
 
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kib >> 10
-}
-
 /// A sparse raw volume of `size` bytes with `mib` MiB of incompressible data spread evenly.
 fn volume(path: &Path, size: u64, mib: u64) {
     let mut f = std::fs::File::create(path).expect("create");
@@ -67,6 +57,6 @@ async fn main() {
         .await
         .expect("backup");
         let secs = t.elapsed().as_secs_f64();
-        println!("{label:<28} {:>6} MiB {secs:>12.1} {:>10} MiB", mib, peak_rss_mib(agent.pid()));
+        println!("{label:<28} {:>6} MiB {secs:>12.1} {:>10} MiB", mib, common::peak_rss_kib(agent.pid()) >> 10);
     }
 }

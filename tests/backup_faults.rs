@@ -153,16 +153,6 @@ async fn two_vms_on_one_base_image_store_it_once() {
     assert_eq!(chunks_uploaded(&store).await, 4 * 16 + 2, "B adds only its own chunk");
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -188,7 +178,7 @@ async fn memory_stays_bounded_on_a_64_gib_sparse_volume_with_2_gib_of_data() {
     let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
     assert_eq!(inv[0].size, 64 << 30);
     assert_eq!(chunks_uploaded(&store).await, 512, "2 GiB in 4 MiB chunks");
-    let peak = peak_rss_kib(agent.pid());
+    let peak = common::peak_rss_kib(agent.pid());
     assert!(peak < 256 << 10, "agent peak RSS {peak} KiB exceeds 256 MiB");
     eprintln!("agent peak RSS backing up 2 GiB of a 64 GiB volume: {} MiB", peak >> 10);
 }

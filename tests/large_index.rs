@@ -89,17 +89,6 @@ async fn an_index_above_the_message_limit_is_stored_restored_and_read_back_for_a
     assert_eq!(after.chunks_uploaded - stored.chunks_uploaded, 16, "only the new MiB is sent");
 }
 
-/// The agent's peak resident memory (VmHWM) in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kib >> 10
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_takes_no_more_memory_for_a_4_tib_sparse_volume_than_for_a_64_gib_one() {
     // The same 64 MiB of data in both volumes, 4 MiB chunks: 16 Ki chunk slots against
@@ -129,7 +118,7 @@ async fn a_backup_takes_no_more_memory_for_a_4_tib_sparse_volume_than_for_a_64_g
             assert_eq!(common::chunks_uploaded(&store).await, 64, "each MiB of data in a chunk of its own");
         }
         assert!(!agent.log_text().contains("previous index unusable"), "the second backup reads the first's index");
-        let peak = peak_rss_mib(agent.pid());
+        let peak = common::peak_rss_kib(agent.pid()) >> 10;
         eprintln!("{} GiB sparse volume, 64 MiB of data: agent peak RSS {peak} MiB", size >> 30);
         peaks.push(peak);
     }
