@@ -224,7 +224,7 @@ fn index_pieces(
 ) -> impl futures::Stream<Item = pb::IndexPiece> + Send + Sync + 'static {
     let total_len = index.encoded_len();
     let mut first = Some((session.to_string(), name.to_string()));
-    let pieces = index.pieces(pb::INDEX_PIECE_BYTES).map(move |data| match first.take() {
+    let pieces = index.pieces().map(move |data| match first.take() {
         Some((session_id, name)) => pb::IndexPiece { session_id, name, total_len, data },
         None => pb::IndexPiece { data, ..Default::default() },
     });

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use vmbackup_proto::Digest;
 use vmbackup_proto::index::SparseIndex;
+use vmbackup_proto::store::v1::INDEX_PIECE_BYTES;
 
 use crate::error::{AgentError, ErrorKind, Result};
 
@@ -67,16 +68,13 @@ impl IndexBytes {
         }
     }
 
-    /// The encoded index in pieces of `piece_len` bytes.
-    pub fn pieces(&self, piece_len: usize) -> Box<dyn Iterator<Item = Bytes> + Send + Sync> {
-        let piece_len = piece_len.max(1);
+    /// The encoded index in pieces of the store API's `INDEX_PIECE_BYTES`.
+    pub fn pieces(&self) -> Box<dyn Iterator<Item = Bytes> + Send + Sync> {
         match self {
             IndexBytes::Whole(b) => {
-                let b = b.clone();
-                let n = b.len().div_ceil(piece_len).max(1);
-                Box::new((0..n).map(move |i| b.slice((i * piece_len).min(b.len())..((i + 1) * piece_len).min(b.len()))))
+                Box::new(vmbackup_proto::pieces::split(b.clone(), "", "").into_iter().map(|p| p.data))
             }
-            IndexBytes::Sparse(ix) => Box::new(ix.clone().pieces(piece_len).map(Bytes::from)),
+            IndexBytes::Sparse(ix) => Box::new(ix.clone().pieces(INDEX_PIECE_BYTES).map(Bytes::from)),
         }
     }
 
@@ -84,7 +82,7 @@ impl IndexBytes {
     pub fn to_vec(&self) -> Vec<u8> {
         match self {
             IndexBytes::Whole(b) => b.to_vec(),
-            IndexBytes::Sparse(_) => self.pieces(1 << 20).flat_map(|p| p.to_vec()).collect(),
+            IndexBytes::Sparse(ix) => ix.clone().pieces(INDEX_PIECE_BYTES).flatten().collect(),
         }
     }
 }
