@@ -45,7 +45,8 @@
 //! version-2 name from a plain one, so it accepts version-2 uploads only when told to
 //! ([`Checked::SealedUnbound`]).
 //!
-//! The encoder keeps zstd only when it is strictly smaller than the plaintext. A plain
+//! The encoder keeps zstd only when it is strictly smaller than the plaintext, and does not
+//! try it on a long chunk whose probe samples do not shrink (`probe_compresses`). A plain
 //! chunk's name (its [`Digest`]) is BLAKE3 of the plaintext. A decoded blob is always checked
 //! against the name it is stored under ([`Decoder::decode_and_verify_into`]). A store holds
 //! no key: for a sealed blob it checks framing, lengths, CRC and the name's derivation
@@ -305,7 +306,9 @@ impl Encoder {
         let plain_len = u32::try_from(plain.len())
             .map_err(|_| err("plain length", 12, format!("{} bytes does not fit a chunk", plain.len())))?;
         let mut compressed = None;
-        if let Some(z) = &mut self.zstd {
+        if let Some(z) = &mut self.zstd
+            && probe_compresses(z, plain, &mut self.scratch)
+        {
             self.scratch.clear();
             self.scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
             compressed = z.compress_to_buffer(plain, &mut self.scratch).ok().filter(|&n| n < plain.len());
@@ -322,6 +325,33 @@ impl Encoder {
             }
         }
     }
+}
+
+/// Chunks at least this long are probed before they are compressed whole.
+const PROBE_MIN_LEN: usize = 256 * 1024;
+/// Bytes of one probe sample.
+const PROBE_SAMPLE_LEN: usize = 8 * 1024;
+/// Samples taken at most, spread evenly over the chunk.
+const PROBE_SAMPLES: usize = 8;
+
+/// Whether `plain` is worth compressing whole. Compressing incompressible data (media,
+/// archives, encrypted guest disks) at zstd -1 costs about as much as hashing it and then
+/// gives nothing back, so a long chunk is probed first: samples spread over it are compressed
+/// one by one, and the first that shrinks by at least 1/32 settles it. Only a chunk none of
+/// whose samples shrink is stored as is; compressible chunks pay one small sample. A chunk
+/// that compresses only between the samples loses that gain (it stays correct either way:
+/// the blob says whether its payload is compressed).
+fn probe_compresses(z: &mut zstd::bulk::Compressor<'static>, plain: &[u8], scratch: &mut Vec<u8>) -> bool {
+    if plain.len() < PROBE_MIN_LEN {
+        return true;
+    }
+    let stride = plain.len() / PROBE_SAMPLES;
+    scratch.clear();
+    scratch.reserve(zstd::zstd_safe::compress_bound(PROBE_SAMPLE_LEN));
+    (0..PROBE_SAMPLES).any(|i| {
+        let sample = &plain[i * stride..i * stride + PROBE_SAMPLE_LEN];
+        z.compress_to_buffer(sample, scratch).is_ok_and(|n| n < PROBE_SAMPLE_LEN - PROBE_SAMPLE_LEN / 32)
+    })
 }
 
 /// The name of a chunk of plaintext `plain`: a sealed name (with its keyed hash) under `key`
@@ -741,6 +771,48 @@ mod tests {
         let h = peek_header(&blob).expect("header");
         assert_eq!(blob.len(), HEADER_LEN + usize::try_from(h.payload_len).expect("fits"));
         assert_eq!(decode(&blob, MAX).expect("decode"), random);
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_chunk_is_compressed_when_any_probe_sample_shrinks_and_stored_as_is_otherwise() {
+        const LEN: usize = 4 << 20;
+        let mut enc = Encoder::new(1).expect("encoder");
+        let random = noise(LEN, 7);
+        let blob = enc.encode(&random).expect("encode");
+        assert_eq!(blob, frame(u32::try_from(LEN).expect("fits"), Compression::None, &random));
+        // Compressible only in its last eighth: the last sample finds it.
+        let mut mixed = noise(LEN, 9);
+        let tail = b"a text-like tail ".repeat(LEN / 8 / 17 + 1);
+        mixed[LEN - LEN / 8..].copy_from_slice(&tail[..LEN / 8]);
+        let blob = enc.encode(&mixed).expect("encode");
+        assert_eq!(peek_header(&blob).expect("header").compression, Compression::Zstd);
+        assert!(blob.len() < LEN - LEN / 10, "{} bytes", blob.len());
+        assert_eq!(decode(&blob, LEN).expect("decode"), mixed);
+        // The probe decides: text everywhere but under the samples is stored as is.
+        let mut between = b"text between the samples ".repeat(LEN / 25 + 1);
+        between.truncate(LEN);
+        let stride = LEN / PROBE_SAMPLES;
+        for i in 0..PROBE_SAMPLES {
+            between[i * stride..i * stride + PROBE_SAMPLE_LEN].copy_from_slice(&noise(PROBE_SAMPLE_LEN, 11 + i as u64));
+        }
+        let blob = enc.encode(&between).expect("encode");
+        assert_eq!(peek_header(&blob).expect("header").compression, Compression::None);
+        // Short chunks are not probed: their samples would be most of them.
+        let short = [noise(4096, 3), b"z".repeat(PROBE_MIN_LEN / 2)].concat();
+        let blob = enc.encode(&short).expect("encode");
+        assert_eq!(peek_header(&blob).expect("header").compression, Compression::Zstd);
     }
 
     #[test]
