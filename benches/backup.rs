@@ -45,7 +45,7 @@ async fn main() {
     println!("store: {}", if embedded { "embedded in the agent" } else { "a separate process" });
     for parallelism in pars {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (agent, store, bs) = setup(dir.path(), embedded).await;
+        let (agent, store, bs) = setup(dir.path(), corpus.path(), embedded).await;
         // The processes doing the work, and where the chunks land.
         let pids: Vec<u32> = std::iter::once(agent.pid()).chain(store.as_ref().map(common::Daemon::pid)).collect();
         let cpu_now = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
@@ -149,17 +149,21 @@ async fn main() {
     }
 }
 
-/// An agent and where it backs up: a separate store process, or its embedded store.
-async fn setup(dir: &Path, embedded: bool) -> (common::Daemon, Option<common::Daemon>, String) {
+/// An agent and where it backs up: a separate store process, or its embedded store. The agent
+/// may read the corpus (a volume root besides `dir`, which holds the restore targets).
+async fn setup(dir: &Path, corpus: &Path, embedded: bool) -> (common::Daemon, Option<common::Daemon>, String) {
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", corpus.display())).expect("config");
+    let config = Some(cfg);
     if embedded {
-        let agent = common::start_agent(dir, common::AgentOptions { embedded_store: true, config: None });
+        let agent = common::start_agent(dir, common::AgentOptions { embedded_store: true, config });
         let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
         let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
         let bs = c.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone();
         return (agent, None, bs);
     }
     let store = common::start_store_with(dir, "store", None, 4 << 20);
-    let agent = common::start_agent(dir, common::AgentOptions::default());
+    let agent = common::start_agent(dir, common::AgentOptions { config, ..Default::default() });
     let bs = common::add_storage(&agent, &store, "bench").await;
     (agent, Some(store), bs)
 }

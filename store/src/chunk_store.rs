@@ -24,7 +24,7 @@ use vmbackup_proto::index::{self, SparseIndex};
 use vmbackup_proto::manifest::{GroupManifest, is_index_name};
 
 use crate::backend::fs::FsBackend;
-use crate::backend::{Backend, ObjectKind};
+use crate::backend::{Backend, ObjectKind, Staged};
 use crate::error::{ErrorKind, Result, StoreError};
 use crate::group_state::GroupState;
 use crate::identity::StoreIdentity;
@@ -359,29 +359,8 @@ impl ChunkStore {
     /// Stores an uploaded chunk after checking it: the blob must decode, its plaintext must
     /// hash to `digest` and fit the chunk size. Returns whether it was new.
     pub fn insert_chunk(&self, session: &str, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
-        let owner = self.sessions.touch(session)?;
-        if digest.is_zero_chunk() {
-            return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
-        }
-        match self.check_blob(blob_bytes, digest) {
-            Err(e) => {
-                bump(&self.counters.chunks_rejected, 1);
-                return Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")));
-            }
-            Ok(blob::Checked::SealedUnbound(key)) if !self.accept_sealed => {
-                bump(&self.counters.chunks_rejected, 1);
-                return Err(StoreError::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "chunk {digest} is a version-2 sealed blob (key {key}), whose name this store cannot check: \
-                         upgrade the agent (it writes version 3), or set accept_sealed_chunks = true once every \
-                         writer is trusted not to plant chunks"
-                    ),
-                ));
-            }
-            Ok(_) => {}
-        }
-        self.store_chunk(session, &owner, digest, blob_bytes)
+        let owner = self.admit_chunk(session, digest, Some(blob_bytes))?;
+        self.store_chunk(session, &owner, digest, blob_bytes, None)
     }
 
     /// Stores a chunk that this process encoded itself from plaintext whose digest it
@@ -389,24 +368,73 @@ impl ChunkStore {
     /// time. Everything that crosses a process boundary goes through [`Self::insert_chunk`].
     /// Durability is the same. Returns whether it was new.
     pub fn insert_own_chunk(&self, session: &str, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
+        let owner = self.admit_chunk(session, digest, None)?;
+        self.store_chunk(session, &owner, digest, blob_bytes, None)
+    }
+
+    /// The session's owner if a chunk `digest` may be stored for it; with `blob`, the blob
+    /// is checked too (see [`Self::insert_chunk`]).
+    pub(crate) fn admit_chunk(&self, session: &str, digest: &Digest, blob: Option<&[u8]>) -> Result<SessionOwner> {
         let owner = self.sessions.touch(session)?;
         if digest.is_zero_chunk() {
             return Err(StoreError::new(ErrorKind::InvalidArgument, "the zero-chunk marker is not a chunk name"));
         }
-        self.store_chunk(session, &owner, digest, blob_bytes)
+        let Some(blob_bytes) = blob else { return Ok(owner) };
+        match self.check_blob(blob_bytes, digest) {
+            Err(e) => {
+                bump(&self.counters.chunks_rejected, 1);
+                Err(StoreError::new(ErrorKind::Corrupt, format!("chunk {digest} refused: {e}")))
+            }
+            Ok(blob::Checked::SealedUnbound(key)) if !self.accept_sealed => {
+                bump(&self.counters.chunks_rejected, 1);
+                Err(StoreError::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "chunk {digest} is a version-2 sealed blob (key {key}), whose name this store cannot check: \
+                         upgrade the agent (it writes version 3), or set accept_sealed_chunks = true once every \
+                         writer is trusted not to plant chunks"
+                    ),
+                ))
+            }
+            Ok(_) => Ok(owner),
+        }
     }
 
-    /// Writes a chunk durably under its shard lock and counts it; the caller has checked it.
-    /// In the per-namespace scope a chunk is "new" when it is new to the session's
-    /// namespace, so the reply says nothing about other namespaces.
-    fn store_chunk(&self, session: &str, owner: &SessionOwner, digest: &Digest, blob_bytes: &[u8]) -> Result<bool> {
+    /// Writes a chunk under its shard lock and counts it; the caller has checked it. Without
+    /// a batch it is durable on return; with one it may be pending in the batch (see
+    /// [`crate::batch`]). In the per-namespace scope a chunk is "new" when it is new to the
+    /// session's namespace, so the reply says nothing about other namespaces.
+    pub(crate) fn store_chunk(
+        &self,
+        session: &str,
+        owner: &SessionOwner,
+        digest: &Digest,
+        blob_bytes: &[u8],
+        batch: Option<&crate::batch::ChunkBatch>,
+    ) -> Result<bool> {
         // Locally, uploads and GC's sweep meet at the shard lock; across servers, at the
         // journal and the fence.
-        let mut new = match self.sessions.shared_protocol() {
-            Some(shared) => self.put_chunk_shared(shared, session, digest, blob_bytes)?,
-            None => {
+        let mut new = match (self.sessions.shared_protocol(), batch) {
+            (Some(shared), _) => self.put_chunk_shared(shared, session, digest, blob_bytes)?,
+            (None, None) => {
                 let _guard = self.shard_lock(digest);
                 self.backend.put_chunk(digest, blob_bytes)?
+            }
+            (None, Some(batch)) => {
+                let staged = {
+                    let _guard = self.shard_lock(digest);
+                    self.backend.stage_chunk(digest, blob_bytes)?
+                };
+                match staged {
+                    Staged::Present => false,
+                    Staged::Stored => true,
+                    Staged::Pending(p) => {
+                        if let Some(full) = batch.add(p) {
+                            self.backend.publish_chunks(full)?;
+                        }
+                        true
+                    }
+                }
             }
         };
         if self.dedup == DedupScope::Namespace {

@@ -60,6 +60,7 @@
 
 pub mod access;
 pub mod backend;
+pub mod batch;
 pub mod chunk_store;
 pub mod config;
 pub mod daemon;

@@ -6,8 +6,10 @@
 //!
 //! What differs from a remote store, and why it is safe: chunks this process encoded from
 //! plaintext it hashed itself go in without being decoded and hashed a second time
-//! ([`ChunkStore::insert_own_chunk`]); every other rule holds (durable writes, a commit
-//! checks that every chunk and index it names is present, sessions protect chunks from GC).
+//! ([`ChunkStore::insert_own_chunk_into`]); every other rule holds (durable writes, made
+//! durable a batch at a time as a store server does for an upload stream, before the
+//! writer finishes; a commit checks that every chunk and index it names is present;
+//! sessions protect chunks from GC).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vmbackup_proto::Digest;
+use vmbackup_store::batch::ChunkBatch;
 use vmbackup_store::chunk_store::ChunkStore;
 use vmbackup_store::error::StoreError;
 
@@ -157,7 +160,12 @@ impl super::seam::Store for LocalStore {
     }
 
     async fn writer(&self, session: &str) -> Result<Box<dyn ChunkWriter>> {
-        Ok(Box::new(LocalWriter { store: self.clone(), session: session.to_string(), stats: Default::default() }))
+        Ok(Box::new(LocalWriter {
+            store: self.clone(),
+            session: session.to_string(),
+            batch: Arc::default(),
+            stats: Default::default(),
+        }))
     }
 
     async fn put_index(&self, session: &str, name: &str, index: super::IndexBytes) -> Result<Digest> {
@@ -186,20 +194,23 @@ impl super::seam::Store for LocalStore {
     }
 }
 
-/// Chunks of one session written straight into the chunk store, each durable when `put`
-/// returns; workers write in parallel.
+/// Chunks of one session written straight into the chunk store; workers write in
+/// parallel. They become durable and visible a batch at a time (see
+/// [`vmbackup_store::batch`]), all of them by the time `finish` returns.
 #[derive(Debug)]
 struct LocalWriter {
     store: LocalStore,
     session: String,
+    batch: Arc<ChunkBatch>,
     stats: std::sync::Mutex<PutStats>,
 }
 
 #[tonic::async_trait]
 impl ChunkWriter for LocalWriter {
     async fn put(&self, digest: Digest, blob: Bytes) -> Result<()> {
-        let session = self.session.clone();
-        let new = self.store.run("UploadChunks", move |s| s.insert_own_chunk(&session, &digest, &blob)).await?;
+        let (session, batch) = (self.session.clone(), self.batch.clone());
+        let new =
+            self.store.run("UploadChunks", move |s| s.insert_own_chunk_into(&batch, &session, &digest, &blob)).await?;
         let mut stats = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if new {
             stats.stored += 1;
@@ -210,6 +221,8 @@ impl ChunkWriter for LocalWriter {
     }
 
     async fn finish(self: Box<Self>) -> Result<PutStats> {
+        let batch = self.batch.clone();
+        self.store.run("UploadChunks", move |s| s.publish(&batch)).await?;
         Ok(*self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }

@@ -14,7 +14,11 @@
 //!
 //! Every write goes to a file in `tmp/` (same filesystem), is fsynced, renamed into place,
 //! and the target directory is fsynced: after a crash at any instant a chunk or object is
-//! either absent or complete. "Touched" is the file's mtime, set explicitly (chunk content
+//! either absent or complete. Chunks of one upload may be staged instead
+//! ([`Backend::stage_chunk`]): written to `tmp/` with their writeback started, then made
+//! durable and renamed a batch at a time ([`Backend::publish_chunks`]), the same rule with
+//! one round of syncs for many chunks; a staged chunk is invisible until its bytes are
+//! durable, and a crash leaves it in `tmp/`, which is emptied at open. "Touched" is the file's mtime, set explicitly (chunk content
 //! never changes, so mtime means "last used"; relatime/noatime mounts cannot distort it).
 
 use std::fs::{self, File, OpenOptions};
@@ -24,7 +28,7 @@ use std::time::SystemTime;
 
 use vmbackup_proto::Digest;
 
-use super::{Backend, ChunkInfo, ObjectInfo, ObjectKind};
+use super::{Backend, ChunkInfo, ObjectInfo, ObjectKind, PendingChunk, Staged};
 use crate::durable::sync_dir;
 use crate::error::{ErrorKind, Result, StoreError};
 
@@ -111,6 +115,23 @@ impl FsBackend {
         Ok((tmp, guard))
     }
 
+    /// Creates the shard directory of chunk path `dest` if missing; returns whether it did
+    /// (then `chunks/` needs a sync).
+    fn make_shard(&self, dest: &Path) -> Result<bool> {
+        match dest.parent() {
+            Some(shard) if !shard.exists() => {
+                fs::create_dir_all(shard).map_err(|e| StoreError::io(format!("creating {}", shard.display()), e))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn sync_chunks_dir(&self) -> Result<()> {
+        let chunks = self.root.join("chunks");
+        sync_dir(&chunks).map_err(|e| StoreError::io(format!("syncing {}", chunks.display()), e))
+    }
+
     fn write_durably(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
         let (tmp, guard) = self.write_tmp(bytes)?;
         fs::rename(&tmp, dest).map_err(|e| StoreError::io(format!("renaming into {}", dest.display()), e))?;
@@ -156,15 +177,62 @@ impl Backend for FsBackend {
             return Ok(false);
         }
         let dest = self.chunk_path(digest);
-        if let Some(shard) = dest.parent()
-            && !shard.exists()
-        {
-            fs::create_dir_all(shard).map_err(|e| StoreError::io(format!("creating {}", shard.display()), e))?;
-            let chunks = self.root.join("chunks");
-            sync_dir(&chunks).map_err(|e| StoreError::io(format!("syncing {}", chunks.display()), e))?;
+        if self.make_shard(&dest)? {
+            self.sync_chunks_dir()?;
         }
         self.write_durably(&dest, blob)?;
         Ok(true)
+    }
+
+    fn stage_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<Staged> {
+        if self.touch_chunk(digest)? {
+            return Ok(Staged::Present);
+        }
+        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
+        let write = || -> io::Result<File> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(blob)?;
+            Ok(f)
+        };
+        let file = match write() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io(format!("writing {}", tmp.display()), e));
+            }
+        };
+        // Starts the writeback now (DONTNEED writes dirty pages back without waiting), so
+        // the sync at publish finds the bytes on disk or on their way.
+        let _ = nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        let len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
+        Ok(Staged::Pending(PendingChunk::new(*digest, len, file, tmp)))
+    }
+
+    fn publish_chunks(&self, chunks: Vec<PendingChunk>) -> Result<()> {
+        // 1. Every blob durable (the first fsync commits the journal for all of them).
+        for c in &chunks {
+            c.file().sync_all().map_err(|e| StoreError::io(format!("syncing chunk {}", c.digest()), e))?;
+        }
+        // 2. Each under its name: from here a reader may see it, and its bytes are durable.
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut new_shards = false;
+        for c in chunks {
+            let dest = self.chunk_path(c.digest());
+            new_shards |= self.make_shard(&dest)?;
+            if let Some(tmp) = c.path() {
+                fs::rename(tmp, &dest).map_err(|e| StoreError::io(format!("renaming into {}", dest.display()), e))?;
+            }
+            c.published();
+            dirs.insert(dest.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone()));
+        }
+        // 3. The names durable: new shard directories first, then the entries in them.
+        if new_shards {
+            self.sync_chunks_dir()?;
+        }
+        for d in dirs {
+            sync_dir(&d).map_err(|e| StoreError::io(format!("syncing {}", d.display()), e))?;
+        }
+        Ok(())
     }
 
     fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {

@@ -10,11 +10,12 @@ pub mod fs;
 pub mod rados;
 pub mod s3;
 
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use vmbackup_proto::Digest;
 
-use crate::error::Result;
+use crate::error::{ErrorKind, Result, StoreError};
 
 /// Named objects beside the chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,71 @@ pub struct ObjectInfo {
     pub modified: SystemTime,
 }
 
+/// What [`Backend::stage_chunk`] did with a chunk.
+#[derive(Debug)]
+pub enum Staged {
+    /// It was already stored (and is touched now).
+    Present,
+    /// It is stored durably now.
+    Stored,
+    /// It is written aside: neither durable nor visible until [`Backend::publish_chunks`].
+    Pending(PendingChunk),
+}
+
+/// A chunk written aside by [`Backend::stage_chunk`], its writeback started. Dropped
+/// without being published, it is removed: it never becomes visible.
+#[derive(Debug)]
+pub struct PendingChunk {
+    digest: Digest,
+    len: u64,
+    file: std::fs::File,
+    /// Where it waits (None once published).
+    path: Option<PathBuf>,
+}
+
+impl PendingChunk {
+    /// A chunk `digest` of `len` blob bytes written to `file` at `path`.
+    pub(crate) fn new(digest: Digest, len: u64, file: std::fs::File, path: PathBuf) -> Self {
+        Self { digest, len, file, path: Some(path) }
+    }
+
+    /// Its name.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Its blob's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether its blob is empty (never, for a valid blob).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    pub(crate) fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
+    /// It has been moved to its name: nothing to remove on drop.
+    pub(crate) fn published(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for PendingChunk {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Storage of chunk blobs and named objects. Every method may be called from many threads.
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Whether a chunk is stored.
@@ -73,6 +139,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
     /// Stores a chunk durably unless present; returns whether it was written.
     fn put_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<bool>;
+    /// Stores a chunk unless present, like [`Backend::put_chunk`], but may leave it pending:
+    /// written aside with its writeback started, neither durable nor visible until
+    /// [`Backend::publish_chunks`] makes a batch of them durable and visible together (a
+    /// directory: one round of syncs for many chunks instead of two syncs for each).
+    /// Backends without a cheaper batch store it at once (the default).
+    fn stage_chunk(&self, digest: &Digest, blob: &[u8]) -> Result<Staged> {
+        Ok(if self.put_chunk(digest, blob)? { Staged::Stored } else { Staged::Present })
+    }
+    /// Makes pending chunks durable, then visible under their names, then their names
+    /// durable. On an error, those not yet renamed are removed (none is ever visible
+    /// before its bytes are durable).
+    fn publish_chunks(&self, chunks: Vec<PendingChunk>) -> Result<()> {
+        match chunks.first() {
+            None => Ok(()),
+            Some(c) => Err(StoreError::new(
+                ErrorKind::Io,
+                format!("chunk {} is pending on a backend that leaves no chunk pending", c.digest()),
+            )),
+        }
+    }
     /// A stored chunk's blob (NotFound if absent).
     fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>>;
     /// Marks a chunk as used now; returns false if it is absent.

@@ -21,6 +21,7 @@ use vmbackup_proto::store::v1 as pb;
 use vmbackup_proto::store::v1::image_store_server::{ImageStore, ImageStoreServer};
 
 use crate::access::{Access, Role};
+use crate::batch::ChunkBatch;
 use crate::chunk_store::ChunkStore;
 use crate::error::{ErrorKind, StoreError};
 use crate::sessions::SessionOwner;
@@ -280,6 +281,8 @@ impl ImageStore for StoreService {
         let mut bytes_in_flight = 0u64;
         let mut index = 0usize;
         let mut checked_session = String::new();
+        // The stream's chunks are made durable together, before the reply says they are stored.
+        let batch = Arc::new(ChunkBatch::new());
         while let Some(msg) = stream.message().await? {
             if msg.session_id != checked_session {
                 self.own_session(&p, &msg.session_id).await?;
@@ -287,11 +290,12 @@ impl ImageStore for StoreService {
             }
             let digest = Digest::from_slice(&msg.digest)
                 .map_err(|e| Status::invalid_argument(format!("chunk {index} of the stream: {e}")))?;
-            let store = self.store.clone();
+            let (store, batch) = (self.store.clone(), batch.clone());
             let len = u64::try_from(msg.blob.len()).unwrap_or(u64::MAX);
             bytes_in_flight += len;
-            in_flight
-                .spawn_blocking(move || store.insert_chunk(&msg.session_id, &digest, &msg.blob).map(|new| (new, len)));
+            in_flight.spawn_blocking(move || {
+                store.insert_chunk_into(&batch, &msg.session_id, &digest, &msg.blob).map(|new| (new, len))
+            });
             while in_flight.len() >= MAX_IN_FLIGHT || bytes_in_flight >= IN_FLIGHT_BYTES {
                 let Some(res) = in_flight.join_next().await else { break };
                 bytes_in_flight -= settle(res, &mut reply)?;
@@ -301,6 +305,7 @@ impl ImageStore for StoreService {
         while let Some(res) = in_flight.join_next().await {
             settle(res, &mut reply)?;
         }
+        self.run(move |s| s.publish(&batch)).await?;
         Ok(Response::new(reply))
     }
 
