@@ -4,7 +4,7 @@
 //! blob, then its directory entry), and the uploader waits for both before it goes on. A
 //! [`ChunkBatch`] collects the chunks of one upload stream (or one embedded-store writer)
 //! instead: each is written to `tmp/` with its writeback started and stays invisible; every
-//! [`PUBLISH_CHUNKS`] chunks or [`PUBLISH_BYTES`] bytes, and when the upload ends
+//! [`PUBLISH_CHUNKS`] chunks, [`PUBLISH_BYTES`] bytes or [`PUBLISH_AFTER`], and when the upload ends
 //! ([`ChunkStore::publish`]), the pending ones are fsynced, renamed to their names and
 //! their directories fsynced, one round of syncs for the lot.
 //!
@@ -35,6 +35,9 @@ use crate::error::Result;
 pub const PUBLISH_CHUNKS: usize = 128;
 /// Pending blob bytes published together at most.
 pub const PUBLISH_BYTES: u64 = 256 << 20;
+/// How long a chunk stays pending at most (checked as chunks arrive): a slow upload cut
+/// off by a crash or a network outage loses at most this much of its work.
+pub const PUBLISH_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The chunks of one upload not yet published. Dropped unpublished, its chunks are removed.
 #[derive(Debug, Default)]
@@ -46,6 +49,8 @@ pub struct ChunkBatch {
 struct Pending {
     chunks: Vec<PendingChunk>,
     bytes: u64,
+    /// When the oldest pending chunk was added.
+    since: Option<std::time::Instant>,
 }
 
 impl ChunkBatch {
@@ -69,7 +74,9 @@ impl ChunkBatch {
         let mut p = self.lock();
         p.bytes += c.len();
         p.chunks.push(c);
-        (p.chunks.len() >= PUBLISH_CHUNKS || p.bytes >= PUBLISH_BYTES).then(|| Self::take_from(&mut p))
+        let since = *p.since.get_or_insert_with(std::time::Instant::now);
+        let full = p.chunks.len() >= PUBLISH_CHUNKS || p.bytes >= PUBLISH_BYTES || since.elapsed() >= PUBLISH_AFTER;
+        full.then(|| Self::take_from(&mut p))
     }
 
     fn take(&self) -> Vec<PendingChunk> {
@@ -78,6 +85,7 @@ impl ChunkBatch {
 
     fn take_from(p: &mut Pending) -> Vec<PendingChunk> {
         p.bytes = 0;
+        p.since = None;
         std::mem::take(&mut p.chunks)
     }
 
@@ -109,6 +117,6 @@ impl ChunkStore {
     /// Makes every chunk pending in `batch` durable and visible. On an error the chunks
     /// not yet under their names are removed, and the upload must fail.
     pub fn publish(&self, batch: &ChunkBatch) -> Result<()> {
-        self.backend.publish_chunks(batch.take())
+        self.publish_pending(batch.take())
     }
 }

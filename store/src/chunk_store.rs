@@ -429,10 +429,15 @@ impl ChunkStore {
                     Staged::Present => false,
                     Staged::Stored => true,
                     Staged::Pending(p) => {
+                        // Counted as uploaded when published: a batch lost to a cut stream
+                        // and sent again counts once.
                         if let Some(full) = batch.add(p) {
-                            self.backend.publish_chunks(full)?;
+                            self.publish_pending(full)?;
                         }
-                        true
+                        if self.dedup == DedupScope::Namespace {
+                            self.backend.mark_owner(&owner.namespace, digest)?;
+                        }
+                        return Ok(true);
                     }
                 }
             }
@@ -447,6 +452,16 @@ impl ChunkStore {
             bump(&self.counters.chunks_already_present, 1);
         }
         Ok(new)
+    }
+
+    /// Publishes pending chunks (see [`crate::batch`]) and counts them as uploaded.
+    pub(crate) fn publish_pending(&self, chunks: Vec<crate::backend::PendingChunk>) -> Result<()> {
+        let n = u64::try_from(chunks.len()).unwrap_or(u64::MAX);
+        let bytes = chunks.iter().map(crate::backend::PendingChunk::len).sum();
+        self.backend.publish_chunks(chunks)?;
+        bump(&self.counters.chunks_uploaded, n);
+        bump(&self.counters.bytes_uploaded, bytes);
+        Ok(())
     }
 
     /// Uploads a chunk over a shared bucket. A new object needs nothing more; one that was
