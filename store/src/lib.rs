@@ -40,7 +40,8 @@
 //! they coordinate only through these objects, by the protocol of [`shared`] (its module
 //! doc has the race table for servers over one bucket; the table below is for one process).
 
-//! Invariants: every write (fs backend) is temp + fsync + rename + directory fsync (never torn); a
+//! Invariants: every write (fs backend) is temp + fsync + rename + directory fsync (never torn;
+//! an upload's chunks a batch at a time, invisible until durable, see [`batch`]); a
 //! stored chunk's plaintext hashes to its name (checked on every upload from another
 //! process; the agent's embedded store takes the chunks the agent itself encoded from
 //! plaintext it hashed without a second check, `insert_own_chunk`); every chunk a committed
