@@ -4,8 +4,8 @@
 //! blob, then its directory entry), and the uploader waits for both before it goes on. A
 //! [`ChunkBatch`] collects the chunks of one upload stream (or one embedded-store writer)
 //! instead: each is written to `tmp/` with its writeback started and stays invisible; every
-//! [`PUBLISH_CHUNKS`] chunks, [`PUBLISH_BYTES`] bytes or [`PUBLISH_AFTER`], and when the upload ends
-//! ([`ChunkStore::publish`]), the pending ones are fsynced, renamed to their names and
+//! [`PUBLISH_CHUNKS`] chunks, [`PUBLISH_BYTES`] bytes or [`PUBLISH_AFTER`], and when the
+//! upload ends ([`ChunkStore::publish`]), the pending ones are fsynced, renamed to their names and
 //! their directories fsynced, one round of syncs for the lot.
 //!
 //! What stays true:
@@ -67,6 +67,11 @@ impl ChunkBatch {
     /// Whether no chunk is pending.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether a chunk of that name is pending here.
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.lock().chunks.iter().any(|c| c.digest() == digest)
     }
 
     /// Adds a pending chunk; when that fills the batch, returns the chunks to publish now.

@@ -421,17 +421,27 @@ impl ChunkStore {
                 self.backend.put_chunk(digest, blob_bytes)?
             }
             (None, Some(batch)) => {
-                let staged = {
+                // A chunk of one digest is checked, staged and added under its shard lock,
+                // so an upload sending it twice stages it once.
+                let full = {
                     let _guard = self.shard_lock(digest);
-                    self.backend.stage_chunk(digest, blob_bytes)?
+                    if batch.contains(digest) {
+                        None
+                    } else {
+                        match self.backend.stage_chunk(digest, blob_bytes)? {
+                            Staged::Present => None,
+                            Staged::Stored => Some(None),
+                            Staged::Pending(p) => Some(Some(batch.add(p))),
+                        }
+                    }
                 };
-                match staged {
-                    Staged::Present => false,
-                    Staged::Stored => true,
-                    Staged::Pending(p) => {
+                match full {
+                    None => false,
+                    Some(None) => true,
+                    Some(Some(full)) => {
                         // Counted as uploaded when published: a batch lost to a cut stream
                         // and sent again counts once.
-                        if let Some(full) = batch.add(p) {
+                        if let Some(full) = full {
                             self.publish_pending(full)?;
                         }
                         if self.dedup == DedupScope::Namespace {

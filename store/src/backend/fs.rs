@@ -18,8 +18,9 @@
 //! ([`Backend::stage_chunk`]): written to `tmp/` with their writeback started, then made
 //! durable and renamed a batch at a time ([`Backend::publish_chunks`]), the same rule with
 //! one round of syncs for many chunks; a staged chunk is invisible until its bytes are
-//! durable, and a crash leaves it in `tmp/`, which is emptied at open. "Touched" is the file's mtime, set explicitly (chunk content
-//! never changes, so mtime means "last used"; relatime/noatime mounts cannot distort it).
+//! durable, and a crash leaves it in `tmp/`, which is emptied at open. "Touched" is the
+//! file's mtime, set explicitly (chunk content never changes, so mtime means "last used";
+//! relatime/noatime mounts cannot distort it).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -101,18 +102,24 @@ impl FsBackend {
         Ok(self.object_dir(kind).join(name))
     }
 
-    /// Writes `bytes` to `dest` via tmp/: fsync, rename, fsync of the directory.
     /// Writes `bytes` to a new file in `tmp/` and fsyncs it; the guard removes it.
     fn write_tmp(&self, bytes: &[u8]) -> Result<(PathBuf, RemoveOnDrop)> {
+        let (tmp, file, guard) = self.write_tmp_unsynced(bytes)?;
+        file.sync_all().map_err(|e| StoreError::io(format!("syncing {}", tmp.display()), e))?;
+        Ok((tmp, guard))
+    }
+
+    /// Writes `bytes` to a new file in `tmp/` without syncing it; the guard removes it.
+    fn write_tmp_unsynced(&self, bytes: &[u8]) -> Result<(PathBuf, File, RemoveOnDrop)> {
         let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let guard = RemoveOnDrop(Some(tmp.clone()));
-        let write = || -> io::Result<()> {
+        let write = || -> io::Result<File> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
-            f.sync_all()
+            Ok(f)
         };
-        write().map_err(|e| StoreError::io(format!("writing {}", tmp.display()), e))?;
-        Ok((tmp, guard))
+        let file = write().map_err(|e| StoreError::io(format!("writing {}", tmp.display()), e))?;
+        Ok((tmp, file, guard))
     }
 
     /// Creates the shard directory of chunk path `dest` if missing; returns whether it did
@@ -188,19 +195,9 @@ impl Backend for FsBackend {
         if self.touch_chunk(digest)? {
             return Ok(Staged::Present);
         }
-        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
-        let write = || -> io::Result<File> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(blob)?;
-            Ok(f)
-        };
-        let file = match write() {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(StoreError::io(format!("writing {}", tmp.display()), e));
-            }
-        };
+        let (tmp, file, guard) = self.write_tmp_unsynced(blob)?;
+        // The pending chunk removes its file from here on.
+        guard.disarm();
         // Starts the writeback now (DONTNEED writes dirty pages back without waiting), so
         // the sync at publish finds the bytes on disk or on their way.
         let _ = nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
