@@ -7,7 +7,11 @@
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
 //! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size; `VMBACKUP_BENCH_EMBEDDED=1` backs
-//! up into the agent's embedded store, in-process, instead of a separate store process).
+//! up into the agent's embedded store, in-process, instead of a separate store process;
+//! `VMBACKUP_BENCH_PAUSE=<seconds>` waits before the first backup and prints the daemons'
+//! pids, to attach a profiler). Every step starts after a `sync`, so none pays for the
+//! writeback of what came before it; a backup line also gives its seconds and CPU seconds
+//! (the agent's share in brackets).
 
 #![allow(missing_docs)]
 
@@ -52,6 +56,15 @@ async fn main() {
         let store_rss = || store.as_ref().map_or_else(|| "-".to_string(), |s| peak_rss_mib(s.pid()).to_string());
         let chunks = store.as_ref().map_or_else(|| agent.data_dir.join("store/chunks"), |s| s.data_dir.join("chunks"));
         let mut c = common::backup_client(&agent).await;
+        if let Some(secs) = std::env::var("VMBACKUP_BENCH_PAUSE").ok().and_then(|v| v.parse().ok()) {
+            // Time to attach a profiler to the daemons: `perf record -p <agent>,<store>`.
+            println!(
+                "pausing {secs} s: agent pid {}, store pid {:?}",
+                agent.pid(),
+                store.as_ref().map(common::Daemon::pid)
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        }
         let mut group = String::new();
         for (op, img) in [("full", &v1), ("incremental", &v2)] {
             let req = pb::CreateVmBackupRequest {
@@ -73,14 +86,19 @@ async fn main() {
                 }),
                 ..Default::default()
             };
+            // Nothing written before (the corpus, the last step) is still queued for the disk.
+            let synced = std::process::Command::new("sync").status().expect("sync");
+            assert!(synced.success(), "sync failed: {synced}");
             let cpu0 = cpu_now();
+            let agent_cpu0 = cpu_seconds(agent.pid());
             let start = Instant::now();
             let inv = c.create_vm_backup(req).await.expect("backup").into_inner().inventories;
             let secs = start.elapsed().as_secs_f64();
             let cpu = cpu_now() - cpu0;
+            let agent_cpu = cpu_seconds(agent.pid()) - agent_cpu0;
             let stored = dir_size(&chunks) as f64 / 1048576.0;
             println!(
-                "{op:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}",
+                "{op:<12} {parallelism:>3} {:>10.0} {:>12.0} {:>10} {:>10} {:>12.0}   {secs:.2} s, CPU {cpu:.2} s ({agent_cpu:.2})",
                 mib as f64 / secs,
                 mib as f64 / cpu.max(0.01),
                 peak_rss_mib(agent.pid()),

@@ -168,8 +168,17 @@ fn bench_agent_with(dir: &Path, v1: &Path, extra: &str, embedded_store: bool) ->
 }
 
 /// Reads every file under `p` once, so that the timed step after it finds its input in the
-/// page cache whatever ran before (another tool's run may have pushed it out).
+/// page cache whatever ran before (another tool's run may have pushed it out), then writes
+/// every dirty page of the machine to disk (`sync`), so that the step does not pay for the
+/// writeback of what ran before it (every tool here syncs what it stores, and would otherwise
+/// queue behind the previous tool's repository on the disk).
 pub fn warm(p: &Path) {
+    read_all(p);
+    let synced = std::process::Command::new("sync").status().expect("sync");
+    assert!(synced.success(), "sync failed: {synced}");
+}
+
+fn read_all(p: &Path) {
     fn walk(p: &Path, buf: &mut [u8]) {
         use std::io::Read;
         match std::fs::symlink_metadata(p) {
