@@ -181,9 +181,18 @@ pub fn encode(plain: &[u8], zstd_level: i32) -> Result<Vec<u8>, FormatError> {
 }
 
 /// The plain blob bytes of a payload.
+#[cfg(test)]
 fn frame(plain_len: u32, compression: Compression, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame_into(&mut out, plain_len, compression, payload);
+    out
+}
+
+/// [`frame`] into `out`, replacing what it held (its allocation is reused).
+fn frame_into(out: &mut Vec<u8>, plain_len: u32, compression: Compression, payload: &[u8]) {
     let payload_len = u32::try_from(payload.len()).unwrap_or(plain_len);
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.clear();
+    out.reserve(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(compression as u8);
@@ -192,7 +201,6 @@ fn frame(plain_len: u32, compression: Compression, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&payload_len.to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 /// The associated data of a version-3 sealed blob: header bytes 0..16 and 24..84.
@@ -215,6 +223,7 @@ fn sealed_v2_aad(header: &[u8], name: &Digest) -> [u8; 16 + KEY_ID_LEN + SEAL_NO
 
 /// The version-3 sealed blob of a payload whose plaintext has keyed hash `keyed`, under
 /// `nonce`.
+#[cfg(test)]
 fn seal_frame(
     key: &ChunkKey,
     nonce: [u8; SEAL_NONCE_LEN],
@@ -223,12 +232,27 @@ fn seal_frame(
     compression: Compression,
     payload: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::new();
+    seal_frame_into(&mut out, key, nonce, keyed, (plain_len, compression, payload))?;
+    Ok(out)
+}
+
+/// [`seal_frame`] into `out`, replacing what it held (its allocation is reused): the
+/// payload is sealed in place after the header.
+fn seal_frame_into(
+    out: &mut Vec<u8>,
+    key: &ChunkKey,
+    nonce: [u8; SEAL_NONCE_LEN],
+    keyed: &Digest,
+    (plain_len, compression, payload): (u32, Compression, &[u8]),
+) -> Result<(), FormatError> {
     let payload_len = payload
         .len()
         .checked_add(TAG_LEN)
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| err("payload length", 16, format!("{} bytes does not fit a chunk", payload.len())))?;
-    let mut out = Vec::with_capacity(SEALED_HEADER_LEN + payload.len() + TAG_LEN);
+    out.clear();
+    out.reserve(SEALED_HEADER_LEN + payload.len() + TAG_LEN);
     out.extend_from_slice(&MAGIC);
     out.push(SEALED_VERSION);
     out.push(compression as u8);
@@ -240,12 +264,12 @@ fn seal_frame(
     out.extend_from_slice(&key.id().0);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&keyed.0);
-    let aad = sealed_aad(&out);
-    let mut body = payload.to_vec();
-    key.seal_in_place(nonce, &aad, &mut body);
-    out[20..24].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    let aad = sealed_aad(out);
+    out.extend_from_slice(payload);
+    key.seal_in_place(nonce, &aad, out, SEALED_HEADER_LEN);
+    let crc = crc32c::crc32c(&out[SEALED_HEADER_LEN..]);
+    out[20..24].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// Encodes chunk after chunk with one zstd context and one scratch buffer: a context per
@@ -303,6 +327,15 @@ impl Encoder {
     /// Encodes one chunk named `name` (from [`Self::name`]); a sealed blob carries its keyed
     /// hash, a plain one nothing of the name.
     pub fn encode_named(&mut self, plain: &[u8], name: &ChunkName) -> Result<Vec<u8>, FormatError> {
+        let mut out = Vec::new();
+        self.encode_named_into(plain, name, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::encode_named`] into `out`, replacing what it held: a caller that keeps one
+    /// buffer from chunk to chunk reuses its pages instead of faulting in a fresh chunk-sized
+    /// allocation every time.
+    pub fn encode_named_into(&mut self, plain: &[u8], name: &ChunkName, out: &mut Vec<u8>) -> Result<(), FormatError> {
         let plain_len = u32::try_from(plain.len())
             .map_err(|_| err("plain length", 12, format!("{} bytes does not fit a chunk", plain.len())))?;
         let mut compressed = None;
@@ -318,10 +351,13 @@ impl Encoder {
             None => (Compression::None, plain),
         };
         match &self.key {
-            None => Ok(frame(plain_len, compression, payload)),
+            None => {
+                frame_into(out, plain_len, compression, payload);
+                Ok(())
+            }
             Some(key) => {
                 let keyed = name.keyed.ok_or_else(|| err("keyed hash", 52, "a sealed chunk needs its keyed hash"))?;
-                seal_frame(key, ChunkKey::nonce()?, &keyed, plain_len, compression, payload)
+                seal_frame_into(out, key, ChunkKey::nonce()?, &keyed, (plain_len, compression, payload))
             }
         }
     }
@@ -951,6 +987,28 @@ mod tests {
         let mut out = vec![0u8; plain.len()];
         let e = Decoder::with_key(Some(key)).expect("d").decode_and_verify_into(&forged, &renamed, &mut out);
         assert!(e.expect_err("tag").message.contains("authentication tag"));
+    }
+
+    #[test]
+    fn encoding_into_a_reused_buffer_gives_the_same_blobs() {
+        let text = b"reused buffer ".repeat(30_000);
+        let random: Vec<u8> = (0..400_000u32).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[2]).collect();
+        let key = Arc::new(ChunkKey::new(&[7u8; 32]));
+        let mut plain_enc = Encoder::new(1).expect("encoder");
+        let mut sealing = Encoder::with_key(1, Some(key.clone())).expect("encoder");
+        // One buffer for all, holding the last blob's bytes (larger or smaller) each time.
+        let mut out = vec![0xAA; 3 << 20];
+        for plain in [&random[..], &text[..], &random[..], b"x"] {
+            let name = plain_enc.name(plain);
+            plain_enc.encode_named_into(plain, &name, &mut out).expect("encode into");
+            assert_eq!(out, encode(plain, 1).expect("encode"), "{} bytes", plain.len());
+            let name = sealing.name(plain);
+            sealing.encode_named_into(plain, &name, &mut out).expect("seal into");
+            let mut back = vec![0u8; plain.len()];
+            let mut dec = Decoder::with_key(Some(key.clone())).expect("decoder");
+            let n = dec.decode_and_verify_into(&out, &name.digest, &mut back).expect("opens");
+            assert_eq!(&back[..n], plain);
+        }
     }
 
     #[test]

@@ -176,11 +176,13 @@ impl ChunkKey {
         Ok(n)
     }
 
-    /// Encrypts `in_out` in place under `nonce`, binding `aad`, and appends the tag.
-    pub(crate) fn seal_in_place(&self, nonce: [u8; SEAL_NONCE_LEN], aad: &[u8], in_out: &mut Vec<u8>) {
+    /// Encrypts `in_out[from..]` (what follows a header) in place under `nonce`, binding
+    /// `aad`, and appends the tag.
+    pub(crate) fn seal_in_place(&self, nonce: [u8; SEAL_NONCE_LEN], aad: &[u8], in_out: &mut Vec<u8>, from: usize) {
+        let from = from.min(in_out.len());
         let tag = self
             .seal
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut in_out[from..])
             // ring fails only past 2^36 bytes per message; blobs are at most 16 MiB.
             .unwrap_or_else(|_| unreachable!("AES-GCM input under its length limit"));
         in_out.extend_from_slice(tag.as_ref());
@@ -203,11 +205,10 @@ impl ChunkKey {
     }
 
     pub(crate) fn seal_bytes_with(&self, nonce: [u8; SEAL_NONCE_LEN], aad: &[u8], plain: &[u8]) -> Vec<u8> {
-        let mut body = plain.to_vec();
-        self.seal_in_place(nonce, aad, &mut body);
-        let mut out = Vec::with_capacity(SEAL_NONCE_LEN + body.len());
+        let mut out = Vec::with_capacity(SEAL_NONCE_LEN + plain.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&body);
+        out.extend_from_slice(plain);
+        self.seal_in_place(nonce, aad, &mut out, SEAL_NONCE_LEN);
         out
     }
 

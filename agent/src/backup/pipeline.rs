@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use vmbackup_proto::Digest;
 use vmbackup_proto::blob::ChunkName;
@@ -269,6 +270,8 @@ impl Worker {
         // One chunk buffer per worker, reused: a fresh 4 MiB allocation per chunk costs the
         // kernel a fault-and-zero of every page and an unmap (seen in the profile).
         let mut spare: Vec<u8> = Vec::new();
+        // Blob buffers, reused once the writer is done with them (see `Blobs`).
+        let mut blobs = Blobs::default();
         // One zstd context per worker, kept from chunk to chunk.
         let mut encoder =
             Some(vmbackup_proto::blob::Encoder::with_key(ZSTD_LEVEL, self.key.clone()).map_err(|e| {
@@ -315,16 +318,74 @@ impl Worker {
                 continue;
             }
             let mut enc = encoder.take().ok_or_else(|| AgentError::new(ErrorKind::Internal, "chunk encoder lost"))?;
-            let (blob, plain, enc) =
-                tokio::task::spawn_blocking(move || (enc.encode_named(&plain, &name), plain, enc)).await?;
+            let mut blob = blobs.take();
+            let (encoded, plain, enc, blob) = tokio::task::spawn_blocking(move || {
+                let encoded = enc.encode_named_into(&plain, &name, &mut blob);
+                (encoded, plain, enc, blob)
+            })
+            .await?;
             spare = plain;
             encoder = Some(enc);
-            let blob =
-                blob.map_err(|e| AgentError::new(ErrorKind::Internal, format!("encoding chunk {digest}: {e}")))?;
+            encoded.map_err(|e| AgentError::new(ErrorKind::Internal, format!("encoding chunk {digest}: {e}")))?;
+            let blob = Bytes::from(blob);
             let blob_len = u64::try_from(blob.len()).unwrap_or(u64::MAX);
-            self.writer.put(digest, blob.into()).await?;
+            self.writer.put(digest, blob.clone()).await?;
+            blobs.keep(blob);
             vj.stored_bytes.fetch_add(blob_len, Ordering::Relaxed);
             slots.ledger.set(t.slot, Settled::Stored(u32::try_from(blob_len).unwrap_or(u32::MAX)));
         }
+    }
+}
+
+/// A worker's blob buffer for reuse. A chunk-sized allocation is fresh memory each time
+/// (the allocator returns large blocks to the kernel), and faulting in and zeroing its
+/// pages cost more than writing the blob into it. The blob last handed to the writer comes
+/// back here; once the writer has let go of it (at once for a store in this process; once
+/// the upload stream has framed it for a store across the network) its buffer is used for
+/// the next blob. Memory stays as it was: the worker holds at most that one blob besides
+/// the one it encodes.
+#[derive(Default)]
+struct Blobs {
+    last: Option<Bytes>,
+}
+
+impl Blobs {
+    /// An empty buffer: the last blob's, if the writer let go of it, or a new one.
+    fn take(&mut self) -> Vec<u8> {
+        match self.last.take().map(Bytes::try_into_mut) {
+            Some(Ok(mut m)) => {
+                m.clear();
+                Vec::from(m)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Keeps the blob just given to the writer.
+    fn keep(&mut self, b: Bytes) {
+        self.last = Some(b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_the_writer_let_go_of_lends_its_buffer_to_the_next() {
+        let mut blobs = Blobs::default();
+        let mut first = blobs.take();
+        first.extend_from_slice(&[1u8; 1 << 20]);
+        let (ptr, cap) = (first.as_ptr(), first.capacity());
+        let sent = Bytes::from(first);
+        blobs.keep(sent.clone());
+        // Still held by the writer: the next blob gets a new buffer.
+        assert_eq!(blobs.take().capacity(), 0);
+        blobs.keep(sent.clone());
+        drop(sent);
+        // Let go of: the same allocation comes back, empty.
+        let again = blobs.take();
+        assert_eq!((again.as_ptr(), again.capacity(), again.len()), (ptr, cap, 0));
+        assert_eq!(blobs.take().capacity(), 0, "lent once");
     }
 }
