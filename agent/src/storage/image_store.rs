@@ -124,7 +124,8 @@ impl ImageStoreClient {
             // whole chunk in flight (4 MiB and framing), the connection four of them, so a
             // restore's streams stay busy and its buffers bounded.
             .initial_stream_window_size(6 << 20)
-            .initial_connection_window_size(16 << 20);
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(vmbackup_store::server::MAX_FRAME_BYTES);
         let connected = match source {
             None => endpoint.connect().await,
             Some(src) => {
