@@ -161,23 +161,42 @@ async fn sighup_swaps_sessions_and_host_caps_and_refuses_a_broken_file() {
     assert!(agent.log_text().contains("configuration reloaded"));
 }
 
-/// `MALLOC_ARENA_MAX` as the running process `pid` sees it.
-fn arena_max(pid: u32) -> Option<String> {
+/// The value of `var` in the environment of the running process `pid`.
+fn env_of(pid: u32, var: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let prefix = format!("{var}=");
     environ
         .split(|&b| b == 0)
-        .find_map(|kv| kv.strip_prefix(b"MALLOC_ARENA_MAX=").map(|v| String::from_utf8_lossy(v).into_owned()))
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn both_daemons_run_with_two_malloc_arenas_under_their_own_pid() {
-    assert!(std::env::var_os("MALLOC_ARENA_MAX").is_none(), "run the tests without MALLOC_ARENA_MAX set");
+async fn both_daemons_run_with_their_malloc_settings_under_their_own_pid() {
+    let settings =
+        [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "33554432"), ("MALLOC_TRIM_THRESHOLD_", "67108864")];
+    for (var, _) in settings {
+        assert!(std::env::var_os(var).is_none(), "run the tests without {var} set");
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start_store(dir.path(), "store");
     let agent = start_agent(dir.path(), AgentOptions::default());
-    // Each answers on the PID it was started with, now running with the cap.
+    // Each answers on the PID it was started with, now running with the settings.
     let bs = common::add_storage(&agent, &store, "s").await;
     assert!(!bs.is_empty());
-    assert_eq!(arena_max(store.pid()).as_deref(), Some("2"));
-    assert_eq!(arena_max(agent.pid()).as_deref(), Some("2"));
+    for (var, value) in settings {
+        assert_eq!(env_of(store.pid(), var).as_deref(), Some(value), "store {var}");
+        assert_eq!(env_of(agent.pid(), var).as_deref(), Some(value), "agent {var}");
+    }
+    // A value the operator set is kept.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("s");
+    let kept = common::Daemon::start_with_env(
+        "vmbackup-store",
+        vec!["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), data.display().to_string()],
+        data,
+        dir.path().join("s.log"),
+        &[("MALLOC_ARENA_MAX", "4")],
+    );
+    assert_eq!(env_of(kept.pid(), "MALLOC_ARENA_MAX").as_deref(), Some("4"));
+    assert_eq!(env_of(kept.pid(), "MALLOC_TRIM_THRESHOLD_").as_deref(), Some("67108864"));
 }

@@ -58,6 +58,20 @@ impl Daemon {
         Daemon { child: Some(child), addr, log, data_dir, program, args }
     }
 
+    /// Starts our daemon `program` (its binary's name) with `vars` added to its environment.
+    pub fn start_with_env(
+        program: &str,
+        args: Vec<String>,
+        data_dir: PathBuf,
+        log: PathBuf,
+        vars: &[(&str, &str)],
+    ) -> Daemon {
+        let mut full: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        full.push(bin(program).display().to_string());
+        full.extend(args);
+        Daemon::start(PathBuf::from("env"), full, data_dir, log, &format!("{program} ready"))
+    }
+
     /// Starts `program` inside the network namespace `netns` (`ip netns exec`).
     pub fn start_in_netns(netns: &str, program: &str, args: Vec<String>, data_dir: PathBuf, log: PathBuf) -> Daemon {
         let mut full = vec!["netns".to_string(), "exec".to_string(), netns.to_string()];

@@ -69,7 +69,7 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() -> anyhow::Result<()> {
-    vmbackup_store::daemon::arenas::cap_malloc_arenas();
+    vmbackup_store::daemon::malloc::tune_malloc();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 

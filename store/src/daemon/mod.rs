@@ -8,7 +8,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`arenas`] | caps glibc's malloc arenas (re-executes once, first thing in `main`) |
+//! | [`malloc`] | sets glibc malloc up for chunk buffers (re-executes once, first thing in `main`) |
 //! | [`logging`] | tracing set-up (journald, text or JSON) and the SIGHUP-reloadable filter |
 //! | [`systemd`] | `sd_notify`: READY, STATUS, RELOADING, STOPPING, watchdog pings |
 //! | [`tls`] | server and client TLS settings for the gRPC hops |
@@ -16,8 +16,8 @@
 //!
 //! Each daemon's own metric families stay with the daemon (`crate::metrics` for the store).
 
-pub mod arenas;
 pub mod logging;
+pub mod malloc;
 pub mod metrics_http;
 pub mod systemd;
 pub mod tls;
