@@ -217,9 +217,12 @@ async fn operations(
     let tags = vec!["volumeLiveBackup::parallelismDegree::4".to_string()];
     let cpu = || daemons.iter().map(|p| measure::cpu_seconds(*p)).sum::<f64>();
     // Each operation: CPU of the daemons, and the peak of each since the operation began.
+    // The server's meter (a `ceph` command, a Python start of a few hundred ms) is read
+    // before the clock starts and after it stops, never inside the timed step.
     let begin = || {
         daemons.iter().for_each(|p| measure::reset_peak(*p));
-        (Instant::now(), cpu(), server())
+        let (server0, cpu0) = (server(), cpu());
+        (Instant::now(), cpu0, server0)
     };
     let end = |out: &mut Samples, op: &'static str, (t, cpu0, server0): (Instant, f64, Option<(u64, f64)>)| {
         let secs = t.elapsed().as_secs_f64();
