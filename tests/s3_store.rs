@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::ceph::{CephCluster, CephOptions};
-use common::{AgentOptions, Daemon, run_tool, start_agent, store_client};
+use common::store_calls::{CS, commit, session, upload};
+use common::{AgentOptions, Daemon, pseudo_random, run_tool, start_agent, store_client};
 use vmbackup_proto::agent::v1 as pb;
 use vmbackup_proto::store::v1 as spb;
 
@@ -36,6 +37,16 @@ fn s3_config(dir: &Path, name: &str, endpoint: &str, bucket: &str, key: &str, se
 
 fn bucket_keys(c: &CephCluster, prefix: &str) -> Vec<String> {
     c.bucket_keys(BUCKET, prefix)
+}
+
+/// The store's count of chunks its commits looked up in the bucket.
+fn commit_lookups(store: &Daemon) -> u64 {
+    let page = store.scrape();
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("vmbackup_store_commit_chunk_lookups_total "))
+        .unwrap_or_else(|| panic!("no commit lookups in {page}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad sample {line}"))
 }
 
 async fn status(store: &Daemon) -> spb::StatusReply {
@@ -120,6 +131,7 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
     let objects = status(&store).await.objects.expect("an admin sees the stored objects");
     assert_eq!((objects.chunks, objects.indexes), (5, 1), "{objects:?}");
     assert!(objects.chunk_bytes > 0 && objects.counted_at > 0, "{objects:?}");
+    assert_eq!(commit_lookups(&store), 0, "the commit looked up none of the chunks its own session stored");
     assert!(chunk_keys.iter().all(|k| k.len() == PREFIX.len() + "/chunks/".len() + 5 + 64), "{chunk_keys:?}");
     let all = bucket_keys(&cluster, &format!("{PREFIX}/"));
     for want in [format!("{PREFIX}/store.json"), format!("{PREFIX}/groups/{}.json", a[0].group_uuid)] {
@@ -177,6 +189,24 @@ async fn store_on_rgw_backs_up_restores_restarts_collects_and_refuses_bad_config
         .into_inner();
     assert!(v.bad_chunks.is_empty() && v.damaged_groups.is_empty() && v.chunks_checked == 5, "{v:?}");
     assert_eq!(status(&store).await.group_count, 1);
+
+    // (e) a commit looks up every chunk its session did not store or find here: those of
+    // another session are counted as looked up, and one gone from the bucket is refused.
+    let before = commit_lookups(&store);
+    let first_session = session(&mut sc).await;
+    let m = upload(&mut sc, &first_session, &[pseudo_random(71, CS), pseudo_random(72, CS)]).await;
+    let other = session(&mut sc).await;
+    commit(&mut sc, &other, &m).await.expect("commit of another session's present chunks");
+    assert_eq!(commit_lookups(&store) - before, 2, "both chunks were looked up");
+    let gone = pseudo_random(73, CS);
+    let third = session(&mut sc).await;
+    let m = upload(&mut sc, &third, std::slice::from_ref(&gone)).await;
+    let hex = vmbackup_proto::Digest::of(&gone).to_hex();
+    let (code, _) = cluster.s3("DELETE", &format!("/{BUCKET}/{PREFIX}/chunks/{}/{hex}", &hex[..4]), None, &[]);
+    assert_eq!(code, 204, "delete the chunk behind the store's back");
+    let fourth = session(&mut sc).await;
+    let refused = commit(&mut sc, &fourth, &m).await.expect_err("a chunk gone from the bucket");
+    assert!(refused.message().contains(&hex) && refused.message().contains("not in the store"), "{refused:?}");
     drop(agent);
     drop(store);
     eprintln!("s3_store: whole test {:.1}s", file_start.elapsed().as_secs_f64());

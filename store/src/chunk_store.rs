@@ -89,9 +89,11 @@ pub struct Counters {
     pub bytes_downloaded: AtomicU64,
     /// Uploads refused (bad blob or wrong digest).
     pub chunks_rejected: AtomicU64,
+    /// Chunks commits looked up in the backend (not those their session confirmed here).
+    pub commit_lookups: AtomicU64,
 }
 
-fn bump(c: &AtomicU64, n: u64) {
+pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
@@ -352,6 +354,8 @@ impl ChunkStore {
                 );
             }
         }
+        // Journaled and past the fence: kept by GC while the session lives.
+        self.sessions.confirm(session, &present);
         bump(&self.counters.chunks_reported_present, u64::try_from(present.len()).unwrap_or(u64::MAX));
         Ok(missing)
     }
@@ -455,6 +459,8 @@ impl ChunkStore {
         if self.dedup == DedupScope::Namespace {
             new |= self.backend.mark_owner(&owner.namespace, digest)?;
         }
+        // Over a shared bucket: created for this session, or journaled for it.
+        self.sessions.confirm(session, std::slice::from_ref(digest));
         if new {
             bump(&self.counters.chunks_uploaded, 1);
             bump(&self.counters.bytes_uploaded, u64::try_from(blob_bytes.len()).unwrap_or(u64::MAX));

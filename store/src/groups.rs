@@ -61,7 +61,7 @@ impl ChunkStore {
                 ),
             ));
         }
-        let chunks = self.check_group_contents(&manifest, &owner.namespace)?;
+        let chunks = self.check_group_contents(session, &manifest, &owner.namespace)?;
         let default_lock = self.default_retention().map_or(0, |d| unix_now().saturating_add(d.as_secs()));
         let meta = GroupMeta { namespace: owner.namespace.clone(), retain_until: retain_until.max(default_lock) };
         let meta_json = serde_json::to_vec(&meta).map_err(|e| StoreError::new(ErrorKind::Io, e.to_string()))?;
@@ -90,8 +90,9 @@ impl ChunkStore {
     }
 
     /// Checks every index the manifest names (present, digest, size) and every chunk those
-    /// name; returns how many distinct chunks.
-    fn check_group_contents(&self, manifest: &GroupManifest, namespace: &str) -> Result<usize> {
+    /// name, except those `session` confirmed on this server (GC keeps them while it lives:
+    /// see [`crate::sessions`]); returns how many distinct chunks.
+    fn check_group_contents(&self, session: &str, manifest: &GroupManifest, namespace: &str) -> Result<usize> {
         let mut checked = HashSet::new();
         for v in &manifest.volumes {
             let bytes = self.backend.get_object(ObjectKind::Index, &v.index_name).map_err(|e| {
@@ -122,6 +123,8 @@ impl ChunkStore {
                 ));
             }
             let todo: Vec<_> = ix.referenced().filter(|d| checked.insert(**d)).copied().collect();
+            let todo = self.sessions().unconfirmed(session, todo);
+            crate::chunk_store::bump(&self.counters().commit_lookups, u64::try_from(todo.len()).unwrap_or(u64::MAX));
             for (d, here) in todo.iter().zip(self.backend.has_chunks(&todo)?) {
                 if !here || !self.visible_to(namespace, d)? {
                     return Err(StoreError::new(

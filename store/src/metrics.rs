@@ -63,6 +63,11 @@ impl Collector for StoreCollector {
             ("chunks_downloaded", "Chunks served to readers", &c.chunks_downloaded),
             ("downloaded_bytes", "Blob bytes served to readers", &c.bytes_downloaded),
             ("chunks_rejected", "Uploads refused: bad blob or wrong digest", &c.chunks_rejected),
+            (
+                "commit_chunk_lookups",
+                "Chunks commits looked up in the backend (not those their session confirmed on this server)",
+                &c.commit_lookups,
+            ),
         ];
         for (name, help, v) in pairs {
             encode_one(&mut e, &format!("vmbackup_store_{name}"), help, &counter(v))?;

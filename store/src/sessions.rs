@@ -8,10 +8,18 @@
 //! bucket ([`crate::shared`]) each is also a record in the bucket: renewed while in use,
 //! adopted by any server that is asked about it, and never used past the expiry last
 //! written there.
+//!
+//! Over a shared bucket a session also remembers, in this server's memory, the chunks it
+//! *confirmed*: created by its uploads, or found present and journaled for it (at most
+//! [`MAX_CONFIRMED`] per session). Until the session ends GC keeps every one of them (see
+//! [`crate::shared`]), so its commit on this server need not look them up again; chunks it
+//! confirmed on another server, or past the bound, are looked up as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use vmbackup_proto::Digest;
 
 use crate::error::{ErrorKind, Result, StoreError};
 use crate::shared::{SessionRecord, Shared};
@@ -22,6 +30,12 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// Shortest lifetime of a session recorded in a shared bucket (renewals cost a request).
 pub const MIN_SHARED_TTL: Duration = Duration::from_secs(30);
+/// Most confirmed chunks one session remembers (32 bytes each, about 3 MiB with the set's
+/// own overhead; 256 GiB of new data at 4 MiB chunks).
+pub const MAX_CONFIRMED: usize = 65_536;
+
+/// Chunks a session confirmed on this server; shared by the clones of its entry.
+type Confirmed = Arc<Mutex<HashSet<Digest>>>;
 
 /// Who opened a session: the principal that alone may use it, and the namespace its
 /// commits go to.
@@ -49,6 +63,8 @@ struct Session {
     ttl: Duration,
     /// Over a shared bucket: the expiry last written to its record; never used past it.
     recorded_until: Option<SystemTime>,
+    /// Over a shared bucket: the chunks it confirmed on this server (see the module doc).
+    confirmed: Confirmed,
 }
 
 impl Session {
@@ -109,6 +125,7 @@ impl Sessions {
             last_seen: Instant::now(),
             ttl,
             recorded_until: None,
+            confirmed: Confirmed::default(),
         };
         if let Some(shared) = &self.shared {
             let rec = s.record(shared.server_id());
@@ -168,6 +185,7 @@ impl Sessions {
                     last_seen: Instant::now(),
                     ttl: rec.ttl(),
                     recorded_until: Some(rec.expires()),
+                    confirmed: Confirmed::default(),
                 };
                 (s, rec.server)
             }
@@ -201,6 +219,35 @@ impl Sessions {
             Some(shared) if crate::shared::sessions::check_session_id(id).is_ok() => shared.delete_session(id),
             _ => Ok(()),
         }
+    }
+
+    /// Over a shared bucket, remembers that open session `id` confirmed `digests` (see the
+    /// module doc): the caller created them for it, or found them present and journaled
+    /// them for it. Does nothing on a local store, for a session not open here, or past
+    /// [`MAX_CONFIRMED`].
+    pub fn confirm(&self, id: &str, digests: &[Digest]) {
+        if self.shared.is_none() {
+            return;
+        }
+        let Some(set) = self.lock().get(id).map(|s| s.confirmed.clone()) else { return };
+        let mut set = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for d in digests {
+            if set.len() >= MAX_CONFIRMED {
+                break;
+            }
+            set.insert(*d);
+        }
+    }
+
+    /// Of `digests`, those open session `id` did not confirm on this server (all of them on
+    /// a local store or for a session not open here).
+    pub fn unconfirmed(&self, id: &str, digests: Vec<Digest>) -> Vec<Digest> {
+        if self.shared.is_none() {
+            return digests;
+        }
+        let Some(set) = self.lock().get(id).map(|s| s.confirmed.clone()) else { return digests };
+        let set = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        digests.into_iter().filter(|d| !set.contains(d)).collect()
     }
 
     /// Start of the oldest open session (over a shared bucket: of any server).

@@ -71,6 +71,15 @@
 //! commit after that listing comes from a session whose journal, still present at step 6
 //! because a session is closed only after its commit, was read.
 //!
+//! The same two rules let a commit skip its lookup of the chunks its session confirmed on
+//! the same server (created by its uploads, or journaled for it past the fence; kept in
+//! that server's memory, see [`crate::sessions`]): GC keeps them while the session lives,
+//! and the session is live when it commits. The commit looks up every other chunk its
+//! manifest names, so a full backup of new data costs a HEAD and a PUT per chunk, not two
+//! HEADs and a PUT. Only GC and verify's quarantine delete chunks; a chunk verify finds
+//! damaged between its upload and the commit leaves that group for the next verify to
+//! report, as it would if the damage came a moment after the commit.
+//!
 //! ## What runs concurrently with what (across servers)
 //!
 //! | | backup (sessions, uploads, commit) | restore, list | delete group | GC | verify |
