@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::ceph::{CephCluster, CephOptions};
 use common::host::{Host, gc, groups, start_host_agent, status, verify_clean};
-use common::{run_tool, store_client};
+use common::store_calls::{CS, commit, session, upload};
+use common::{pseudo_random, run_tool, store_client};
 use vmbackup_proto::store::v1 as spb;
 
 const BUCKET: &str = "vmbackup-shared";
@@ -172,6 +173,16 @@ async fn two_servers_share_one_bucket_through_gc_kills_and_outages() {
     assert_eq!(groups(&store_b).await, groups_before, "nothing of the failed backup is visible");
     let g4 = h2.backup(&img3, "after outage", (None, None)).await.expect("retry after radosgw is back");
     h1.restore_equals(&g4, &dir.join("r4.raw"), &img3).await;
+
+    // (4b) A session closed through B is refused a commit through A, which still holds it
+    // open in memory (GC no longer counts it as live, so A must not trust its uploads).
+    let (mut ca, mut cb) = (store_client(&store_a).await, store_client(&store_b).await);
+    let closed = session(&mut ca).await;
+    let m = upload(&mut ca, &closed, &[pseudo_random(91, CS), pseudo_random(92, CS)]).await;
+    cb.close_session(spb::CloseSessionRequest { session_id: closed.clone() }).await.expect("close through b");
+    let refused = commit(&mut ca, &closed, &m).await.expect_err("commit of a session closed through b");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("not open"), "{}", refused.message());
 
     // (5) A GC holder killed mid-run: the other server is refused until the lease
     // expires, then its GC runs and everything committed still verifies.

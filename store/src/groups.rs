@@ -94,6 +94,7 @@ impl ChunkStore {
     /// see [`crate::sessions`]); returns how many distinct chunks.
     fn check_group_contents(&self, session: &str, manifest: &GroupManifest, namespace: &str) -> Result<usize> {
         let mut checked = HashSet::new();
+        let confirmed = self.sessions().confirmed(session)?.unwrap_or_default();
         for v in &manifest.volumes {
             let bytes = self.backend.get_object(ObjectKind::Index, &v.index_name).map_err(|e| {
                 if e.kind() == ErrorKind::NotFound {
@@ -122,8 +123,8 @@ impl ChunkStore {
                     ),
                 ));
             }
-            let todo: Vec<_> = ix.referenced().filter(|d| checked.insert(**d)).copied().collect();
-            let todo = self.sessions().unconfirmed(session, todo);
+            let todo: Vec<_> =
+                ix.referenced().filter(|d| checked.insert(**d) && !confirmed.contains(*d)).copied().collect();
             crate::chunk_store::bump(&self.counters().commit_lookups, u64::try_from(todo.len()).unwrap_or(u64::MAX));
             for (d, here) in todo.iter().zip(self.backend.has_chunks(&todo)?) {
                 if !here || !self.visible_to(namespace, d)? {

@@ -79,6 +79,14 @@ impl Session {
     }
 }
 
+/// The error for a session that is not open.
+fn not_open(id: &str) -> StoreError {
+    StoreError::new(
+        ErrorKind::NotFound,
+        format!("session {} is not open (closed, expired or the store restarted)", crate::error::shorten(id)),
+    )
+}
+
 /// The open sessions of a store.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -140,12 +148,7 @@ impl Sessions {
     /// session opened on another server is adopted from its record, and the record is
     /// renewed when less than two thirds of the TTL is left.
     pub fn touch(&self, id: &str) -> Result<SessionOwner> {
-        let not_open = || {
-            StoreError::new(
-                ErrorKind::NotFound,
-                format!("session {} is not open (closed, expired or the store restarted)", crate::error::shorten(id)),
-            )
-        };
+        let not_open = || not_open(id);
         let renew = {
             let mut map = self.lock();
             match map.get_mut(id) {
@@ -239,15 +242,23 @@ impl Sessions {
         }
     }
 
-    /// Of `digests`, those open session `id` did not confirm on this server (all of them on
-    /// a local store or for a session not open here).
-    pub fn unconfirmed(&self, id: &str, digests: Vec<Digest>) -> Vec<Digest> {
-        if self.shared.is_none() {
-            return digests;
+    /// The chunks open session `id` confirmed on this server, for its commit (None on a
+    /// local store or for a session not open here). Over a shared bucket it first reads the
+    /// session's record (one request), whatever [`Self::touch`] last saw: a session closed
+    /// through another server, or expired, is no longer live to GC, so it is refused as
+    /// not open rather than trusted.
+    pub fn confirmed(&self, id: &str) -> Result<Option<HashSet<Digest>>> {
+        let Some(shared) = &self.shared else { return Ok(None) };
+        let Some(set) = self.lock().get(id).map(|s| s.confirmed.clone()) else { return Ok(None) };
+        match shared.load_session(id)? {
+            Some(rec) if rec.expires() > SystemTime::now() => {
+                Ok(Some(set.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()))
+            }
+            _ => {
+                self.lock().remove(id);
+                Err(not_open(id))
+            }
         }
-        let Some(set) = self.lock().get(id).map(|s| s.confirmed.clone()) else { return digests };
-        let set = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        digests.into_iter().filter(|d| !set.contains(d)).collect()
     }
 
     /// Start of the oldest open session (over a shared bucket: of any server).

@@ -74,7 +74,8 @@
 //! The same two rules let a commit skip its lookup of the chunks its session confirmed on
 //! the same server (created by its uploads, or journaled for it past the fence; kept in
 //! that server's memory, see [`crate::sessions`]): GC keeps them while the session lives,
-//! and the session is live when it commits. The commit looks up every other chunk its
+//! and the session is live when it commits: the commit reads the session's record first
+//! and refuses a session closed through another server or expired. It looks up every other chunk its
 //! manifest names, so a full backup of new data costs a HEAD and a PUT per chunk, not two
 //! HEADs and a PUT. Only GC and verify's quarantine delete chunks; a chunk verify finds
 //! damaged between its upload and the commit leaves that group for the next verify to
