@@ -396,8 +396,8 @@ impl S3Backend {
     }
 }
 
-/// An S3 client for the settings, retrying 5xx and transport errors `max_retries` times.
-/// A client of the bucket; `unsigned_payload` leaves request bodies out of the signature.
+/// An S3 client for the settings, retrying 5xx and transport errors `max_retries` times;
+/// `unsigned_payload` leaves request bodies out of the signature.
 fn build_client(settings: &S3Settings, endpoint: &str, max_retries: usize, unsigned_payload: bool) -> Result<AmazonS3> {
     AmazonS3Builder::new()
         .with_unsigned_payload(unsigned_payload)
