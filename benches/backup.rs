@@ -9,7 +9,9 @@
 //! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size; `VMBACKUP_BENCH_EMBEDDED=1` backs
 //! up into the agent's embedded store, in-process, instead of a separate store process;
 //! `VMBACKUP_BENCH_PAUSE=<seconds>` waits before the first backup and prints the daemons'
-//! pids, to attach a profiler). Every step starts after a `sync`, so none pays for the
+//! pids, to attach a profiler; `VMBACKUP_BENCH_CORPUS=real` backs up an ext4 image of /usr
+//! of `VMBACKUP_BENCH_MIB` MiB and its copy with 5% of its regions rewritten instead of the
+//! synthetic volume). Every step starts after a `sync`, so none pays for the
 //! writeback of what came before it; a backup line also gives its seconds and CPU seconds
 //! (the agent's share in brackets).
 
@@ -32,8 +34,17 @@ use vmbackup_proto::agent::v1 as pb;
 async fn main() {
     let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let corpus = tempfile::tempdir().expect("tempdir");
-    let (v1, v2) = corpus::two_versions(corpus.path(), mib);
-    println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
+    let (v1, v2) = if std::env::var("VMBACKUP_BENCH_CORPUS").is_ok_and(|c| c == "real") {
+        let (e1, e2) = (corpus.path().join("v1.ext4"), corpus.path().join("v2.ext4"));
+        corpus::prefault_free_memory();
+        corpus::make_ext4(&e1, mib, Path::new("/usr"));
+        corpus::rewrite_regions(&e1, &e2, 20);
+        println!("corpus: {mib} MiB ext4 image of /usr, second version with 5% of 4 MiB regions rewritten");
+        (e1, e2)
+    } else {
+        println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
+        corpus::two_versions(corpus.path(), mib)
+    };
     println!(
         "{:<12} {:>3} {:>10} {:>12} {:>10} {:>10} {:>12}",
         "operation", "par", "MiB/s", "MiB/CPU-s", "agent MiB", "store MiB", "stored MiB"

@@ -125,12 +125,6 @@ pub fn rewrite_regions(src: &Path, dst: &Path, one_in: u64) {
     f.sync_all().expect("sync");
 }
 
-/// Touches (then frees) the machine's free memory once, before anything is measured.
-///
-/// On a virtual machine whose memory the hypervisor backs lazily, the first write to a page
-/// of guest memory costs about ten times a later one (seen here: 400 MiB/s into the page
-/// cache on first touch, 4.8 GB/s afterwards). Without this, whichever tool runs first pays
-/// for backing the guest's memory, and results depend on the order of the runs.
 /// The synthetic corpus in `dir`: `v1.raw` of `mib` MiB and its second version `v2.raw`,
 /// made after prefaulting free memory (so the page cache holds them warm).
 pub fn two_versions(dir: &Path, mib: u64) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -141,6 +135,12 @@ pub fn two_versions(dir: &Path, mib: u64) -> (std::path::PathBuf, std::path::Pat
     (v1, v2)
 }
 
+/// Touches (then frees) the machine's free memory once, before anything is measured.
+///
+/// On a virtual machine whose memory the hypervisor backs lazily, the first write to a page
+/// of guest memory costs about ten times a later one (seen here: 400 MiB/s into the page
+/// cache on first touch, 4.8 GB/s afterwards). Without this, whichever tool runs first pays
+/// for backing the guest's memory, and results depend on the order of the runs.
 pub fn prefault_free_memory() {
     let free_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
