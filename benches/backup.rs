@@ -35,12 +35,9 @@ async fn main() {
     let mib: u64 = std::env::var("VMBACKUP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
     let corpus = tempfile::tempdir().expect("tempdir");
     let (v1, v2) = if std::env::var("VMBACKUP_BENCH_CORPUS").is_ok_and(|c| c == "real") {
-        let (e1, e2) = (corpus.path().join("v1.ext4"), corpus.path().join("v2.ext4"));
         corpus::prefault_free_memory();
-        corpus::make_ext4(&e1, mib, Path::new("/usr"));
-        corpus::rewrite_regions(&e1, &e2, 20);
         println!("corpus: {mib} MiB ext4 image of /usr, second version with 5% of 4 MiB regions rewritten");
-        (e1, e2)
+        corpus::real_versions(corpus.path(), mib)
     } else {
         println!("corpus: {mib} MiB raw volume, second version with 5% of 4 MiB regions rewritten");
         corpus::two_versions(corpus.path(), mib)

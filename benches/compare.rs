@@ -125,9 +125,7 @@ async fn main() {
     let (q1, q2) = (work.path().join("v1.qcow2"), work.path().join("v2.qcow2"));
     corpus::to_qcow2(&v1, &q1);
     corpus::to_qcow2(&v2, &q2);
-    let (e1, e2) = (work.path().join("e1.raw"), work.path().join("e2.raw"));
-    corpus::make_ext4(&e1, real_mib, Path::new("/usr"));
-    corpus::rewrite_regions(&e1, &e2, 20);
+    let (e1, e2) = corpus::real_versions(work.path(), real_mib);
     println!(
         "synthetic: {mib} MiB raw volume (and the same as qcow2); its second version rewrites 5% of its 4 MiB regions"
     );

@@ -135,6 +135,15 @@ pub fn two_versions(dir: &Path, mib: u64) -> (std::path::PathBuf, std::path::Pat
     (v1, v2)
 }
 
+/// The real-data corpus in `dir`: `e1.raw`, an ext4 image of `mib` MiB filled from /usr,
+/// and `e2.raw`, its copy with every 20th 4 MiB region rewritten.
+pub fn real_versions(dir: &Path, mib: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (e1, e2) = (dir.join("e1.raw"), dir.join("e2.raw"));
+    make_ext4(&e1, mib, Path::new("/usr"));
+    rewrite_regions(&e1, &e2, 20);
+    (e1, e2)
+}
+
 /// Touches (then frees) the machine's free memory once, before anything is measured.
 ///
 /// On a virtual machine whose memory the hypervisor backs lazily, the first write to a page
