@@ -225,7 +225,17 @@ impl Jobs {
             tracing::error!(job = %job.uuid, error = %e, "recording the end of a job failed");
         }
         job.tx.send_replace(last);
-        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.uuid);
+        let idle = {
+            let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            running.remove(&job.uuid);
+            running.is_empty()
+        };
+        if idle {
+            // Nothing else is working: the agent goes back to its baseline memory instead of
+            // keeping the peak of this job's buffers (see `daemon::malloc`); the caller does
+            // not wait for it.
+            drop(tokio::task::spawn_blocking(vmbackup_store::daemon::malloc::release_free_memory));
+        }
     }
 
     /// Shutdown: refuses new jobs, gives running ones `grace` to end, then cancels them and

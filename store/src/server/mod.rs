@@ -58,6 +58,8 @@ pub struct StoreService {
     grants: guard::Grants,
     gc_margin: Duration,
     runs: Arc<crate::metrics::RunMetrics>,
+    /// Chunk streams in progress: when the last ends, the heap's free pages are returned.
+    activity: crate::daemon::malloc::Activity,
 }
 
 impl StoreService {
@@ -76,6 +78,7 @@ impl StoreService {
             grants: guard::Grants::default(),
             gc_margin: crate::gc::DEFAULT_MARGIN,
             runs: Arc::default(),
+            activity: crate::daemon::malloc::Activity::default(),
         }
     }
 
@@ -278,6 +281,7 @@ impl ImageStore for StoreService {
         r: Request<tonic::Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadChunksReply>, Status> {
         let p = self.admit(&r, Role::Writer, "upload chunks").await?;
+        let _busy = self.activity.begin();
         let mut stream = r.into_inner();
         let mut reply = pb::UploadChunksReply::default();
         let mut in_flight = tokio::task::JoinSet::new();
@@ -329,8 +333,9 @@ impl ImageStore for StoreService {
             .unwrap_or(1)
             .clamp(1, MAX_IN_FLIGHT);
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let store = self.store.clone();
+        let (store, busy) = (self.store.clone(), self.activity.begin());
         tokio::spawn(async move {
+            let _busy = busy;
             let reads = futures::stream::iter(ds).map(move |d| {
                 let s = store.clone();
                 async move {

@@ -1,6 +1,7 @@
 //! librados, loaded at run time (`librados.so.2`, Debian's `librados2`), behind a small safe
 //! API: a cluster handle and I/O contexts with whole-object reads, writes, exclusive
-//! creates, stats, removes and listing. This module is the only unsafe code in the store.
+//! creates, stats, removes and listing. This module and the one call of
+//! glibc's `malloc_trim` (`daemon::malloc`) are the only unsafe code in the store.
 //!
 //! Why loaded at run time rather than linked: a host without Ceph (most of them) runs the
 //! store and the agent without librados installed, and a Ceph backend there is one clear
