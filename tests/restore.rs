@@ -528,3 +528,70 @@ async fn a_chunk_held_several_times_is_downloaded_once_and_written_everywhere() 
     // Three distinct data chunks per restore: the repeated one once, the other, the tail.
     assert_eq!(common::store_counters(&store).await.chunks_downloaded - before, 2 * 3);
 }
+
+/// A restore's memory is bounded by its parallelism, not by the volume: 1 GiB of
+/// incompressible data (every blob a whole 4 MiB chunk, the most a restore can hold per
+/// chunk in flight) restored at parallelism 4, from a separate store and from the agent's
+/// embedded one, each after a backup (what the agent kept from the backup counts too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_at_parallelism_4_stays_within_its_memory_bound() {
+    const CEILING_MIB: u64 = 128;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("random.raw");
+    let mut f = std::fs::File::create(&img).expect("create");
+    for mib in 0..1024u64 {
+        f.write_all(&common::pseudo_random(mib + 1, 1 << 20)).expect("write");
+    }
+    f.sync_all().expect("sync");
+    drop(f);
+    let store = start_store(dir.path(), "store");
+    for embedded in [false, true] {
+        let agent_dir = dir.path().join(if embedded { "embedded" } else { "separate" });
+        std::fs::create_dir(&agent_dir).expect("agent dir");
+        let cfg = agent_dir.join("agent.toml");
+        std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", dir.path().display())).expect("config");
+        let agent = start_agent(&agent_dir, AgentOptions { embedded_store: embedded, config: Some(cfg) });
+        let bs = if embedded {
+            let mut s = common::storage_client(&agent, Some(common::session(&agent))).await;
+            let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
+            s.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone()
+        } else {
+            common::add_storage(&agent, &store, "s").await
+        };
+        let mut c = common::backup_client(&agent).await;
+        let tags = vec!["volumeLiveBackup::parallelismDegree::4".to_string()];
+        let inv = c
+            .create_vm_backup(pb::CreateVmBackupRequest {
+                root_volume_uuid: ROOT.into(),
+                backup_storage_uuid: bs.clone(),
+                name: "random".into(),
+                vm: Some(common::one_volume_vm(VM, ROOT, &img, "raw")),
+                system_tags: tags.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("backup")
+            .into_inner()
+            .inventories;
+        // The restore's own peak, from what the agent holds once the backup is over.
+        std::fs::write(format!("/proc/{}/clear_refs", agent.pid()), "5").expect("reset the peak RSS");
+        let out = agent_dir.join("restored.raw");
+        c.restore_vm_backup(pb::RestoreVmBackupRequest {
+            group_uuid: inv[0].group_uuid.clone(),
+            backup_storage_uuid: bs,
+            targets: vec![target(ROOT, &out, "raw")],
+            system_tags: tags,
+            ..Default::default()
+        })
+        .await
+        .expect("restore");
+        let peak = common::peak_rss_kib(agent.pid()) >> 10;
+        let which = if embedded { "embedded store" } else { "separate store" };
+        eprintln!("restore of 1 GiB of incompressible data at parallelism 4, {which}: agent peak RSS {peak} MiB");
+        assert!(
+            peak <= CEILING_MIB,
+            "restoring from the {which}, the agent peaked at {peak} MiB, over {CEILING_MIB} MiB"
+        );
+        compare(&img, &out);
+    }
+}

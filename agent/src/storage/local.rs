@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use vmbackup_proto::Digest;
 use vmbackup_store::batch::ChunkBatch;
 use vmbackup_store::chunk_store::ChunkStore;
@@ -26,9 +24,10 @@ use vmbackup_store::error::StoreError;
 use super::seam::{ChunkReader, ChunkStream, ChunkWriter, OpenedSession, PutStats, StoreStatus, StoredGroup};
 use crate::error::{AgentError, ErrorKind, Result};
 
-/// Chunks read at once for a download (in order): enough to hide an object store's
-/// latency, few enough to bound memory (16 MiB at 4 MiB chunks).
-const READ_AHEAD: usize = 4;
+/// Chunks read ahead of the consumer per download (in order): enough to hide a pool's
+/// latency with a restore's several streams, few enough to bound memory (a restore at
+/// parallelism 4 holds at most 12 blobs, 48 MiB at 4 MiB chunks).
+const READ_AHEAD: usize = 2;
 
 /// A chunk store, in-process.
 #[derive(Debug, Clone)]
@@ -97,26 +96,16 @@ impl ChunkReader for LocalStore {
     }
 
     async fn download(&self, _index: &str, digests: &[Digest]) -> Result<ChunkStream> {
-        let (tx, rx) = mpsc::channel::<Result<(Digest, Bytes)>>(1);
-        let (store, digests) = (self.clone(), digests.to_vec());
-        tokio::spawn(async move {
-            let mut reads =
-                futures::stream::iter(digests)
-                    .map(|d| {
-                        let store = store.clone();
-                        async move {
-                            store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b)))
-                        }
-                    })
-                    .buffered(READ_AHEAD);
-            while let Some(item) = reads.next().await {
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(ReceiverStream::new(rx).boxed())
+        // Reads start as the consumer asks for chunks and run on while it works on the one
+        // it has: a stream holds at most READ_AHEAD chunks besides that one.
+        let store = self.clone();
+        Ok(futures::stream::iter(digests.to_vec())
+            .map(move |d| {
+                let store = store.clone();
+                async move { store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b))) }
+            })
+            .buffered(READ_AHEAD)
+            .boxed())
     }
 }
 
