@@ -2,8 +2,9 @@
 //! corpus (full), then a copy with 5% of its regions rewritten (incremental, no dirty
 //! bitmap), at parallelism 1, 2 and 4. Prints MiB/s of logical size, MiB per CPU-second of
 //! agent and store together, and each process's peak RSS. Then the incremental version is
-//! restored to a raw and to a qcow2 file, and recovered to a second store (its stored size
-//! and peak RSS are the second store's). Reported, never asserted.
+//! restored to a raw and to a qcow2 file (each restore's peak RSS is its own: the peaks are
+//! reset before it), and recovered to a second store (its stored size and peak RSS are the
+//! second store's). Reported, never asserted.
 //!
 //! Run: `cargo build --workspace --release --bins && cargo bench --bench backup`
 //! (`VMBACKUP_BENCH_MIB`, default 4096: the volume size; `VMBACKUP_BENCH_EMBEDDED=1` backs
@@ -132,6 +133,8 @@ async fn main() {
                 system_tags: vec![format!("volumeLiveBackup::parallelismDegree::{parallelism}")],
                 ..Default::default()
             };
+            // Each restore's peak is its own (what the process kept from before included).
+            pids.iter().for_each(|p| measure::reset_peak(*p));
             let cpu0 = cpu_now();
             let start = Instant::now();
             c.restore_vm_backup(req).await.expect("restore");
