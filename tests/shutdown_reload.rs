@@ -172,19 +172,24 @@ fn env_of(pid: u32, var: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_daemons_run_with_their_malloc_settings_under_their_own_pid() {
-    let settings =
-        [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "33554432"), ("MALLOC_TRIM_THRESHOLD_", "67108864")];
-    for (var, _) in settings {
+    let store_settings = vmbackup_store::daemon::malloc::STORE_SETTINGS;
+    let agent_settings = vmbackup_store::daemon::malloc::AGENT_SETTINGS;
+    for (var, _) in store_settings.iter().chain(&agent_settings) {
         assert!(std::env::var_os(var).is_none(), "run the tests without {var} set");
     }
+    // The agent maps chunk-sized buffers, the store keeps them in its heap.
+    assert_eq!(agent_settings[1], ("MALLOC_MMAP_THRESHOLD_", "1048576"));
+    assert_eq!(store_settings[1], ("MALLOC_MMAP_THRESHOLD_", "33554432"));
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start_store(dir.path(), "store");
     let agent = start_agent(dir.path(), AgentOptions::default());
     // Each answers on the PID it was started with, now running with the settings.
     let bs = common::add_storage(&agent, &store, "s").await;
     assert!(!bs.is_empty());
-    for (var, value) in settings {
+    for (var, value) in store_settings {
         assert_eq!(env_of(store.pid(), var).as_deref(), Some(value), "store {var}");
+    }
+    for (var, value) in agent_settings {
         assert_eq!(env_of(agent.pid(), var).as_deref(), Some(value), "agent {var}");
     }
     // A value the operator set is kept.

@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         println!("token_blake3 = \"{}\"", vmbackup_store::access::token_hash(&token));
         return Ok(());
     }
-    vmbackup_store::daemon::malloc::tune_malloc();
+    vmbackup_store::daemon::malloc::tune_malloc(&vmbackup_store::daemon::malloc::STORE_SETTINGS);
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 

@@ -69,7 +69,7 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() -> anyhow::Result<()> {
-    vmbackup_store::daemon::malloc::tune_malloc();
+    vmbackup_store::daemon::malloc::tune_malloc(&vmbackup_store::daemon::malloc::AGENT_SETTINGS);
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
 

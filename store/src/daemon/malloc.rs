@@ -5,17 +5,25 @@
 //!   on to freed chunks. Measured with the compare bench on a 4 GiB volume at parallelism
 //!   4: the agent's peak RSS was 124-161 MiB with glibc's defaults and 66-109 MiB with two
 //!   arenas, at the same rates (docs/PERFORMANCE.md).
-//! - **Chunk buffers from the heap, kept between chunks** (`MALLOC_MMAP_THRESHOLD_` 32 MiB,
-//!   `MALLOC_TRIM_THRESHOLD_` 64 MiB). By default a 4 MiB buffer may be mapped fresh and
-//!   unmapped when freed, or handed back to the kernel when the heap top is trimmed, so the
-//!   next chunk faults in and zeroes every page again (with free-page reporting under a
-//!   hypervisor, a fault costs several times more). Measured with `cargo bench --bench
-//!   backup` (4 GiB, parallelism 4, separate store): 42-135k page faults in the agent and
-//!   32-218k in the store per full backup before, about 20k each after; the backup took
-//!   3.0-3.6 s and 4.2-5.5 CPU-s before, 2.2-2.3 s and 3.2 CPU-s after. At most 64 MiB of
-//!   freed heap stays mapped per arena; 32 MiB is glibc's largest threshold, above the
-//!   largest blob (a 16 MiB chunk and framing).
-//!
+//! - **The store: chunk buffers from the heap, kept between chunks**
+//!   (`MALLOC_MMAP_THRESHOLD_` 32 MiB, `MALLOC_TRIM_THRESHOLD_` 64 MiB). By default a 4 MiB
+//!   buffer may be mapped fresh and unmapped when freed, or handed back to the kernel when
+//!   the heap top is trimmed, so the next chunk faults in and zeroes every page again (with
+//!   free-page reporting under a hypervisor, a fault costs several times more). Measured
+//!   with `cargo bench --bench backup` (4 GiB, parallelism 4, separate store): 42-135k page
+//!   faults in the agent and 32-218k in the store per full backup before, about 20k each
+//!   after; the backup took 3.0-3.6 s and 4.2-5.5 CPU-s before, 2.2-2.3 s and 3.2 CPU-s
+//!   after. At most 64 MiB of freed heap stays mapped per arena; 32 MiB is glibc's largest
+//!   threshold, above the largest blob (a 16 MiB chunk and framing).
+//! - **The agent: chunk-sized buffers mapped** (`MALLOC_MMAP_THRESHOLD_` 1 MiB). The
+//!   agent's own chunk buffers are pooled (the backup workers' read and blob buffers, the
+//!   restore's decode buffers), so what it allocates per chunk is gRPC's message buffers.
+//!   Taken from the heap, a restore's messages of every size left it fragmented: a restore
+//!   from a separate store at parallelism 4 peaked at 109-135 MiB for about 80 MiB in use.
+//!   Mapped, they go back to the kernel when freed: 94-98 MiB, for 0.1-0.3 more agent
+//!   CPU-s per 4 GiB full backup to a separate store (its upload buffers fault in afresh;
+//!   the embedded store's backup allocates none). Measured with the backup bench, two runs
+//!   each, alternating.
 //! - **Free pages handed back when work ends** ([`release_free_memory`], glibc's
 //!   `malloc_trim`). With the settings above a daemon keeps the heap of its busiest moment:
 //!   an agent idled at 100-130 MiB after a backup or restore, and the next job's chunk
@@ -33,15 +41,20 @@ use std::os::unix::process::CommandExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The variables and the values a daemon runs with unless the operator set them.
-pub const SETTINGS: [(&str, &str); 3] =
+/// The variables and the values the store runs with unless the operator set them.
+pub const STORE_SETTINGS: [(&str, &str); 3] =
     [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "33554432"), ("MALLOC_TRIM_THRESHOLD_", "67108864")];
 
-/// Re-executes this process with [`SETTINGS`] for those of them not set. Call first thing
+/// The variables and the values the agent runs with unless the operator set them.
+pub const AGENT_SETTINGS: [(&str, &str); 3] =
+    [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "1048576"), ("MALLOC_TRIM_THRESHOLD_", "67108864")];
+
+/// Re-executes this process with `settings` for those of them not set. Call first thing
 /// in `main`, before any thread starts. Returns only if no re-execution happened (all were
 /// set, or the executable could not be run again).
-pub fn tune_malloc() {
-    let missing: Vec<(&str, &str)> = SETTINGS.into_iter().filter(|(var, _)| std::env::var_os(var).is_none()).collect();
+pub fn tune_malloc(settings: &[(&'static str, &'static str)]) {
+    let missing: Vec<(&str, &str)> =
+        settings.iter().copied().filter(|(var, _)| std::env::var_os(var).is_none()).collect();
     if missing.is_empty() {
         return;
     }
