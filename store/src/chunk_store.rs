@@ -518,10 +518,18 @@ impl ChunkStore {
 
     /// A chunk's blob.
     pub fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let b = self.backend.get_chunk(digest)?;
-        bump(&self.counters.chunks_downloaded, 1);
-        bump(&self.counters.bytes_downloaded, u64::try_from(b.len()).unwrap_or(u64::MAX));
+        let mut b = Vec::new();
+        self.get_chunk_into(digest, &mut b)?;
         Ok(b)
+    }
+
+    /// A stored chunk's blob into `buf`, reusing its capacity (a directory store reads the
+    /// file straight into it).
+    pub fn get_chunk_into(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        self.backend.get_chunk_into(digest, buf)?;
+        bump(&self.counters.chunks_downloaded, 1);
+        bump(&self.counters.bytes_downloaded, u64::try_from(buf.len()).unwrap_or(u64::MAX));
+        Ok(())
     }
 
     pub(crate) fn check_index_name(name: &str) -> Result<()> {

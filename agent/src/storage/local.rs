@@ -97,15 +97,59 @@ impl ChunkReader for LocalStore {
 
     async fn download(&self, _index: &str, digests: &[Digest]) -> Result<ChunkStream> {
         // Reads start as the consumer asks for chunks and run on while it works on the one
-        // it has: a stream holds at most READ_AHEAD chunks besides that one.
-        let store = self.clone();
+        // it has: a stream holds at most READ_AHEAD chunks besides that one, each read into
+        // a buffer the stream reuses once the consumer has let go of it.
+        let (store, pool) = (self.clone(), Arc::new(BlobPool::default()));
         Ok(futures::stream::iter(digests.to_vec())
             .map(move |d| {
-                let store = store.clone();
-                async move { store.run("DownloadChunks", move |s| s.get_chunk(&d)).await.map(|b| (d, Bytes::from(b))) }
+                let (store, pool) = (store.clone(), pool.clone());
+                async move {
+                    let mut buf = pool.take();
+                    store
+                        .run("DownloadChunks", move |s| s.get_chunk_into(&d, &mut buf).map(|()| buf))
+                        .await
+                        .map(|buf| (d, Bytes::from_owner(Pooled { buf, pool })))
+                }
             })
             .buffered(READ_AHEAD)
             .boxed())
+    }
+}
+
+/// Blob buffers of one download, reused: a chunk-sized buffer allocated afresh per chunk
+/// is memory mapped and faulted in again each time (the agent maps chunk-sized buffers,
+/// see `vmbackup_store::daemon::malloc`).
+#[derive(Debug, Default)]
+struct BlobPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BlobPool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default()
+    }
+}
+
+/// A downloaded blob; its buffer goes back to the download's pool when the last `Bytes`
+/// holding it is dropped.
+#[derive(Debug)]
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BlobPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut free = self.pool.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Never more buffers than a stream holds at once.
+        if free.len() <= READ_AHEAD {
+            free.push(buf);
+        }
     }
 }
 

@@ -237,6 +237,16 @@ impl Backend for FsBackend {
         fs::read(&p).map_err(|e| StoreError::io(format!("reading chunk {digest}"), e))
     }
 
+    fn get_chunk_into(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        use std::io::Read;
+        buf.clear();
+        let p = self.chunk_path(digest);
+        File::open(&p)
+            .and_then(|mut f| f.read_to_end(buf))
+            .map(|_| ())
+            .map_err(|e| StoreError::io(format!("reading chunk {digest}"), e))
+    }
+
     fn touch_chunk(&self, digest: &Digest) -> Result<bool> {
         let p = self.chunk_path(digest);
         match File::open(&p) {

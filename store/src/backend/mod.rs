@@ -161,6 +161,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
     /// A stored chunk's blob (NotFound if absent).
     fn get_chunk(&self, digest: &Digest) -> Result<Vec<u8>>;
+    /// A stored chunk's blob into `buf` (cleared first), reusing its capacity where the
+    /// backend can.
+    fn get_chunk_into(&self, digest: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get_chunk(digest)?;
+        Ok(())
+    }
     /// Marks a chunk as used now; returns false if it is absent.
     fn touch_chunk(&self, digest: &Digest) -> Result<bool>;
     /// Last write or touch of a chunk (None if absent).
