@@ -186,9 +186,7 @@ async fn setup(dir: &Path, corpus: &Path, embedded: bool) -> (common::Daemon, Op
     let config = Some(cfg);
     if embedded {
         let agent = common::start_agent(dir, common::AgentOptions { embedded_store: true, config });
-        let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
-        let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
-        let bs = c.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone();
+        let bs = common::embedded_storage(&agent).await;
         return (agent, None, bs);
     }
     let store = common::start_store_with(dir, "store", None, 4 << 20);

@@ -552,9 +552,7 @@ async fn a_restore_at_parallelism_4_stays_within_its_memory_bound() {
         std::fs::write(&cfg, format!("[volumes]\nroots = [\"{}\"]\n", dir.path().display())).expect("config");
         let agent = start_agent(&agent_dir, AgentOptions { embedded_store: embedded, config: Some(cfg) });
         let bs = if embedded {
-            let mut s = common::storage_client(&agent, Some(common::session(&agent))).await;
-            let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
-            s.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone()
+            common::embedded_storage(&agent).await
         } else {
             common::add_storage(&agent, &store, "s").await
         };

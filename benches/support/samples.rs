@@ -114,9 +114,7 @@ pub async fn vmbackup_embedded(
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
     let agent = bench_agent_with(dir.path(), imgs.0, "", true);
-    let mut c = common::storage_client(&agent, Some(common::session(&agent))).await;
-    let q = pb::QueryBackupStorageRequest { conditions: vec!["name=local".into()], ..Default::default() };
-    let bs = c.query_backup_storage(q).await.expect("query").into_inner().inventories[0].uuid.clone();
+    let bs = common::embedded_storage(&agent).await;
     let chunks = agent.data_dir.join("store/chunks");
     operations(out, (tool, corpus), imgs, &agent, &[agent.pid()], &chunks, &bs, &|| None).await;
 }

@@ -374,6 +374,16 @@ pub async fn backup_client(agent: &Daemon) -> BackupClient {
     )
 }
 
+/// The uuid of the backup storage `local`: the agent's embedded store.
+pub async fn embedded_storage(agent: &Daemon) -> String {
+    let q = vmbackup_proto::agent::v1::QueryBackupStorageRequest {
+        conditions: vec!["name=local".into()],
+        ..Default::default()
+    };
+    let mut c = storage_client(agent, Some(session(agent))).await;
+    c.query_backup_storage(q).await.expect("query backup storage local").into_inner().inventories[0].uuid.clone()
+}
+
 /// Registers `store` as a backup storage of `agent`; returns its uuid.
 pub async fn add_storage(agent: &Daemon, store: &Daemon, name: &str) -> String {
     storage_client(agent, Some(session(agent)))
